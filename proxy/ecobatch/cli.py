@@ -1,0 +1,129 @@
+"""``ecobatch`` command line: ``serve`` runs the proxy; ``profile`` shows an energy profile."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import BACKEND_KINDS, Settings, load_settings
+from .errors import ConfigError
+from .profile import fit_power_law, load_profile
+
+__all__ = ["main"]
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible batching proxy")
+    p.add_argument("--config", help="YAML settings file (flags override it)")
+    p.add_argument("--backend", choices=BACKEND_KINDS, help="engine behind the proxy (default: simulated)")
+    p.add_argument("--upstream", help="vllm-http: base URL of the vLLM OpenAI server")
+    p.add_argument("--model", help="vllm-http: upstream model name; vllm-async/hf-bnb: model path or name")
+    p.add_argument("--served-model-name", help="model name clients use")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument(
+        "--window-ms", type=float, help="upper bound of the batching window (min stays, or = this)"
+    )
+    p.add_argument("--window-min-ms", type=float, help="lower bound of the batching window")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--slo-ms", type=float, help="end-to-end latency objective per request")
+    p.add_argument("--profile", help="energy profile YAML (default: the embedded A800 reference)")
+    p.add_argument("--sim-time-scale", type=float, help="simulated backend: 1 = real time, 0 = instant")
+    p.add_argument("--request-timeout-s", type=float)
+    p.add_argument("--log-level", default="INFO")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    window_min = args.window_min_ms
+    if args.window_ms is not None and window_min is None:
+        window_min = min(args.window_ms, 50.0)
+    overrides = {
+        "backend.kind": args.backend,
+        "backend.upstream": args.upstream,
+        "backend.model": args.model,
+        "backend.served_model_name": args.served_model_name,
+        "backend.sim_time_scale": args.sim_time_scale,
+        "backend.request_timeout_s": args.request_timeout_s,
+        "server.host": args.host,
+        "server.port": args.port,
+        "batching.window_min_ms": window_min,
+        "batching.window_max_ms": args.window_ms,
+        "batching.max_batch_size": args.max_batch_size,
+        "batching.max_queue": args.max_queue,
+        "batching.slo_ms": args.slo_ms,
+        "energy.profile": args.profile,
+    }
+    return load_settings(args.config, overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    loop = None
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        pass
+    logging.getLogger(__name__).info(
+        "serving on http://%s:%d (backend=%s)",
+        settings.server.host,
+        settings.server.port,
+        settings.backend.kind,
+    )
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        handler_cancellation=True,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+        loop=loop,
+        print=None,
+    )
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    profile = load_profile(args.path)
+    print(f"{profile.name}  source={profile.source}  gpu={profile.gpu}  model={profile.model}")
+    if profile.source != "measured":
+        print(f"  NOTE: {profile.source} profile, not measured on this machine")
+    print(f"{'batch':>6} {'tok/s':>10} {'J/1k tok':>10} {'power W':>9} {'step ms':>9}")
+    for p in profile.points:
+        print(
+            f"{p.batch_size:>6g} {p.tokens_per_s:>10.1f} {p.joules_per_1k_tokens:>10.1f} "
+            f"{p.power_w:>9.1f} {p.step_s * 1000:>9.1f}"
+        )
+    if len(profile.points) >= 2:
+        c, alpha = fit_power_law(profile.points)
+        print(f"fit: J/token ≈ {c:.3g} · BS^-{alpha:.2f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ecobatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    prof = sub.add_parser("profile", help="show an energy profile (validates it)")
+    prof.add_argument("path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _serve(args) if args.command == "serve" else _profile(args)
+    except ConfigError as exc:
+        print(f"ecobatch: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

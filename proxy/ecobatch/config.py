@@ -1,0 +1,255 @@
+"""Typed settings, loaded from YAML and overridden by CLI flags.
+
+Every section is a frozen dataclass that validates itself on construction; an unknown key, a wrong type
+or a value out of range raises ``ConfigError`` naming the field (``batching.window_max_ms``), the value
+and the limit. Nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "BACKEND_KINDS",
+    "DEFAULT_PROFILE",
+    "BackendSettings",
+    "BatchingSettings",
+    "EnergySettings",
+    "ServerSettings",
+    "Settings",
+    "build_section",
+    "load_settings",
+]
+
+BackendKind = Literal["simulated", "vllm-http", "vllm-async", "hf-bnb"]
+BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+DEFAULT_PROFILE = Path(__file__).parent / "data" / "a800-mistral7b-int8-reference.yaml"
+
+
+def _require(ok: bool, name: str, value: object, limit: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be {limit}", field=name)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
+        _require(self.shutdown_grace_s >= 0, "server.shutdown_grace_s", self.shutdown_grace_s, ">= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    kind: BackendKind = "simulated"
+    upstream: str = "http://127.0.0.1:8000"
+    # vllm-http: the upstream's model name (None: ask its /v1/models). vllm-async / hf-bnb: a path or name.
+    model: str | None = None
+    # The name clients use; None: the model's own name (simulated: "mistral-7b-int8-sim").
+    served_model_name: str | None = None
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    # vllm-http: how long start-up waits for the upstream to answer /v1/models.
+    startup_timeout_s: float = 600.0
+    # vllm-http: send non-streaming completions with equal sampling parameters as one list-prompt request
+    # (needs vLLM's return_token_ids, vLLM >= 0.10.2, for per-request usage).
+    merge_completions: bool = True
+    # Simulated backend: 1.0 = real time from the profile, 0 = instant.
+    sim_time_scale: float = 1.0
+    # How often engine headroom (vLLM /metrics) is polled.
+    headroom_poll_s: float = 1.0
+    # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.kind in BACKEND_KINDS, "backend.kind", self.kind, f"one of {BACKEND_KINDS}")
+        _require(
+            self.upstream.startswith(("http://", "https://")),
+            "backend.upstream",
+            self.upstream,
+            "an http:// or https:// URL",
+        )
+        _require(self.request_timeout_s > 0, "backend.request_timeout_s", self.request_timeout_s, "> 0")
+        _require(self.connect_timeout_s > 0, "backend.connect_timeout_s", self.connect_timeout_s, "> 0")
+        _require(self.startup_timeout_s >= 0, "backend.startup_timeout_s", self.startup_timeout_s, ">= 0")
+        _require(self.sim_time_scale >= 0, "backend.sim_time_scale", self.sim_time_scale, ">= 0")
+        _require(self.headroom_poll_s > 0, "backend.headroom_poll_s", self.headroom_poll_s, "> 0")
+        _require(
+            self.kind not in ("vllm-async", "hf-bnb") or bool(self.model),
+            "backend.model",
+            self.model,
+            f"a model path or name for backend.kind={self.kind!r}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingSettings:
+    window_min_ms: float = 50.0
+    window_max_ms: float = 100.0
+    max_batch_size: int = 64
+    max_queue: int = 1024
+    # Latency objective for one request, end to end (queue + window + generation).
+    slo_ms: float = 30_000.0
+    # Pick the smallest batch whose J/token is within this fraction of the best feasible one.
+    energy_tolerance: float = 0.05
+    # Completion length the policy plans for until it has observed real ones (EWMA of served requests).
+    expected_completion_tokens: int = 256
+    expected_prompt_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        _require(self.window_min_ms >= 0, "batching.window_min_ms", self.window_min_ms, ">= 0")
+        _require(
+            self.window_max_ms >= self.window_min_ms,
+            "batching.window_max_ms",
+            self.window_max_ms,
+            f">= batching.window_min_ms ({self.window_min_ms})",
+        )
+        _require(self.max_batch_size >= 1, "batching.max_batch_size", self.max_batch_size, ">= 1")
+        _require(self.max_queue >= 1, "batching.max_queue", self.max_queue, ">= 1")
+        _require(self.slo_ms > 0, "batching.slo_ms", self.slo_ms, "> 0")
+        _require(
+            0 <= self.energy_tolerance < 1, "batching.energy_tolerance", self.energy_tolerance, "in [0, 1)"
+        )
+        _require(
+            self.expected_completion_tokens >= 1,
+            "batching.expected_completion_tokens",
+            self.expected_completion_tokens,
+            ">= 1",
+        )
+        _require(
+            self.expected_prompt_tokens >= 0,
+            "batching.expected_prompt_tokens",
+            self.expected_prompt_tokens,
+            ">= 0",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EnergySettings:
+    # Energy profile (YAML); None: the embedded A800 reference profile (source: reference).
+    profile: str | None = None
+    # Weight of one prompt token against one generated token when a span's joules are split.
+    prefill_weight: float = 1.0
+    # Defaults are the seed data's (China grid, $0.04/kWh): set your own grid and tariff.
+    carbon_g_per_kwh: float = 555.0
+    price_per_kwh: float = 0.04
+    currency: str = "USD"
+
+    def __post_init__(self) -> None:
+        _require(self.prefill_weight >= 0, "energy.prefill_weight", self.prefill_weight, ">= 0")
+        _require(self.carbon_g_per_kwh >= 0, "energy.carbon_g_per_kwh", self.carbon_g_per_kwh, ">= 0")
+        _require(self.price_per_kwh >= 0, "energy.price_per_kwh", self.price_per_kwh, ">= 0")
+        _require(bool(self.currency), "energy.currency", self.currency, "a non-empty currency code")
+
+    @property
+    def profile_path(self) -> Path:
+        return Path(self.profile) if self.profile else DEFAULT_PROFILE
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    energy: EnergySettings = field(default_factory=EnergySettings)
+
+
+def _check_type(name: str, value: object, annotation: Any) -> object:
+    """Return value if it fits annotation (ints accepted for floats); raise ConfigError otherwise."""
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(annotation):
+            try:
+                return _check_type(name, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}={value!r} must be of type {annotation}", field=name)
+    if origin is Literal:
+        _require(value in get_args(annotation), name, value, f"one of {get_args(annotation)}")
+        return value
+    if annotation is type(None):
+        _require(value is None, name, value, "null")
+        return value
+    if origin is dict:
+        _require(isinstance(value, dict), name, value, "a mapping")
+        return dict(value)  # type: ignore[call-overload]
+    if annotation is bool:
+        _require(isinstance(value, bool), name, value, "true or false")
+        return value
+    if annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _require(ok, name, value, "a number")
+        return float(value)  # type: ignore[arg-type]
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+        return value
+    if annotation is str:
+        _require(isinstance(value, str), name, value, "a string")
+        return value
+    raise ConfigError(f"{name}: unsupported type {annotation}")
+
+
+def build_section(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix}={data!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]} is not a setting; known: {sorted(known)}", field=f"{prefix}.{unknown[0]}"
+        )
+    values = {k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in data.items()}
+    return cls(**values)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "backend": BackendSettings,
+    "batching": BatchingSettings,
+    "energy": EnergySettings,
+}
+
+
+def load_settings(path: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> Settings:
+    """Settings from a YAML file (optional) with dotted overrides applied on top.
+
+    ``overrides`` maps ``"section.field"`` to a value; ``None`` values are ignored (flag not given).
+    """
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections {sorted(_SECTIONS)}")
+        for name, body in loaded.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"{name} is not a config section; known: {sorted(_SECTIONS)}")
+            if body is not None:
+                if not isinstance(body, dict):
+                    raise ConfigError(f"{name}={body!r} must be a mapping")
+                raw[name].update(body)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(
+                f"override {dotted!r} must be 'section.field' with a section in {sorted(_SECTIONS)}"
+            )
+        raw[section][key] = value
+    built = {name: build_section(cls, raw[name], name) for name, cls in _SECTIONS.items()}
+    return Settings(**built)

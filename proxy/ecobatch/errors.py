@@ -1,0 +1,95 @@
+"""The exception tree and its mapping onto OpenAI-style HTTP errors.
+
+EcobatchError
+├── BadRequest        400  invalid_request_error  (names the field: ``param``)
+├── ModelNotFound     404  invalid_request_error
+├── Overloaded        429  rate_limit_exceeded    (carries ``retry_after_s``)
+├── BackendFailed     502  upstream_error         (the engine answered badly or not at all)
+├── BackendTimeout    504  upstream_timeout
+└── ShuttingDown      503  service_unavailable
+
+Callers catch the level they care about; the HTTP layer only calls ``to_body()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackendFailed",
+    "BackendTimeout",
+    "BadRequest",
+    "ConfigError",
+    "EcobatchError",
+    "ModelNotFound",
+    "Overloaded",
+    "ShuttingDown",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and the limit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class EcobatchError(Exception):
+    status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if status is not None:
+            self.status = status
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(EcobatchError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(EcobatchError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Overloaded(EcobatchError):
+    status = 429
+    error_type = "rate_limit_exceeded"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendFailed(EcobatchError):
+    status = 502
+    error_type = "upstream_error"
+
+
+class BackendTimeout(EcobatchError):
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class ShuttingDown(EcobatchError):
+    status = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,165 @@
+"""Every Prometheus metric ecobatch exports, created on an injected ``CollectorRegistry``.
+
+Base units, ``_total`` on counters. J per 1k tokens is a PromQL ratio of two counters::
+
+    1000 * rate(ecobatch_energy_joules_total[5m])
+         / ignoring(kind) rate(ecobatch_tokens_total{kind="completion"}[5m])
+
+Every energy series carries ``source`` = ``nvml`` (measured) or ``model`` (from a profile), so a
+modelled figure can never pass for a measured one on a dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .energy import BatchEnergy
+from .openai_api import Usage
+from .profile import EnergyProfile
+
+__all__ = ["Metrics"]
+
+_ENERGY_BUCKETS_J = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_JOULES_PER_KWH = 3.6e6
+
+
+class Metrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        model: str,
+        carbon_g_per_kwh: float,
+        price_per_kwh: float,
+        currency: str,
+    ) -> None:
+        self.registry = registry
+        self._model = model
+        self._carbon_g_per_kwh = carbon_g_per_kwh
+        self._price_per_kwh = price_per_kwh
+        self._currency = currency
+        r = registry
+        self.request_energy = Histogram(
+            "ecobatch_request_energy_joules",
+            "Energy attributed to one served request, in joules.",
+            ["model", "source"],
+            buckets=_ENERGY_BUCKETS_J,
+            registry=r,
+        )
+        self.energy = Counter(
+            "ecobatch_energy_joules",
+            "Energy spent on served batches (active, idle excluded), in joules.",
+            ["model", "source", "gpu"],
+            registry=r,
+        )
+        self.idle_energy = Counter(
+            "ecobatch_idle_energy_joules",
+            "Energy the GPU spent with nothing in flight (idle power × idle time), in joules.",
+            ["source", "gpu"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "ecobatch_tokens", "Tokens processed, as reported by the engine.", ["model", "kind"], registry=r
+        )
+        self.batch_size = Histogram(
+            "ecobatch_batch_size",
+            "Sequences per dispatched batch.",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ecobatch_queue_wait_seconds",
+            "Time from arrival to dispatch.",
+            ["model"],
+            buckets=_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "ecobatch_queue_depth", "Requests waiting for a batch.", ["model"], registry=r
+        )
+        self.window = Histogram(
+            "ecobatch_window_seconds",
+            "How long each batching window stayed open.",
+            ["model"],
+            buckets=_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "ecobatch_inflight_requests",
+            "Sequences dispatched to the engine and not finished.",
+            ["model"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "ecobatch_requests", "Requests answered, by HTTP status.", ["model", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "ecobatch_request_duration_seconds",
+            "Time from arrival to the last byte of the response.",
+            ["model", "stream"],
+            buckets=_DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.power = Gauge(
+            "ecobatch_gpu_power_watts",
+            "Mean GPU power over the last measured span, in watts.",
+            ["source", "gpu"],
+            registry=r,
+        )
+        self.co2 = Counter(
+            "ecobatch_co2_grams",
+            "CO2 emitted for served batches: energy × energy.carbon_g_per_kwh.",
+            ["model", "source"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "ecobatch_energy_cost",
+            "Energy cost of served batches: energy × energy.price_per_kwh.",
+            ["model", "source", "currency"],
+            registry=r,
+        )
+        self.policy_batch_size = Gauge(
+            "ecobatch_policy_batch_size",
+            "Batch size (vLLM: in-flight cap) the policy chose last.",
+            ["model"],
+            registry=r,
+        )
+        self.policy_decisions = Counter(
+            "ecobatch_policy_decisions",
+            "Policy decisions by the constraint that set the batch size.",
+            ["model", "limited_by"],
+            registry=r,
+        )
+        self.profile_info = Gauge(
+            "ecobatch_profile_info",
+            "The energy profile in use (value 1).",
+            ["name", "source", "gpu", "model"],
+            registry=r,
+        )
+        for m in (self.queue_depth, self.inflight, self.policy_batch_size):
+            m.labels(model=model).set(0)
+
+    def describe_profile(self, profile: EnergyProfile) -> None:
+        self.profile_info.labels(profile.name, profile.source, profile.gpu, profile.model).set(1)
+
+    def observe_batch(self, energy: BatchEnergy, usages: Sequence[Usage], batch_size: int) -> None:
+        """Record one finished batch: its energy, tokens and the joules of each served request."""
+        model = self._model
+        self.batch_size.labels(model).observe(batch_size)
+        self.energy.labels(model, energy.source, energy.gpu).inc(energy.total_joules)
+        kwh = energy.total_joules / _JOULES_PER_KWH
+        self.co2.labels(model, energy.source).inc(kwh * self._carbon_g_per_kwh)
+        self.cost.labels(model, energy.source, self._currency).inc(kwh * self._price_per_kwh)
+        power = energy.mean_power_w
+        if power is not None:
+            self.power.labels(energy.source, energy.gpu).set(power)
+        for usage, joules in zip(usages, energy.per_request_joules, strict=True):
+            self.request_energy.labels(model, energy.source).observe(joules)
+            self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(model, "completion").inc(usage.completion_tokens)

@@ -1,0 +1,335 @@
+"""OpenAI API shapes: validate request bodies (before anything is queued) and build response bodies.
+
+Validation errors are ``BadRequest`` naming the field (``messages[1].content``), so a bad input is
+answered with a 400 and never joins, or hangs, a batch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import BadRequest
+
+__all__ = [
+    "GenerationRequest",
+    "Usage",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "models_response",
+    "parse_chat",
+    "parse_completion",
+    "reject_fields",
+]
+
+Kind = Literal["completion", "chat"]
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_MAX_STOP = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One validated client request. ``body`` is the client's JSON (model resolved) for pass-through."""
+
+    id: str
+    kind: Kind
+    model: str
+    created: int
+    body: Mapping[str, Any]
+    prompts: tuple[str, ...] = ()
+    messages: tuple[Mapping[str, Any], ...] = ()
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> int:
+        """How many sequences the engine runs for this request (a list prompt is several)."""
+        return len(self.prompts) if self.kind == "completion" else 1
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _get(body: Mapping[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        raise BadRequest(f"'{name}' must be {what}, got {value!r}", param=name)
+    if not isinstance(value, kinds):
+        raise BadRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _number_in(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float) -> float:
+    value = _get(body, name, (int, float), "a number")
+    if value is None:
+        return default
+    if not lo <= value <= hi:
+        raise BadRequest(f"'{name}'={value} must be between {lo} and {hi}", param=name)
+    return float(value)
+
+
+def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -> dict[str, Any]:
+    if not isinstance(body, Mapping):
+        raise BadRequest("the request body must be a JSON object")
+    model = _get(body, "model", (str,), "a string")
+    if model is not None and model != served_model:
+        from .errors import ModelNotFound
+
+        raise ModelNotFound(
+            f"The model '{model}' does not exist; this server serves '{served_model}'", param="model"
+        )
+    max_tokens = _get(body, max_tokens_field, (int,), "an integer")
+    if max_tokens is None and max_tokens_field != "max_tokens":
+        max_tokens = _get(body, "max_tokens", (int,), "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest(f"'{max_tokens_field}'={max_tokens} must be >= 1", param=max_tokens_field)
+    n = _get(body, "n", (int,), "an integer")
+    if n is not None and n != 1:
+        raise BadRequest(
+            f"'n'={n} is not supported: ecobatch batches single sequences; send {n} requests instead",
+            param="n",
+        )
+    stop_raw = _get(body, "stop", (str, list), "a string or a list of strings")
+    stop: tuple[str, ...] = ()
+    if isinstance(stop_raw, str):
+        stop = (stop_raw,)
+    elif isinstance(stop_raw, list):
+        if len(stop_raw) > _MAX_STOP or not all(isinstance(s, str) and s for s in stop_raw):
+            raise BadRequest(f"'stop' must be at most {_MAX_STOP} non-empty strings", param="stop")
+        stop = tuple(stop_raw)
+    stream = bool(_get(body, "stream", (bool,), "a boolean"))
+    options = _get(body, "stream_options", (dict,), "an object")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        iu = options.get("include_usage")
+        if iu is not None and not isinstance(iu, bool):
+            raise BadRequest(
+                "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
+            )
+        include_usage = bool(iu)
+    seed = _get(body, "seed", (int,), "an integer")
+    ignore_eos = bool(_get(body, "ignore_eos", (bool,), "a boolean"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        _number_in(body, name, -2.0, 2.0, 0.0)
+    _get(body, "user", (str,), "a string")
+    resolved = dict(body)
+    resolved["model"] = served_model
+    return {
+        "model": served_model,
+        "body": resolved,
+        "max_tokens": max_tokens,
+        "temperature": _number_in(body, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _number_in(body, "top_p", 0.0, 1.0, 1.0),
+        "stop": stop,
+        "seed": seed,
+        "ignore_eos": ignore_eos,
+        "stream": stream,
+        "include_usage": include_usage,
+    }
+
+
+def parse_completion(body: Any, served_model: str) -> GenerationRequest:
+    """Validate a /v1/completions body: ``prompt`` is a string or a non-empty list of strings."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: tuple[str, ...] = (prompt,)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = tuple(prompt)
+    elif prompt is None:
+        raise BadRequest("'prompt' is required", param="prompt")
+    else:
+        raise BadRequest("'prompt' must be a string or a non-empty list of strings", param="prompt")
+    common = _common(body, served_model, "max_tokens")
+    if common["max_tokens"] is None:
+        common["max_tokens"] = 16  # the OpenAI API's default for completions
+    return GenerationRequest(
+        id=_new_id("cmpl"), kind="completion", created=int(time.time()), prompts=prompts, **common
+    )
+
+
+def parse_chat(body: Any, served_model: str) -> GenerationRequest:
+    """Validate a /v1/chat/completions body: ``messages`` is a non-empty list of {role, content}."""
+    if not isinstance(body, Mapping):
+        raise BadRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise BadRequest(f"'{where}' must be an object with 'role' and 'content'", param=where)
+        if m.get("role") not in _ROLES:
+            raise BadRequest(
+                f"'{where}.role'={m.get('role')!r} must be one of {sorted(_ROLES)}", param=f"{where}.role"
+            )
+        content = m.get("content")
+        if content is None and m.get("role") == "assistant":
+            continue
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not (
+                    isinstance(part, Mapping)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise BadRequest(
+                        f"'{where}.content[{j}]' must be {{'type': 'text', 'text': str}}",
+                        param=f"{where}.content[{j}]",
+                    )
+        elif not isinstance(content, str):
+            raise BadRequest(
+                f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
+            )
+    common = _common(body, served_model, "max_completion_tokens")
+    return GenerationRequest(
+        id=_new_id("chatcmpl"), kind="chat", created=int(time.time()), messages=tuple(messages), **common
+    )
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a chat message whose content is a string or a list of text parts."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(part["text"]) for part in content)
+
+
+def reject_fields(request: GenerationRequest, names: Sequence[str], backend: str) -> None:
+    """Refuse fields a backend cannot honour, rather than ignoring them silently."""
+    for name in names:
+        if request.body.get(name) not in (None, False):
+            raise BadRequest(f"'{name}' is not supported by the {backend} backend", param=name)
+
+
+def completion_response(
+    request: GenerationRequest, texts: Sequence[str], finish_reasons: Sequence[str | None], usage: Usage
+) -> dict[str, Any]:
+    return {
+        "id": request.id,
+        "object": "text_completion",
+        "created": request.created,
+        "model": request.model,
+        "choices": [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": f}
+            for i, (t, f) in enumerate(zip(texts, finish_reasons, strict=True))
+        ],
+        "usage": usage.to_dict(),
+    }
+
+
+def chat_response(
+    request: GenerationRequest, text: str, finish_reason: str | None, usage: Usage
+) -> dict[str, Any]:
+    return {
+        "id": request.id,
+        "object": "chat.completion",
+        "created": request.created,
+        "model": request.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage.to_dict(),
+    }
+
+
+def chat_chunk(
+    request: GenerationRequest,
+    delta: Mapping[str, Any] | None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    """One chat stream chunk; ``delta=None`` with ``usage`` gives the final usage-only chunk."""
+    choices = (
+        []
+        if delta is None
+        else [{"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}]
+    )
+    chunk: dict[str, Any] = {
+        "id": request.id,
+        "object": "chat.completion.chunk",
+        "created": request.created,
+        "model": request.model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage.to_dict()
+    return chunk
+
+
+def completion_chunk(
+    request: GenerationRequest,
+    index: int | None,
+    text: str = "",
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
+    choices = (
+        []
+        if index is None
+        else [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    )
+    chunk: dict[str, Any] = {
+        "id": request.id,
+        "object": "text_completion",
+        "created": request.created,
+        "model": request.model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage.to_dict()
+    return chunk
+
+
+def models_response(model: str, owned_by: str = "ecobatch") -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": int(time.time()), "owned_by": owned_by}],
+    }
