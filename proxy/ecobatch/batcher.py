@@ -248,6 +248,9 @@ class Batcher:
         room = await self._wait_for_room(target)
         batch = self._take(room)
         if batch:
+            # reserve the room now, before the task runs, so the next window sees it taken
+            self._inflight += sum(p.request.sequences for p in batch)
+            self._metrics.inflight.labels(self._model).set(self._inflight)
             task = asyncio.create_task(self._dispatch(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -286,8 +289,6 @@ class Batcher:
         dispatched_s = self._clock()
         for p in batch:
             self._metrics.queue_wait.labels(self._model).observe(dispatched_s - p.arrival_s)
-        self._inflight += sequences
-        self._metrics.inflight.labels(self._model).set(self._inflight)
         items = [BatchItem(p.request, p.emit, p.future.cancelled) for p in batch]
         span = self._meter.begin(self._inflight if self._backend.continuous else sequences)
         try:

