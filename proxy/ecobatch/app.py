@@ -31,7 +31,9 @@ from .batcher import Batcher, Outcome
 from .config import BatchingSettings, Settings, build_section
 from .energy import EnergyMeter, ModelledMeter
 from .errors import BadRequest, ConfigError, EcobatchError, Overloaded
+from .gpu import discover_gpus
 from .metrics import Metrics
+from .nvml_meter import NvmlMeter
 from .openai_api import GenerationRequest, models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
 
@@ -248,13 +250,26 @@ async def _put_batching(request: web.Request) -> web.Response:
 
 
 def _default_meter(profile: EnergyProfile, settings: Settings) -> EnergyMeter:
+    """NVML where asked for or found (not for the simulated backend), else the announced modelled meter."""
+    energy = settings.energy
+    if energy.meter != "model" and (energy.meter == "nvml" or settings.backend.kind != "simulated"):
+        gpus = discover_gpus(energy.gpu_indices)
+        if gpus:
+            return NvmlMeter(
+                gpus,
+                prefill_weight=energy.prefill_weight,
+                sample_interval_s=energy.sample_interval_s,
+                idle_power_w=energy.idle_power_w,
+            )
+        if energy.meter == "nvml":
+            raise ConfigError("energy.meter='nvml' but NVML found no GPU", field="energy.meter")
     log.warning(
         "energy: no GPU energy counter is used; joules are MODELLED from profile %r (source=%s) and exported "
         'with source="model"',
         profile.name,
         profile.source,
     )
-    return ModelledMeter(profile, settings.energy.prefill_weight)
+    return ModelledMeter(profile, energy.prefill_weight)
 
 
 def create_app(
@@ -278,7 +293,6 @@ def create_app(
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         await runtime.backend.start()
         meter = meter_factory(runtime.profile, settings)
-        await meter.start()
         metrics = Metrics(
             runtime.registry,
             model=runtime.backend.model,
@@ -287,6 +301,17 @@ def create_app(
             currency=settings.energy.currency,
         )
         metrics.describe_profile(runtime.profile)
+        if isinstance(meter, NvmlMeter):
+            idle = metrics.idle_energy.labels(meter.source, meter.gpu)
+            power = metrics.power.labels(meter.source, meter.gpu)
+
+            def on_interval(active_j: float, idle_j: float, interval_s: float) -> None:
+                idle.inc(idle_j)
+                if interval_s > 0:
+                    power.set((active_j + idle_j) / interval_s)
+
+            meter.on_interval = on_interval
+        await meter.start()
         batcher = Batcher(
             runtime.backend,
             meter,

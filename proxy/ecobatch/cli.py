@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--profile", help="energy profile YAML (default: the embedded A800 reference)")
     p.add_argument("--sim-time-scale", type=float, help="simulated backend: 1 = real time, 0 = instant")
     p.add_argument("--request-timeout-s", type=float)
+    p.add_argument("--engine-args", type=json.loads, help='JSON object, e.g. \'{"dtype": "int8"}\'')
     p.add_argument("--log-level", default="INFO")
 
 
@@ -47,6 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "backend.served_model_name": args.served_model_name,
         "backend.sim_time_scale": args.sim_time_scale,
         "backend.request_timeout_s": args.request_timeout_s,
+        "backend.engine_args": args.engine_args,
         "server.host": args.host,
         "server.port": args.port,
         "batching.window_min_ms": window_min,
@@ -114,11 +117,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     prof = sub.add_parser("profile", help="show an energy profile (validates it)")
     prof.add_argument("path")
+    cal = sub.add_parser("calibrate", help="measure this GPU's energy curve and write a profile")
+    cal.add_argument("--backend", choices=["hf-bnb"], default="hf-bnb")
+    cal.add_argument("--model", required=True, help="model directory (from_pretrained)")
+    cal.add_argument("--model-label", help="model name recorded in the profile (default: --model)")
+    cal.add_argument("--dtype", choices=["int8", "bfloat16", "float16"], default="int8")
+    cal.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    cal.add_argument("--new-tokens", type=int, default=256)
+    cal.add_argument("--prompt-tokens", type=int, default=128)
+    cal.add_argument("--min-seconds", type=float, default=5.0, help="timed window per batch size")
+    cal.add_argument("--warmup-tokens", type=int, default=16)
+    cal.add_argument("--out", required=True, help="PROFILE.yaml (CSV and PNG are written beside it)")
     args = parser.parse_args(argv)
+    args.command_line = "ecobatch " + " ".join(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.command == "calibrate":
+            from .calibrate import run_cli
+
+            return run_cli(args)
         return _serve(args) if args.command == "serve" else _profile(args)
     except ConfigError as exc:
         print(f"ecobatch: configuration error: {exc}", file=sys.stderr)

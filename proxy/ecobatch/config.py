@@ -137,8 +137,18 @@ class BatchingSettings:
         )
 
 
+MeterKind = Literal["auto", "nvml", "model"]
+
+
 @dataclass(frozen=True, slots=True)
 class EnergySettings:
+    # auto: NVML where a GPU is found (and the backend is not simulated), else modelled (announced).
+    meter: MeterKind = "auto"
+    # GPUs whose energy is summed; None: every GPU CUDA_VISIBLE_DEVICES allows.
+    gpu_indices: list[int] | None = None
+    sample_interval_s: float = 0.1
+    # None: measured at start-up (1 s of power readings before any work).
+    idle_power_w: float | None = None
     # Energy profile (YAML); None: the embedded A800 reference profile (source: reference).
     profile: str | None = None
     # Weight of one prompt token against one generated token when a span's joules are split.
@@ -149,6 +159,19 @@ class EnergySettings:
     currency: str = "USD"
 
     def __post_init__(self) -> None:
+        _require(self.meter in ("auto", "nvml", "model"), "energy.meter", self.meter, "auto, nvml or model")
+        _require(
+            0.01 <= self.sample_interval_s <= 5,
+            "energy.sample_interval_s",
+            self.sample_interval_s,
+            "in [0.01, 5]",
+        )
+        _require(
+            self.idle_power_w is None or self.idle_power_w >= 0,
+            "energy.idle_power_w",
+            self.idle_power_w,
+            ">= 0",
+        )
         _require(self.prefill_weight >= 0, "energy.prefill_weight", self.prefill_weight, ">= 0")
         _require(self.carbon_g_per_kwh >= 0, "energy.carbon_g_per_kwh", self.carbon_g_per_kwh, ">= 0")
         _require(self.price_per_kwh >= 0, "energy.price_per_kwh", self.price_per_kwh, ">= 0")
@@ -183,6 +206,11 @@ def _check_type(name: str, value: object, annotation: Any) -> object:
     if annotation is type(None):
         _require(value is None, name, value, "null")
         return value
+    if origin is list:
+        (item,) = get_args(annotation)
+        _require(isinstance(value, list), name, value, "a list")
+        items: list[object] = list(value)  # type: ignore[call-overload]
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(items)]
     if origin is dict:
         _require(isinstance(value, dict), name, value, "a mapping")
         return dict(value)  # type: ignore[call-overload]

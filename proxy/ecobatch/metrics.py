@@ -108,7 +108,7 @@ class Metrics:
         )
         self.power = Gauge(
             "ecobatch_gpu_power_watts",
-            "Mean GPU power over the last measured span, in watts.",
+            "GPU power, in watts: NVML, the last sampled interval; modelled, the last batch.",
             ["source", "gpu"],
             registry=r,
         )
@@ -157,7 +157,7 @@ class Metrics:
         self.co2.labels(model, energy.source).inc(kwh * self._carbon_g_per_kwh)
         self.cost.labels(model, energy.source, self._currency).inc(kwh * self._price_per_kwh)
         power = energy.mean_power_w
-        if power is not None:
+        if power is not None and energy.source == "model":  # the NVML meter sets it every interval
             self.power.labels(energy.source, energy.gpu).set(power)
         for usage, joules in zip(usages, energy.per_request_joules, strict=True):
             self.request_energy.labels(model, energy.source).observe(joules)

@@ -30,4 +30,8 @@ def create_backend(settings: Settings, profile: EnergyProfile) -> Backend:
         from .vllm_async import VllmAsyncBackend
 
         return VllmAsyncBackend(settings.backend)
+    if kind == "hf-bnb":
+        from .hf_bnb import HfBnbBackend
+
+        return HfBnbBackend(settings.backend, settings.batching)
     raise ConfigError(f"backend.kind={kind!r} is not available in this build")

@@ -35,7 +35,7 @@ class _HeadroomSink:
 def _logger_factory(sink: _HeadroomSink) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class HeadroomLogger(StatLoggerBase):
+    class HeadroomLogger(StatLoggerBase):  # type: ignore[misc]
         """Turns the scheduler's stats into ecobatch headroom."""
 
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:

@@ -1,0 +1,132 @@
+"""On the GPU (``pytest -m gpu``; never in CI): hf-bnb INT8 serving with NVML-measured joules, and
+energy conservation: Σ attributed joules (per request + idle) against the NVML counter's own delta.
+
+Needs ECOBATCH_GPU_MODEL (a Mistral-7B-architecture directory; ``python -m ecobatch.testing.models DIR
+--shape 7b --dtype float16 --device cuda`` builds one). Writes its figures to ECOBATCH_RESULTS_DIR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ecobatch.app import RUNTIME, create_app
+from ecobatch.config import load_settings
+from ecobatch.gpu import discover_gpus
+from ecobatch.nvml_meter import NvmlMeter
+from tests.integration.helpers import metric
+
+pytestmark = pytest.mark.gpu
+MODEL = os.environ.get("ECOBATCH_GPU_MODEL", "/tmp/m7")
+RESULTS = Path(os.environ.get("ECOBATCH_RESULTS_DIR", "benchmarks/results"))
+DTYPE = os.environ.get("ECOBATCH_GPU_DTYPE", "int8")
+
+
+def _counter_j() -> float:
+    return sum((g.total_energy_mj() or 0) for g in discover_gpus()) / 1000.0
+
+
+async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp_server: Any) -> None:
+    import openai
+
+    assert discover_gpus(), "no GPU visible through NVML"
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "hf-bnb",
+            "backend.model": MODEL,
+            "backend.served_model_name": "mistral-7b",
+            "backend.engine_args": {"dtype": DTYPE, "device": "cuda"},
+            "batching.max_batch_size": 32,
+            "energy.meter": "nvml",
+            "energy.sample_interval_s": 0.1,
+        },
+    )
+    registry = CollectorRegistry()
+    server = await aiohttp_server(create_app(settings, registry=registry))
+    runtime = server.app[RUNTIME]
+    meter = runtime.meter
+    assert isinstance(meter, NvmlMeter)
+    start_j, start_counted = _counter_j(), meter.totals.counter_joules
+    t0 = time.monotonic()
+
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
+    chat = await client.chat.completions.with_raw_response.create(
+        model="mistral-7b", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.headers["x-ecobatch-energy-source"] == "nvml"
+    assert float(chat.headers["x-ecobatch-energy-joules"]) > 0
+    assert chat.parse().usage.completion_tokens == 8
+    stream = await client.chat.completions.create(
+        model="mistral-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == 6
+    comp = await client.completions.create(model="mistral-7b", prompt=["a b", "c d e"], max_tokens=4,
+                                           extra_body={"ignore_eos": True})
+    assert len(comp.choices) == 2
+
+    # concurrent load: 96 requests arriving over ~3 s, varied lengths
+    async def one(i: int) -> float:
+        await asyncio.sleep(0.03 * i)
+        r = await client.completions.with_raw_response.create(
+            model="mistral-7b", prompt=f"request {i} " * (1 + i % 7), max_tokens=16 + (i % 4) * 16,
+            extra_body={"ignore_eos": True},
+        )
+        return float(r.headers["x-ecobatch-energy-joules"])
+
+    per_request = await asyncio.gather(*(one(i) for i in range(96)))
+    await asyncio.sleep(0.5)  # an idle tail, so the idle bucket is exercised too
+    meter.sample()
+    end_j = _counter_j()
+    elapsed = time.monotonic() - t0
+    text = (await (await server_get(server, "/metrics"))).decode()
+    await client.close()
+
+    attributed = metric(text, "ecobatch_energy_joules_total", source="nvml")
+    idle = metric(text, "ecobatch_idle_energy_joules_total", source="nvml")
+    counted = meter.totals.counter_joules - start_counted
+    independent = end_j - start_j
+    batches = metric(text, "ecobatch_batch_size_count")
+    result = {
+        "what": "energy conservation, ecobatch serve --backend hf-bnb under concurrent load (NVML)",
+        "dtype": DTYPE,
+        "model": MODEL,
+        "requests": 96 + 3,
+        "batches": batches,
+        "mean_batch_size": metric(text, "ecobatch_batch_size_sum") / batches,
+        "seconds": round(elapsed, 2),
+        "attributed_active_joules": round(attributed, 2),
+        "idle_joules": round(idle, 2),
+        "attributed_plus_idle_joules": round(attributed + idle, 2),
+        "meter_counter_delta_joules": round(counted, 2),
+        "independent_nvml_delta_joules": round(independent, 2),
+        "error_vs_independent_pct": round(100 * (attributed + idle - independent) / independent, 3),
+        "sum_of_per_request_header_joules_load_phase": round(sum(per_request), 2),
+        "idle_power_w": meter.idle_power_w,
+        "request_energy_observations": metric(text, "ecobatch_request_energy_joules_count", source="nvml"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"h200-conservation-{DTYPE}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    assert result["request_energy_observations"] == 99
+    assert abs(attributed + idle - counted) <= 1e-6 * counted + 1e-6
+    assert abs(result["error_vs_independent_pct"]) <= 2.0
+
+
+async def server_get(server: Any, path: str) -> Any:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(str(server.make_url(path))) as r:
+        return r.read()
