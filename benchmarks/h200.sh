@@ -10,8 +10,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=${1:?stage}; shift
 case "$stage" in
   setup)
-    [ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    python3 -c "import bitsandbytes, openai, pytest_asyncio; print('bnb', bitsandbytes.__version__)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -c "import bitsandbytes, openai, pytest_asyncio; print('bnb', bitsandbytes.__version__)" || echo "WARNING: carried wheels incomplete"
     nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv
     t=$(date +%s)
     [ -f /tmp/m7/config.json ] || python3 -m ecobatch.testing.models /tmp/m7 --shape 7b --dtype float16 --device cuda 2>&1 | grep -v -i warn | tail -2

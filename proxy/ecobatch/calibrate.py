@@ -186,7 +186,7 @@ def calibrate_hf(
     facts = {
         "load_s": round(loaded.load_s, 2),
         "cudnn_sdpa": bool(torch.backends.cuda.cudnn_sdp_enabled()),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     return points, facts
 

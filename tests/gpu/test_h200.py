@@ -54,34 +54,44 @@ async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp
     runtime = server.app[RUNTIME]
     meter = runtime.meter
     assert isinstance(meter, NvmlMeter)
+    before = (await server_get(server, "/metrics")).decode()
     start_j, start_counted = _counter_j(), meter.totals.counter_joules
     t0 = time.monotonic()
 
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
     chat = await client.chat.completions.with_raw_response.create(
-        model="mistral-7b", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        model="mistral-7b",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=8,
         extra_body={"ignore_eos": True},
     )
     assert chat.headers["x-ecobatch-energy-source"] == "nvml"
     assert float(chat.headers["x-ecobatch-energy-joules"]) > 0
     assert chat.parse().usage.completion_tokens == 8
     stream = await client.chat.completions.create(
-        model="mistral-7b", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model="mistral-7b",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     usage = None
     async for chunk in stream:
         usage = chunk.usage or usage
     assert usage is not None and usage.completion_tokens == 6
-    comp = await client.completions.create(model="mistral-7b", prompt=["a b", "c d e"], max_tokens=4,
-                                           extra_body={"ignore_eos": True})
+    comp = await client.completions.create(
+        model="mistral-7b", prompt=["a b", "c d e"], max_tokens=4, extra_body={"ignore_eos": True}
+    )
     assert len(comp.choices) == 2
 
     # concurrent load: 96 requests arriving over ~3 s, varied lengths
     async def one(i: int) -> float:
         await asyncio.sleep(0.03 * i)
         r = await client.completions.with_raw_response.create(
-            model="mistral-7b", prompt=f"request {i} " * (1 + i % 7), max_tokens=16 + (i % 4) * 16,
+            model="mistral-7b",
+            prompt=f"request {i} " * (1 + i % 7),
+            max_tokens=16 + (i % 4) * 16,
             extra_body={"ignore_eos": True},
         )
         return float(r.headers["x-ecobatch-energy-joules"])
@@ -91,11 +101,15 @@ async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp
     meter.sample()
     end_j = _counter_j()
     elapsed = time.monotonic() - t0
-    text = (await (await server_get(server, "/metrics"))).decode()
+    text = (await server_get(server, "/metrics")).decode()
     await client.close()
 
-    attributed = metric(text, "ecobatch_energy_joules_total", source="nvml")
-    idle = metric(text, "ecobatch_idle_energy_joules_total", source="nvml")
+    attributed = metric(text, "ecobatch_energy_joules_total", source="nvml") - metric(
+        before, "ecobatch_energy_joules_total", source="nvml"
+    )
+    idle = metric(text, "ecobatch_idle_energy_joules_total", source="nvml") - metric(
+        before, "ecobatch_idle_energy_joules_total", source="nvml"
+    )
     counted = meter.totals.counter_joules - start_counted
     independent = end_j - start_j
     batches = metric(text, "ecobatch_batch_size_count")
@@ -121,12 +135,12 @@ async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp
     (RESULTS / f"h200-conservation-{DTYPE}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     assert result["request_energy_observations"] == 99
-    assert abs(attributed + idle - counted) <= 1e-6 * counted + 1e-6
+    assert abs(attributed + idle - counted) <= 1e-6 * counted + 1e-3
     assert abs(result["error_vs_independent_pct"]) <= 2.0
 
 
-async def server_get(server: Any, path: str) -> Any:
+async def server_get(server: Any, path: str) -> bytes:
     import aiohttp
 
     async with aiohttp.ClientSession() as s, s.get(str(server.make_url(path))) as r:
-        return r.read()
+        return await r.read()

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import pytest
 
 from ecobatch.energy import BatchEnergy, Span
-
 from ecobatch.gpu import FakeGpu
 from ecobatch.nvml_meter import NvmlMeter
 from ecobatch.openai_api import Usage
@@ -53,7 +52,9 @@ async def test_a_span_gets_the_active_energy_and_idle_time_goes_to_the_idle_buck
     tick([gpu], clock, m, 1.0, 100.0)  # idle again
     energy = await energy_task
     assert energy.total_joules == pytest.approx(800.0)
-    assert energy.per_request_joules == pytest.approx((800.0 * 40 / 60, 800.0 * 20 / 60))  # 10+30 vs 10+10 tokens
+    assert energy.per_request_joules == pytest.approx(
+        (800.0 * 40 / 60, 800.0 * 20 / 60)
+    )  # 10+30 vs 10+10 tokens
     assert m.totals.idle_joules == pytest.approx(200.0)
 
 

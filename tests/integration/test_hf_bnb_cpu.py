@@ -1,0 +1,197 @@
+"""The hf-bnb backend on CPU: the tiny random Mistral, unquantized (bitsandbytes INT8 needs CUDA; the
+INT8 path runs in tests/gpu). Loads through from_pretrained like production."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ecobatch.app import create_app
+from ecobatch.backends.base import BatchItem, GenerationResult
+from ecobatch.backends.hf_bnb import HfBnbBackend, kv_bytes_per_token
+from ecobatch.config import Settings, load_settings
+from ecobatch.errors import ConfigError
+from ecobatch.gpu import FakeGpu
+from ecobatch.nvml_meter import NvmlMeter
+from ecobatch.openai_api import parse_chat, parse_completion
+from ecobatch.profile import EnergyProfile
+from tests.integration.helpers import metric, sse_events
+
+
+def settings_for(model_dir: Path, **extra: object) -> Settings:
+    return load_settings(
+        None,
+        {
+            "backend.kind": "hf-bnb",
+            "backend.model": str(model_dir),
+            "backend.served_model_name": "tiny",
+            "backend.engine_args": {"dtype": "float32", "device": "cpu"},
+            **extra,
+        },
+    )
+
+
+@pytest.fixture
+async def backend(tiny_model_dir: Path) -> Any:
+    s = settings_for(tiny_model_dir)
+    b = HfBnbBackend(s.backend, s.batching)
+    await b.start()
+    yield b
+    await b.close()
+
+
+def completion(body: dict[str, Any]) -> Any:
+    return parse_completion({"ignore_eos": True, "temperature": 0, **body}, "tiny")
+
+
+async def test_each_request_keeps_its_own_max_tokens_and_usage(backend: HfBnbBackend) -> None:
+    reqs = [
+        completion({"prompt": "hello world", "max_tokens": 3}),
+        completion({"prompt": ["a b c", "d"], "max_tokens": 7}),
+    ]
+    results = await backend.generate([BatchItem(r) for r in reqs])
+    assert all(isinstance(r, GenerationResult) for r in results)
+    first, second = results
+    assert isinstance(first, GenerationResult) and isinstance(second, GenerationResult)
+    assert first.usage.completion_tokens == 3
+    assert second.usage.completion_tokens == 14
+    assert second.body is not None and [c["finish_reason"] for c in second.body["choices"]] == [
+        "length",
+        "length",
+    ]
+
+
+async def test_left_padding_does_not_change_a_greedy_result(backend: HfBnbBackend) -> None:
+    alone = await backend.generate([BatchItem(completion({"prompt": "x", "max_tokens": 6}))])
+    padded = await backend.generate(
+        [
+            BatchItem(completion({"prompt": "x", "max_tokens": 6})),
+            BatchItem(completion({"prompt": "a much longer prompt here", "max_tokens": 6})),
+        ]
+    )
+    a, p = alone[0], padded[0]
+    assert isinstance(a, GenerationResult) and isinstance(p, GenerationResult)
+    assert a.body is not None and p.body is not None
+    assert a.body["choices"][0]["text"] == p.body["choices"][0]["text"]
+
+
+async def test_a_finished_sequence_stops_counting_tokens(backend: HfBnbBackend) -> None:
+    long = await backend.generate([BatchItem(completion({"prompt": "seed text", "max_tokens": 12}))])
+    assert isinstance(long[0], GenerationResult) and long[0].body is not None
+    text = long[0].body["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    both = await backend.generate(
+        [
+            BatchItem(completion({"prompt": "seed text", "max_tokens": 12, "stop": stop})),
+            BatchItem(completion({"prompt": "other", "max_tokens": 12})),
+        ]
+    )
+    cut, other = both
+    assert isinstance(cut, GenerationResult) and cut.body is not None and isinstance(other, GenerationResult)
+    assert cut.body["choices"][0]["finish_reason"] == "stop"
+    assert stop not in cut.body["choices"][0]["text"]
+    assert cut.usage.completion_tokens < 12
+    assert other.usage.completion_tokens == 12
+
+
+async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBnbBackend) -> None:
+    chunks: list[dict[str, Any]] = []
+    request = parse_chat(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        "tiny",
+    )
+    [result] = await backend.generate([BatchItem(request, emit=chunks.append)])
+    assert isinstance(result, GenerationResult) and result.body is None
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    plain = parse_chat(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+            "temperature": 0,
+        },
+        "tiny",
+    )
+    [whole] = await backend.generate([BatchItem(plain)])
+    assert isinstance(whole, GenerationResult) and whole.body is not None
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == whole.body["choices"][0]["message"]["content"]
+
+
+async def test_a_seed_makes_sampling_repeatable(backend: HfBnbBackend) -> None:
+    body = {"prompt": "z", "max_tokens": 8, "temperature": 1.0, "seed": 42}
+    a = await backend.generate([BatchItem(completion(body))])
+    b = await backend.generate([BatchItem(completion(body))])
+    assert isinstance(a[0], GenerationResult) and isinstance(b[0], GenerationResult)
+    assert a[0].body is not None and b[0].body is not None
+    assert a[0].body["choices"][0]["text"] == b[0].body["choices"][0]["text"]
+
+
+async def test_too_long_a_request_is_a_400(backend: HfBnbBackend) -> None:
+    [result] = await backend.generate([BatchItem(completion({"prompt": "x", "max_tokens": 5000}))])
+    assert getattr(result, "status", None) == 400
+
+
+def test_unknown_engine_args_are_refused(tiny_model_dir: Path) -> None:
+    s = settings_for(tiny_model_dir, **{"backend.engine_args": {"dtype": "float32", "quantise": True}})
+    with pytest.raises(ConfigError, match="quantise"):
+        HfBnbBackend(s.backend, s.batching)
+
+
+def test_kv_bytes_per_token_follows_the_mistral_7b_shape() -> None:
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_bytes_per_token(cfg, 2) == 2 * 32 * 8 * 128 * 2  # 128 KiB
+
+
+async def test_the_app_serves_hf_bnb_with_nvml_joules_from_a_fake_gpu(
+    tiny_model_dir: Path, aiohttp_client: Any, reference_profile: EnergyProfile
+) -> None:
+    gpu = FakeGpu(energy_mj=0, power_w=100.0)
+    meters: list[NvmlMeter] = []
+
+    def fake_nvml(profile: EnergyProfile, settings: Settings) -> NvmlMeter:
+        meter = NvmlMeter([gpu], prefill_weight=1.0, sample_interval_s=0.02, idle_power_w=50.0)
+        meters.append(meter)
+        return meter
+
+    async def burn() -> None:  # the fake GPU spends 300 W while the app runs
+        while True:
+            await asyncio.sleep(0.01)
+            assert gpu.energy_mj is not None
+            gpu.energy_mj += 3000
+
+    burner = asyncio.create_task(burn())
+    client = await aiohttp_client(
+        create_app(settings_for(tiny_model_dir), registry=CollectorRegistry(), meter_factory=fake_nvml)
+    )
+    bodies = [{"prompt": f"p{i}", "max_tokens": 4 + i, "ignore_eos": True} for i in range(6)]
+    responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    assert all(r.status == 200 for r in responses)
+    assert {r.headers["X-Ecobatch-Energy-Source"] for r in responses} == {"nvml"}
+    stream = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
+    )
+    assert sse_events(await stream.text())[-1] == "[DONE]"
+    burner.cancel()  # the GPU stops spending: the counter is still from here on
+    await asyncio.sleep(0.1)
+    text = await (await client.get("/metrics")).text()
+    meter = meters[0]
+    attributed = metric(text, "ecobatch_energy_joules_total", source="nvml")
+    idle = metric(text, "ecobatch_idle_energy_joules_total", source="nvml")
+    assert metric(text, "ecobatch_request_energy_joules_count", source="nvml") == 7
+    assert attributed > 0 and idle > 0
+    assert attributed + idle == pytest.approx(meter.totals.counter_joules, rel=1e-9)
