@@ -23,8 +23,9 @@ def main() -> None:
     seed = load_profile(DEFAULT_PROFILE)
     int8, bf16 = rows("h200-mistral7b-int8"), rows("h200-mistral7b-bfloat16")
     print(
-        "| BS | A800 seed tok/s | H200 INT8 tok/s | H200 bf16 tok/s | A800 seed J/1k tok | H200 INT8 J/1k tok "
-        "(net of idle) | H200 bf16 J/1k tok (net) | H200 INT8 J/request | H200 bf16 J/request | "
+        "| BS | A800 seed tok/s | H200 INT8 tok/s | H200 bf16 tok/s | A800 seed J/1k tok | "
+        "H200 INT8 J/1k tok (net of idle) | H200 bf16 J/1k tok (net) | "
+        "H200 INT8 J/request | H200 bf16 J/request | "
         "H200 INT8 W | H200 bf16 W | INT8 step ms | INT8 GPU util % | INT8 / bf16 J per token |"
     )
     print("|" + "---|" * 15)
@@ -33,7 +34,8 @@ def main() -> None:
         i, b = int8[bs], bf16[bs]
         print(
             f"| {bs} | {p.tokens_per_s:,.1f} | {i['tokens_per_s']:,.1f} | {b['tokens_per_s']:,.1f} | "
-            f"{p.joules_per_1k_tokens:,.0f} | {i['joules_per_1k_tokens']:,.0f} ({i['net_joules_per_1k_tokens']:,.0f}) | "
+            f"{p.joules_per_1k_tokens:,.0f} | "
+            f"{i['joules_per_1k_tokens']:,.0f} ({i['net_joules_per_1k_tokens']:,.0f}) | "
             f"{b['joules_per_1k_tokens']:,.0f} ({b['net_joules_per_1k_tokens']:,.0f}) | "
             f"{i['joules_per_request']:,.1f} | {b['joules_per_request']:,.1f} | {i['mean_power_w']:.0f} | "
             f"{b['mean_power_w']:.0f} | {i['step_ms']:.1f} | {i['gpu_util_pct']:.0f} | "
