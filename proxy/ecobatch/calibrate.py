@@ -1,11 +1,16 @@
 """``ecobatch calibrate``: measure a GPU's energy curve and write it as a profile.
 
-ML.ENERGY's method, scaled to a short sweep: per batch size, a warm-up run, then timed runs of
-``new_tokens`` generated tokens (EOS ignored, greedy) repeated until ``min_seconds`` have passed;
-energy from the NVML total-energy counter over exactly that window; measured points only, no fit in
-the profile (the fitted exponent α of J/request ∝ BS^-α is reported beside it). cuDNN SDPA is
-disabled by default (see ``hf_bnb``), so every timed run is warm; the warm-up covers the rest
-(allocator, kernels' first launches).
+ML.ENERGY's method, scaled to a short sweep; energy from the NVML total-energy counter over exactly the
+timed window; measured points only, no fit in the profile (the fitted exponent α of J/request ∝ BS^-α
+is reported beside it).
+
+* ``hf-bnb`` (static batches, in this process): per batch size a warm-up run, then timed runs of
+  ``new_tokens`` tokens (EOS ignored, greedy) repeated until ``min_seconds`` have passed. cuDNN SDPA is
+  disabled (see ``hf_bnb``), so every timed run is warm; the warm-up covers allocator and first launches.
+* ``vllm-http`` (a running vLLM server on this machine's GPUs): per batch size C, a closed loop keeps C
+  requests of ``prompt_tokens`` token ids and ``new_tokens`` tokens in flight; after ``warmup_s`` the
+  window opens, lasts ``min_seconds``, and counts generated tokens from vLLM's own
+  ``vllm:generation_tokens_total``; then the loop stops and in-flight requests drain (cool-down).
 
 Outputs: the profile YAML (``source: measured``, GPU, driver, model, dtype, date, method), a CSV with
 every column, and a PNG (J/1k tokens and tok/s against batch size, the A800 reference beside it).
@@ -49,9 +54,9 @@ class CalibrationPoint:
     mean_power_w: float
     peak_power_w: float
     gpu_util_pct: float
-    step_ms: float
-    prefill_ms: float
-    peak_vram_bytes: int
+    step_ms: float | None
+    prefill_ms: float | None
+    peak_vram_bytes: int | None
 
 
 class _PowerSampler:
@@ -65,15 +70,9 @@ class _PowerSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        import pynvml
-
         while not self._stop.is_set():
             self.power_w.append(sum(g.power_mw() for g in self._gpus) / 1000.0)
-            utils = []
-            for g in self._gpus:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(g.facts.index)
-                utils.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-            self.util_pct.append(sum(utils) / len(utils))
+            self.util_pct.append(sum(g.utilization_pct() for g in self._gpus) / len(self._gpus))
             self._stop.wait(self._interval_s)
 
     def __enter__(self) -> _PowerSampler:
@@ -95,6 +94,72 @@ def _energy_mj(gpus: Sequence[Gpu]) -> int:
             )
         total += mj
     return total
+
+
+@dataclass(slots=True)
+class EnergyWindow:
+    """A timed window: seconds, joules (NVML counter) and power/utilization samples over it."""
+
+    gpus: Sequence[Gpu]
+    seconds: float = 0.0
+    joules: float = 0.0
+    peak_power_w: float = 0.0
+    util_pct: float = 0.0
+    _sampler: _PowerSampler | None = None
+    _t0: float = 0.0
+    _e0: int = 0
+
+    def __enter__(self) -> EnergyWindow:
+        self._sampler = _PowerSampler(self.gpus).__enter__()
+        self._e0, self._t0 = _energy_mj(self.gpus), time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t1, e1 = time.monotonic(), _energy_mj(self.gpus)
+        assert self._sampler is not None
+        self._sampler.__exit__()
+        self.seconds, self.joules = t1 - self._t0, (e1 - self._e0) / 1000.0
+        self.peak_power_w = max(self._sampler.power_w, default=0.0)
+        self.util_pct = sum(self._sampler.util_pct) / max(len(self._sampler.util_pct), 1)
+
+
+def _point(
+    bs: int,
+    runs: int,
+    window: EnergyWindow,
+    generated: int,
+    requests: float,
+    idle_power_w: float,
+    **extra: Any,
+) -> CalibrationPoint:
+    net = window.joules - idle_power_w * window.seconds
+    return CalibrationPoint(
+        batch_size=bs,
+        runs=runs,
+        seconds=window.seconds,
+        generated_tokens=generated,
+        tokens_per_s=generated / window.seconds,
+        joules=window.joules,
+        joules_per_token=window.joules / generated,
+        joules_per_1k_tokens=1000 * window.joules / generated,
+        joules_per_request=window.joules / requests,
+        net_joules_per_1k_tokens=1000 * net / generated,
+        mean_power_w=window.joules / window.seconds,
+        peak_power_w=window.peak_power_w,
+        gpu_util_pct=window.util_pct,
+        step_ms=extra.get("step_ms"),
+        prefill_ms=extra.get("prefill_ms"),
+        peak_vram_bytes=extra.get("peak_vram_bytes"),
+    )
+
+
+def _report(progress: Callable[[str], None], p: CalibrationPoint) -> None:
+    step = f"step {p.step_ms:6.1f} ms  " if p.step_ms is not None else ""
+    progress(
+        f"BS {p.batch_size:>3}: {p.tokens_per_s:8.1f} tok/s  {p.joules_per_1k_tokens:8.1f} J/1k tok  "
+        f"{p.joules_per_request:8.1f} J/request  {p.mean_power_w:6.1f} W  {step}"
+        f"util {p.gpu_util_pct:4.0f}%  ({p.runs} run(s), {p.seconds:.1f} s)"
+    )
 
 
 def measure_idle_power_w(gpus: Sequence[Gpu], seconds: float = 3.0) -> float:
@@ -145,8 +210,8 @@ def calibrate_hf(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         runs, generated, prefill_s, decode_s, steps = 0, 0, 0.0, 0.0, 0
-        with _PowerSampler(gpus) as sampler:
-            e0, t0 = _energy_mj(gpus), time.monotonic()
+        with EnergyWindow(gpus) as window:
+            t0 = time.monotonic()
             while runs == 0 or time.monotonic() - t0 < min_seconds:
                 seqs = batch(new_tokens)
                 stats = gen.run(seqs)
@@ -155,40 +220,110 @@ def calibrate_hf(
                 prefill_s += stats.prefill_s
                 decode_s += stats.decode_s
                 steps += stats.steps
-            t1, e1 = time.monotonic(), _energy_mj(gpus)
-        seconds, joules = t1 - t0, (e1 - e0) / 1000.0
-        net = joules - idle_power_w * seconds
-        point = CalibrationPoint(
-            batch_size=bs,
-            runs=runs,
-            seconds=seconds,
-            generated_tokens=generated,
-            tokens_per_s=generated / seconds,
-            joules=joules,
-            joules_per_token=joules / generated,
-            joules_per_1k_tokens=1000 * joules / generated,
-            joules_per_request=joules / (bs * runs),
-            net_joules_per_1k_tokens=1000 * net / generated,
-            mean_power_w=joules / seconds,
-            peak_power_w=max(sampler.power_w, default=0.0),
-            gpu_util_pct=sum(sampler.util_pct) / max(len(sampler.util_pct), 1),
+            torch.cuda.synchronize()
+        point = _point(
+            bs,
+            runs,
+            window,
+            generated,
+            bs * runs,
+            idle_power_w,
             step_ms=1000 * decode_s / max(steps - runs, 1),
             prefill_ms=1000 * prefill_s / runs,
             peak_vram_bytes=int(torch.cuda.max_memory_allocated()),
         )
         points.append(point)
-        progress(
-            f"BS {bs:>3}: {point.tokens_per_s:8.1f} tok/s  {point.joules_per_1k_tokens:8.1f} J/1k tok  "
-            f"{point.joules_per_request:8.1f} J/request  {point.mean_power_w:6.1f} W  "
-            f"step {point.step_ms:6.1f} ms  "
-            f"util {point.gpu_util_pct:4.0f}%  ({runs} run(s), {seconds:.1f} s)"
-        )
+        _report(progress, point)
     facts = {
         "load_s": round(loaded.load_s, 2),
         "cudnn_sdpa": bool(torch.backends.cuda.cudnn_sdp_enabled()),
         "torch": str(torch.__version__),
     }
     return points, facts
+
+
+async def _generation_tokens(session: Any, base: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:generation_tokens_total"
+    )
+
+
+async def calibrate_vllm_http(
+    base_url: str,
+    *,
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+    prompt_tokens: int,
+    min_seconds: float,
+    warmup_s: float,
+    gpus: Sequence[Gpu],
+    idle_power_w: float,
+    model: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> tuple[list[CalibrationPoint], dict[str, Any]]:
+    """Closed-loop sweep against a running vLLM OpenAI server whose GPUs are ``gpus``."""
+    import asyncio
+
+    import aiohttp
+
+    base = base_url.rstrip("/")
+    rng = random.Random(0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with session.get(f"{base}/v1/models") as resp:
+            resp.raise_for_status()
+            served = (await resp.json())["data"][0]
+        model = model or served["id"]
+        vocab_guess = 256  # token ids below this exist in any vocabulary worth measuring
+        points = []
+        for c in batch_sizes:
+            stop = asyncio.Event()
+            finished = 0
+
+            async def worker(stop: asyncio.Event = stop) -> None:
+                nonlocal finished
+                while not stop.is_set():
+                    body = {
+                        "model": model,
+                        "prompt": [rng.randrange(3, vocab_guess) for _ in range(prompt_tokens)],
+                        "max_tokens": new_tokens,
+                        "ignore_eos": True,
+                        "temperature": 0.0,
+                    }
+                    async with session.post(f"{base}/v1/completions", json=body) as r:
+                        if r.status != 200:
+                            raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
+                        await r.read()
+                    finished += 1
+
+            tasks = [asyncio.create_task(worker()) for _ in range(c)]
+            try:
+                await asyncio.sleep(warmup_s)
+                tokens0 = await _generation_tokens(session, base)
+                done0 = finished
+                with EnergyWindow(gpus) as window:
+                    await asyncio.sleep(min_seconds)
+                tokens1 = await _generation_tokens(session, base)
+                done1 = finished
+            finally:
+                stop.set()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            generated = int(tokens1 - tokens0)
+            if generated <= 0:
+                raise RuntimeError(f"vLLM generated no tokens in {min_seconds} s at {c} in flight")
+            point = _point(c, done1 - done0, window, generated, generated / new_tokens, idle_power_w)
+            points.append(point)
+            _report(progress, point)
+    return points, {"served_model": model, "max_model_len": served.get("max_model_len")}
 
 
 def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict[str, Any]:
@@ -205,22 +340,28 @@ def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict
             for k, v in meta.items()
             if k not in {"name", "gpu", "model", "quantization", "engine", "idle_power_w"}
         },
-        "points": [
-            {
-                "batch_size": p.batch_size,
-                "tokens_per_s": round(p.tokens_per_s, 3),
-                "joules_per_token": round(p.joules_per_token, 6),
-                "power_w": round(p.mean_power_w, 2),
-                "peak_vram_bytes": p.peak_vram_bytes,
-                "measured_joules_per_request": round(p.joules_per_request, 3),
-                "measured_net_joules_per_1k_tokens": round(p.net_joules_per_1k_tokens, 2),
-                "measured_peak_power_w": round(p.peak_power_w, 1),
-                "measured_gpu_util_pct": round(p.gpu_util_pct, 1),
-                "measured_step_ms": round(p.step_ms, 2),
-            }
-            for p in points
-        ],
+        "points": [_profile_point(p) for p in points],
     }
+
+
+def _profile_point(p: CalibrationPoint) -> dict[str, Any]:
+    point: dict[str, Any] = {
+        "batch_size": p.batch_size,
+        "tokens_per_s": round(p.tokens_per_s, 3),
+        "joules_per_token": round(p.joules_per_token, 6),
+        "power_w": round(p.mean_power_w, 2),
+    }
+    if p.peak_vram_bytes is not None:
+        point["peak_vram_bytes"] = p.peak_vram_bytes
+    point.update(
+        measured_joules_per_request=round(p.joules_per_request, 3),
+        measured_net_joules_per_1k_tokens=round(p.net_joules_per_1k_tokens, 2),
+        measured_peak_power_w=round(p.peak_power_w, 1),
+        measured_gpu_util_pct=round(p.gpu_util_pct, 1),
+    )
+    if p.step_ms is not None:
+        point["measured_step_ms"] = round(p.step_ms, 2)
+    return point
 
 
 def write_outputs(points: Sequence[CalibrationPoint], meta: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -300,8 +441,8 @@ def _plot(points: Sequence[CalibrationPoint], meta: dict[str, Any], path: Path) 
 
 def run_cli(args: Any) -> int:
     """Entry for ``ecobatch calibrate`` (argparse namespace from cli.py)."""
-    if args.backend != "hf-bnb":
-        raise SystemExit("ecobatch calibrate: only --backend hf-bnb is implemented so far")
+    import asyncio
+
     gpus = discover_gpus()
     if not gpus:
         raise SystemExit("ecobatch calibrate: no NVIDIA GPU found through NVML; calibration needs one")
@@ -309,32 +450,39 @@ def run_cli(args: Any) -> int:
     idle_w = measure_idle_power_w(gpus)
     print(f"idle power: {idle_w:.1f} W over 3 s on GPU {[g.facts.index for g in gpus]}")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    points, facts = calibrate_hf(
-        args.model,
-        dtype=args.dtype,
-        batch_sizes=sizes,
-        new_tokens=args.new_tokens,
-        prompt_tokens=args.prompt_tokens,
-        min_seconds=args.min_seconds,
-        warmup_tokens=args.warmup_tokens,
-        gpus=gpus,
-        idle_power_w=idle_w,
-    )
+    common = {
+        "batch_sizes": sizes,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "min_seconds": args.min_seconds,
+        "gpus": gpus,
+        "idle_power_w": idle_w,
+    }
+    if args.backend == "hf-bnb":
+        points, facts = calibrate_hf(args.model, dtype=args.dtype, warmup_tokens=args.warmup_tokens, **common)
+        quant = "bitsandbytes-int8 (llm_int8_threshold=0.0)" if args.dtype == "int8" else args.dtype
+        engine, method = (
+            "ecobatch hf-bnb static batches (transformers)",
+            (f"one run of {args.warmup_tokens} tokens per batch size; cuDNN SDPA disabled"),
+        )
+    else:
+        points, facts = asyncio.run(calibrate_vllm_http(args.model, warmup_s=args.warmup_s, **common))
+        quant, engine = args.quantization_label, "vLLM OpenAI server (continuous batching), closed loop"
+        method = f"{args.warmup_s} s at the concurrency before the window; requests drain after it"
     wall_s = time.monotonic() - t0
-    quant = "bitsandbytes-int8 (llm_int8_threshold=0.0)" if args.dtype == "int8" else args.dtype
     meta = {
         "name": Path(args.out).stem,
         "gpu": gpus[0].facts.name if len(gpus) == 1 else "+".join(g.facts.name for g in gpus),
         "model": args.model_label or args.model,
         "quantization": quant,
-        "engine": "ecobatch hf-bnb static batches (transformers)",
+        "engine": engine,
         "idle_power_w": idle_w,
         "driver": gpus[0].facts.driver,
         "date": dt.date.today().isoformat(),
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
         "min_seconds": args.min_seconds,
-        "warmup": f"one run of {args.warmup_tokens} tokens per batch size; cuDNN SDPA disabled",
+        "warmup": method,
         "wall_s": round(wall_s, 1),
         "command": args.command_line,
         **facts,

@@ -118,15 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof = sub.add_parser("profile", help="show an energy profile (validates it)")
     prof.add_argument("path")
     cal = sub.add_parser("calibrate", help="measure this GPU's energy curve and write a profile")
-    cal.add_argument("--backend", choices=["hf-bnb"], default="hf-bnb")
-    cal.add_argument("--model", required=True, help="model directory (from_pretrained)")
+    cal.add_argument("--backend", choices=["hf-bnb", "vllm-http"], default="hf-bnb")
+    cal.add_argument(
+        "--model", required=True, help="hf-bnb: model directory; vllm-http: the server's base URL"
+    )
     cal.add_argument("--model-label", help="model name recorded in the profile (default: --model)")
     cal.add_argument("--dtype", choices=["int8", "bfloat16", "float16"], default="int8")
     cal.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     cal.add_argument("--new-tokens", type=int, default=256)
     cal.add_argument("--prompt-tokens", type=int, default=128)
     cal.add_argument("--min-seconds", type=float, default=5.0, help="timed window per batch size")
-    cal.add_argument("--warmup-tokens", type=int, default=16)
+    cal.add_argument("--warmup-tokens", type=int, default=16, help="hf-bnb: warm-up run length")
+    cal.add_argument(
+        "--warmup-s", type=float, default=3.0, help="vllm-http: seconds at load before the window"
+    )
+    cal.add_argument("--quantization-label", default="as served", help="vllm-http: what the server runs")
     cal.add_argument("--out", required=True, help="PROFILE.yaml (CSV and PNG are written beside it)")
     args = parser.parse_args(argv)
     args.command_line = "ecobatch " + " ".join(argv if argv is not None else sys.argv[1:])

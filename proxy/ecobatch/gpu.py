@@ -39,6 +39,10 @@ class Gpu(Protocol):
         """Instantaneous board power, in milliwatts."""
         ...
 
+    def utilization_pct(self) -> float:
+        """Share of the last sample period in which a kernel ran (NVML's coarse "GPU utilization")."""
+        ...
+
 
 class NvmlGpu:
     """One GPU through nvidia-ml-py (pynvml). The energy counter needs Volta or newer."""
@@ -75,6 +79,9 @@ class NvmlGpu:
     def power_mw(self) -> int:
         return int(self._nvml.nvmlDeviceGetPowerUsage(self._handle))
 
+    def utilization_pct(self) -> float:
+        return float(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+
 
 class FakeGpu:
     """A scripted GPU: tests set ``energy_mj`` / ``power`` and advance them."""
@@ -83,12 +90,16 @@ class FakeGpu:
         self.facts = GpuFacts(index, "Fake GPU", 80 * 2**30, "test", 700.0)
         self.energy_mj = energy_mj
         self.power_w = power_w
+        self.util_pct = 0.0
 
     def total_energy_mj(self) -> int | None:
         return self.energy_mj
 
     def power_mw(self) -> int:
         return int(self.power_w * 1000)
+
+    def utilization_pct(self) -> float:
+        return self.util_pct
 
 
 def _visible_indices(count: int) -> list[int]:

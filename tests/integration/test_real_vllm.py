@@ -177,3 +177,56 @@ async def test_the_official_openai_client(real_engines: dict[str, str], front: s
     )
     assert len(comp.choices) == 2 and comp.usage is not None and comp.usage.completion_tokens == 6
     await client.close()
+
+
+async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
+    real_engines: dict[str, str], tmp_path: Any
+) -> None:
+    """The vllm-http calibration loop on the CPU engine; energy from a scripted GPU spending 200 W."""
+    from ecobatch.calibrate import calibrate_vllm_http, write_outputs
+    from ecobatch.gpu import FakeGpu
+    from ecobatch.profile import load_profile
+
+    gpu = FakeGpu(energy_mj=0, power_w=200.0)
+
+    async def burn() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            assert gpu.energy_mj is not None
+            gpu.energy_mj += 2000  # 200 W × 10 ms
+
+    burner = asyncio.create_task(burn())
+    try:
+        points, facts = await calibrate_vllm_http(
+            real_engines["upstream"],
+            batch_sizes=[1, 4],
+            new_tokens=8,
+            prompt_tokens=16,
+            min_seconds=2.0,
+            warmup_s=0.5,
+            gpus=[gpu],
+            idle_power_w=50.0,
+            progress=lambda line: None,
+        )
+    finally:
+        burner.cancel()
+    assert facts["served_model"] == "tiny"
+    assert [p.batch_size for p in points] == [1, 4]
+    assert all(p.generated_tokens > 0 and p.runs > 0 for p in points)
+    assert all(150 < p.mean_power_w < 250 for p in points)  # the scripted 200 W, read through the window
+    assert points[1].tokens_per_s > points[0].tokens_per_s, "4 in flight should outpace 1 on vLLM"
+    meta = {
+        "name": "cpu-tiny",
+        "gpu": "Fake GPU",
+        "model": "tiny",
+        "quantization": "none",
+        "engine": "vLLM",
+        "idle_power_w": 50.0,
+        "new_tokens": 8,
+        "prompt_tokens": 16,
+    }
+    written = write_outputs(points, meta, tmp_path / "cpu-tiny.yaml")
+    profile = load_profile(written["profile"])
+    assert profile.source == "measured"
+    assert [p.batch_size for p in profile.points] == [1, 4]
+    assert written["csv"].read_text().count("\n") == 3
