@@ -32,7 +32,7 @@ def main() -> None:
         for row in rows
     ]
     base = yaml.safe_load(Path(args.meta_from).read_text())
-    meta = {k: base[k] for k in ("gpu", "model", "engine")}
+    meta = {k: base[k] for k in ("gpu", "model", "engine", "quantization", "idle_power_w")}
     meta.update(base["meta"])
     meta.pop("alpha_joules_per_request", None)
     for item in args.set:

@@ -408,27 +408,15 @@ def _plot(points: Sequence[CalibrationPoint], meta: dict[str, Any], path: Path) 
     a.loglog(
         bs, [p.net_joules_per_1k_tokens for p in points], "o--", alpha=0.6, label="measured, net of idle"
     )
-    a.loglog(
-        [p.batch_size for p in ref.points],
-        [p.joules_per_1k_tokens for p in ref.points],
-        "s:",
-        label="A800 INT8 seed (reference)",
-    )
-    a.set_xlabel("batch size")
-    a.set_ylabel("J per 1k generated tokens")
-    a.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=8)
     b.loglog(bs, [p.tokens_per_s for p in points], "o-", label="measured")
-    b.loglog(
-        [p.batch_size for p in ref.points],
-        [p.tokens_per_s for p in ref.points],
-        "s:",
-        label="A800 seed (reference)",
-    )
-    b.set_xlabel("batch size")
-    b.set_ylabel("generated tokens / s")
-    b.grid(True, which="both", alpha=0.3)
-    b.legend(fontsize=8)
+    ref_bs = [p.batch_size for p in ref.points]
+    a.loglog(ref_bs, [p.joules_per_1k_tokens for p in ref.points], "s:", label="A800 INT8 seed (reference)")
+    b.loglog(ref_bs, [p.tokens_per_s for p in ref.points], "s:", label="A800 seed (reference)")
+    for axis, ylabel in ((a, "J per 1k generated tokens"), (b, "generated tokens / s")):
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
     fig.suptitle(
         f"{meta['name']}: {meta['model']}, {meta['new_tokens']} new tokens, "
         f"{meta['prompt_tokens']}-token prompts"

@@ -280,6 +280,21 @@ def chat_response(
     }
 
 
+def _chunk(
+    request: GenerationRequest, obj: str, choices: list[dict[str, Any]], usage: Usage | None
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": request.id,
+        "object": obj,
+        "created": request.created,
+        "model": request.model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage.to_dict()
+    return chunk
+
+
 def chat_chunk(
     request: GenerationRequest,
     delta: Mapping[str, Any] | None,
@@ -292,16 +307,7 @@ def chat_chunk(
         if delta is None
         else [{"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}]
     )
-    chunk: dict[str, Any] = {
-        "id": request.id,
-        "object": "chat.completion.chunk",
-        "created": request.created,
-        "model": request.model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage.to_dict()
-    return chunk
+    return _chunk(request, "chat.completion.chunk", choices, usage)
 
 
 def completion_chunk(
@@ -311,21 +317,13 @@ def completion_chunk(
     finish_reason: str | None = None,
     usage: Usage | None = None,
 ) -> dict[str, Any]:
+    """One completion stream chunk; ``index=None`` with ``usage`` gives the final usage-only chunk."""
     choices = (
         []
         if index is None
         else [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]
     )
-    chunk: dict[str, Any] = {
-        "id": request.id,
-        "object": "text_completion",
-        "created": request.created,
-        "model": request.model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage.to_dict()
-    return chunk
+    return _chunk(request, "text_completion", choices, usage)
 
 
 def models_response(model: str, owned_by: str = "ecobatch") -> dict[str, Any]:

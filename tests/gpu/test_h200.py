@@ -21,7 +21,7 @@ from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import load_settings
 from ecobatch.gpu import discover_gpus
 from ecobatch.nvml_meter import NvmlMeter
-from tests.integration.helpers import metric
+from tests.integration.helpers import metric, openai_chat_and_stream
 
 pytestmark = pytest.mark.gpu
 MODEL = os.environ.get("ECOBATCH_GPU_MODEL", "/tmp/m7")
@@ -59,27 +59,11 @@ async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp
     t0 = time.monotonic()
 
     client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
-    chat = await client.chat.completions.with_raw_response.create(
-        model="mistral-7b",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=8,
-        extra_body={"ignore_eos": True},
-    )
+    chat, usage = await openai_chat_and_stream(client, "mistral-7b", max_tokens=8)
     assert chat.headers["x-ecobatch-energy-source"] == "nvml"
     assert float(chat.headers["x-ecobatch-energy-joules"]) > 0
     assert chat.parse().usage.completion_tokens == 8
-    stream = await client.chat.completions.create(
-        model="mistral-7b",
-        messages=[{"role": "user", "content": "hi"}],
-        max_tokens=6,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    usage = None
-    async for chunk in stream:
-        usage = chunk.usage or usage
-    assert usage is not None and usage.completion_tokens == 6
+    assert usage is not None and usage.completion_tokens == 8
     comp = await client.completions.create(
         model="mistral-7b", prompt=["a b", "c d e"], max_tokens=4, extra_body={"ignore_eos": True}
     )

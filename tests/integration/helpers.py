@@ -29,3 +29,26 @@ def sse_events(raw: str) -> list[Any]:
         payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+async def openai_chat_and_stream(client: Any, model: str, max_tokens: int) -> tuple[Any, Any]:
+    """A chat completion and a streamed one (usage included) through the official openai client:
+    returns (the completion, the stream's usage)."""
+    chat = await client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=max_tokens,
+        extra_body={"ignore_eos": True},
+    )
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+    return chat, usage

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.helpers import metric, sse_events
+from tests.integration.helpers import metric, openai_chat_and_stream, sse_events
 
 pytestmark = pytest.mark.vllm
 FRONTS = ["vllm-http", "vllm-async"]
@@ -153,24 +153,8 @@ async def test_the_official_openai_client(real_engines: dict[str, str], front: s
 
     client = openai.AsyncOpenAI(base_url=f"{real_engines[front]}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in (await client.models.list()).data] == ["tiny"]
-    chat = await client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=4,
-        extra_body={"ignore_eos": True},
-    )
-    assert chat.usage is not None and chat.usage.completion_tokens == 4
-    stream = await client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=4,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    usage = None
-    async for chunk in stream:
-        usage = chunk.usage or usage
+    chat, usage = await openai_chat_and_stream(client, "tiny", max_tokens=4)
+    assert chat.parse().usage.completion_tokens == 4
     assert usage is not None and usage.completion_tokens == 4
     comp = await client.completions.create(
         model="tiny", prompt=["a b", "c d"], max_tokens=3, extra_body={"ignore_eos": True}
