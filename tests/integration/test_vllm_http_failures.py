@@ -1,0 +1,82 @@
+"""vllm-http against a misbehaving upstream: 5xx → 502, a hang → 504, a 4xx keeps its status; each a
+clear OpenAI error, never a 500 or a hang."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ecobatch.app import create_app
+from ecobatch.config import load_settings
+
+
+def fake_vllm(mode: str) -> web.Application:
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "up", "object": "model"}]})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="vllm:kv_cache_usage_perc 0.5\n")
+
+    async def generate(request: web.Request) -> web.Response:
+        if mode == "500":
+            return web.json_response({"error": {"message": "CUDA error: out of memory"}}, status=500)
+        if mode == "hang":
+            await asyncio.sleep(30)
+        return web.json_response(
+            {"error": {"message": "max_tokens is too large", "param": "max_tokens"}}, status=400
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
+    return app
+
+
+async def proxy_for(mode: str, aiohttp_server: Any, aiohttp_client: Any) -> Any:
+    upstream = await aiohttp_server(fake_vllm(mode))
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.upstream": str(upstream.make_url("")).rstrip("/"),
+            "backend.request_timeout_s": 0.5,
+            "energy.meter": "model",
+        },
+    )
+    return await aiohttp_client(create_app(settings))
+
+
+async def test_an_upstream_5xx_is_a_502_with_its_message(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    client = await proxy_for("500", aiohttp_server, aiohttp_client)
+    resp = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert resp.status == 502
+    error = (await resp.json())["error"]
+    assert error["type"] == "upstream_error" and "out of memory" in error["message"]
+
+
+async def test_an_upstream_that_hangs_is_a_504(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    client = await proxy_for("hang", aiohttp_server, aiohttp_client)
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 504
+    assert "request_timeout_s" in (await resp.json())["error"]["message"]
+
+
+async def test_an_upstream_4xx_keeps_its_status_and_param(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    client = await proxy_for("400", aiohttp_server, aiohttp_client)
+    responses = await asyncio.gather(
+        *(client.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 9}) for i in range(3))
+    )
+    for resp in responses:  # merged into one list-prompt request, refused, retried one by one
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert error["param"] == "max_tokens" and error["type"] == "invalid_request_error"
+
+
+async def test_the_upstream_model_name_is_discovered(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    client = await proxy_for("400", aiohttp_server, aiohttp_client)
+    models = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == ["up"]
