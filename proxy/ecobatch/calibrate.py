@@ -153,10 +153,11 @@ def _point(
     )
 
 
-def _report(progress: Callable[[str], None], p: CalibrationPoint) -> None:
+def _report(progress: Callable[[str], None], p: CalibrationPoint, done: int, total: int) -> None:
     step = f"step {p.step_ms:6.1f} ms  " if p.step_ms is not None else ""
+    bar = "#" * done + "." * (total - done)
     progress(
-        f"BS {p.batch_size:>3}: {p.tokens_per_s:8.1f} tok/s  {p.joules_per_1k_tokens:8.1f} J/1k tok  "
+        f"[{bar}] {done}/{total}  BS {p.batch_size:>3}: {p.tokens_per_s:8.1f} tok/s  {p.joules_per_1k_tokens:8.1f} J/1k tok  "
         f"{p.joules_per_request:8.1f} J/request  {p.mean_power_w:6.1f} W  {step}"
         f"util {p.gpu_util_pct:4.0f}%  ({p.runs} run(s), {p.seconds:.1f} s)"
     )
@@ -233,7 +234,7 @@ def calibrate_hf(
             peak_vram_bytes=int(torch.cuda.max_memory_allocated()),
         )
         points.append(point)
-        _report(progress, point)
+        _report(progress, point, len(points), len(batch_sizes))
     facts = {
         "load_s": round(loaded.load_s, 2),
         "cudnn_sdpa": bool(torch.backends.cuda.cudnn_sdp_enabled()),
@@ -322,7 +323,7 @@ async def calibrate_vllm_http(
                 raise RuntimeError(f"vLLM generated no tokens in {min_seconds} s at {c} in flight")
             point = _point(c, done1 - done0, window, generated, generated / new_tokens, idle_power_w)
             points.append(point)
-            _report(progress, point)
+            _report(progress, point, len(points), len(batch_sizes))
     return points, {"served_model": model, "max_model_len": served.get("max_model_len")}
 
 
