@@ -157,7 +157,8 @@ def _report(progress: Callable[[str], None], p: CalibrationPoint, done: int, tot
     step = f"step {p.step_ms:6.1f} ms  " if p.step_ms is not None else ""
     bar = "#" * done + "." * (total - done)
     progress(
-        f"[{bar}] {done}/{total}  BS {p.batch_size:>3}: {p.tokens_per_s:8.1f} tok/s  {p.joules_per_1k_tokens:8.1f} J/1k tok  "
+        f"[{bar}] {done}/{total}  BS {p.batch_size:>3}: {p.tokens_per_s:8.1f} tok/s  "
+        f"{p.joules_per_1k_tokens:8.1f} J/1k tok  "
         f"{p.joules_per_request:8.1f} J/request  {p.mean_power_w:6.1f} W  {step}"
         f"util {p.gpu_util_pct:4.0f}%  ({p.runs} run(s), {p.seconds:.1f} s)"
     )
