@@ -295,7 +295,8 @@ class Batcher:
             results = await self._generate(items)
             served = [(p, r) for p, r in zip(batch, results, strict=True) if isinstance(r, GenerationResult)]
             energy = await self._meter.end(span, [r.usage for _, r in served])
-            self._metrics.observe_batch(energy, [r.usage for _, r in served], sequences)
+            delivered = [not p.future.cancelled() for p, _ in served]
+            self._metrics.observe_batch(energy, [r.usage for _, r in served], sequences, delivered)
             for (p, r), joules in zip(served, energy.per_request_joules, strict=True):
                 per_seq = max(p.request.sequences, 1)
                 self._demand.observe(r.usage.prompt_tokens / per_seq, r.usage.completion_tokens / per_seq)

@@ -148,8 +148,15 @@ class Metrics:
     def describe_profile(self, profile: EnergyProfile) -> None:
         self.profile_info.labels(profile.name, profile.source, profile.gpu, profile.model).set(1)
 
-    def observe_batch(self, energy: BatchEnergy, usages: Sequence[Usage], batch_size: int) -> None:
-        """Record one finished batch: its energy, tokens and the joules of each served request."""
+    def observe_batch(
+        self,
+        energy: BatchEnergy,
+        usages: Sequence[Usage],
+        batch_size: int,
+        delivered: Sequence[bool] | None = None,
+    ) -> None:
+        """Record one finished batch: its energy and tokens, and the joules of each request that was
+        delivered (one whose client left mid-generation spent tokens and joules, but was not served)."""
         model = self._model
         self.batch_size.labels(model).observe(batch_size)
         self.energy.labels(model, energy.source, energy.gpu).inc(energy.total_joules)
@@ -159,7 +166,9 @@ class Metrics:
         power = energy.mean_power_w
         if power is not None and energy.source == "model":  # the NVML meter sets it every interval
             self.power.labels(energy.source, energy.gpu).set(power)
-        for usage, joules in zip(usages, energy.per_request_joules, strict=True):
-            self.request_energy.labels(model, energy.source).observe(joules)
+        kept = delivered if delivered is not None else [True] * len(usages)
+        for usage, joules, keep in zip(usages, energy.per_request_joules, kept, strict=True):
+            if keep:
+                self.request_energy.labels(model, energy.source).observe(joules)
             self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
             self.tokens.labels(model, "completion").inc(usage.completion_tokens)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from ecobatch.batcher import Batcher
 from ecobatch.config import BatchingSettings
@@ -13,6 +13,7 @@ from ecobatch.metrics import Metrics
 from ecobatch.openai_api import parse_completion
 from ecobatch.profile import EnergyProfile
 from tests.fakes import FakeBackend
+from tests.integration.helpers import metric
 
 
 def make(
@@ -145,3 +146,23 @@ async def test_reconfiguring_changes_the_next_decision(reference_profile: Energy
     assert batcher.decide().batch_size > 8
     batcher.reconfigure(BatchingSettings(max_batch_size=8, energy_tolerance=0.0))
     assert batcher.decide().batch_size == 8
+
+
+async def test_a_request_whose_client_left_mid_batch_is_charged_but_not_counted_as_served(
+    reference_profile: EnergyProfile,
+) -> None:
+    gate = asyncio.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, reference_profile, window_min_ms=20.0, window_max_ms=20.0)
+    await batcher.start()
+    stays, leaves = batcher.submit(req("a b")), batcher.submit(req("c d"))
+    while not backend.batches:
+        await asyncio.sleep(0.001)
+    leaves.future.cancel()  # the client went away while its batch was on the GPU
+    gate.set()
+    outcome = await stays.future
+    await batcher.close(grace_s=1.0)
+    text = generate_latest(batcher._metrics.registry).decode()
+    assert metric(text, "ecobatch_request_energy_joules_count") == 1
+    # both requests shared the batch evenly (same tokens): the one that left was charged too
+    assert metric(text, "ecobatch_energy_joules_total") == pytest.approx(2 * outcome.energy_joules)
