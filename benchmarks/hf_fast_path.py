@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ecobatch.backends.hf_bnb import SeqSpec, StaticBatchGenerator, load_model
-from ecobatch.calibrate import _energy_mj, _PowerSampler
+from ecobatch.calibrate import EnergyWindow
 from ecobatch.gpu import discover_gpus
 
 NEW_TOKENS = 128
@@ -32,19 +32,17 @@ def measure(gpus: list[Any], fn: Any, tokens: int) -> dict[str, float]:
     import torch
 
     torch.cuda.synchronize()
-    with _PowerSampler(gpus) as sampler:
-        e0, t0 = _energy_mj(gpus), time.monotonic()
+    with EnergyWindow(gpus) as window:
         fn()
         torch.cuda.synchronize()
-        t1, e1 = time.monotonic(), _energy_mj(gpus)
-    joules, seconds = (e1 - e0) / 1000.0, t1 - t0
+    joules, seconds = window.joules, window.seconds
     return {
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1),
         "ms_per_step": round(1000 * seconds / NEW_TOKENS, 2),
         "joules_per_1k_tokens": round(1000 * joules / tokens, 1),
         "mean_power_w": round(joules / seconds, 1),
-        "nvml_util_pct": round(sum(sampler.util_pct) / max(len(sampler.util_pct), 1), 1),
+        "nvml_util_pct": round(window.util_pct, 1),
     }
 
 

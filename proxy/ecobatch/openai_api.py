@@ -15,6 +15,7 @@ from typing import Any, Literal
 from .errors import BadRequest
 
 __all__ = [
+    "ENGINE_UNSUPPORTED",
     "GenerationRequest",
     "Usage",
     "chat_chunk",
@@ -235,6 +236,10 @@ def message_text(message: Mapping[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return "".join(str(part["text"]) for part in content)
+
+
+#: Fields the backends that generate text themselves (simulated, vllm-async, hf-bnb) cannot honour.
+ENGINE_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format", "best_of")
 
 
 def reject_fields(request: GenerationRequest, names: Sequence[str], backend: str) -> None:

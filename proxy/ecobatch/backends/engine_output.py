@@ -7,17 +7,30 @@ backend passes the upstream's own OpenAI JSON through instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..openai_api import (
+    GenerationRequest,
     Usage,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
+    message_text,
 )
 from .base import BatchItem, GenerationResult
 
-__all__ = ["RequestOutput"]
+__all__ = ["RequestOutput", "encode_prompts"]
+
+
+def encode_prompts(tokenizer: Any, request: GenerationRequest) -> list[list[int]]:
+    """Token ids per sequence: each completion prompt with the tokenizer's special tokens, or the chat
+    rendered by the model's own chat template (which places its own BOS)."""
+    if request.kind == "completion":
+        return [tokenizer.encode(p) for p in request.prompts]
+    messages = [{"role": str(m["role"]), "content": message_text(m)} for m in request.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [tokenizer.encode(text, add_special_tokens=False)]
 
 
 @dataclass(slots=True)

@@ -28,10 +28,10 @@ from typing import Any
 
 from ..config import BackendSettings, BatchingSettings
 from ..errors import BadRequest, ConfigError
-from ..openai_api import GenerationRequest, message_text, reject_fields
+from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
 from ..policy import Headroom
 from .base import BatchItem, GenerationResult
-from .engine_output import RequestOutput
+from .engine_output import RequestOutput, encode_prompts
 
 __all__ = [
     "HfBnbBackend",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format", "best_of")
 _DTYPES = ("int8", "bfloat16", "float16", "float32")
 
 
@@ -310,15 +309,6 @@ class HfBnbBackend:
     def headroom(self) -> Headroom:
         return self._headroom
 
-    def _encode(self, request: GenerationRequest) -> list[list[int]]:
-        assert self._gen is not None
-        tok = self._gen.loaded.tokenizer
-        if request.kind == "completion":
-            return [tok.encode(p) for p in request.prompts]
-        msgs = [{"role": str(m["role"]), "content": message_text(m)} for m in request.messages]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return [tok.encode(text, add_special_tokens=False)]
-
     async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
         if self._gen is None:
             raise RuntimeError("hf-bnb backend used before start()")
@@ -329,8 +319,8 @@ class HfBnbBackend:
         for i, item in enumerate(batch):
             request = item.request
             try:
-                reject_fields(request, _UNSUPPORTED, self.name)
-                prompts = self._encode(request)
+                reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+                prompts = encode_prompts(self._gen.loaded.tokenizer, request)
             except BadRequest as exc:
                 results[i] = exc
                 continue

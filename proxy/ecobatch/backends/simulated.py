@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 
 from ..config import BackendSettings, BatchingSettings
-from ..openai_api import GenerationRequest, message_text, reject_fields
+from ..openai_api import ENGINE_UNSUPPORTED, GenerationRequest, message_text, reject_fields
 from ..policy import Headroom
 from ..profile import EnergyProfile
 from .base import BatchItem, GenerationResult
@@ -27,7 +27,6 @@ _WORDS = (
     "engine", "prefill", "decode", "cache", "power", "carbon", "cost", "budget", "sweet", "spot",
     "knee", "step", "kernel", "memory", "bandwidth", "tensor", "core", "idle",
 )  # fmt: skip
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format", "best_of")
 
 
 def _prompt_text(request: GenerationRequest, index: int) -> str:
@@ -104,7 +103,7 @@ class SimulatedBackend:
         for i, item in enumerate(batch):
             request = item.request
             try:
-                reject_fields(request, _UNSUPPORTED, self.name)
+                reject_fields(request, ENGINE_UNSUPPORTED, self.name)
             except Exception as exc:
                 results[i] = exc
                 continue

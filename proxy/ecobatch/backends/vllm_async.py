@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import BackendSettings
 from ..errors import BackendFailed, BadRequest
-from ..openai_api import GenerationRequest, message_text, reject_fields
+from ..openai_api import ENGINE_UNSUPPORTED, GenerationRequest, reject_fields
 from ..policy import Headroom
 from .base import BatchItem, GenerationResult
-from .engine_output import RequestOutput
+from .engine_output import RequestOutput, encode_prompts
 
 __all__ = ["VllmAsyncBackend"]
 
 log = logging.getLogger(__name__)
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format", "best_of")
 
 
 class _HeadroomSink:
@@ -64,10 +63,6 @@ def _logger_factory(sink: _HeadroomSink) -> Any:
             return None
 
     return HeadroomLogger
-
-
-def _chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": str(m["role"]), "content": message_text(m)} for m in messages]
 
 
 class VllmAsyncBackend:
@@ -120,13 +115,7 @@ class VllmAsyncBackend:
 
     def _prompts(self, request: GenerationRequest) -> list[Any]:
         """Token-id prompts, checked against the context length as vLLM's OpenAI server does."""
-        if request.kind == "completion":
-            token_lists = [self._tokenizer.encode(p) for p in request.prompts]
-        else:
-            text = self._tokenizer.apply_chat_template(
-                _chat_messages(request.messages), tokenize=False, add_generation_prompt=True
-            )
-            token_lists = [self._tokenizer.encode(text, add_special_tokens=False)]
+        token_lists = encode_prompts(self._tokenizer, request)
         limit = self._engine.model_config.max_model_len
         field = "max_tokens" if request.kind == "completion" else "max_completion_tokens"
         for ids in token_lists:
@@ -145,7 +134,7 @@ class VllmAsyncBackend:
     async def _one(self, item: BatchItem) -> GenerationResult | BaseException:
         request = item.request
         try:
-            reject_fields(request, _UNSUPPORTED, self.name)
+            reject_fields(request, ENGINE_UNSUPPORTED, self.name)
             params = self._sampling(request)
             prompts = self._prompts(request)
         except (BadRequest, ValueError, TypeError) as exc:
