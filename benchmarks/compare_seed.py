@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ecobatch.config import DEFAULT_PROFILE
+from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import fit_power_law, load_profile
 
 RESULTS = Path(__file__).parent / "results"
@@ -20,7 +20,7 @@ def rows(name: str) -> dict[int, dict[str, float]]:
 
 
 def main() -> None:
-    seed = load_profile(DEFAULT_PROFILE)
+    seed = load_profile(DEFAULT_PROFILES["static"])
     int8, bf16 = rows("h200-mistral7b-int8"), rows("h200-mistral7b-bfloat16")
     print(
         "| BS | A800 seed tok/s | H200 INT8 tok/s | H200 bf16 tok/s | A800 seed J/1k tok | "
@@ -30,7 +30,7 @@ def main() -> None:
     )
     print("|" + "---|" * 15)
     for p in seed.points:
-        bs = int(p.batch_size)
+        bs = int(p.size)
         i, b = int8[bs], bf16[bs]
         print(
             f"| {bs} | {p.tokens_per_s:,.1f} | {i['tokens_per_s']:,.1f} | {b['tokens_per_s']:,.1f} | "

@@ -22,7 +22,8 @@ from typing import Any
 
 from ecobatch.backends.hf_bnb import SeqSpec, StaticBatchGenerator, load_model
 from ecobatch.calibrate import EnergyWindow
-from ecobatch.gpu import discover_gpus
+from ecobatch.energy.counters import NvmlCounters
+from ecobatch.energy.gpu import discover_gpus
 
 NEW_TOKENS = 128
 PROMPT_TOKENS = 128
@@ -32,7 +33,7 @@ def measure(gpus: list[Any], fn: Any, tokens: int) -> dict[str, float]:
     import torch
 
     torch.cuda.synchronize()
-    with EnergyWindow(gpus) as window:
+    with EnergyWindow(NvmlCounters(gpus)) as window:
         fn()
         torch.cuda.synchronize()
     joules, seconds = window.joules, window.seconds

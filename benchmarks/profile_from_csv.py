@@ -26,13 +26,19 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.csv) as f:
         rows = list(csv.DictReader(f))
-    ints = {"batch_size", "runs", "generated_tokens", "peak_vram_bytes"}
+    ints = {"size", "runs", "generated_tokens", "peak_vram_bytes"}
+    size_key = "batch_size" if "batch_size" in rows[0] else "concurrency"
     points = [
-        CalibrationPoint(**{k: (int(float(v)) if k in ints else float(v)) for k, v in row.items()})  # type: ignore[arg-type]
+        CalibrationPoint(
+            **{  # type: ignore[arg-type]
+                ("size" if k == size_key else k): (int(float(v)) if k in ints | {size_key} else float(v))
+                for k, v in row.items()
+            }
+        )
         for row in rows
     ]
     base = yaml.safe_load(Path(args.meta_from).read_text())
-    meta = {k: base[k] for k in ("gpu", "model", "engine", "quantization", "idle_power_w")}
+    meta = {k: base[k] for k in ("kind", "gpu", "model", "engine", "quantization", "idle_power_w")}
     meta.update(base["meta"])
     meta.pop("alpha_joules_per_request", None)
     for item in args.set:

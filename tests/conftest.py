@@ -4,13 +4,20 @@ from pathlib import Path
 
 import pytest
 
-from ecobatch.config import DEFAULT_PROFILE
+from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import EnergyProfile, load_profile
 
 
 @pytest.fixture(scope="session")
 def reference_profile() -> EnergyProfile:
-    return load_profile(DEFAULT_PROFILE)
+    """The embedded static reference (A800 INT8 seed table, per batch size)."""
+    return load_profile(DEFAULT_PROFILES["static"])
+
+
+@pytest.fixture(scope="session")
+def continuous_profile() -> EnergyProfile:
+    """The embedded continuous reference (H200 vLLM bf16 curve, per concurrency)."""
+    return load_profile(DEFAULT_PROFILES["continuous"])
 
 
 @pytest.fixture(scope="session")

@@ -1,39 +1,35 @@
-"""Small test doubles that live next to the tests (like httpx's MockTransport)."""
+"""Small test doubles that live next to the tests (like httpx's MockTransport): one engine of each shape."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
-from ecobatch.backends.base import BatchItem, GenerationResult
+from ecobatch.backends.base import EngineShape, Job
+from ecobatch.domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ecobatch.errors import BadRequest
-from ecobatch.openai_api import Usage, completion_response
-from ecobatch.policy import Headroom
+from ecobatch.openai_api import completion_response, parse_completion
 
 
-class FakeBackend:
-    """Answers every prompt with "ok", 1 token per prompt word; records what it was asked."""
+def req(prompt: str = "a b c", **body: object) -> GenerationRequest:
+    return parse_completion({"prompt": prompt, **body}, "fake-model")
 
+
+def answer(request: GenerationRequest, completion_tokens: int | None = None) -> GenerationResult:
+    """ "ok" per prompt; prompt tokens = words; completion tokens = max_tokens (or 1)."""
+    n = len(request.prompts)
+    tokens = completion_tokens if completion_tokens is not None else (request.max_tokens or 1) * n
+    usage = Usage(sum(len(p.split()) for p in request.prompts), tokens)
+    return GenerationResult(usage, completion_response(request, ["ok"] * n, ["stop"] * n, usage))
+
+
+class _Base:
     name = "fake"
+    metrics_registry = None
 
-    def __init__(
-        self,
-        *,
-        continuous: bool = False,
-        delay_s: float = 0.0,
-        fail_prompt: str | None = None,
-        raise_exc: BaseException | None = None,
-        gate: asyncio.Event | None = None,
-    ) -> None:
-        self.continuous = continuous
-        self.delay_s = delay_s
-        self.fail_prompt = fail_prompt
-        self.raise_exc = raise_exc
-        self.gate = gate
-        self.batches: list[list[str]] = []
-        self.inflight = 0
-        self.max_inflight = 0
-        self.on_batch: Callable[[Sequence[BatchItem]], None] | None = None
+    def __init__(self) -> None:
+        self.headroom_value = Headroom()
 
     @property
     def model(self) -> str:
@@ -46,13 +42,41 @@ class FakeBackend:
         return None
 
     def headroom(self) -> Headroom:
-        return Headroom()
+        return self.headroom_value
 
-    async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
-        n = sum(item.request.sequences for item in batch)
-        self.inflight += n
-        self.max_inflight = max(self.max_inflight, self.inflight)
-        self.batches.append([p for item in batch for p in item.request.prompts])
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        return request
+
+
+class FakeStaticEngine(_Base):
+    """Batch in, batch out; a prompt "poison" fails alone; ``gate`` holds every batch until set."""
+
+    shape: ClassVar[EngineShape] = "static"
+
+    def __init__(
+        self,
+        *,
+        delay_s: float = 0.0,
+        raise_exc: BaseException | None = None,
+        gate: asyncio.Event | None = None,
+        max_prompts_per_batch: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.delay_s, self.raise_exc, self.gate = delay_s, raise_exc, gate
+        self.max_prompts_per_batch = max_prompts_per_batch
+        self.batches: list[list[str]] = []
+        self.running = 0
+        self.max_running = 0
+        self.cancelled_batches = 0
+
+    def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
+        n = sum(len(r.prompts) for r in requests)
+        return self.max_prompts_per_batch is None or n <= self.max_prompts_per_batch
+
+    async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.batches.append([p for job in jobs for p in job.request.prompts])
         try:
             if self.gate is not None:
                 await self.gate.wait()
@@ -61,14 +85,121 @@ class FakeBackend:
             if self.raise_exc is not None:
                 raise self.raise_exc
             out: list[GenerationResult | BaseException] = []
-            for item in batch:
-                req = item.request
-                if self.fail_prompt in req.prompts:
+            for job in jobs:
+                if "poison" in job.request.prompts:
                     out.append(BadRequest("bad prompt", param="prompt"))
                     continue
-                usage = Usage(sum(len(p.split()) for p in req.prompts), len(req.prompts))
-                body = completion_response(req, ["ok"] * len(req.prompts), ["stop"] * len(req.prompts), usage)
-                out.append(GenerationResult(usage=usage, body=body))
+                result = answer(job.request)
+                job.progress(result.usage.completion_tokens)
+                out.append(result)
             return out
+        except asyncio.CancelledError:
+            self.cancelled_batches += 1
+            raise
         finally:
-            self.inflight -= n
+            self.running -= 1
+
+
+class FakeContinuousEngine(_Base):
+    """One request at a time. A request finishes when the test releases it (``finish(prompt)``), or at
+    once when ``instant``; "poison" fails alone; a cancelled call is recorded as aborted."""
+
+    shape: ClassVar[EngineShape] = "continuous"
+
+    def __init__(self, *, instant: bool = False) -> None:
+        super().__init__()
+        self.instant = instant
+        self.started: list[str] = []
+        self.aborted: list[str] = []
+        self.running = 0
+        self.max_running = 0
+        self._release: dict[str, asyncio.Event] = {}
+
+    def _event(self, prompt: str) -> asyncio.Event:
+        return self._release.setdefault(prompt, asyncio.Event())
+
+    def finish(self, prompt: str) -> None:
+        self._event(prompt).set()
+
+    async def generate(self, job: Job) -> GenerationResult:
+        prompt = job.request.prompts[0]
+        self.started.append(prompt)
+        self.running += job.request.sequences
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if prompt.startswith("poison"):
+                raise BadRequest("bad prompt", param="prompt")
+            if not self.instant:
+                await self._event(prompt).wait()
+            result = answer(job.request)
+            job.progress(result.usage.completion_tokens)
+            return result
+        except asyncio.CancelledError:
+            self.aborted.append(prompt)
+            raise
+        finally:
+            self.running -= job.request.sequences
+
+
+class FakeDcgmExporter:
+    """A dcgm-exporter stand-in: serves ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ) and
+    ``DCGM_FI_DEV_POWER_USAGE`` (W) for GPUs whose counters the test advances."""
+
+    def __init__(self, gpus: dict[tuple[str, str], float], power_w: float = 120.0) -> None:
+        self.energy_mj = dict(gpus)  # (Hostname, gpu) -> mJ
+        self.power_w = power_w
+        self.scrapes = 0
+
+    def add_joules(self, joules: float, host: str | None = None) -> None:
+        targets = [k for k in self.energy_mj if host is None or k[0] == host]
+        for key in targets:
+            self.energy_mj[key] += joules * 1000.0 / len(targets)
+
+    def text(self) -> str:
+        lines = [
+            "# HELP DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION Total energy consumption since boot (in mJ).",
+            "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter",
+        ]
+        for (host, gpu), mj in self.energy_mj.items():
+            labels = (
+                f'gpu="{gpu}",UUID="GPU-{host}-{gpu}",device="nvidia{gpu}",modelName="H200",Hostname="{host}"'
+            )
+            lines.append(f"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{{labels}}} {mj:.0f}")
+        lines += ["# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).", "# TYPE DCGM_FI_DEV_POWER_USAGE gauge"]
+        for host, gpu in self.energy_mj:
+            lines.append(f'DCGM_FI_DEV_POWER_USAGE{{gpu="{gpu}",Hostname="{host}"}} {self.power_w}')
+        return "\n".join(lines) + "\n"
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        async def metrics(_: web.Request) -> web.Response:
+            self.scrapes += 1
+            return web.Response(text=self.text(), content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+
+class BurningGpu:
+    """A fake GPU whose energy counter runs in real time at ``power_w`` (like a GPU under load)."""
+
+    def __init__(self, index: int = 0, power_w: float = 300.0) -> None:
+        import time
+
+        from ecobatch.energy.gpu import GpuFacts
+
+        self.facts = GpuFacts(index, "Burning Fake GPU", 80 * 2**30, "test", 700.0)
+        self.power_w = power_w
+        self._clock = time.monotonic
+        self._t0 = self._clock()
+
+    def total_energy_mj(self) -> int:
+        return int((self._clock() - self._t0) * self.power_w * 1000)
+
+    def power_mw(self) -> int:
+        return int(self.power_w * 1000)
+
+    def utilization_pct(self) -> float:
+        return 100.0

@@ -1,19 +1,24 @@
-"""The aiohttp application: OpenAI-compatible routes in front of the batcher.
+"""The aiohttp application: OpenAI-compatible routes in front of the dispatcher.
 
-``create_app(settings)`` builds everything; the backend, the energy meter and the batcher are started
-and stopped in a ``cleanup_ctx`` generator. Tests inject a registry, a backend or a meter.
+``create_app(settings)`` builds everything; the engine, the energy meter and the dispatcher (a static
+batcher or a continuous gate, by the engine's shape) are started and stopped in a ``cleanup_ctx``
+generator. Tests inject a registry, an engine, a meter factory or a clock.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` false or true),
-``GET /v1/models``, ``GET /health``, ``GET /metrics``, and ``GET/PUT /ecobatch/batching`` to read or
-change the batching settings at run time. Non-streaming responses carry the request's energy in
-headers: ``X-Ecobatch-Energy-Joules``, ``X-Ecobatch-Energy-Source`` (``nvml`` or ``model``),
-``X-Ecobatch-Batch-Size`` and ``X-Ecobatch-Queue-Wait-Ms``.
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET/PUT /ecobatch/batching`` (read or change the
+batching settings at run time) and ``GET /ecobatch/energy/{request_id}`` (a request's energy receipt).
+
+A request is validated against the API, then against the engine (``prepare``: context length,
+tokenization off the event loop), and only then queued. Responses are never held for the meter:
+non-streaming ones carry ``X-Ecobatch-Request-Id``, a provisional figure labelled as one
+(``X-Ecobatch-Energy-Provisional-Joules``, modelled from the profile), the source that will settle it
+(``X-Ecobatch-Energy-Source``: ``nvml``, ``dcgm`` or ``model``), ``X-Ecobatch-Batch-Size`` and
+``X-Ecobatch-Queue-Wait-Ms``; the settled joules are at ``/ecobatch/energy/{request_id}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,23 +30,30 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .backends import create_backend
-from .backends.base import Backend
-from .batcher import Batcher, Outcome
-from .config import BatchingSettings, Settings, build_section
-from .energy import EnergyMeter, ModelledMeter
+from .admission import Outcome
+from .backends import create_engine
+from .backends.base import ContinuousEngine, StaticEngine
+from .batcher import StaticBatcher
+from .clock import Clock, MonotonicClock
+from .config import BACKEND_SHAPES, BatchingSettings, Settings, build_section
+from .dispatcher import Dispatcher
+from .domain import GenerationRequest
+from .energy.choose import build_meter
+from .energy.ledger import SettledRequest
+from .energy.meter import Meter
+from .energy.receipts import Receipts
 from .errors import BadRequest, ConfigError, EcobatchError, Overloaded
-from .gpu import discover_gpus
+from .gate import ContinuousGate
 from .metrics import Metrics
-from .nvml_meter import NvmlMeter
-from .openai_api import GenerationRequest, models_response, parse_chat, parse_completion
+from .openai_api import models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
 
 __all__ = ["Runtime", "create_app"]
 
 log = logging.getLogger(__name__)
-MeterFactory = Callable[[EnergyProfile, Settings], EnergyMeter]
+MeterFactory = Callable[[Settings, EnergyProfile, Clock], Meter]
 Parser = Callable[[Any, str], GenerationRequest]
+Engine = StaticEngine | ContinuousEngine
 
 
 @dataclass(slots=True)
@@ -51,15 +63,16 @@ class Runtime:
     settings: Settings
     registry: CollectorRegistry
     profile: EnergyProfile
-    backend: Backend
-    meter: EnergyMeter | None = None
+    engine: Engine
+    receipts: Receipts
+    meter: Meter | None = None
     metrics: Metrics | None = None
-    batcher: Batcher | None = None
+    dispatcher: Dispatcher | None = None
 
-    def ready(self) -> tuple[Batcher, Metrics]:
-        if self.batcher is None or self.metrics is None:
+    def ready(self) -> tuple[Dispatcher, Metrics]:
+        if self.dispatcher is None or self.metrics is None:
             raise EcobatchError("ecobatch is starting up", status=503)
-        return self.batcher, self.metrics
+        return self.dispatcher, self.metrics
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -113,11 +126,13 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest("the request body is not UTF-8 text") from None
 
 
-def _energy_headers(outcome: Outcome) -> dict[str, str]:
+def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, str]:
     return {
-        "X-Ecobatch-Energy-Joules": f"{outcome.energy_joules:.6g}",
+        "X-Ecobatch-Request-Id": request.id,
+        "X-Ecobatch-Energy-Provisional-Joules": f"{outcome.provisional_joules:.6g}",
+        "X-Ecobatch-Energy-Provisional-Basis": "profile (modelled)",
         "X-Ecobatch-Energy-Source": outcome.energy_source,
-        "X-Ecobatch-Batch-Size": str(outcome.batch_size),
+        "X-Ecobatch-Batch-Size": str(outcome.group_size),
         "X-Ecobatch-Queue-Wait-Ms": f"{outcome.queue_wait_s * 1000:.1f}",
     }
 
@@ -129,37 +144,39 @@ def _sse(payload: dict[str, Any]) -> bytes:
 async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     started_s = time.monotonic()
-    batcher, metrics = runtime.ready()
-    model = runtime.backend.model
+    dispatcher, metrics = runtime.ready()
+    model = runtime.engine.model
     status = "200"
     gen: GenerationRequest | None = None
     try:
-        gen = parse(await _read_json(request), model)
+        gen = await runtime.engine.prepare(parse(await _read_json(request), model))
         if gen.stream:
-            return await _stream(request, batcher, gen)
-        pending = batcher.submit(gen)
+            return await _stream(request, dispatcher, gen)
+        pending = dispatcher.submit(gen)
         try:
             outcome = await pending.future
-        except asyncio.CancelledError:  # the client went away: leave the batch
+        except asyncio.CancelledError:  # the client went away: leave the queue, or stop the work
             pending.future.cancel()
-            status = "499"
             raise
         assert outcome.result.body is not None
-        return web.json_response(outcome.result.body, headers=_energy_headers(outcome))
+        return web.json_response(outcome.result.body, headers=_energy_headers(gen, outcome))
     except EcobatchError as exc:
         status = str(exc.status)
         return _error_response(exc)
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = "499"  # the client left (nginx's code for it)
+        raise
     finally:
         metrics.requests.labels(model, status).inc()
         stream = "true" if gen is not None and gen.stream else "false"
         metrics.request_duration.labels(model, stream).observe(time.monotonic() - started_s)
 
 
-async def _stream(request: web.Request, batcher: Batcher, gen: GenerationRequest) -> web.StreamResponse:
-    """Server-sent events: the backend's chunks as they come, then ``data: [DONE]``. An error before the
+async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationRequest) -> web.StreamResponse:
+    """Server-sent events: the engine's chunks as they come, then ``data: [DONE]``. An error before the
     first chunk is a plain HTTP error; one after it is an ``error`` event before ``[DONE]``."""
     chunks: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    pending = batcher.submit(gen, emit=chunks.put_nowait)
+    pending = dispatcher.submit(gen, emit=chunks.put_nowait)
     pending.future.add_done_callback(lambda _: chunks.put_nowait(None))
     try:
         chunk = await chunks.get()
@@ -171,6 +188,7 @@ async def _stream(request: web.Request, batcher: Batcher, gen: GenerationRequest
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
+                "X-Ecobatch-Request-Id": gen.id,
             }
         )
         await response.prepare(request)
@@ -198,144 +216,173 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response(models_response(request.app[RUNTIME].backend.model))
+    return web.json_response(models_response(request.app[RUNTIME].engine.model))
 
 
 async def _health(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    batcher = runtime.batcher
+    dispatcher = runtime.dispatcher
     body = {
-        "status": "ok" if batcher is not None else "starting",
-        "backend": runtime.backend.name,
-        "model": runtime.backend.model,
+        "status": "ok" if dispatcher is not None else "starting",
+        "backend": runtime.engine.name,
+        "engine_shape": runtime.engine.shape,
+        "model": runtime.engine.model,
         "energy_source": runtime.meter.source if runtime.meter else None,
-        "profile": {"name": runtime.profile.name, "source": runtime.profile.source},
-        "queue_depth": batcher.queue_depth if batcher else 0,
-        "inflight": batcher.inflight if batcher else 0,
+        "profile": {
+            "name": runtime.profile.name,
+            "source": runtime.profile.source,
+            "kind": runtime.profile.kind,
+        },
+        "queue_depth": dispatcher.queue_depth if dispatcher else 0,
+        "inflight": dispatcher.inflight if dispatcher else 0,
     }
-    return web.json_response(body, status=200 if batcher is not None else 503)
+    return web.json_response(body, status=200 if dispatcher is not None else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    payload = generate_latest(request.app[RUNTIME].registry)
+    runtime = request.app[RUNTIME]
+    payload = generate_latest(runtime.registry)
+    if runtime.engine.metrics_registry is not None:  # an in-process engine's own series (vLLM's)
+        payload += generate_latest(runtime.engine.metrics_registry)
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _batching_view(batcher: Batcher) -> dict[str, Any]:
-    decision = batcher.last_decision
+def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
+    decision = dispatcher.last_decision
     return {
-        "settings": dataclasses.asdict(batcher.settings),
+        "settings": dataclasses.asdict(dispatcher.settings),
         "last_decision": dataclasses.asdict(decision) if decision else None,
+        "inflight": dispatcher.inflight,
+        "queue_depth": dispatcher.queue_depth,
+        "engine_headroom": dataclasses.asdict(engine.headroom()),
     }
 
 
 async def _get_batching(request: web.Request) -> web.Response:
-    batcher, _ = request.app[RUNTIME].ready()
-    return web.json_response(_batching_view(batcher))
+    runtime = request.app[RUNTIME]
+    dispatcher, _ = runtime.ready()
+    return web.json_response(_batching_view(dispatcher, runtime.engine))
 
 
 async def _put_batching(request: web.Request) -> web.Response:
     """Change batching settings at run time: a JSON object of BatchingSettings fields."""
-    batcher, _ = request.app[RUNTIME].ready()
+    runtime = request.app[RUNTIME]
+    dispatcher, _ = runtime.ready()
     changes = await _read_json(request)
     if not isinstance(changes, dict):
         raise BadRequest("the body must be a JSON object of batching settings")
-    merged = {**dataclasses.asdict(batcher.settings), **changes}
+    merged = {**dataclasses.asdict(dispatcher.settings), **changes}
     try:
         settings: BatchingSettings = build_section(BatchingSettings, merged, "batching")
     except ConfigError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
-    batcher.reconfigure(settings)
-    return web.json_response(_batching_view(batcher))
+    dispatcher.reconfigure(settings)
+    return web.json_response(_batching_view(dispatcher, runtime.engine))
 
 
-def _default_meter(profile: EnergyProfile, settings: Settings) -> EnergyMeter:
-    """NVML where asked for or found (not for the simulated backend), else the announced modelled meter."""
-    energy = settings.energy
-    if energy.meter != "model" and (energy.meter == "nvml" or settings.backend.kind != "simulated"):
-        gpus = discover_gpus(energy.gpu_indices)
-        if gpus:
-            return NvmlMeter(
-                gpus,
-                prefill_weight=energy.prefill_weight,
-                sample_interval_s=energy.sample_interval_s,
-                idle_power_w=energy.idle_power_w,
-            )
-        if energy.meter == "nvml":
-            raise ConfigError("energy.meter='nvml' but NVML found no GPU", field="energy.meter")
-    log.warning(
-        "energy: no GPU energy counter is used; joules are MODELLED from profile %r (source=%s) and exported "
-        'with source="model"',
-        profile.name,
-        profile.source,
+async def _get_energy(request: web.Request) -> web.Response:
+    """A request's energy receipt: ``pending`` (with the provisional, modelled figure) until the meter
+    has passed its end, then ``settled`` with the joules from ``source``."""
+    request_id = request.match_info["request_id"]
+    receipt = request.app[RUNTIME].receipts.get(request_id)
+    if receipt is None:
+        raise EcobatchError(f"no energy receipt for request {request_id!r} (unknown, or too old)", status=404)
+    return web.json_response(receipt)
+
+
+def _check_profile_shape(profile: EnergyProfile, shape: str, backend: str) -> None:
+    if profile.kind == shape:
+        return
+    wanted = (
+        "per concurrency (kind: continuous)" if shape == "continuous" else "per batch size (kind: static)"
     )
-    return ModelledMeter(profile, energy.prefill_weight)
+    raise ConfigError(
+        f"energy.profile {profile.name!r} is a {profile.kind} profile, but backend.kind={backend!r} is a "
+        f"{shape} engine and needs a profile {wanted}; leave energy.profile unset for the embedded "
+        f"reference, or measure one with `ecobatch calibrate`",
+        field="energy.profile",
+    )
 
 
 def create_app(
     settings: Settings,
     *,
     registry: CollectorRegistry | None = None,
-    backend: Backend | None = None,
-    meter_factory: MeterFactory = _default_meter,
+    engine: Engine | None = None,
+    meter_factory: MeterFactory | None = None,
     profile: EnergyProfile | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
-    profile = profile or load_profile(settings.energy.profile_path)
+    shape = engine.shape if engine is not None else BACKEND_SHAPES[settings.backend.kind]
+    profile = profile or load_profile(settings.energy.profile_path(shape))
+    _check_profile_shape(profile, shape, settings.backend.kind)
+    the_clock: Clock = clock or MonotonicClock()
     runtime = Runtime(
         settings=settings,
         registry=registry or CollectorRegistry(),
         profile=profile,
-        backend=backend or create_backend(settings, profile),
+        engine=engine or create_engine(settings, profile),
+        receipts=Receipts(),
     )
     app = web.Application(middlewares=[_openai_errors], client_max_size=32 * 1024 * 1024)
     app[RUNTIME] = runtime
 
+    def make_meter(s: Settings, p: EnergyProfile, c: Clock) -> Meter:
+        return build_meter(s, p, clock=c)
+
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await runtime.backend.start()
-        meter = meter_factory(runtime.profile, settings)
+        engine = runtime.engine
+        await engine.start()
+        meter = (meter_factory or make_meter)(settings, runtime.profile, the_clock)
         metrics = Metrics(
             runtime.registry,
-            model=runtime.backend.model,
+            model=engine.model,
             carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
             price_per_kwh=settings.energy.price_per_kwh,
             currency=settings.energy.currency,
         )
         metrics.describe_profile(runtime.profile)
-        if isinstance(meter, NvmlMeter):
-            idle = metrics.idle_energy.labels(meter.source, meter.gpu)
-            power = metrics.power.labels(meter.source, meter.gpu)
+        ledger = meter.ledger
 
-            def on_interval(active_j: float, idle_j: float, interval_s: float) -> None:
-                idle.inc(idle_j)
-                if interval_s > 0:
-                    power.set((active_j + idle_j) / interval_s)
+        def on_request(settled: SettledRequest) -> None:
+            metrics.observe_settled(settled, ledger.gpu)
+            runtime.receipts.settle(settled)
 
-            meter.on_interval = on_interval
+        ledger.on_request = on_request
+        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
         await meter.start()
-        batcher = Batcher(
-            runtime.backend,
-            meter,
+        kind = StaticBatcher if engine.shape == "static" else ContinuousGate
+        dispatcher = kind(
+            engine,
+            ledger,
+            runtime.receipts,
             metrics,
             runtime.profile,
             settings.batching,
             request_timeout_s=settings.backend.request_timeout_s,
+            clock=the_clock,
         )
-        await batcher.start()
-        runtime.meter, runtime.metrics, runtime.batcher = meter, metrics, batcher
+        await dispatcher.start()
+        runtime.meter, runtime.metrics, runtime.dispatcher = meter, metrics, dispatcher
         log.info(
-            "ecobatch ready: backend=%s model=%s profile=%s (%s)",
-            runtime.backend.name,
-            runtime.backend.model,
+            "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",
+            engine.name,
+            engine.shape,
+            engine.model,
             runtime.profile.name,
+            runtime.profile.kind,
             runtime.profile.source,
+            meter.source,
         )
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                await batcher.close(settings.server.shutdown_grace_s)
-            await meter.close()
-            await runtime.backend.close()
+            runtime.dispatcher = None
+            try:
+                await dispatcher.close(settings.server.shutdown_grace_s)
+            finally:
+                await meter.close()
+                await engine.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/completions", _completions)
@@ -345,4 +392,5 @@ def create_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/ecobatch/batching", _get_batching)
     app.router.add_put("/ecobatch/batching", _put_batching)
+    app.router.add_get("/ecobatch/energy/{request_id}", _get_energy)
     return app

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import BACKEND_KINDS, Settings, load_settings
+from .config import BACKEND_KINDS, METER_KINDS, Settings, load_settings
 from .errors import ConfigError
 from .profile import fit_power_law, load_profile
 
@@ -31,7 +31,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue", type=int)
     p.add_argument("--slo-ms", type=float, help="end-to-end latency objective per request")
-    p.add_argument("--profile", help="energy profile YAML (default: the embedded A800 reference)")
+    p.add_argument(
+        "--profile",
+        help="energy profile YAML (default: the embedded reference for the engine's shape: static A800 "
+        "INT8 seed table, or continuous H200 vLLM bf16 curve)",
+    )
+    p.add_argument(
+        "--energy-meter",
+        choices=METER_KINDS,
+        help="where joules come from: auto (default), nvml (this host's GPUs), dcgm (dcgm-exporter on the "
+        "GPU host), model (the profile, labelled modelled)",
+    )
+    p.add_argument("--dcgm-url", help="dcgm-exporter /metrics URL on the engine's GPU host")
     p.add_argument("--sim-time-scale", type=float, help="simulated backend: 1 = real time, 0 = instant")
     p.add_argument("--request-timeout-s", type=float)
     p.add_argument("--engine-args", type=json.loads, help='JSON object, e.g. \'{"dtype": "int8"}\'')
@@ -58,6 +69,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "batching.max_queue": args.max_queue,
         "batching.slo_ms": args.slo_ms,
         "energy.profile": args.profile,
+        "energy.meter": args.energy_meter,
+        "energy.dcgm_url": args.dcgm_url,
     }
     return load_settings(args.config, overrides)
 
@@ -96,13 +109,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     profile = load_profile(args.path)
-    print(f"{profile.name}  source={profile.source}  gpu={profile.gpu}  model={profile.model}")
+    print(f"{profile.name}  kind={profile.kind}  source={profile.source}  gpu={profile.gpu}")
+    print(f"  model={profile.model}  quantization={profile.quantization}  engine={profile.engine}")
     if profile.source != "measured":
         print(f"  NOTE: {profile.source} profile, not measured on this machine")
-    print(f"{'batch':>6} {'tok/s':>10} {'J/1k tok':>10} {'power W':>9} {'step ms':>9}")
+    size = "batch" if profile.kind == "static" else "in flight"
+    print(f"{size:>9} {'tok/s':>10} {'J/1k tok':>10} {'power W':>9} {'step ms':>9}")
     for p in profile.points:
         print(
-            f"{p.batch_size:>6g} {p.tokens_per_s:>10.1f} {p.joules_per_1k_tokens:>10.1f} "
+            f"{p.size:>9g} {p.tokens_per_s:>10.1f} {p.joules_per_1k_tokens:>10.1f} "
             f"{p.power_w:>9.1f} {p.step_s * 1000:>9.1f}"
         )
     if len(profile.points) >= 2:

@@ -21,7 +21,9 @@ from .errors import ConfigError
 
 __all__ = [
     "BACKEND_KINDS",
-    "DEFAULT_PROFILE",
+    "BACKEND_SHAPES",
+    "DEFAULT_PROFILES",
+    "METER_KINDS",
     "BackendSettings",
     "BatchingSettings",
     "EnergySettings",
@@ -33,7 +35,19 @@ __all__ = [
 
 BackendKind = Literal["simulated", "vllm-http", "vllm-async", "hf-bnb"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
-DEFAULT_PROFILE = Path(__file__).parent / "data" / "a800-mistral7b-int8-reference.yaml"
+#: static engines run one padded batch at a time; continuous engines batch whatever is in flight
+BACKEND_SHAPES: dict[str, str] = {
+    "simulated": "static",
+    "hf-bnb": "static",
+    "vllm-http": "continuous",
+    "vllm-async": "continuous",
+}
+_DATA = Path(__file__).parent / "data"
+#: the embedded reference profile for each engine shape (used when energy.profile is null)
+DEFAULT_PROFILES: dict[str, Path] = {
+    "static": _DATA / "a800-mistral7b-int8-reference.yaml",
+    "continuous": _DATA / "h200-vllm-mistral7b-bf16-reference.yaml",
+}
 
 
 def _require(ok: bool, name: str, value: object, limit: str) -> None:
@@ -64,11 +78,11 @@ class BackendSettings:
     connect_timeout_s: float = 10.0
     # vllm-http: how long start-up waits for the upstream to answer /v1/models.
     startup_timeout_s: float = 600.0
-    # vllm-http: send non-streaming completions with equal sampling parameters as one list-prompt request
-    # (needs vLLM's return_token_ids, vLLM >= 0.10.2, for per-request usage).
-    merge_completions: bool = True
     # Simulated backend: 1.0 = real time from the profile, 0 = instant.
     sim_time_scale: float = 1.0
+    # Simulated backend: prompt + max_tokens limit (None: the profile's meta.max_model_len, else 4096).
+    # The other backends read it from the engine.
+    context_length: int | None = None
     # How often engine headroom (vLLM /metrics) is polled.
     headroom_poll_s: float = 1.0
     # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
@@ -87,6 +101,12 @@ class BackendSettings:
         _require(self.startup_timeout_s >= 0, "backend.startup_timeout_s", self.startup_timeout_s, ">= 0")
         _require(self.sim_time_scale >= 0, "backend.sim_time_scale", self.sim_time_scale, ">= 0")
         _require(self.headroom_poll_s > 0, "backend.headroom_poll_s", self.headroom_poll_s, "> 0")
+        _require(
+            self.context_length is None or self.context_length >= 2,
+            "backend.context_length",
+            self.context_length,
+            ">= 2",
+        )
         _require(
             self.kind not in ("vllm-async", "hf-bnb") or bool(self.model),
             "backend.model",
@@ -137,19 +157,27 @@ class BatchingSettings:
         )
 
 
-MeterKind = Literal["auto", "nvml", "model"]
+MeterKind = Literal["auto", "nvml", "dcgm", "model"]
+METER_KINDS: tuple[str, ...] = get_args(MeterKind)
 
 
 @dataclass(frozen=True, slots=True)
 class EnergySettings:
-    # auto: NVML where a GPU is found (and the backend is not simulated), else modelled (announced).
+    # auto: dcgm where dcgm_url is set; else NVML where the engine runs on this host and a GPU is found;
+    # else modelled (announced). Never this host's GPUs for a remote upstream.
     meter: MeterKind = "auto"
-    # GPUs whose energy is summed; None: every GPU CUDA_VISIBLE_DEVICES allows.
+    # dcgm-exporter's /metrics on the GPU host (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, mJ since boot).
+    dcgm_url: str | None = None
+    # Only dcgm series with these labels (e.g. {Hostname: gpu-node-1}) are summed.
+    dcgm_labels: dict[str, str] = field(default_factory=dict)
+    # GPUs whose energy is summed (NVML index, or dcgm's `gpu` label); None: all (NVML: all that
+    # CUDA_VISIBLE_DEVICES allows).
     gpu_indices: list[int] | None = None
     sample_interval_s: float = 0.1
-    # None: measured at start-up (1 s of power readings before any work).
+    # None: measured at start-up (1 s, before any work).
     idle_power_w: float | None = None
-    # Energy profile (YAML); None: the embedded A800 reference profile (source: reference).
+    # Energy profile (YAML); None: the embedded reference for the engine's shape (static: A800 INT8
+    # seed table; continuous: H200 vLLM bf16 curve), both source: reference.
     profile: str | None = None
     # Weight of one prompt token against one generated token when a span's joules are split.
     prefill_weight: float = 1.0
@@ -159,7 +187,19 @@ class EnergySettings:
     currency: str = "USD"
 
     def __post_init__(self) -> None:
-        _require(self.meter in ("auto", "nvml", "model"), "energy.meter", self.meter, "auto, nvml or model")
+        _require(self.meter in METER_KINDS, "energy.meter", self.meter, f"one of {METER_KINDS}")
+        _require(
+            self.dcgm_url is None or self.dcgm_url.startswith(("http://", "https://")),
+            "energy.dcgm_url",
+            self.dcgm_url,
+            "an http:// or https:// URL",
+        )
+        _require(
+            self.meter != "dcgm" or self.dcgm_url is not None,
+            "energy.dcgm_url",
+            self.dcgm_url,
+            "set when energy.meter is 'dcgm' (dcgm-exporter's /metrics URL)",
+        )
         _require(
             0.01 <= self.sample_interval_s <= 5,
             "energy.sample_interval_s",
@@ -177,9 +217,9 @@ class EnergySettings:
         _require(self.price_per_kwh >= 0, "energy.price_per_kwh", self.price_per_kwh, ">= 0")
         _require(bool(self.currency), "energy.currency", self.currency, "a non-empty currency code")
 
-    @property
-    def profile_path(self) -> Path:
-        return Path(self.profile) if self.profile else DEFAULT_PROFILE
+    def profile_path(self, shape: str) -> Path:
+        """The profile file: the configured one, or the embedded reference for the engine's shape."""
+        return Path(self.profile) if self.profile else DEFAULT_PROFILES[shape]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +253,11 @@ def _check_type(name: str, value: object, annotation: Any) -> object:
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(items)]
     if origin is dict:
         _require(isinstance(value, dict), name, value, "a mapping")
+        _, value_type = get_args(annotation)
+        if value_type is str:
+            for k, v in value.items():  # type: ignore[attr-defined]
+                _require(isinstance(v, str | int | float), f"{name}.{k}", v, "a string")
+            return {str(k): str(v) for k, v in value.items()}  # type: ignore[attr-defined]
         return dict(value)  # type: ignore[call-overload]
     if annotation is bool:
         _require(isinstance(value, bool), name, value, "true or false")
@@ -252,6 +297,17 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
+#: settings that name files: a relative path in a config file is relative to that file
+_PATH_FIELDS = (("energy", "profile"),)
+
+
+def _resolve_paths(raw: dict[str, dict[str, Any]], base: Path) -> None:
+    for section, key in _PATH_FIELDS:
+        value = raw[section].get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            raw[section][key] = str(base / value)
+
+
 def load_settings(path: str | Path | None = None, overrides: Mapping[str, object] | None = None) -> Settings:
     """Settings from a YAML file (optional) with dotted overrides applied on top.
 
@@ -259,8 +315,14 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
     """
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections {sorted(_SECTIONS)}")
         for name, body in loaded.items():
@@ -270,6 +332,7 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
                 if not isinstance(body, dict):
                     raise ConfigError(f"{name}={body!r} must be a mapping")
                 raw[name].update(body)
+        _resolve_paths(raw, Path(path).parent)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

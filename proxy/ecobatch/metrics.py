@@ -2,21 +2,21 @@
 
 Base units, ``_total`` on counters. J per 1k tokens is a PromQL ratio of two counters::
 
-    1000 * rate(ecobatch_energy_joules_total[5m])
-         / ignoring(kind) rate(ecobatch_tokens_total{kind="completion"}[5m])
+    1000 * sum(rate(ecobatch_energy_joules_total[5m]))
+         / sum(rate(ecobatch_tokens_total{kind="completion"}[5m]))
 
-Every energy series carries ``source`` = ``nvml`` (measured) or ``model`` (from a profile), so a
-modelled figure can never pass for a measured one on a dashboard.
+Every energy series carries ``source`` = ``nvml`` or ``dcgm`` (measured) or ``model`` (from a profile),
+so a modelled figure can never pass for a measured one on a dashboard. Energy reaches the metrics from
+the ledger (``observe_settled``, ``observe_interval``), off the request path; tokens, group sizes and
+waits are recorded by the dispatchers as they happen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .energy import BatchEnergy
-from .openai_api import Usage
+from .domain import Usage
+from .energy.ledger import IntervalSplit, SettledRequest
 from .profile import EnergyProfile
 
 __all__ = ["Metrics"]
@@ -53,7 +53,7 @@ class Metrics:
         )
         self.energy = Counter(
             "ecobatch_energy_joules",
-            "Energy spent on served batches (active, idle excluded), in joules.",
+            "Energy attributed to ecobatch's requests (idle and other work excluded), in joules.",
             ["model", "source", "gpu"],
             registry=r,
         )
@@ -63,12 +63,19 @@ class Metrics:
             ["source", "gpu"],
             registry=r,
         )
+        self.unattributed_energy = Counter(
+            "ecobatch_unattributed_energy_joules",
+            "Energy above idle power while none of ecobatch's requests was in flight: work another "
+            "client sent to the same GPU, in joules.",
+            ["source", "gpu"],
+            registry=r,
+        )
         self.tokens = Counter(
             "ecobatch_tokens", "Tokens processed, as reported by the engine.", ["model", "kind"], registry=r
         )
         self.batch_size = Histogram(
             "ecobatch_batch_size",
-            "Sequences per dispatched batch.",
+            "Sequences dispatched together: a static batch, or a group released to a continuous engine.",
             ["model"],
             buckets=_BATCH_BUCKETS,
             registry=r,
@@ -108,19 +115,19 @@ class Metrics:
         )
         self.power = Gauge(
             "ecobatch_gpu_power_watts",
-            "GPU power, in watts: NVML, the last sampled interval; modelled, the last batch.",
+            "GPU power over the last settled meter interval, in watts (modelled: from the profile).",
             ["source", "gpu"],
             registry=r,
         )
         self.co2 = Counter(
             "ecobatch_co2_grams",
-            "CO2 emitted for served batches: energy × energy.carbon_g_per_kwh.",
+            "CO2 for ecobatch's requests: attributed energy × energy.carbon_g_per_kwh.",
             ["model", "source"],
             registry=r,
         )
         self.cost = Counter(
             "ecobatch_energy_cost",
-            "Energy cost of served batches: energy × energy.price_per_kwh.",
+            "Energy cost of ecobatch's requests: attributed energy × energy.price_per_kwh.",
             ["model", "source", "currency"],
             registry=r,
         )
@@ -148,27 +155,24 @@ class Metrics:
     def describe_profile(self, profile: EnergyProfile) -> None:
         self.profile_info.labels(profile.name, profile.source, profile.gpu, profile.model).set(1)
 
-    def observe_batch(
-        self,
-        energy: BatchEnergy,
-        usages: Sequence[Usage],
-        batch_size: int,
-        delivered: Sequence[bool] | None = None,
-    ) -> None:
-        """Record one finished batch: its energy and tokens, and the joules of each request that was
-        delivered (one whose client left mid-generation spent tokens and joules, but was not served)."""
-        model = self._model
-        self.batch_size.labels(model).observe(batch_size)
-        self.energy.labels(model, energy.source, energy.gpu).inc(energy.total_joules)
-        kwh = energy.total_joules / _JOULES_PER_KWH
-        self.co2.labels(model, energy.source).inc(kwh * self._carbon_g_per_kwh)
-        self.cost.labels(model, energy.source, self._currency).inc(kwh * self._price_per_kwh)
-        power = energy.mean_power_w
-        if power is not None and energy.source == "model":  # the NVML meter sets it every interval
-            self.power.labels(energy.source, energy.gpu).set(power)
-        kept = delivered if delivered is not None else [True] * len(usages)
-        for usage, joules, keep in zip(usages, energy.per_request_joules, kept, strict=True):
-            if keep:
-                self.request_energy.labels(model, energy.source).observe(joules)
-            self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
-            self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+    def observe_settled(self, settled: SettledRequest, gpu: str) -> None:
+        """One request's joules are final: every request is charged; only a delivered one (its client
+        stayed) is observed as served."""
+        model, joules = self._model, settled.joules
+        self.energy.labels(model, settled.source, gpu).inc(joules)
+        kwh = joules / _JOULES_PER_KWH
+        self.co2.labels(model, settled.source).inc(kwh * self._carbon_g_per_kwh)
+        self.cost.labels(model, settled.source, self._currency).inc(kwh * self._price_per_kwh)
+        if settled.delivered:
+            self.request_energy.labels(model, settled.source).observe(joules)
+
+    def observe_interval(self, split: IntervalSplit, source: str, gpu: str) -> None:
+        self.idle_energy.labels(source, gpu).inc(split.idle_joules)
+        self.unattributed_energy.labels(source, gpu).inc(split.unattributed_joules)
+        seconds = split.t1_s - split.t0_s
+        if seconds > 0:
+            self.power.labels(source, gpu).set(split.joules / seconds)
+
+    def observe_tokens(self, usage: Usage) -> None:
+        self.tokens.labels(self._model, "prompt").inc(usage.prompt_tokens)
+        self.tokens.labels(self._model, "completion").inc(usage.completion_tokens)

@@ -9,15 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from .errors import BadRequest
+from .domain import GenerationRequest, Usage
+from .errors import BadRequest, ModelNotFound
 
 __all__ = [
     "ENGINE_UNSUPPORTED",
-    "GenerationRequest",
-    "Usage",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -28,58 +26,8 @@ __all__ = [
     "reject_fields",
 ]
 
-Kind = Literal["completion", "chat"]
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MAX_STOP = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens
-        )
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """One validated client request. ``body`` is the client's JSON (model resolved) for pass-through."""
-
-    id: str
-    kind: Kind
-    model: str
-    created: int
-    body: Mapping[str, Any]
-    prompts: tuple[str, ...] = ()
-    messages: tuple[Mapping[str, Any], ...] = ()
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-    stream: bool = False
-    include_usage: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def sequences(self) -> int:
-        """How many sequences the engine runs for this request (a list prompt is several)."""
-        return len(self.prompts) if self.kind == "completion" else 1
 
 
 def _new_id(prefix: str) -> str:
@@ -111,13 +59,12 @@ def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -
         raise BadRequest("the request body must be a JSON object")
     model = _get(body, "model", (str,), "a string")
     if model is not None and model != served_model:
-        from .errors import ModelNotFound
-
         raise ModelNotFound(
             f"The model '{model}' does not exist; this server serves '{served_model}'", param="model"
         )
     max_tokens = _get(body, max_tokens_field, (int,), "an integer")
     if max_tokens is None and max_tokens_field != "max_tokens":
+        max_tokens_field = "max_tokens"  # report the field the client actually sent
         max_tokens = _get(body, "max_tokens", (int,), "an integer")
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest(f"'{max_tokens_field}'={max_tokens} must be >= 1", param=max_tokens_field)
@@ -158,6 +105,7 @@ def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -
         "model": served_model,
         "body": resolved,
         "max_tokens": max_tokens,
+        "max_tokens_field": max_tokens_field if max_tokens is not None else "max_tokens",
         "temperature": _number_in(body, "temperature", 0.0, 2.0, 1.0),
         "top_p": _number_in(body, "top_p", 0.0, 1.0, 1.0),
         "stop": stop,

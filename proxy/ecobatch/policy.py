@@ -3,8 +3,9 @@
 Nothing here does I/O or reads a clock: every input is an argument, so each rule is tested with plain
 numbers.
 
-Batch size (``choose_batch_size``)
-    1. The candidates are 1 … min(max_batch_size, the profile's largest measured batch size).
+Batch size (``choose_batch_size``): the batch for a static engine, the in-flight cap for a continuous
+one (the profile is then per concurrency, and a point's step time is the per-sequence time per token).
+    1. The candidates are 1 … min(max_batch_size, the profile's largest measured size).
     2. KV headroom: a sequence may grow to prompt + completion tokens; the engine's free KV tokens must
        hold the new ones (in-flight sequences already own theirs).
     3. Latency SLO: window + completion tokens × step time at that batch size must fit the SLO.
@@ -15,6 +16,9 @@ Batch size (``choose_batch_size``)
     KV-cache preemption.
 
 Window (``window_length_s`` and ``should_close``)
+    Static engines: every batch waits for its window. Continuous engines: a request is released at
+    once while the engine is busy (joining running steps is nearly free); only while it is idle does
+    the window hold arrivals, so that the next group starts, and ends, together.
     The window opens at the first arrival. Its length is window_min + (window_max - window_min) · u,
     with u = min(1, λ · window_max / target): at low arrival rates a longer wait gains nothing, and
     under load it lengthens toward window_max. It never runs past the latency SLO's slack. It closes
@@ -28,33 +32,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from .domain import Demand, Headroom
 from .profile import EnergyProfile
 
-__all__ = ["Decision", "Demand", "Headroom", "choose_batch_size", "should_close", "window_length_s"]
+__all__ = ["Decision", "choose_batch_size", "should_close", "window_length_s"]
 
 Limit = Literal["energy", "kv", "slo", "max_batch_size"]
-
-
-@dataclass(frozen=True, slots=True)
-class Headroom:
-    """What the engine can still hold. ``None`` fields are unknown and limit nothing."""
-
-    kv_free_tokens: int | None = None
-    kv_capacity_tokens: int | None = None
-    running: int | None = None
-    waiting: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """The size of a typical request, in tokens (observed averages, or configured expectations)."""
-
-    prompt_tokens: float
-    completion_tokens: float
-
-    @property
-    def tokens_per_sequence(self) -> float:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +66,7 @@ def choose_batch_size(
 ) -> Decision:
     """The batch size (for vLLM: the in-flight cap) that spends the fewest joules per token within
     the KV headroom and the latency SLO. ``inflight`` sequences already hold their KV blocks."""
-    upper = max(1, min(max_batch_size, profile.max_batch_size))
+    upper = max(1, min(max_batch_size, profile.max_size))
     limit: Limit = "max_batch_size"
     kv_limit: int | None = None
     if headroom.kv_free_tokens is not None:

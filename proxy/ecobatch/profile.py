@@ -1,20 +1,29 @@
-"""Energy profiles: how tokens/s and joules/token change with batch size on one GPU + model.
+"""Energy profiles: how tokens/s and joules/token change with batch size (or concurrency) on one GPU.
 
-A profile is a list of measured (or reference) points. Between points, values are interpolated
-linearly in log2(batch size), which matches how these curves are measured (powers of two) and never
-invents a shape the data does not show (ML.ENERGY: interpolate, don't fit). Outside the measured range
-the nearest point is used, flat. ``fit_power_law`` reports the exponent of J/token ∝ BS^-α for
-comparison with the seed's stated α ≈ 0.78; the policy never uses the fit.
+Two kinds, because engines come in two shapes:
+
+* ``kind: static``: points per **batch size**, for engines that run one padded batch at a time (HF
+  generate, the simulated backend): the GPU batch is what the proxy sends.
+* ``kind: continuous``: points per **concurrency** (sequences in flight), for engines that batch in
+  flight (vLLM), as ``ecobatch calibrate --backend vllm-http`` measures them with a closed loop.
+
+Either way a point's ``size`` is the number of sequences the GPU steps together, its ``tokens_per_s``
+the total generated tokens per second, so per-sequence speed is tokens_per_s / size. Between points,
+values are interpolated linearly in log2(size), which matches how these curves are measured (powers of
+two) and never invents a shape the data does not show (ML.ENERGY: interpolate, don't fit). Outside the
+measured range the nearest point is used, flat. ``fit_power_law`` reports the exponent of J/token ∝
+size^-α for comparison with the seed's stated α ≈ 0.78; the policy never uses the fit.
 
 YAML format (see configs/profiles/)::
 
     name: h200-mistral7b-int8
+    kind: static              # static (batch_size points) | continuous (concurrency points)
     source: measured          # measured | reference | modelled
     gpu: NVIDIA H200
     model: Mistral-7B
     idle_power_w: 122.0       # optional
     points:
-      - batch_size: 1
+      - batch_size: 1               # continuous profiles: concurrency: 1
         tokens_per_s: 14.7
         joules_per_token: 9.78      # or joules_per_1k_tokens: 9778
         power_w: 143.7              # optional; default joules_per_token * tokens_per_s
@@ -34,24 +43,47 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["EnergyProfile", "ProfilePoint", "ProfileSource", "fit_power_law", "load_profile"]
+__all__ = [
+    "EnergyProfile",
+    "ProfileKind",
+    "ProfilePoint",
+    "ProfileSource",
+    "fit_power_law",
+    "load_profile",
+    "profile_from_mapping",
+]
 
 ProfileSource = Literal["measured", "reference", "modelled"]
+ProfileKind = Literal["static", "continuous"]
 _SOURCES: tuple[str, ...] = ("measured", "reference", "modelled")
+_KINDS: tuple[str, ...] = ("static", "continuous")
+#: the YAML key that holds a point's size, by profile kind
+SIZE_KEY: dict[str, str] = {"static": "batch_size", "continuous": "concurrency"}
 _POINT_KEYS = {
-    "batch_size",
     "tokens_per_s",
     "joules_per_token",
     "joules_per_1k_tokens",
     "power_w",
     "peak_vram_bytes",
 }
-_META_KEYS = {"name", "source", "gpu", "model", "quantization", "engine", "idle_power_w", "points", "meta"}
+_META_KEYS = {
+    "name",
+    "kind",
+    "source",
+    "gpu",
+    "model",
+    "quantization",
+    "engine",
+    "idle_power_w",
+    "points",
+    "meta",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class ProfilePoint:
-    batch_size: float
+    #: sequences stepped together: the batch size (static) or the sequences in flight (continuous)
+    size: float
     tokens_per_s: float
     joules_per_token: float
     power_w: float
@@ -59,8 +91,8 @@ class ProfilePoint:
 
     @property
     def step_s(self) -> float:
-        """Seconds per decode step: each of the batch's sequences gains one token per step."""
-        return self.batch_size / self.tokens_per_s
+        """Seconds per decode step: each of the ``size`` sequences gains one token per step."""
+        return self.size / self.tokens_per_s
 
     @property
     def joules_per_1k_tokens(self) -> float:
@@ -72,6 +104,7 @@ class EnergyProfile:
     name: str
     source: ProfileSource
     points: tuple[ProfilePoint, ...]
+    kind: ProfileKind = "static"
     gpu: str = "unknown"
     model: str = "unknown"
     quantization: str | None = None
@@ -82,32 +115,37 @@ class EnergyProfile:
     def __post_init__(self) -> None:
         if not self.points:
             raise ConfigError(f"profile {self.name!r}: points must hold at least one point")
-        sizes = [p.batch_size for p in self.points]
+        sizes = [p.size for p in self.points]
         if sizes != sorted(set(sizes)):
-            raise ConfigError(f"profile {self.name!r}: batch_size values must be distinct and ascending")
+            raise ConfigError(f"profile {self.name!r}: point sizes must be distinct and ascending")
         if self.source not in _SOURCES:
             raise ConfigError(f"profile {self.name!r}: source={self.source!r} must be one of {_SOURCES}")
+        if self.kind not in _KINDS:
+            raise ConfigError(f"profile {self.name!r}: kind={self.kind!r} must be one of {_KINDS}")
 
     @property
-    def max_batch_size(self) -> int:
-        return int(self.points[-1].batch_size)
+    def max_size(self) -> int:
+        """The largest measured batch size (static) or concurrency (continuous)."""
+        return int(self.points[-1].size)
 
-    def at(self, batch_size: float) -> ProfilePoint:
-        """The profile at ``batch_size``: interpolated in log2(batch size), clamped at the ends."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be > 0")
-        sizes = [p.batch_size for p in self.points]
-        if batch_size <= sizes[0]:
-            return _rescaled(self.points[0], batch_size)
-        if batch_size >= sizes[-1]:
-            return _rescaled(self.points[-1], batch_size)
-        hi = bisect.bisect_left(sizes, batch_size)
+    @property
+    def size_key(self) -> str:
+        return SIZE_KEY[self.kind]
+
+    def at(self, size: float) -> ProfilePoint:
+        """The profile at ``size``: interpolated in log2(size), clamped at the ends."""
+        if size <= 0:
+            raise ValueError(f"size={size} must be > 0")
+        sizes = [p.size for p in self.points]
+        if size <= sizes[0]:
+            return _rescaled(self.points[0], size)
+        if size >= sizes[-1]:
+            return _rescaled(self.points[-1], size)
+        hi = bisect.bisect_left(sizes, size)
         a, b = self.points[hi - 1], self.points[hi]
-        if b.batch_size == batch_size:
+        if b.size == size:
             return b
-        t = (math.log2(batch_size) - math.log2(a.batch_size)) / (
-            math.log2(b.batch_size) - math.log2(a.batch_size)
-        )
+        t = (math.log2(size) - math.log2(a.size)) / (math.log2(b.size) - math.log2(a.size))
 
         def lerp(x: float, y: float) -> float:
             return x + (y - x) * t
@@ -118,7 +156,7 @@ class EnergyProfile:
             else None
         )
         return ProfilePoint(
-            batch_size=batch_size,
+            size=size,
             tokens_per_s=lerp(a.tokens_per_s, b.tokens_per_s),
             joules_per_token=lerp(a.joules_per_token, b.joules_per_token),
             power_w=lerp(a.power_w, b.power_w),
@@ -126,19 +164,19 @@ class EnergyProfile:
         )
 
 
-def _rescaled(edge: ProfilePoint, batch_size: float) -> ProfilePoint:
+def _rescaled(edge: ProfilePoint, size: float) -> ProfilePoint:
     """Outside the measured range: same step time, J/token and power as the nearest point."""
-    if edge.batch_size == batch_size:
+    if edge.size == size:
         return edge
-    tokens_per_s = edge.tokens_per_s * batch_size / edge.batch_size
-    return ProfilePoint(batch_size, tokens_per_s, edge.joules_per_token, edge.power_w, edge.peak_vram_bytes)
+    tokens_per_s = edge.tokens_per_s * size / edge.size
+    return ProfilePoint(size, tokens_per_s, edge.joules_per_token, edge.power_w, edge.peak_vram_bytes)
 
 
 def fit_power_law(points: Sequence[ProfilePoint]) -> tuple[float, float]:
-    """Least-squares fit of J/token = C · BS^-α on log-log axes; returns (C, α)."""
+    """Least-squares fit of J/token = C · size^-α on log-log axes; returns (C, α)."""
     if len(points) < 2:
         raise ValueError("fit_power_law needs at least two points")
-    xs = [math.log(p.batch_size) for p in points]
+    xs = [math.log(p.size) for p in points]
     ys = [math.log(p.joules_per_token) for p in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -155,16 +193,25 @@ def _number(where: str, key: str, value: object) -> float:
     return float(value)
 
 
-def _point(where: str, raw: Mapping[str, Any]) -> ProfilePoint:
-    unknown = sorted(k for k in raw if k not in _POINT_KEYS and not k.startswith(("seed_", "measured_")))
+def _point(where: str, raw: Mapping[str, Any], kind: str) -> ProfilePoint:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping")
+    size_key = SIZE_KEY[kind]
+    other = SIZE_KEY["continuous" if kind == "static" else "static"]
+    if other in raw:
+        raise ConfigError(
+            f"{where}.{other} does not belong in a kind: {kind} profile: its points are per {size_key}"
+        )
+    known = _POINT_KEYS | {size_key}
+    unknown = sorted(k for k in raw if k not in known and not k.startswith(("seed_", "measured_")))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]} is not a point field; known: {sorted(_POINT_KEYS)}")
-    for required in ("batch_size", "tokens_per_s"):
+        raise ConfigError(f"{where}.{unknown[0]} is not a point field; known: {sorted(known)}")
+    for required in (size_key, "tokens_per_s"):
         if required not in raw:
             raise ConfigError(f"{where}.{required} is missing")
     if ("joules_per_token" in raw) == ("joules_per_1k_tokens" in raw):
         raise ConfigError(f"{where}: give exactly one of joules_per_token or joules_per_1k_tokens")
-    bs = _number(where, "batch_size", raw["batch_size"])
+    bs = _number(where, size_key, raw[size_key])
     tps = _number(where, "tokens_per_s", raw["tokens_per_s"])
     if "joules_per_token" in raw:
         jpt = _number(where, "joules_per_token", raw["joules_per_token"])
@@ -181,17 +228,24 @@ def profile_from_mapping(data: Mapping[str, Any], where: str = "profile") -> Ene
     unknown = sorted(set(data) - _META_KEYS)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]} is not a profile field; known: {sorted(_META_KEYS)}")
+    kind = data.get("kind")
+    if kind not in _KINDS:
+        raise ConfigError(
+            f"{where}.kind={kind!r} must be one of {_KINDS}: static (points per batch_size, for HF or "
+            "simulated static batches) or continuous (points per concurrency, for vLLM)"
+        )
     raw_points = data.get("points")
     if not isinstance(raw_points, list) or not raw_points:
         raise ConfigError(f"{where}.points must be a non-empty list")
     points = sorted(
-        (_point(f"{where}.points[{i}]", p) for i, p in enumerate(raw_points)), key=lambda p: p.batch_size
+        (_point(f"{where}.points[{i}]", p, kind) for i, p in enumerate(raw_points)), key=lambda p: p.size
     )
     idle = data.get("idle_power_w")
     return EnergyProfile(
         name=str(data.get("name", where)),
         source=data.get("source", "reference"),
         points=tuple(points),
+        kind=kind,
         gpu=str(data.get("gpu", "unknown")),
         model=str(data.get("model", "unknown")),
         quantization=data.get("quantization"),

@@ -29,17 +29,28 @@ def make_client(aiohttp_client: Any) -> MakeClient:
     return make
 
 
+async def settled_receipt(client: Client, request_id: str) -> dict[str, Any]:
+    """The request's energy receipt once the meter has passed its end (a few 0.1 s intervals)."""
+    for _ in range(100):
+        receipt: dict[str, Any] = await (await client.get(f"/ecobatch/energy/{request_id}")).json()
+        if receipt.get("status") == "settled":
+            return receipt
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"receipt for {request_id} never settled: {receipt}")
+
+
 async def test_64_concurrent_requests_are_batched_and_each_gets_a_joule_observation(
     make_client: MakeClient,
 ) -> None:
     client = await make_client(**{"backend.sim_time_scale": 0.05})
 
-    async def one(i: int) -> tuple[dict[str, Any], float]:
+    async def one(i: int) -> tuple[dict[str, Any], dict[str, str]]:
         resp = await client.post("/v1/completions", json={"prompt": f"request number {i}", "max_tokens": 8})
         assert resp.status == 200, await resp.text()
-        return await resp.json(), float(resp.headers["X-Ecobatch-Energy-Joules"])
+        return await resp.json(), dict(resp.headers)
 
     results = await asyncio.gather(*(one(i) for i in range(64)))
+    receipts = [await settled_receipt(client, h["X-Ecobatch-Request-Id"]) for _, h in results]
     text = await (await client.get("/metrics")).text()
     batches = metric(text, "ecobatch_batch_size_count")
     assert metric(text, "ecobatch_batch_size_sum") == 64
@@ -51,9 +62,12 @@ async def test_64_concurrent_requests_are_batched_and_each_gets_a_joule_observat
     assert completion == 64 * 8
     assert metric(text, "ecobatch_tokens_total", kind="completion") == completion
     assert metric(text, "ecobatch_tokens_total", kind="prompt") == prompt
-    # the per-request joules add up to the exported energy counter
+    # the settled per-request joules add up to the exported energy counter, and are modelled
     energy_total = metric(text, "ecobatch_energy_joules_total", source="model")
-    assert sum(j for _, j in results) == pytest.approx(energy_total, rel=1e-4)
+    assert energy_total > 0
+    assert sum(r["energy_joules"] for r in receipts) == pytest.approx(energy_total, rel=1e-9)
+    assert {r["source"] for r in receipts} == {"model"}
+    assert all(h["X-Ecobatch-Energy-Provisional-Basis"] == "profile (modelled)" for _, h in results)
     assert metric(text, "ecobatch_co2_grams_total") == pytest.approx(energy_total / 3.6e6 * 555.0)
 
 
@@ -69,6 +83,8 @@ async def test_chat_completion_has_the_openai_shape(make_client: MakeClient) -> 
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["usage"]["completion_tokens"] == 5
     assert resp.headers["X-Ecobatch-Energy-Source"] == "model"
+    assert resp.headers["X-Ecobatch-Request-Id"] == body["id"]
+    assert float(resp.headers["X-Ecobatch-Energy-Provisional-Joules"]) > 0
 
 
 async def test_a_list_prompt_gets_one_choice_per_prompt(make_client: MakeClient) -> None:
@@ -139,6 +155,12 @@ async def test_streaming_completions_send_text_chunks(make_client: MakeClient) -
         ("/v1/completions", b'{"prompt": "x", "temperature": -1}', "temperature"),
         ("/v1/completions", b"[1, 2, 3]", None),
         ("/v1/completions", b"\xff\xfe", None),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000000}', "max_tokens"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000}',
+            "max_completion_tokens",
+        ),
     ],
 )
 async def test_bad_input_is_a_400_naming_the_field(
@@ -203,14 +225,19 @@ async def test_a_client_that_disconnects_leaves_its_batch(aiohttp_server: Any) -
         text = await (await session.get(str(server.make_url("/metrics")))).text()
     assert metric(text, "ecobatch_requests_total", status="200") == 1
     assert metric(text, "ecobatch_requests_total", status="499") == 1
-    assert metric(text, "ecobatch_batch_size_sum") == 1, "the request that left was still dispatched"
+    assert metric(text, "ecobatch_batch_size_sum") == 1, "the request that left was dispatched"
 
 
 async def test_health_models_and_runtime_batching_settings(make_client: MakeClient) -> None:
     client = await make_client()
     health = await (await client.get("/health")).json()
     assert health["status"] == "ok" and health["energy_source"] == "model"
-    assert health["profile"] == {"name": "a800-mistral7b-int8-reference", "source": "reference"}
+    assert health["profile"] == {
+        "name": "a800-mistral7b-int8-reference",
+        "source": "reference",
+        "kind": "static",
+    }
+    assert health["engine_shape"] == "static"
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["mistral-7b-int8-sim"]
     resp = await client.put("/ecobatch/batching", json={"window_max_ms": 80, "max_batch_size": 8})
@@ -254,3 +281,45 @@ async def test_the_official_openai_client_works_unchanged(aiohttp_server: Any) -
         )
     assert "temperature" in str(info.value)
     await client.close()
+
+
+async def test_max_tokens_past_the_context_never_stalls_the_queue(make_client: MakeClient) -> None:
+    """One absurd max_tokens used to hold the simulated GPU for minutes; now it is a 400 at once and
+    its neighbours are served."""
+    client = await make_client(**{"backend.sim_time_scale": 0.01})
+    absurd = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 100_000_000})
+    fine = client.post("/v1/completions", json={"prompt": "y", "max_tokens": 4})
+    bad_resp, ok_resp = await asyncio.gather(absurd, fine)
+    assert bad_resp.status == 400 and ok_resp.status == 200
+    error = (await bad_resp.json())["error"]
+    assert error["param"] == "max_tokens" and "4096" in error["message"]
+
+
+async def test_the_energy_receipt_settles_after_the_response(make_client: MakeClient) -> None:
+    client = await make_client(**{"backend.sim_time_scale": 0.1})
+    resp = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+    request_id = resp.headers["X-Ecobatch-Request-Id"]
+    receipt = await settled_receipt(client, request_id)
+    assert receipt["source"] == "model" and receipt["energy_joules"] > 0
+    assert receipt["completion_tokens"] == 3
+    assert receipt["provisional_joules"] == pytest.approx(
+        float(resp.headers["X-Ecobatch-Energy-Provisional-Joules"])
+    )
+    missing = await client.get("/ecobatch/energy/cmpl-nope")
+    assert missing.status == 404 and "no energy receipt" in (await missing.json())["error"]["message"]
+
+
+async def test_a_static_profile_in_front_of_a_continuous_engine_is_refused() -> None:
+    from ecobatch.errors import ConfigError
+
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "energy.profile": "configs/profiles/a800-mistral7b-int8-reference.yaml",
+        },
+    )
+    with pytest.raises(
+        ConfigError, match=r"is a static profile, but backend.kind='vllm-http' is a continuous engine"
+    ):
+        create_app(settings)

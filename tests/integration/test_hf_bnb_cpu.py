@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
-from ecobatch.app import create_app
-from ecobatch.backends.base import BatchItem, GenerationResult
+from ecobatch.app import RUNTIME, create_app
+from ecobatch.backends.base import Job
 from ecobatch.backends.hf_bnb import HfBnbBackend, kv_bytes_per_token
+from ecobatch.clock import Clock
 from ecobatch.config import Settings, load_settings
-from ecobatch.errors import ConfigError
-from ecobatch.gpu import FakeGpu
-from ecobatch.nvml_meter import NvmlMeter
+from ecobatch.domain import GenerationRequest, GenerationResult
+from ecobatch.energy.counters import NvmlCounters
+from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.meter import Meter
+from ecobatch.errors import BadRequest, ConfigError
 from ecobatch.openai_api import parse_chat, parse_completion
 from ecobatch.profile import EnergyProfile
+from tests.fakes import BurningGpu
 from tests.integration.helpers import metric, sse_events
 
 
@@ -48,12 +52,21 @@ def completion(body: dict[str, Any]) -> Any:
     return parse_completion({"ignore_eos": True, "temperature": 0, **body}, "tiny")
 
 
+async def run(
+    backend: HfBnbBackend, requests: list[GenerationRequest], emit: Any = None
+) -> list[GenerationResult | BaseException]:
+    """Prepare each request (tokenize, check the context) and run them as one static batch."""
+    prepared = [await backend.prepare(r) for r in requests]
+    assert backend.batch_fits(prepared)
+    return await backend.run_batch([Job(r, emit) for r in prepared])
+
+
 async def test_each_request_keeps_its_own_max_tokens_and_usage(backend: HfBnbBackend) -> None:
     reqs = [
         completion({"prompt": "hello world", "max_tokens": 3}),
         completion({"prompt": ["a b c", "d"], "max_tokens": 7}),
     ]
-    results = await backend.generate([BatchItem(r) for r in reqs])
+    results = await run(backend, reqs)
     assert all(isinstance(r, GenerationResult) for r in results)
     first, second = results
     assert isinstance(first, GenerationResult) and isinstance(second, GenerationResult)
@@ -66,12 +79,13 @@ async def test_each_request_keeps_its_own_max_tokens_and_usage(backend: HfBnbBac
 
 
 async def test_left_padding_does_not_change_a_greedy_result(backend: HfBnbBackend) -> None:
-    alone = await backend.generate([BatchItem(completion({"prompt": "x", "max_tokens": 6}))])
-    padded = await backend.generate(
+    alone = await run(backend, [completion({"prompt": "x", "max_tokens": 6})])
+    padded = await run(
+        backend,
         [
-            BatchItem(completion({"prompt": "x", "max_tokens": 6})),
-            BatchItem(completion({"prompt": "a much longer prompt here", "max_tokens": 6})),
-        ]
+            completion({"prompt": "x", "max_tokens": 6}),
+            completion({"prompt": "a much longer prompt here", "max_tokens": 6}),
+        ],
     )
     a, p = alone[0], padded[0]
     assert isinstance(a, GenerationResult) and isinstance(p, GenerationResult)
@@ -80,15 +94,16 @@ async def test_left_padding_does_not_change_a_greedy_result(backend: HfBnbBacken
 
 
 async def test_a_finished_sequence_stops_counting_tokens(backend: HfBnbBackend) -> None:
-    long = await backend.generate([BatchItem(completion({"prompt": "seed text", "max_tokens": 12}))])
+    long = await run(backend, [completion({"prompt": "seed text", "max_tokens": 12})])
     assert isinstance(long[0], GenerationResult) and long[0].body is not None
     text = long[0].body["choices"][0]["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    both = await backend.generate(
+    both = await run(
+        backend,
         [
-            BatchItem(completion({"prompt": "seed text", "max_tokens": 12, "stop": stop})),
-            BatchItem(completion({"prompt": "other", "max_tokens": 12})),
-        ]
+            completion({"prompt": "seed text", "max_tokens": 12, "stop": stop}),
+            completion({"prompt": "other", "max_tokens": 12}),
+        ],
     )
     cut, other = both
     assert isinstance(cut, GenerationResult) and cut.body is not None and isinstance(other, GenerationResult)
@@ -111,7 +126,7 @@ async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBn
         },
         "tiny",
     )
-    [result] = await backend.generate([BatchItem(request, emit=chunks.append)])
+    [result] = await run(backend, [request], emit=chunks.append)
     assert isinstance(result, GenerationResult) and result.body is None
     assert chunks[-1]["usage"]["completion_tokens"] == 5
     plain = parse_chat(
@@ -123,7 +138,7 @@ async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBn
         },
         "tiny",
     )
-    [whole] = await backend.generate([BatchItem(plain)])
+    [whole] = await run(backend, [plain])
     assert isinstance(whole, GenerationResult) and whole.body is not None
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert streamed == whole.body["choices"][0]["message"]["content"]
@@ -131,16 +146,49 @@ async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBn
 
 async def test_a_seed_makes_sampling_repeatable(backend: HfBnbBackend) -> None:
     body = {"prompt": "z", "max_tokens": 8, "temperature": 1.0, "seed": 42}
-    a = await backend.generate([BatchItem(completion(body))])
-    b = await backend.generate([BatchItem(completion(body))])
+    a = await run(backend, [completion(body)])
+    b = await run(backend, [completion(body)])
     assert isinstance(a[0], GenerationResult) and isinstance(b[0], GenerationResult)
     assert a[0].body is not None and b[0].body is not None
     assert a[0].body["choices"][0]["text"] == b[0].body["choices"][0]["text"]
 
 
-async def test_too_long_a_request_is_a_400(backend: HfBnbBackend) -> None:
-    [result] = await backend.generate([BatchItem(completion({"prompt": "x", "max_tokens": 5000}))])
-    assert getattr(result, "status", None) == 400
+async def test_too_long_a_request_is_a_400_before_it_is_queued(backend: HfBnbBackend) -> None:
+    with pytest.raises(BadRequest, match=r"'max_tokens'=5000 .* context of 1024 tokens") as info:
+        await backend.prepare(completion({"prompt": "x", "max_tokens": 5000}))
+    assert info.value.param == "max_tokens"
+
+
+async def test_a_long_prompt_and_a_long_max_tokens_run_in_separate_batches(backend: HfBnbBackend) -> None:
+    """Each fits the 1024-position model alone; padded together they would not."""
+    long_prompt = await backend.prepare(completion({"prompt": "abc def " * 100, "max_tokens": 4}))
+    long_answer = await backend.prepare(completion({"prompt": "x", "max_tokens": 1000}))
+    assert long_prompt.prompt_tokens is not None and long_prompt.prompt_tokens[0] > 100
+    assert backend.batch_fits([long_prompt]) and backend.batch_fits([long_answer])
+    assert not backend.batch_fits([long_prompt, long_answer])
+
+
+async def test_a_cancelled_batch_keeps_the_gpu_until_its_worker_has_stopped(backend: HfBnbBackend) -> None:
+    gen = backend._generator
+    events: list[str] = []
+    original = gen.run
+
+    def recording_run(*args: Any) -> Any:
+        events.append("start")
+        try:
+            return original(*args)
+        finally:
+            events.append("end")
+
+    gen.run = recording_run  # type: ignore[method-assign]
+    request = await backend.prepare(completion({"prompt": "x", "max_tokens": 1000}))
+    task = asyncio.create_task(backend.run_batch([Job(request)]))
+    while not events:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert events == ["start", "end"], "the worker was still generating when the slot was given back"
 
 
 def test_unknown_engine_args_are_refused(tiny_model_dir: Path) -> None:
@@ -159,24 +207,15 @@ def test_kv_bytes_per_token_follows_the_mistral_7b_shape() -> None:
 async def test_the_app_serves_hf_bnb_with_nvml_joules_from_a_fake_gpu(
     tiny_model_dir: Path, aiohttp_client: Any, reference_profile: EnergyProfile
 ) -> None:
-    gpu = FakeGpu(energy_mj=0, power_w=100.0)
-    meters: list[NvmlMeter] = []
+    gpu = BurningGpu(power_w=300.0)
 
-    def fake_nvml(profile: EnergyProfile, settings: Settings) -> NvmlMeter:
-        meter = NvmlMeter([gpu], prefill_weight=1.0, sample_interval_s=0.02, idle_power_w=50.0)
-        meters.append(meter)
-        return meter
+    def fake_nvml(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
+        ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock)
+        return Meter(ledger, NvmlCounters([gpu]), sample_interval_s=0.02, idle_power_w=50.0)
 
-    async def burn() -> None:  # the fake GPU spends 300 W while the app runs
-        while True:
-            await asyncio.sleep(0.01)
-            assert gpu.energy_mj is not None
-            gpu.energy_mj += 3000
-
-    burner = asyncio.create_task(burn())
-    client = await aiohttp_client(
-        create_app(settings_for(tiny_model_dir), registry=CollectorRegistry(), meter_factory=fake_nvml)
-    )
+    registry = CollectorRegistry()
+    app = create_app(settings_for(tiny_model_dir), registry=registry, meter_factory=fake_nvml)
+    client = await aiohttp_client(app)
     bodies = [{"prompt": f"p{i}", "max_tokens": 4 + i, "ignore_eos": True} for i in range(6)]
     responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
     assert all(r.status == 200 for r in responses)
@@ -186,12 +225,13 @@ async def test_the_app_serves_hf_bnb_with_nvml_joules_from_a_fake_gpu(
         json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
     )
     assert sse_events(await stream.text())[-1] == "[DONE]"
-    burner.cancel()  # the GPU stops spending: the counter is still from here on
-    await asyncio.sleep(0.1)
-    text = await (await client.get("/metrics")).text()
-    meter = meters[0]
+    await asyncio.sleep(0.2)  # the meter passes the last request's end
+    # read the metrics and the ledger at one instant (the sampler keeps adding idle intervals)
+    text = generate_latest(registry).decode()
+    ledger = app[RUNTIME].meter.ledger  # type: ignore[union-attr]
     attributed = metric(text, "ecobatch_energy_joules_total", source="nvml")
     idle = metric(text, "ecobatch_idle_energy_joules_total", source="nvml")
+    other = metric(text, "ecobatch_unattributed_energy_joules_total", source="nvml")
     assert metric(text, "ecobatch_request_energy_joules_count", source="nvml") == 7
     assert attributed > 0 and idle > 0
-    assert attributed + idle == pytest.approx(meter.totals.counter_joules, rel=1e-9)
+    assert attributed + idle + other == pytest.approx(ledger.totals.counter_joules, rel=1e-9)

@@ -42,7 +42,8 @@ async def test_string_completion_reports_the_engines_own_usage(
     assert data["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
     assert data["usage"]["completion_tokens"] == 6
     assert data["model"] == "tiny"
-    assert float(headers["X-Ecobatch-Energy-Joules"]) > 0
+    assert float(headers["X-Ecobatch-Energy-Provisional-Joules"]) > 0
+    assert headers["X-Ecobatch-Request-Id"] == data["id"]
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -58,7 +59,7 @@ async def test_list_prompt_completion(real_engines: dict[str, str], front: str) 
 async def test_concurrent_completions_each_get_their_own_usage(
     real_engines: dict[str, str], front: str
 ) -> None:
-    """With vllm-http these are merged into list-prompt requests upstream and split back."""
+    """Each request goes to the engine on its own and gets the engine's own usage back."""
     prompts = [" ".join(["word"] * (i + 1)) for i in range(12)]
     upstream = real_engines["upstream"]
     expected = []
@@ -116,8 +117,12 @@ async def test_chat_and_streaming_chat(real_engines: dict[str, str], front: str)
 async def test_engine_errors_are_clear_4xx(real_engines: dict[str, str], front: str) -> None:
     status, data, _ = await post(f"{real_engines[front]}/v1/completions", {"prompt": "x", "max_tokens": 5000})
     assert status == 400, data
-    assert "max" in data["error"]["message"].lower()
-    assert data["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in data["error"]["message"] and "512" in data["error"]["message"]
+    assert data["error"]["type"] == "invalid_request_error" and data["error"]["param"] == "max_tokens"
+    # a prompt that only the engine can measure: past the context together with max_tokens
+    long_prompt = {"prompt": "hello world " * 200, "max_tokens": 300}
+    status, data, _ = await post(f"{real_engines[front]}/v1/completions", long_prompt)
+    assert status == 400, data
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -168,7 +173,8 @@ async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
 ) -> None:
     """The vllm-http calibration loop on the CPU engine; energy from a scripted GPU spending 200 W."""
     from ecobatch.calibrate import calibrate_vllm_http, write_outputs
-    from ecobatch.gpu import FakeGpu
+    from ecobatch.energy.counters import NvmlCounters
+    from ecobatch.energy.gpu import FakeGpu
     from ecobatch.profile import load_profile
 
     gpu = FakeGpu(energy_mj=0, power_w=200.0)
@@ -188,18 +194,19 @@ async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
             prompt_tokens=16,
             min_seconds=2.0,
             warmup_s=0.5,
-            gpus=[gpu],
+            counters=NvmlCounters([gpu]),
             idle_power_w=50.0,
             progress=lambda line: None,
         )
     finally:
         burner.cancel()
     assert facts["served_model"] == "tiny"
-    assert [p.batch_size for p in points] == [1, 4]
+    assert [p.size for p in points] == [1, 4]
     assert all(p.generated_tokens > 0 and p.runs > 0 for p in points)
     assert all(150 < p.mean_power_w < 250 for p in points)  # the scripted 200 W, read through the window
     assert points[1].tokens_per_s > points[0].tokens_per_s, "4 in flight should outpace 1 on vLLM"
     meta = {
+        "kind": "continuous",
         "name": "cpu-tiny",
         "gpu": "Fake GPU",
         "model": "tiny",
@@ -211,6 +218,113 @@ async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
     }
     written = write_outputs(points, meta, tmp_path / "cpu-tiny.yaml")
     profile = load_profile(written["profile"])
-    assert profile.source == "measured"
-    assert [p.batch_size for p in profile.points] == [1, 4]
+    assert (profile.source, profile.kind) == ("measured", "continuous")
+    assert [p.size for p in profile.points] == [1, 4]
+    assert written["csv"].read_text().startswith("concurrency,")
     assert written["csv"].read_text().count("\n") == 3
+
+
+async def get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.json()
+
+
+async def put_batching(base: str, **changes: Any) -> None:
+    async with aiohttp.ClientSession() as s, s.put(f"{base}/ecobatch/batching", json=changes) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_short_requests_beside_long_ones_finish_as_fast_as_straight_to_vllm(
+    real_engines: dict[str, str],
+) -> None:
+    """8 chat requests of 4 tokens sent with 8 of 200: through ecobatch the short ones finish within
+    1.2x of going straight to vLLM plus the window (they used to wait for their slowest batchmate:
+    ~10x), and the long ones are no slower than direct (same allowance for this shared 2-core machine)."""
+    from ecobatch.testing.workloads import short_beside_long
+
+    window_s = 0.1  # the proxy's default window_max_ms
+    result = await short_beside_long(
+        {"direct": real_engines["upstream"], "ecobatch": real_engines["vllm-http"]}, rounds=3
+    )
+    direct, proxied = result["direct"], result["ecobatch"]
+    assert proxied["short_median_s"] <= 1.2 * direct["short_median_s"] + window_s, result
+    assert proxied["long_median_s"] <= 1.2 * direct["long_median_s"] + window_s, result
+
+
+async def test_in_flight_stays_at_the_cap_under_a_burst_of_four_times_it(
+    real_engines: dict[str, str],
+) -> None:
+    """vLLM's own num_requests_running reaches the policy's cap and never exceeds it."""
+    proxy, upstream = real_engines["vllm-http"], real_engines["upstream"]
+    await put_batching(proxy, max_batch_size=4, energy_tolerance=0.0)
+    running: list[float] = []
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not done.is_set():
+                async with s.get(f"{upstream}/metrics") as r:
+                    running.append(metric(await r.text(), "vllm:num_requests_running"))
+                await asyncio.sleep(0.02)
+
+    poller = asyncio.create_task(poll())
+    try:
+        body = {"prompt": "hello", "max_tokens": 64, "ignore_eos": True}
+        results = await asyncio.gather(*(post(f"{proxy}/v1/completions", body) for _ in range(16)))
+    finally:
+        done.set()
+        await poller
+        await put_batching(proxy, max_batch_size=64, energy_tolerance=0.05)
+    assert all(status == 200 for status, _, _ in results)
+    assert max(running) == 4, running
+    view = await get_json(f"{proxy}/ecobatch/batching")
+    assert view["inflight"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, str], stream: bool) -> None:
+    """vllm-http closes the upstream request; vLLM aborts it: it stops generating long before its
+    max_tokens, and ecobatch counts a 499 and frees the slot."""
+    proxy, upstream = real_engines["vllm-http"], real_engines["upstream"]
+    before_tokens = metric(await get_text(f"{upstream}/metrics"), "vllm:generation_tokens_total")
+    before_499 = metric(await get_text(f"{proxy}/metrics"), "ecobatch_requests_total", status="499")
+    body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True, "stream": stream}
+    with pytest.raises(asyncio.TimeoutError):
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{proxy}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.4)) as r,
+        ):
+            await r.read()
+    for _ in range(100):
+        text = await get_text(f"{upstream}/metrics")
+        if metric(text, "vllm:num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert metric(text, "vllm:num_requests_running") == 0
+    generated = metric(text, "vllm:generation_tokens_total") - before_tokens
+    assert generated < 250, f"vLLM generated {generated} of 500 tokens: the request was not aborted"
+    await asyncio.sleep(0.2)
+    proxy_text = await get_text(f"{proxy}/metrics")
+    assert metric(proxy_text, "ecobatch_requests_total", status="499") == before_499 + 1
+    assert metric(proxy_text, "ecobatch_inflight_requests") == 0
+
+
+async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_engines: dict[str, str]) -> None:
+    """vllm-async aborts the request in AsyncLLM; vLLM's own counters are on ecobatch's /metrics."""
+    proxy = real_engines["vllm-async"]
+    before = metric(await get_text(f"{proxy}/metrics"), "vllm:generation_tokens_total")
+    body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True}
+    with pytest.raises(asyncio.TimeoutError):
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{proxy}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.4)) as r,
+        ):
+            await r.read()
+    for _ in range(100):
+        text = await get_text(f"{proxy}/metrics")
+        if metric(text, "vllm:num_requests_running") == 0 and metric(text, "ecobatch_inflight_requests") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert metric(text, "vllm:num_requests_running") == 0
+    generated = metric(text, "vllm:generation_tokens_total") - before
+    assert 0 < generated < 250, f"vLLM generated {generated} of 500 tokens: the request was not aborted"

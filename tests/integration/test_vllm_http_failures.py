@@ -4,6 +4,7 @@ clear OpenAI error, never a 500 or a hang."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +20,19 @@ def fake_vllm(mode: str) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text="vllm:kv_cache_usage_perc 0.5\n")
 
-    async def generate(request: web.Request) -> web.Response:
+    async def generate(request: web.Request) -> web.StreamResponse:
+        if mode == "cut":  # a stream that dies after its first chunk
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            chunk = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": "hi"}}],
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            return response
+        if mode == "garbage":
+            return web.Response(text="<html>proxy error</html>", status=200)
         if mode == "500":
             return web.json_response({"error": {"message": "CUDA error: out of memory"}}, status=500)
         if mode == "hang":
@@ -70,7 +83,7 @@ async def test_an_upstream_4xx_keeps_its_status_and_param(aiohttp_server: Any, a
     responses = await asyncio.gather(
         *(client.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 9}) for i in range(3))
     )
-    for resp in responses:  # merged into one list-prompt request, refused, retried one by one
+    for resp in responses:  # each its own upstream request, each refused with its own status
         assert resp.status == 400
         error = (await resp.json())["error"]
         assert error["param"] == "max_tokens" and error["type"] == "invalid_request_error"
@@ -80,3 +93,27 @@ async def test_the_upstream_model_name_is_discovered(aiohttp_server: Any, aiohtt
     client = await proxy_for("400", aiohttp_server, aiohttp_client)
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["up"]
+
+
+async def test_a_stream_cut_mid_way_ends_with_an_error_event_then_done(
+    aiohttp_server: Any, aiohttp_client: Any
+) -> None:
+    from tests.integration.helpers import sse_events
+
+    client = await proxy_for("cut", aiohttp_server, aiohttp_client)
+    resp = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    events = sse_events(await resp.text())
+    assert events[0]["choices"][0]["delta"]["content"] == "hi"
+    assert events[-1] == "[DONE]"
+    assert (
+        events[-2]["error"]["type"] == "upstream_error" and "before [DONE]" in events[-2]["error"]["message"]
+    )
+
+
+async def test_a_malformed_reply_is_a_502(aiohttp_server: Any, aiohttp_client: Any) -> None:
+    client = await proxy_for("garbage", aiohttp_server, aiohttp_client)
+    resp = await client.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status == 502
+    assert "malformed JSON" in (await resp.json())["error"]["message"]

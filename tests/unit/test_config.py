@@ -4,16 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from ecobatch.config import DEFAULT_PROFILE, load_settings
+from ecobatch.config import BACKEND_SHAPES, DEFAULT_PROFILES, load_settings
 from ecobatch.errors import ConfigError
+from ecobatch.profile import load_profile
 
 
 def test_defaults_are_the_simulated_backend_on_the_reference_profile() -> None:
     s = load_settings()
     assert s.backend.kind == "simulated"
     assert (s.batching.window_min_ms, s.batching.window_max_ms) == (50.0, 100.0)
-    assert s.energy.profile_path == DEFAULT_PROFILE
-    assert DEFAULT_PROFILE.is_file()
+    assert s.energy.profile_path("static") == DEFAULT_PROFILES["static"]
+    assert all(path.is_file() for path in DEFAULT_PROFILES.values())
 
 
 def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
@@ -40,6 +41,9 @@ def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
         ("backend:\n  upstream: localhost:8000\n", r"backend.upstream='localhost:8000' must be an http"),
         ("energy:\n  price_per_kwh: -1\n", r"energy.price_per_kwh=-1.0 must be >= 0"),
         ("gpu: {}\n", r"gpu is not a config section"),
+        ("energy:\n  meter: dcgm\n", r"energy.dcgm_url=None must be set when energy.meter is 'dcgm'"),
+        ("energy:\n  meter: zeus\n", r"energy.meter='zeus' must be one of"),
+        ("backend:\n  context_length: 1\n", r"backend.context_length=1 must be >= 2"),
         ("- 1\n", r"top level must be a mapping"),
     ],
 )
@@ -55,4 +59,21 @@ def test_shipped_configs_load() -> None:
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/*.yaml should hold at least the default server config"
     for f in files:
-        load_settings(f)
+        settings = load_settings(f)
+        shape = BACKEND_SHAPES[settings.backend.kind]
+        assert load_profile(settings.energy.profile_path(shape)).kind == shape, (
+            f"{f}: profile of the wrong kind"
+        )
+
+
+def test_paths_in_a_config_file_are_relative_to_that_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    cfg = tmp_path / "conf" / "c.yaml"
+    cfg.write_text("energy:\n  profile: profiles/mine.yaml\n")
+    assert load_settings(cfg).energy.profile == str(tmp_path / "conf" / "profiles" / "mine.yaml")
+    assert load_settings(cfg, {"energy.profile": "flag.yaml"}).energy.profile == "flag.yaml"
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--config .*nope.yaml: cannot be read"):
+        load_settings(tmp_path / "nope.yaml")

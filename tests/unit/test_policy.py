@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from ecobatch.policy import Demand, Headroom, choose_batch_size
+from ecobatch.domain import Demand, Headroom
+from ecobatch.policy import choose_batch_size
 from ecobatch.profile import EnergyProfile, ProfilePoint
 
 DEMAND = Demand(prompt_tokens=128, completion_tokens=256)
@@ -100,3 +101,25 @@ def test_the_choice_is_never_worse_than_the_tolerance(
 ) -> None:
     d = choose(reference_profile, energy_tolerance=tolerance)
     assert d.joules_per_token <= reference_profile.at(64).joules_per_token * (1 + tolerance) + 1e-12
+
+
+def test_for_a_continuous_engine_it_chooses_an_in_flight_cap_on_the_per_concurrency_curve(
+    continuous_profile: EnergyProfile,
+) -> None:
+    """On the H200 vLLM curve J/token keeps falling to 256 in flight; a 20 s SLO for 256-token answers
+    and the KV cache bound the cap instead."""
+    assert continuous_profile.kind == "continuous"
+    d = choose(continuous_profile, max_batch_size=256, energy_tolerance=0.0)
+    assert (d.batch_size, d.limited_by) == (256, "max_batch_size")
+    slo = choose(continuous_profile, max_batch_size=256, energy_tolerance=0.0, slo_s=2.0)
+    # per-sequence time per token = C / tok/s(C): 256 tokens within 2 s needs <= 7.8 ms a token
+    assert slo.limited_by == "slo" and slo.expected_latency_s <= 2.0
+    assert continuous_profile.at(slo.batch_size + 1).step_s * 256 > 2.0
+    kv = choose(
+        continuous_profile,
+        max_batch_size=256,
+        energy_tolerance=0.0,
+        headroom=Headroom(kv_free_tokens=384 * 40),
+        inflight=8,
+    )
+    assert (kv.batch_size, kv.limited_by) == (48, "kv")

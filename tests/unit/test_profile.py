@@ -19,7 +19,7 @@ def test_reference_profile_uses_the_seed_j_per_1k_tokens_column(reference_profil
 
 def test_measured_points_are_returned_exactly(reference_profile: EnergyProfile) -> None:
     for p in reference_profile.points:
-        assert reference_profile.at(p.batch_size) == p
+        assert reference_profile.at(p.size) == p
 
 
 def test_interpolation_is_linear_in_log2_batch_size(reference_profile: EnergyProfile) -> None:
@@ -49,26 +49,63 @@ def test_fitted_exponent_of_the_seed_is_near_its_stated_078(reference_profile: E
 
 def test_a_point_needs_exactly_one_energy_column() -> None:
     with pytest.raises(ConfigError, match="exactly one of joules_per_token"):
-        profile_from_mapping({"name": "x", "points": [{"batch_size": 1, "tokens_per_s": 10}]})
+        profile_from_mapping(
+            {"name": "x", "kind": "static", "points": [{"batch_size": 1, "tokens_per_s": 10}]}
+        )
 
 
 def test_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"points\[0\]\.tokens_per_s=-1"):
         profile_from_mapping(
-            {"name": "x", "points": [{"batch_size": 1, "tokens_per_s": -1, "joules_per_token": 1}]}
+            {
+                "name": "x",
+                "kind": "static",
+                "points": [{"batch_size": 1, "tokens_per_s": -1, "joules_per_token": 1}],
+            }
         )
     with pytest.raises(ConfigError, match=r"points\[0\]\.tokens_per_sec is not a point field"):
         profile_from_mapping(
-            {"name": "x", "points": [{"batch_size": 1, "tokens_per_sec": 3, "joules_per_token": 1}]}
+            {
+                "name": "x",
+                "kind": "static",
+                "points": [{"batch_size": 1, "tokens_per_sec": 3, "joules_per_token": 1}],
+            }
         )
 
 
 def test_duplicate_batch_sizes_are_refused() -> None:
     point = {"batch_size": 2, "tokens_per_s": 10, "joules_per_token": 1}
     with pytest.raises(ConfigError, match="distinct"):
-        profile_from_mapping({"name": "x", "points": [point, point]})
+        profile_from_mapping({"name": "x", "kind": "static", "points": [point, point]})
 
 
 def test_missing_file_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"energy\.profile=.*no such file"):
         load_profile(tmp_path / "nope.yaml")
+
+
+def test_a_profile_says_whether_it_is_static_or_continuous() -> None:
+    point = {"tokens_per_s": 10, "joules_per_token": 1}
+    with pytest.raises(ConfigError, match=r"x\.kind=None must be one of \('static', 'continuous'\)"):
+        profile_from_mapping({"name": "x", "points": [{"batch_size": 1, **point}]}, where="x")
+    with pytest.raises(ConfigError, match=r"batch_size does not belong in a kind: continuous profile"):
+        profile_from_mapping({"kind": "continuous", "points": [{"batch_size": 1, **point}]})
+    continuous = profile_from_mapping({"kind": "continuous", "points": [{"concurrency": 4, **point}]})
+    assert continuous.kind == "continuous" and continuous.max_size == 4
+
+
+def test_the_continuous_reference_is_the_h200_vllm_curve(continuous_profile: EnergyProfile) -> None:
+    assert (continuous_profile.kind, continuous_profile.source) == ("continuous", "reference")
+    assert continuous_profile.at(1).joules_per_1k_tokens == pytest.approx(2349)
+    assert continuous_profile.at(64).power_w == pytest.approx(663)
+    assert continuous_profile.idle_power_w == pytest.approx(121.8)
+
+
+def test_every_shipped_profile_loads_and_the_embedded_copies_match_configs() -> None:
+    root = Path(__file__).resolve().parents[2]
+    shipped = sorted((root / "configs" / "profiles").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        assert load_profile(path).points
+    for embedded in (root / "proxy" / "ecobatch" / "data").glob("*.yaml"):
+        assert embedded.read_text() == (root / "configs" / "profiles" / embedded.name).read_text()

@@ -1,4 +1,5 @@
-"""Engines behind one small protocol (``base.Backend``) and the factory that builds one from settings."""
+"""Engines behind two small contracts (``base.StaticEngine``, ``base.ContinuousEngine``) and the factory
+that builds one from settings."""
 
 from __future__ import annotations
 
@@ -9,29 +10,38 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..config import Settings
     from ..profile import EnergyProfile
-    from .base import Backend
+    from .base import ContinuousEngine, StaticEngine
 
-__all__ = ["create_backend"]
+__all__ = ["create_engine"]
+
+_EXTRAS = {"vllm-async": "ecobatch[vllm]", "hf-bnb": "ecobatch[hf]"}
 
 
-def create_backend(settings: Settings, profile: EnergyProfile) -> Backend:
-    """Build the configured backend. Engine imports happen here, so a proxy that fronts a remote vLLM
-    does not need torch or vllm installed."""
+def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | ContinuousEngine:
+    """Build the configured engine. Engine imports happen here, so a proxy that fronts a remote vLLM
+    needs neither torch nor vllm installed."""
     kind = settings.backend.kind
-    if kind == "simulated":
-        from .simulated import SimulatedBackend
+    try:
+        if kind == "simulated":
+            from .simulated import SimulatedBackend
 
-        return SimulatedBackend(profile, settings.backend, settings.batching)
-    if kind == "vllm-http":
-        from .vllm_http import VllmHttpBackend
+            return SimulatedBackend(profile, settings.backend, settings.batching)
+        if kind == "vllm-http":
+            from .vllm_http import VllmHttpBackend
 
-        return VllmHttpBackend(settings.backend)
-    if kind == "vllm-async":
-        from .vllm_async import VllmAsyncBackend
+            return VllmHttpBackend(settings.backend)
+        if kind == "vllm-async":
+            from .vllm_async import VllmAsyncBackend
 
-        return VllmAsyncBackend(settings.backend)
-    if kind == "hf-bnb":
-        from .hf_bnb import HfBnbBackend
+            return VllmAsyncBackend(settings.backend)
+        if kind == "hf-bnb":
+            from .hf_bnb import HfBnbBackend
 
-        return HfBnbBackend(settings.backend, settings.batching)
-    raise ConfigError(f"backend.kind={kind!r} is not available in this build")
+            return HfBnbBackend(settings.backend, settings.batching)
+    except ImportError as exc:
+        raise ConfigError(
+            f"backend.kind={kind!r} needs {exc.name or 'a package'} that is not installed: "
+            f"pip install '{_EXTRAS.get(kind, 'ecobatch')}'",
+            field="backend.kind",
+        ) from None
+    raise ConfigError(f"backend.kind={kind!r} is not available in this build", field="backend.kind")

@@ -1,46 +1,62 @@
-"""The boundary between the batcher and an engine.
+"""The two engine contracts, because engines come in two shapes.
 
-A backend receives a batch of validated requests and returns, for each, a ``GenerationResult`` (the
-OpenAI response body and the engine's own token usage) or the exception that request met. Streaming
-requests carry an ``emit`` callback that receives each OpenAI chunk as it is produced; their result's
-``body`` is None. A backend never raises for one bad request: it returns that request's error in its
-slot, so one input cannot fail its neighbours.
+* ``StaticEngine`` (``hf-bnb``, ``simulated``): batch in, batch out. The GPU batch is exactly the group
+  the batcher sends; one batch runs at a time. ``run_batch`` returns, for each job, a
+  ``GenerationResult`` or the exception that job met: one bad input never fails its neighbours.
+* ``ContinuousEngine`` (``vllm-http``, ``vllm-async``): one request at a time, like vLLM's own
+  ``EngineClient.generate``: ``generate(job)`` returns that request's result (its stream's chunks went
+  out through ``job.emit`` as they came) or raises its error. The engine batches whatever is in flight,
+  so each request ends, and frees its slot, on its own. Cancelling the call aborts the request in the
+  engine.
+
+Both share ``prepare``: validate a request against the engine's limits (context length) and tokenize
+it, off the event loop, before it is queued, so a request that cannot run is answered 400 at once and
+never joins, or delays, a batch.
+
+A ``Job`` carries a request with its callbacks: ``emit`` (stream chunks), ``progress`` (n generated
+tokens came out now: the energy ledger's clock of the request's work) and ``cancelled`` (its client
+has gone: stop its work at the next chance).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
 
-from ..openai_api import GenerationRequest, Usage
-from ..policy import Headroom
+from prometheus_client import CollectorRegistry
 
-__all__ = ["Backend", "BatchItem", "Emit", "GenerationResult"]
+from ..domain import GenerationRequest, GenerationResult, Headroom
+
+__all__ = ["ContinuousEngine", "Emit", "Engine", "EngineShape", "Job", "StaticEngine"]
 
 Emit = Callable[[dict[str, Any]], None]
+EngineShape = Literal["static", "continuous"]
+
+
+def _ignore_progress(tokens: int) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
-class BatchItem:
+class Job:
     request: GenerationRequest
     emit: Emit | None = None
-    # True once the client has gone: a backend stops that request's work at its next chance.
-    cancelled: Callable[[], bool] = lambda: False
+    progress: Callable[[int], None] = field(default=_ignore_progress)
+    cancelled: Callable[[], bool] = field(default=_never)
 
 
-@dataclass(frozen=True, slots=True)
-class GenerationResult:
-    usage: Usage
-    body: dict[str, Any] | None = None
-
-
-class Backend(Protocol):
+class Engine(Protocol):
     #: "vllm-http", "simulated", …: a label for metrics and logs.
     name: str
-    #: True for engines that batch in flight (vLLM): the batcher then caps in-flight sequences instead
-    #: of waiting for the previous batch to finish.
-    continuous: bool
+    shape: ClassVar[EngineShape]
+    #: An in-process engine's own Prometheus registry, served on ecobatch's /metrics beside its own
+    #: (vllm-async: vLLM's ``vllm:*`` series); None for the others.
+    metrics_registry: CollectorRegistry | None
 
     @property
     def model(self) -> str:
@@ -55,4 +71,19 @@ class Backend(Protocol):
         """The latest known KV headroom (cheap: polled in the background where it costs I/O)."""
         ...
 
-    async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]: ...
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Check ``request`` against the engine's limits (raises ``BadRequest`` naming the field and the
+        limit) and return it ready to queue (tokenized where the engine tokenizes)."""
+        ...
+
+
+class StaticEngine(Engine, Protocol):
+    def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
+        """Whether these prepared requests can run as one padded batch (context length)."""
+        ...
+
+    async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]: ...
+
+
+class ContinuousEngine(Engine, Protocol):
+    async def generate(self, job: Job) -> GenerationResult: ...

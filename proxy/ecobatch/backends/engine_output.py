@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..domain import GenerationRequest, GenerationResult, Usage
 from ..openai_api import (
-    GenerationRequest,
-    Usage,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
     message_text,
 )
-from .base import BatchItem, GenerationResult
+from .base import Job
 
 __all__ = ["RequestOutput", "encode_prompts"]
 
@@ -37,7 +36,7 @@ def encode_prompts(tokenizer: Any, request: GenerationRequest) -> list[list[int]
 class RequestOutput:
     """Accumulates one request's sequences (one per prompt) and emits stream chunks as text arrives."""
 
-    item: BatchItem
+    job: Job
     texts: list[str] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
@@ -45,7 +44,7 @@ class RequestOutput:
     _role_sent: bool = False
 
     def __post_init__(self) -> None:
-        n = self.item.request.sequences
+        n = self.job.request.sequences
         self.texts = [""] * n
         self.finish_reasons = [None] * n
         self.prompt_tokens = [0] * n
@@ -56,10 +55,10 @@ class RequestOutput:
         self.texts[index] += text
         if finish_reason is not None:
             self.finish_reasons[index] = finish_reason
-        emit = self.item.emit
+        emit = self.job.emit
         if emit is None:
             return
-        request = self.item.request
+        request = self.job.request
         if request.kind == "chat":
             if not self._role_sent:
                 emit(chat_chunk(request, {"role": "assistant", "content": ""}))
@@ -75,14 +74,14 @@ class RequestOutput:
 
     def result(self) -> GenerationResult:
         """The final result; a streaming request gets its usage chunk here when it asked for one."""
-        request = self.item.request
+        request = self.job.request
         usage = self.usage
-        if self.item.emit is not None:
+        if self.job.emit is not None:
             if request.include_usage:
                 if request.kind == "chat":
-                    self.item.emit(chat_chunk(request, None, usage=usage))
+                    self.job.emit(chat_chunk(request, None, usage=usage))
                 else:
-                    self.item.emit(completion_chunk(request, None, usage=usage))
+                    self.job.emit(completion_chunk(request, None, usage=usage))
             return GenerationResult(usage=usage)
         if request.kind == "chat":
             body = chat_response(request, self.texts[0], self.finish_reasons[0], usage)

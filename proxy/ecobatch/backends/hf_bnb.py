@@ -11,7 +11,12 @@ Generation is our own decode loop (``StaticBatchGenerator``), not ``model.genera
 padded; every request keeps its own ``max_tokens``, ``stop``, ``temperature``, ``top_p`` and ``seed``;
 a sequence that has finished stops counting generated tokens (the GPU still computes its padded row,
 as static batching does) and the batch ends when every sequence has finished. Usage is counted from
-token ids. The loop runs in a worker thread; text deltas reach the event loop thread-safely.
+token ids. The loop runs in one dedicated worker thread, so two batches never share the model; text
+deltas and token counts reach the event loop thread-safely. A batch that times out or whose caller is
+cancelled sets a stop flag that the loop checks every step, and keeps the GPU slot until the worker has
+really stopped. Tokenization and chat templates run in their own worker thread, before queuing
+(``prepare``), where each request is checked against the model's context; the batcher only groups
+requests whose longest prompt plus largest ``max_tokens`` fit it (``batch_fits``).
 
 cuDNN's SDPA builds a plan on first sight of each KV length, which made first runs 2–3× slower on
 the H200 (shared/reference); it is disabled by default (``cudnn_sdpa: false``) so every run is warm.
@@ -20,18 +25,24 @@ the H200 (shared/reference); it is disabled by default (``cudnn_sdpa: false``) s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings, BatchingSettings
+from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BadRequest, ConfigError
 from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
-from ..policy import Headroom
-from .base import BatchItem, GenerationResult
+from .base import EngineShape, Job
 from .engine_output import RequestOutput, encode_prompts
+from .limits import fit_to_context
 
 __all__ = [
     "HfBnbBackend",
@@ -110,6 +121,8 @@ class SeqSpec:
     ignore_eos: bool = False
     # Called (from the worker thread) with (text delta, finish_reason or None).
     on_text: Callable[[str, str | None], None] | None = None
+    # Called (from the worker thread) once per generated token.
+    on_token: Callable[[], None] | None = None
     cancelled: Callable[[], bool] = lambda: False
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -135,7 +148,8 @@ class StaticBatchGenerator:
         eos = loaded.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
 
-    def run(self, seqs: Sequence[SeqSpec]) -> BatchStats:
+    def run(self, seqs: Sequence[SeqSpec], stop: threading.Event | None = None) -> BatchStats:
+        """Generate the batch; ``stop`` (checked every step) ends every sequence with ``abort``."""
         import torch
 
         tok, model, device = self.loaded.tokenizer, self.loaded.model, self.loaded.device
@@ -163,6 +177,12 @@ class StaticBatchGenerator:
             t1 = time.monotonic()
             step = 0
             while step < steps and any(active):
+                if stop is not None and stop.is_set():
+                    for row, s in enumerate(seqs):
+                        if active[row]:
+                            self._finish(s, "abort")
+                            active[row] = False
+                    break
                 next_ids = self._sample(logits, seqs, generators, active)
                 host_ids = next_ids.tolist()
                 for row, s in enumerate(seqs):
@@ -227,6 +247,8 @@ class StaticBatchGenerator:
             self._finish(s, "stop")
             return False
         s.generated.append(token)
+        if s.on_token is not None:
+            s.on_token()
         if s.on_text is None and not s.stop:  # nobody reads the text (calibration): count tokens only
             if len(s.generated) >= s.max_tokens:
                 s.finish_reason = "length"
@@ -260,7 +282,8 @@ class StaticBatchGenerator:
 
 class HfBnbBackend:
     name = "hf-bnb"
-    continuous = False
+    shape: ClassVar[EngineShape] = "static"
+    metrics_registry: CollectorRegistry | None = None
 
     def __init__(self, settings: BackendSettings, batching: BatchingSettings) -> None:
         assert settings.model is not None
@@ -279,13 +302,23 @@ class HfBnbBackend:
         self._gen: StaticBatchGenerator | None = None
         self._headroom = Headroom()
         self._kv_bytes = 0
+        self._gpu_worker = ThreadPoolExecutor(1, thread_name_prefix="hf-bnb-gpu")
+        self._tokenizer_worker = ThreadPoolExecutor(1, thread_name_prefix="hf-bnb-tokenizer")
 
     @property
     def model(self) -> str:
         return self._served
 
+    @property
+    def _generator(self) -> StaticBatchGenerator:
+        if self._gen is None:
+            raise RuntimeError("hf-bnb backend used before start()")
+        return self._gen
+
     async def start(self) -> None:
-        loaded = await asyncio.to_thread(load_model, self._path, self._dtype, self._device, self._cudnn_sdpa)
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            self._gpu_worker, load_model, self._path, self._dtype, self._device, self._cudnn_sdpa
+        )
         log.info(
             "hf-bnb: loaded %s (%s on %s) in %.1f s", self._path, self._dtype, self._device, loaded.load_s
         )
@@ -294,6 +327,8 @@ class HfBnbBackend:
         self._update_headroom()
 
     async def close(self) -> None:
+        self._gpu_worker.shutdown(wait=True)
+        self._tokenizer_worker.shutdown(wait=True)
         self._gen = None
 
     def _update_headroom(self) -> None:
@@ -309,56 +344,84 @@ class HfBnbBackend:
     def headroom(self) -> Headroom:
         return self._headroom
 
-    async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
-        if self._gen is None:
-            raise RuntimeError("hf-bnb backend used before start()")
-        loop = asyncio.get_running_loop()
-        results: list[GenerationResult | BaseException | None] = [None] * len(batch)
-        outputs: list[tuple[int, RequestOutput]] = []
-        seqs: list[SeqSpec] = []
-        for i, item in enumerate(batch):
-            request = item.request
-            try:
-                reject_fields(request, ENGINE_UNSUPPORTED, self.name)
-                prompts = encode_prompts(self._gen.loaded.tokenizer, request)
-            except BadRequest as exc:
-                results[i] = exc
-                continue
-            output = RequestOutput(item)
-            outputs.append((i, output))
-            for index, ids in enumerate(prompts):
-                output.prompt_tokens[index] = len(ids)
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        gen = self._generator
+        prompts = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_worker, encode_prompts, gen.loaded.tokenizer, request
+        )
+        fitted = fit_to_context(
+            request, [len(p) for p in prompts], gen.max_positions, self._default_max_tokens
+        )
+        return dataclasses.replace(fitted, engine_input=prompts)
 
-                def on_text(
-                    delta: str, finish: str | None, out: RequestOutput = output, k: int = index
-                ) -> None:
-                    loop.call_soon_threadsafe(out.add, k, delta, finish)
+    def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
+        """Left padding makes every row as long as the longest prompt, and the batch runs as many steps
+        as the largest ``max_tokens``: both together must fit the model's positions."""
+        width = max((max(r.prompt_tokens or (0,)) for r in requests), default=0)
+        steps = max((r.max_tokens or self._default_max_tokens for r in requests), default=0)
+        return width + steps <= self._generator.max_positions
 
-                seqs.append(
-                    SeqSpec(
-                        prompt_ids=ids,
-                        max_tokens=request.max_tokens or self._default_max_tokens,
-                        temperature=request.temperature,
-                        top_p=request.top_p,
-                        stop=request.stop,
-                        seed=request.seed,
-                        ignore_eos=request.ignore_eos,
-                        on_text=on_text,
-                        cancelled=item.cancelled,
-                    )
+    def _specs(self, job: Job, output: RequestOutput, loop: asyncio.AbstractEventLoop) -> list[SeqSpec]:
+        request = job.request
+        prompts: list[list[int]] = request.engine_input
+        specs = []
+
+        def on_token() -> None:
+            loop.call_soon_threadsafe(job.progress, 1)
+
+        for index, ids in enumerate(prompts):
+            output.prompt_tokens[index] = len(ids)
+
+            def on_text(delta: str, finish: str | None, out: RequestOutput = output, k: int = index) -> None:
+                loop.call_soon_threadsafe(out.add, k, delta, finish)
+
+            specs.append(
+                SeqSpec(
+                    prompt_ids=ids,
+                    max_tokens=request.max_tokens or self._default_max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    stop=request.stop,
+                    seed=request.seed,
+                    ignore_eos=request.ignore_eos,
+                    on_text=on_text,
+                    on_token=on_token,
+                    cancelled=job.cancelled,
                 )
-        if seqs:
-            try:
-                await asyncio.to_thread(self._gen.run, seqs)
-            except BadRequest as exc:
-                for i, _ in outputs:
-                    results[i] = exc
-                outputs = []
-            finally:
-                self._update_headroom()
+            )
+        return specs
+
+    async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
+        gen = self._generator
+        loop = asyncio.get_running_loop()
+        outputs = [RequestOutput(job) for job in jobs]
+        seqs = [spec for job, out in zip(jobs, outputs, strict=True) for spec in self._specs(job, out, loop)]
+        stop = threading.Event()
+        worker = loop.run_in_executor(self._gpu_worker, gen.run, seqs, stop)
+        try:
+            await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            stop.set()
+            await _until_done(worker)  # the GPU slot stays taken until the worker has stopped
+            raise
+        except BadRequest as exc:
+            return [exc for _ in jobs]
+        finally:
+            self._update_headroom()
         by_output = iter(seqs)
-        for i, output in outputs:
-            for index in range(output.item.request.sequences):
+        for output in outputs:
+            for index in range(output.job.request.sequences):
                 output.completion_tokens[index] = len(next(by_output).generated)
-            results[i] = output.result()
-        return [r if r is not None else RuntimeError("no result") for r in results]
+        return [output.result() for output in outputs]
+
+
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to finish, whatever cancellations arrive meanwhile."""
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return

@@ -1,10 +1,11 @@
-"""A profile-driven engine for machines without a GPU: modelled timing, made-up text.
+"""A profile-driven static engine for machines without a GPU: modelled timing, made-up text.
 
-Static batching like HF ``generate``: one batch at a time, every step of a batch of b sequences takes
-the profile's step time b / tokens_per_s(b) × ``sim_time_scale``, and a batch runs as many steps as
-its longest ``max_tokens``. Tokens are whitespace-separated words (the backend's own usage counts),
-generated text is deterministic per request. Energy for it comes from the modelled meter
-(``source="model"``): nothing here is measured.
+Static batching like HF ``generate``: one batch at a time; every step of a batch of b sequences takes
+the profile's step time b / tokens_per_s(b) × ``sim_time_scale``, and a batch runs until its longest
+sequence is done. Tokens are whitespace-separated words (the backend's own usage counts); text is
+deterministic per request and seed; the context length is ``backend.context_length`` (or the profile's
+``meta.max_model_len``, or 4096). Energy for it comes from the modelled meter (``source="model"``):
+nothing here is measured.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from typing import ClassVar
+
+from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings, BatchingSettings
-from ..openai_api import ENGINE_UNSUPPORTED, GenerationRequest, message_text, reject_fields
-from ..policy import Headroom
+from ..domain import GenerationRequest, GenerationResult, Headroom
+from ..openai_api import ENGINE_UNSUPPORTED, message_text, reject_fields
 from ..profile import EnergyProfile
-from .base import BatchItem, GenerationResult
+from .base import EngineShape, Job
 from .engine_output import RequestOutput
+from .limits import fit_to_context
 
 __all__ = ["SimulatedBackend"]
 
@@ -27,6 +32,7 @@ _WORDS = (
     "engine", "prefill", "decode", "cache", "power", "carbon", "cost", "budget", "sweet", "spot",
     "knee", "step", "kernel", "memory", "bandwidth", "tensor", "core", "idle",
 )  # fmt: skip
+DEFAULT_CONTEXT_TOKENS = 4096
 
 
 def _prompt_text(request: GenerationRequest, index: int) -> str:
@@ -43,14 +49,18 @@ class _Sequence:
         self.rng = random.Random(seed)
         self.generated = 0
         self.done = False
-        output.prompt_tokens[index] = len(_prompt_text(output.item.request, index).split())
+        output.prompt_tokens[index] = len(_prompt_text(output.job.request, index).split())
 
     def step(self) -> None:
-        """Generate one token (word); finish on max_tokens or a stop string."""
+        """Generate one token (word); finish on max_tokens, a stop string, or a client that left."""
+        if self.output.job.cancelled():
+            self._finish("", "abort")
+            return
         word = self.rng.choice(_WORDS)
         text = word if self.generated == 0 else " " + word
         self.generated += 1
-        request = self.output.item.request
+        self.output.job.progress(1)
+        request = self.output.job.request
         current = self.output.texts[self.index] + text
         for stop in request.stop:
             cut = current.find(stop)
@@ -70,12 +80,16 @@ class _Sequence:
 
 class SimulatedBackend:
     name = "simulated"
-    continuous = False
+    shape: ClassVar[EngineShape] = "static"
+    metrics_registry: CollectorRegistry | None = None
 
     def __init__(self, profile: EnergyProfile, backend: BackendSettings, batching: BatchingSettings) -> None:
         self._profile = profile
         self._time_scale = backend.sim_time_scale
         self._default_max_tokens = batching.expected_completion_tokens
+        self.context_tokens = int(
+            backend.context_length or profile.meta.get("max_model_len") or DEFAULT_CONTEXT_TOKENS
+        )
         self._model = backend.served_model_name or backend.model or "mistral-7b-int8-sim"
         self._lock = asyncio.Lock()
 
@@ -92,23 +106,23 @@ class SimulatedBackend:
     def headroom(self) -> Headroom:
         return Headroom()
 
-    async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
-        async with self._lock:  # static batching: one batch on the "GPU" at a time
-            return await self._run(batch)
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        lengths = [len(_prompt_text(request, i).split()) for i in range(request.sequences)]
+        return fit_to_context(request, lengths, self.context_tokens, self._default_max_tokens)
 
-    async def _run(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
-        results: list[GenerationResult | BaseException | None] = [None] * len(batch)
-        outputs: list[RequestOutput | None] = [None] * len(batch)
+    def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
+        return True  # each simulated sequence has its own context
+
+    async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
+        async with self._lock:  # static batching: one batch on the "GPU" at a time
+            return await self._run(jobs)
+
+    async def _run(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
+        outputs = [RequestOutput(job) for job in jobs]
         sequences: list[_Sequence] = []
-        for i, item in enumerate(batch):
-            request = item.request
-            try:
-                reject_fields(request, ENGINE_UNSUPPORTED, self.name)
-            except Exception as exc:
-                results[i] = exc
-                continue
-            output = RequestOutput(item)
-            outputs[i] = output
+        for output in outputs:
+            request = output.job.request
             max_tokens = request.max_tokens or self._default_max_tokens
             for index in range(request.sequences):
                 seed = request.seed if request.seed is not None else hash((request.id, index))
@@ -122,7 +136,4 @@ class SimulatedBackend:
                     s.step()
             if step_s == 0:
                 await asyncio.sleep(0)  # let streams flush between steps
-        for i, maybe in enumerate(outputs):
-            if maybe is not None:
-                results[i] = maybe.result()
-        return [r if r is not None else RuntimeError("no result") for r in results]
+        return [output.result() for output in outputs]

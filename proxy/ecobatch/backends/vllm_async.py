@@ -1,25 +1,33 @@
-"""vLLM's in-process async engine (``AsyncLLM``) as the backend: one process, no HTTP hop.
+"""vLLM's in-process async engine (``AsyncLLM``) as a continuous engine: one process, no HTTP hop.
 
-Each sequence of a batch is submitted to the engine at once (continuous batching does the rest); text
-comes back as deltas and is formatted as OpenAI responses or stream chunks by ``engine_output``.
-Usage is the engine's own count (prompt token ids, generated token ids). Headroom comes from a vLLM
-stat logger that receives the scheduler's stats (KV usage fraction, running and waiting requests).
-Chat prompts are rendered with the model's own chat template (transformers ``AutoTokenizer``).
+``prepare`` renders chat prompts with the model's own chat template and tokenizes them in a worker
+thread (never on the event loop), then checks prompt + ``max_tokens`` against ``max_model_len`` as
+vLLM's OpenAI server does. ``generate`` submits the request's sequences to the engine at once
+(continuous batching does the rest); text comes back as deltas and is formatted as OpenAI responses or
+stream chunks by ``engine_output``, and each delta's token count is reported to the energy ledger.
+A cancelled call aborts its sequences in the engine (``AsyncLLM.abort``). Usage is the engine's own
+count. Headroom comes from a vLLM stat logger that receives the scheduler's stats (KV usage fraction,
+running and waiting requests); vLLM's own ``vllm:*`` metrics are served on ecobatch's /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from ..config import BackendSettings
+from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BackendFailed, BadRequest
-from ..openai_api import ENGINE_UNSUPPORTED, GenerationRequest, reject_fields
-from ..policy import Headroom
-from .base import BatchItem, GenerationResult
+from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
+from .base import EngineShape, Job
 from .engine_output import RequestOutput, encode_prompts
+from .limits import fit_to_context
 
 __all__ = ["VllmAsyncBackend"]
 
@@ -67,7 +75,8 @@ def _logger_factory(sink: _HeadroomSink) -> Any:
 
 class VllmAsyncBackend:
     name = "vllm-async"
-    continuous = True
+    shape: ClassVar[EngineShape] = "continuous"
+    metrics_registry: CollectorRegistry | None = None
 
     def __init__(self, settings: BackendSettings) -> None:
         assert settings.model is not None
@@ -77,6 +86,7 @@ class VllmAsyncBackend:
         self._sink = _HeadroomSink()
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._tokenizer_worker = ThreadPoolExecutor(1, thread_name_prefix="vllm-async-tokenizer")
 
     @property
     def model(self) -> str:
@@ -89,15 +99,23 @@ class VllmAsyncBackend:
 
         args = AsyncEngineArgs(model=self._model_path, **self._settings.engine_args)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_logger_factory(self._sink)])
-        self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)
+        self.metrics_registry = REGISTRY  # vLLM's own stat logger registers its vllm:* series there
+        self._tokenizer = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_worker, AutoTokenizer.from_pretrained, self._model_path
+        )
 
     async def close(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        self._tokenizer_worker.shutdown(wait=True)
 
     def headroom(self) -> Headroom:
         return self._sink.headroom
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self._engine.model_config.max_model_len)
 
     def _sampling(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
@@ -113,52 +131,53 @@ class VllmAsyncBackend:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def _prompts(self, request: GenerationRequest) -> list[Any]:
-        """Token-id prompts, checked against the context length as vLLM's OpenAI server does."""
-        token_lists = encode_prompts(self._tokenizer, request)
-        limit = self._engine.model_config.max_model_len
-        field = "max_tokens" if request.kind == "completion" else "max_completion_tokens"
-        for ids in token_lists:
-            wanted = len(ids) + (request.max_tokens or 0)
-            if len(ids) >= limit or wanted > limit:
-                raise BadRequest(
-                    f"{field}={request.max_tokens} with a {len(ids)}-token prompt exceeds the model's "
-                    f"max_model_len={limit}; request fewer tokens",
-                    param=field if len(ids) < limit else "prompt",
-                )
-        return [{"prompt_token_ids": ids} for ids in token_lists]
-
-    async def generate(self, batch: Sequence[BatchItem]) -> list[GenerationResult | BaseException]:
-        return list(await asyncio.gather(*(self._one(item) for item in batch)))
-
-    async def _one(self, item: BatchItem) -> GenerationResult | BaseException:
-        request = item.request
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        prompts = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_worker, encode_prompts, self._tokenizer, request
+        )
+        limit = self.context_tokens
+        fitted = fit_to_context(request, [len(p) for p in prompts], limit, default_max_tokens=limit)
         try:
-            reject_fields(request, ENGINE_UNSUPPORTED, self.name)
-            params = self._sampling(request)
-            prompts = self._prompts(request)
-        except (BadRequest, ValueError, TypeError) as exc:
-            return exc if isinstance(exc, BadRequest) else BadRequest(str(exc))
-        output = RequestOutput(item)
+            self._sampling(fitted)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"the engine refuses these sampling parameters: {exc}") from None
+        return dataclasses.replace(fitted, engine_input=prompts)
+
+    async def generate(self, job: Job) -> GenerationResult:
+        output = RequestOutput(job)
+        params = self._sampling(job.request)
+        prompts: list[list[int]] = job.request.engine_input
         try:
             await asyncio.gather(
-                *(self._sequence(output, i, prompt, params) for i, prompt in enumerate(prompts))
+                *(
+                    self._sequence(output, i, {"prompt_token_ids": ids}, params)
+                    for i, ids in enumerate(prompts)
+                )
             )
-        except ValueError as exc:  # vLLM validates inputs (e.g. prompt longer than max_model_len)
-            return BadRequest(f"engine rejected the request: {exc}")
-        except asyncio.CancelledError:
+        except ValueError as exc:  # vLLM validates inputs too
+            raise BadRequest(f"engine rejected the request: {exc}") from None
+        except (asyncio.CancelledError, BadRequest):
             raise
         except Exception as exc:
-            return BackendFailed(f"vLLM engine error: {exc!r}")
+            raise BackendFailed(f"vLLM engine error: {exc!r}") from exc
         return output.result()
 
     async def _sequence(self, output: RequestOutput, index: int, prompt: Any, params: Any) -> None:
-        request_id = f"{output.item.request.id}-{index}"
-        async for out in self._engine.generate(prompt, params, request_id):
-            if out.prompt_token_ids is not None:
-                output.prompt_tokens[index] = len(out.prompt_token_ids)
-            completion = out.outputs[0]
-            output.completion_tokens[index] += len(completion.token_ids)
-            output.add(index, completion.text, completion.finish_reason if out.finished else None)
-            if output.item.cancelled():
-                break  # closing the generator aborts the request in the engine
+        request_id = f"{output.job.request.id}-{index}"
+        finished = False
+        try:
+            async with contextlib.aclosing(self._engine.generate(prompt, params, request_id)) as stream:
+                async for out in stream:
+                    if out.prompt_token_ids is not None:
+                        output.prompt_tokens[index] = len(out.prompt_token_ids)
+                    completion = out.outputs[0]
+                    tokens = len(completion.token_ids)
+                    output.completion_tokens[index] += tokens
+                    output.job.progress(tokens)
+                    finished = out.finished
+                    output.add(index, completion.text, completion.finish_reason if finished else None)
+        finally:
+            if not finished and self._engine is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._engine.abort(request_id))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..policy import Headroom
+from ..domain import Headroom
 
 __all__ = ["headroom_from_metrics"]
 

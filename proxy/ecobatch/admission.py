@@ -1,0 +1,206 @@
+"""What waits to be dispatched: the bounded queue, its arrival rate and request sizes, and the policy's
+decision over them. Shared by the static batcher and the continuous gate.
+
+A request is queued as a ``Pending`` with a future the HTTP handler awaits. A handler whose client
+leaves cancels that future; a cancelled request is dropped before dispatch. The window helpers
+(``deadline_s``, ``collect``) apply the pure rules in ``policy`` on the injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .arrivals import ArrivalRate
+from .backends.base import Emit
+from .clock import Clock
+from .config import BatchingSettings
+from .domain import Demand, GenerationRequest, GenerationResult, Headroom, Usage
+from .errors import Overloaded, ShuttingDown
+from .metrics import Metrics
+from .policy import Decision, choose_batch_size, should_close, window_length_s
+from .profile import EnergyProfile
+
+__all__ = ["Admission", "Outcome", "Pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a served request gets back. Its measured joules are settled later (``energy.receipts``);
+    ``provisional_joules`` is the profile's model of them, labelled as such wherever it is shown."""
+
+    result: GenerationResult
+    queue_wait_s: float
+    group_size: int
+    provisional_joules: float
+    energy_source: str
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    request: GenerationRequest
+    future: asyncio.Future[Outcome]
+    arrival_s: float
+    emit: Emit | None
+
+
+class _Demand:
+    """Running means of prompt and completion tokens per sequence, seeded from the settings."""
+
+    def __init__(self, prompt_tokens: float, completion_tokens: float, smoothing: float = 0.1) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self._smoothing = smoothing
+
+    def observe(self, prompt_tokens: float, completion_tokens: float) -> None:
+        a = self._smoothing
+        self.prompt_tokens += a * (prompt_tokens - self.prompt_tokens)
+        self.completion_tokens += a * (max(completion_tokens, 1.0) - self.completion_tokens)
+
+    def now(self) -> Demand:
+        return Demand(self.prompt_tokens, self.completion_tokens)
+
+
+class Admission:
+    def __init__(
+        self,
+        settings: BatchingSettings,
+        profile: EnergyProfile,
+        metrics: Metrics,
+        *,
+        model: str,
+        headroom: Callable[[], Headroom],
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.queue: deque[Pending] = deque()
+        self.arrived = asyncio.Event()
+        self.closing = False
+        self.last_decision: Decision | None = None
+        self._profile = profile
+        self._metrics = metrics
+        self._model = model
+        self._headroom = headroom
+        self._rate = ArrivalRate()
+        self._demand = _Demand(settings.expected_prompt_tokens, settings.expected_completion_tokens)
+
+    # ---- queue ---------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Emit | None) -> Pending:
+        if self.closing:
+            raise ShuttingDown("ecobatch is shutting down; retry on another replica")
+        if len(self.queue) >= self.settings.max_queue:
+            raise Overloaded(
+                f"queue is full: {len(self.queue)} requests, batching.max_queue="
+                f"{self.settings.max_queue}; retry later",
+                retry_after_s=self._retry_after_s(),
+            )
+        now = self.clock.now()
+        pending = Pending(request, asyncio.get_running_loop().create_future(), now, emit)
+        self.queue.append(pending)
+        self._rate.observe(now)
+        self._publish_depth()
+        self.arrived.set()
+        return pending
+
+    def _retry_after_s(self) -> float:
+        latency = self.last_decision.expected_latency_s if self.last_decision else 1.0
+        return max(1.0, math.ceil(latency))
+
+    def _publish_depth(self) -> None:
+        self._metrics.queue_depth.labels(self._model).set(len(self.queue))
+
+    def drop_cancelled(self) -> None:
+        if any(p.future.done() for p in self.queue):
+            self.queue = deque(p for p in self.queue if not p.future.done())
+            self._publish_depth()
+
+    async def wait_for_arrival(self) -> None:
+        self.arrived.clear()
+        await self.arrived.wait()
+
+    def take(
+        self, room: int, fits: Callable[[Sequence[GenerationRequest]], bool] | None = None
+    ) -> list[Pending]:
+        """Up to ``room`` sequences from the head of the queue, in order; the head always goes. With
+        ``fits``, stop at the first request that would make the group not fit (it heads the next one)."""
+        self.drop_cancelled()
+        group: list[Pending] = []
+        taken = 0
+        while self.queue:
+            head = self.queue[0]
+            n = head.request.sequences
+            if group and (
+                taken + n > room or (fits is not None and not fits([p.request for p in [*group, head]]))
+            ):
+                break
+            group.append(self.queue.popleft())
+            taken += n
+        self._publish_depth()
+        return group
+
+    def fail_queued(self, error: BaseException) -> None:
+        while self.queue:
+            pending = self.queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._publish_depth()
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def decide(self, inflight: int, window_s: float = 0.0) -> Decision:
+        s = self.settings
+        decision = choose_batch_size(
+            self._profile,
+            self._headroom(),
+            self._demand.now(),
+            slo_s=s.slo_ms / 1000.0,
+            max_batch_size=s.max_batch_size,
+            energy_tolerance=s.energy_tolerance,
+            inflight=inflight,
+            window_s=window_s,
+        )
+        self.last_decision = decision
+        self._metrics.policy_batch_size.labels(self._model).set(decision.batch_size)
+        self._metrics.policy_decisions.labels(self._model, decision.limited_by).inc()
+        return decision
+
+    def deadline_s(self, decision: Decision) -> float:
+        """When the window that opened at the head's arrival closes (``policy.window_length_s``)."""
+        s = self.settings
+        opened_s = self.queue[0].arrival_s
+        now = self.clock.now()
+        slack_s = s.slo_ms / 1000.0 - decision.expected_latency_s - (now - opened_s)
+        return opened_s + window_length_s(
+            arrival_rate_per_s=self._rate.per_s(now),
+            target=decision.batch_size,
+            window_min_s=s.window_min_ms / 1000.0,
+            window_max_s=s.window_max_ms / 1000.0,
+            slo_slack_s=slack_s,
+        )
+
+    async def collect(self, target: int, deadline_s: float) -> None:
+        """Hold the window open until ``policy.should_close`` (or the queue empties)."""
+        opened_s = self.queue[0].arrival_s if self.queue else self.clock.now()
+        while True:
+            self.drop_cancelled()
+            if not self.queue:
+                return
+            now = self.clock.now()
+            if should_close(
+                now_s=now,
+                deadline_s=deadline_s,
+                collected=sum(p.request.sequences for p in self.queue),
+                target=target,
+                arrival_rate_per_s=self._rate.per_s(now),
+            ):
+                break
+            self.arrived.clear()
+            await self.clock.wait(self.arrived, deadline_s)
+        self._metrics.window.labels(self._model).observe(max(0.0, self.clock.now() - opened_s))
+
+    def observe_demand(self, usage: Usage, sequences: int) -> None:
+        per_seq = max(sequences, 1)
+        self._demand.observe(usage.prompt_tokens / per_seq, usage.completion_tokens / per_seq)

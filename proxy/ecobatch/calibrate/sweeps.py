@@ -1,0 +1,182 @@
+"""The calibration sweeps: a static engine per batch size, a vLLM server per concurrency.
+
+* ``calibrate_hf`` (static batches, in this process): per batch size a warm-up run, then timed runs of
+  ``new_tokens`` tokens (EOS ignored, greedy) repeated until ``min_seconds`` have passed. cuDNN SDPA is
+  disabled (see ``hf_bnb``), so every timed run is warm; the warm-up covers allocator and first launches.
+* ``calibrate_vllm_http`` (a running vLLM server on this machine's GPUs): per concurrency C a closed
+  loop keeps C requests of ``prompt_tokens`` token ids and ``new_tokens`` tokens in flight; after
+  ``warmup_s`` the window opens, lasts ``min_seconds``, and counts generated tokens from vLLM's own
+  ``vllm:generation_tokens_total``; then the loop stops and in-flight requests drain (cool-down).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..energy.counters import NvmlCounters
+from .measure import EnergyWindow
+from .report import CalibrationPoint, make_point, report_line
+
+__all__ = ["calibrate_hf", "calibrate_vllm_http"]
+
+
+def calibrate_hf(
+    model_path: str,
+    *,
+    dtype: str,
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+    prompt_tokens: int,
+    min_seconds: float,
+    warmup_tokens: int,
+    counters: NvmlCounters,
+    idle_power_w: float,
+    progress: Callable[[str], None] = print,
+) -> tuple[list[CalibrationPoint], dict[str, Any]]:
+    """Run the sweep with the hf-bnb backend's own generator; return the points and run facts."""
+    import torch
+
+    from ..backends.hf_bnb import SeqSpec, StaticBatchGenerator, load_model
+
+    loaded = load_model(model_path, dtype=dtype, device="cuda")
+    progress(f"loaded {model_path} as {dtype} in {loaded.load_s:.1f} s")
+    gen = StaticBatchGenerator(loaded)
+    vocab = loaded.model.config.vocab_size
+    specials = set(loaded.tokenizer.all_special_ids)
+    rng = random.Random(0)
+    points = []
+    for bs in batch_sizes:
+        prompts = [
+            [t for t in (rng.randrange(3, vocab) for _ in range(prompt_tokens * 2)) if t not in specials][
+                :prompt_tokens
+            ]
+            for _ in range(bs)
+        ]
+
+        def batch(tokens: int, prompts: list[list[int]] = prompts) -> list[SeqSpec]:
+            return [
+                SeqSpec(prompt_ids=p, max_tokens=tokens, temperature=0.0, ignore_eos=True) for p in prompts
+            ]
+
+        gen.run(batch(warmup_tokens))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        runs, generated, prefill_s, decode_s, steps = 0, 0, 0.0, 0.0, 0
+        with EnergyWindow(counters) as window:
+            t0 = time.monotonic()
+            while runs == 0 or time.monotonic() - t0 < min_seconds:
+                seqs = batch(new_tokens)
+                stats = gen.run(seqs)
+                runs += 1
+                generated += sum(len(s.generated) for s in seqs)
+                prefill_s += stats.prefill_s
+                decode_s += stats.decode_s
+                steps += stats.steps
+            torch.cuda.synchronize()
+        point = make_point(
+            bs,
+            runs,
+            window,
+            generated,
+            bs * runs,
+            idle_power_w,
+            step_ms=1000 * decode_s / max(steps - runs, 1),
+            prefill_ms=1000 * prefill_s / runs,
+            peak_vram_bytes=int(torch.cuda.max_memory_allocated()),
+        )
+        points.append(point)
+        report_line(progress, point, len(points), len(batch_sizes))
+    facts = {
+        "load_s": round(loaded.load_s, 2),
+        "cudnn_sdpa": bool(torch.backends.cuda.cudnn_sdp_enabled()),
+        "torch": str(torch.__version__),
+    }
+    return points, facts
+
+
+async def _generation_tokens(session: Any, base: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:generation_tokens_total"
+    )
+
+
+async def calibrate_vllm_http(
+    base_url: str,
+    *,
+    batch_sizes: Sequence[int],
+    new_tokens: int,
+    prompt_tokens: int,
+    min_seconds: float,
+    warmup_s: float,
+    counters: NvmlCounters,
+    idle_power_w: float,
+    model: str | None = None,
+    progress: Callable[[str], None] = print,
+) -> tuple[list[CalibrationPoint], dict[str, Any]]:
+    """Closed-loop sweep against a running vLLM OpenAI server whose GPUs ``counters`` reads: per
+    concurrency C, C requests kept in flight."""
+    import asyncio
+
+    import aiohttp
+
+    base = base_url.rstrip("/")
+    rng = random.Random(0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with session.get(f"{base}/v1/models") as resp:
+            resp.raise_for_status()
+            served = (await resp.json())["data"][0]
+        model = model or served["id"]
+        vocab_guess = 256  # token ids below this exist in any vocabulary worth measuring
+        points = []
+        for c in batch_sizes:
+            stop = asyncio.Event()
+            finished = 0
+
+            async def worker(stop: asyncio.Event = stop) -> None:
+                nonlocal finished
+                while not stop.is_set():
+                    body = {
+                        "model": model,
+                        "prompt": [rng.randrange(3, vocab_guess) for _ in range(prompt_tokens)],
+                        "max_tokens": new_tokens,
+                        "ignore_eos": True,
+                        "temperature": 0.0,
+                    }
+                    async with session.post(f"{base}/v1/completions", json=body) as r:
+                        if r.status != 200:
+                            raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
+                        await r.read()
+                    finished += 1
+
+            tasks = [asyncio.create_task(worker()) for _ in range(c)]
+            try:
+                await asyncio.sleep(warmup_s)
+                tokens0 = await _generation_tokens(session, base)
+                done0 = finished
+                with EnergyWindow(counters) as window:
+                    await asyncio.sleep(min_seconds)
+                tokens1 = await _generation_tokens(session, base)
+                done1 = finished
+            finally:
+                stop.set()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            generated = int(tokens1 - tokens0)
+            if generated <= 0:
+                raise RuntimeError(f"vLLM generated no tokens in {min_seconds} s at {c} in flight")
+            point = make_point(c, done1 - done0, window, generated, generated / new_tokens, idle_power_w)
+            points.append(point)
+            report_line(progress, point, len(points), len(batch_sizes))
+    return points, {"served_model": model, "max_model_len": served.get("max_model_len")}

@@ -1,0 +1,186 @@
+"""The interface the app uses to run requests, and what both shapes share.
+
+Two shapes, two classes: ``batcher.StaticBatcher`` (batch in, batch out, one batch at a time) and
+``gate.ContinuousGate`` (one request at a time under an in-flight cap). Each implements ``_run``, its
+own loop; everything around it lives here once: submission, run-time reconfiguration, the energy span
+of every request (begun at dispatch, ended on every path), the resolution of every future, and a
+bounded shutdown.
+
+Every future is resolved on every path: a result, the request's own error, a batch-wide error, a
+time-out (504), or ``ShuttingDown`` (503). A future cancelled by its handler (the client left) is
+dropped from the queue, or its work is stopped in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from .admission import Admission, Outcome, Pending
+from .backends.base import Emit, Engine, Job
+from .clock import Clock, MonotonicClock
+from .config import BatchingSettings
+from .domain import GenerationRequest, GenerationResult
+from .energy.ledger import Ledger, Span
+from .energy.receipts import Receipts
+from .errors import BackendFailed, BackendTimeout, EcobatchError, ShuttingDown
+from .metrics import Metrics
+from .policy import Decision
+from .profile import EnergyProfile
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        ledger: Ledger,
+        receipts: Receipts,
+        metrics: Metrics,
+        profile: EnergyProfile,
+        settings: BatchingSettings,
+        *,
+        request_timeout_s: float,
+        clock: Clock | None = None,
+    ) -> None:
+        self._engine = engine
+        self._ledger = ledger
+        self._receipts = receipts
+        self._metrics = metrics
+        self._profile = profile
+        self._timeout_s = request_timeout_s
+        self._clock: Clock = clock or MonotonicClock()
+        self._model = engine.model
+        self._admission = Admission(
+            settings, profile, metrics, model=self._model, headroom=engine.headroom, clock=self._clock
+        )
+        self._inflight = 0
+        self._room = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # requests running on their own (continuous)
+
+    # ---- what the app uses ---------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, emit: Emit | None = None) -> Pending:
+        """Queue a prepared request; raises ``Overloaded`` when the queue is full, ``ShuttingDown``
+        while closing."""
+        return self._admission.submit(request, emit)
+
+    @property
+    def settings(self) -> BatchingSettings:
+        return self._admission.settings
+
+    def reconfigure(self, settings: BatchingSettings) -> None:
+        """Swap the batching settings at run time; the next decision uses them."""
+        self._admission.settings = settings
+        self._admission.arrived.set()
+
+    @property
+    def last_decision(self) -> Decision | None:
+        return self._admission.last_decision
+
+    def decide(self) -> Decision:
+        return self._admission.decide(self._inflight)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._admission.queue)
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name=f"ecobatch-{type(self).__name__}")
+
+    async def close(self, grace_s: float) -> None:
+        """Refuse new requests; let queued and in-flight ones finish for up to ``grace_s``; then fail
+        what is left with ``ShuttingDown``."""
+        admission = self._admission
+        admission.closing = True
+        deadline = self._clock.now() + grace_s
+        while (admission.queue or self._inflight) and self._clock.now() < deadline:
+            self._room.clear()
+            await self._clock.wait(self._room, deadline)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        admission.fail_queued(ShuttingDown("ecobatch shut down before this request ran"))
+
+    # ---- for the two shapes --------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad round kill the loop
+                log.exception("dispatch loop failed; restarting it")
+                await asyncio.sleep(0.01)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def _set_inflight(self, delta: int) -> None:
+        self._inflight += delta
+        self._metrics.inflight.labels(self._model).set(self._inflight)
+        if delta < 0:
+            self._room.set()
+
+    def _dispatched(self, group: list[Pending]) -> tuple[float, int]:
+        """Record a group leaving the queue: (dispatch time, its sequences)."""
+        now = self._clock.now()
+        sequences = sum(p.request.sequences for p in group)
+        self._metrics.batch_size.labels(self._model).observe(sequences)
+        for p in group:
+            self._metrics.queue_wait.labels(self._model).observe(now - p.arrival_s)
+        return now, sequences
+
+    def _job(self, pending: Pending) -> tuple[Span, Job]:
+        span = self._ledger.begin(pending.request.id, pending.request.sequences)
+        job = Job(pending.request, pending.emit, span.progress, pending.future.cancelled)
+        return span, job
+
+    def _timeout(self) -> BackendTimeout:
+        return BackendTimeout(f"the engine did not finish within backend.request_timeout_s={self._timeout_s}")
+
+    @staticmethod
+    def _as_error(exc: BaseException) -> EcobatchError:
+        return exc if isinstance(exc, EcobatchError) else BackendFailed(f"engine error: {exc!r}")
+
+    def _resolve(
+        self,
+        pending: Pending,
+        span: Span,
+        result: GenerationResult | BaseException,
+        dispatched_s: float,
+        group_size: int,
+    ) -> None:
+        """End the request's energy span and resolve its future: the single place both happen."""
+        delivered = not pending.future.done()
+        if not isinstance(result, GenerationResult):
+            span.end(None, delivered=False)
+            if delivered:
+                pending.future.set_exception(self._as_error(result))
+            return
+        concurrency = span.end(result.usage, delivered=delivered)
+        provisional = (
+            self._profile.at(max(concurrency, 1.0)).joules_per_token * result.usage.completion_tokens
+        )
+        self._receipts.pending(pending.request.id, provisional_joules=provisional, source=self._ledger.source)
+        self._metrics.observe_tokens(result.usage)
+        self._admission.observe_demand(result.usage, pending.request.sequences)
+        if delivered:
+            pending.future.set_result(
+                Outcome(
+                    result, dispatched_s - pending.arrival_s, group_size, provisional, self._ledger.source
+                )
+            )

@@ -1,0 +1,18 @@
+"""Energy: where the joules come from and whom they belong to.
+
+* ``gpu``: NVIDIA GPUs through NVML, with a scripted fake (Zeus' pattern: code above never asks "is
+  there a GPU?").
+* ``counters``: cumulative per-GPU energy readers and reset-safe deltas; ``NvmlCounters`` (this host).
+* ``dcgm``: ``DcgmCounters``, dcgm-exporter scraped where the GPU is (a remote vLLM).
+* ``model``: the profile's modelled joules (``source="model"``), where no counter can be read.
+* ``meter``: the background sampler that turns a counter into intervals.
+* ``ledger``: splits each interval among the requests in flight by the tokens they processed, with
+  idle and other clients' work in their own buckets.
+* ``receipts``: each request's settled joules, for a client to look up by id.
+* ``choose``: which source measures the engine, and why.
+"""
+
+from .ledger import IntervalSplit, Ledger, SettledRequest, Span
+from .meter import Meter
+
+__all__ = ["IntervalSplit", "Ledger", "Meter", "SettledRequest", "Span"]

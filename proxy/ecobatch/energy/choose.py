@@ -1,0 +1,117 @@
+"""Which energy source measures the engine, and why: said once at start-up.
+
+``energy.meter``:
+
+* ``dcgm``: dcgm-exporter on the GPU host (``energy.dcgm_url``); right for a remote vLLM.
+* ``nvml``: this host's GPUs. Right when the engine runs here (in-process, or a vLLM server on
+  loopback); with a remote upstream it is the user's explicit claim and is logged as such.
+* ``model``: the profile's modelled joules, ``source="model"``.
+* ``auto``: dcgm where ``energy.dcgm_url`` is set; else NVML where the engine runs on this host and
+  NVML finds a GPU; else modelled. ``auto`` never measures this host's GPUs for a remote upstream: a
+  proxy must not call its own GPU the engine's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from urllib.parse import urlparse
+
+from ..clock import Clock
+from ..config import Settings
+from ..errors import ConfigError
+from ..profile import EnergyProfile
+from .counters import CounterReader, NvmlCounters
+from .dcgm import DcgmCounters
+from .gpu import Gpu, discover_gpus
+from .ledger import Ledger
+from .meter import Meter
+from .model import ProfileModel
+
+__all__ = ["build_meter", "engine_is_local"]
+
+log = logging.getLogger(__name__)
+
+
+def engine_is_local(settings: Settings) -> bool:
+    """True when the engine's GPUs are this host's: in-process engines, or an upstream on loopback."""
+    if settings.backend.kind != "vllm-http":
+        return True
+    host = urlparse(settings.backend.upstream).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _choose(settings: Settings, find_gpus: Callable[[], Sequence[Gpu]]) -> tuple[CounterReader | None, str]:
+    energy, backend = settings.energy, settings.backend
+    if energy.meter == "model":
+        return None, "energy.meter=model"
+    if energy.meter == "dcgm" or (energy.meter == "auto" and energy.dcgm_url):
+        assert energy.dcgm_url is not None
+        reader = DcgmCounters(energy.dcgm_url, labels=energy.dcgm_labels, gpu_indices=energy.gpu_indices)
+        return reader, f"dcgm-exporter at energy.dcgm_url={energy.dcgm_url}, on the GPU's own host"
+    local = engine_is_local(settings)
+    if energy.meter == "auto" and backend.kind == "simulated":
+        return None, "the simulated backend runs on no GPU"
+    if energy.meter == "auto" and not local:
+        return None, (
+            f"backend.upstream={backend.upstream} is another host and energy.dcgm_url is not set; this "
+            "host's GPUs are not the engine's. Set energy.dcgm_url to measure the engine's GPU"
+        )
+    gpus = find_gpus()
+    if not gpus:
+        if energy.meter == "nvml":
+            raise ConfigError("energy.meter='nvml' but NVML found no GPU on this host", field="energy.meter")
+        return None, "NVML found no GPU on this host"
+    why = (
+        "the engine runs on this host"
+        if local
+        else (
+            f"energy.meter=nvml although backend.upstream={backend.upstream} is another host: this host's "
+            "GPUs are taken to be the engine's"
+        )
+    )
+    return NvmlCounters(gpus), f"NVML on GPU {'+'.join(str(g.facts.index) for g in gpus)}: {why}"
+
+
+def build_meter(
+    settings: Settings,
+    profile: EnergyProfile,
+    *,
+    clock: Clock,
+    find_gpus: Callable[[], Sequence[Gpu]] | None = None,
+) -> Meter:
+    """The ledger and its meter for these settings (not started), with the choice logged."""
+    energy = settings.energy
+    reader, why = _choose(settings, find_gpus or (lambda: discover_gpus(energy.gpu_indices)))
+    if reader is None:
+        model = ProfileModel(profile)
+        ledger = Ledger(
+            source="model",
+            gpu=model.gpu,
+            prefill_weight=energy.prefill_weight,
+            idle_power_w=model.idle_power_w,
+            clock=clock,
+            active_model=model.active_joules,
+        )
+        log.warning(
+            'energy: MODELLED from profile %r (%s), exported with source="model": %s',
+            profile.name,
+            profile.source,
+            why,
+        )
+        return Meter(ledger, None, sample_interval_s=energy.sample_interval_s)
+    ledger = Ledger(source=reader.source, gpu=reader.gpu, prefill_weight=energy.prefill_weight, clock=clock)
+    log.info("energy: measured by %s", why)
+    return Meter(
+        ledger,
+        reader,
+        sample_interval_s=energy.sample_interval_s,
+        idle_power_w=energy.idle_power_w,
+        max_stale_s=60.0,
+    )

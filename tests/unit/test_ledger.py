@@ -1,0 +1,230 @@
+"""The energy ledger: every interval's joules go to requests (by the tokens they processed in it), to
+idle, or to other clients' work, and nothing is lost or invented."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ecobatch.clock import FakeClock
+from ecobatch.domain import Usage
+from ecobatch.energy.ledger import IntervalSplit, Ledger, SettledRequest
+
+
+def ledger_on(clock: FakeClock, *, idle_power_w: float = 0.0, prefill_weight: float = 1.0) -> Ledger:
+    return Ledger(
+        source="nvml", gpu="0", prefill_weight=prefill_weight, idle_power_w=idle_power_w, clock=clock
+    )
+
+
+def collect(ledger: Ledger) -> tuple[dict[str, SettledRequest], list[IntervalSplit]]:
+    settled: dict[str, SettledRequest] = {}
+    splits: list[IntervalSplit] = []
+
+    def on_request(s: SettledRequest) -> None:
+        assert s.request_id not in settled, "settled twice"
+        settled[s.request_id] = s
+
+    ledger.on_request = on_request
+    ledger.on_interval = splits.append
+    return settled, splits
+
+
+async def test_equal_work_gets_equal_joules_whatever_else_is_in_flight() -> None:
+    """With GPU energy exactly proportional to the tokens processed, each request gets exactly its own
+    tokens' energy: alone, or beside five others that come and go."""
+    clock = FakeClock()
+    ledger = ledger_on(clock, prefill_weight=0.5)
+    settled, _ = collect(ledger)
+    joules_per_token = 0.25
+    rng = random.Random(7)
+    plan = {"alone": (0, 20, 3), "crowded": (40, 60, 3)}  # (start tick, end tick, tokens per tick)
+    plan |= {
+        f"other{i}": (35 + rng.randrange(10), 50 + rng.randrange(30), rng.randrange(1, 9)) for i in range(5)
+    }
+    spans: dict[str, object] = {}
+    expected = {name: 0.0 for name in plan}
+    t_last = clock.now()
+    for tick in range(100):
+        await clock.advance(0.1)
+        energy = 0.0
+        for name, (start, end, per_tick) in plan.items():
+            span = spans.get(name)
+            if tick == start:
+                spans[name] = ledger.begin(name)
+            elif span is not None and start < tick < end:
+                span.progress(per_tick)  # type: ignore[attr-defined]
+                work = per_tick + (0.5 * 10 if tick == start + 1 else 0.0)  # the 10-token prefill first
+                energy += joules_per_token * work
+                expected[name] += joules_per_token * work
+            elif span is not None and tick == end:
+                made = per_tick * (end - start - 1)
+                span.end(Usage(10, made))  # type: ignore[attr-defined]
+        ledger.add_interval(t_last, clock.now(), energy)
+        t_last = clock.now()
+    assert set(settled) == set(plan)
+    for name, s in settled.items():
+        assert s.joules == pytest.approx(expected[name], rel=1e-9), name
+    assert settled["alone"].joules == pytest.approx(settled["crowded"].joules, rel=1e-9)
+
+
+async def test_a_non_streaming_request_has_its_prompt_at_the_start_and_its_tokens_spread_evenly() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    settled, _ = collect(ledger)
+    r = ledger.begin("r")  # [0, 1.0]: 100 tokens, no progress reported
+    await clock.advance(0.5)
+    s = ledger.begin("s")  # [0.5, 1.0]: 50 tokens
+    await clock.advance(0.5)
+    r.end(Usage(0, 100))
+    s.end(Usage(0, 50))
+    for k in range(4):  # four quarters of 100 J each
+        ledger.add_interval(0.25 * k, 0.25 * (k + 1), 100.0)
+    await clock.advance(0.1)
+    ledger.add_interval(1.0, 1.1, 0.0)
+    # quarters 1-2: r alone; quarters 3-4: 25 tokens each
+    assert settled["r"].joules == pytest.approx(300.0)
+    assert settled["s"].joules == pytest.approx(100.0)
+
+
+async def test_overlapping_requests_conserve_the_counter_with_failures_and_idle() -> None:
+    """Σ per request + idle + unattributed = Σ interval joules, whatever the overlap and however a
+    request ends (streamed, plain, failed, its client gone)."""
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=120.0)
+    settled, splits = collect(ledger)
+    rng = random.Random(3)
+    open_spans = []
+    counter = 0.0
+    t_last = 0.0
+    started = 0
+    for _ in range(400):
+        await clock.advance(rng.uniform(0.005, 0.05))
+        if rng.random() < 0.2:
+            open_spans.append(ledger.begin(f"r{started}", sequences=rng.randrange(1, 4)))
+            started += 1
+        for span in list(open_spans):
+            roll = rng.random()
+            if roll < 0.3:
+                span.progress(rng.randrange(1, 5))
+            elif roll < 0.36:
+                outcome = rng.choice(["ok", "failed", "left"])
+                usage = Usage(rng.randrange(50), rng.randrange(200)) if outcome != "failed" else None
+                span.end(usage, delivered=outcome != "left")
+                open_spans.remove(span)
+        if rng.random() < 0.3:  # the counter moves now and then, by whatever the GPU spent
+            joules = rng.uniform(0, 60)
+            counter += joules
+            ledger.add_interval(t_last, clock.now(), joules)
+            t_last = clock.now()
+    for span in open_spans:
+        span.end(None)
+    await clock.advance(0.1)
+    ledger.add_interval(t_last, clock.now(), 5.0)
+    counter += 5.0
+    ledger.flush()
+    assert len(settled) == started
+    attributed = sum(s.joules for s in settled.values())
+    totals = ledger.totals
+    assert attributed + totals.idle_joules + totals.unattributed_joules == pytest.approx(counter, rel=1e-9)
+    assert sum(s.joules for s in splits) == pytest.approx(counter, rel=1e-9)
+    assert all(s.joules >= 0 for s in settled.values())
+    assert ledger.pending_requests == 0
+
+
+async def test_a_failed_request_leaves_no_open_span_and_idle_keeps_counting() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=100.0)
+    settled, _ = collect(ledger)
+    span = ledger.begin("fails")
+    span.progress(3)
+    await clock.advance(0.5)
+    span.end(None, delivered=False)  # the engine failed: usage unknown
+    span.end(Usage(1, 1))  # a second end (a finally block) changes nothing
+    ledger.add_interval(0.0, 1.0, 400.0)  # busy 0.5 s, idle 0.5 s
+    assert settled["fails"].joules == pytest.approx(400.0 - 50.0)
+    assert settled["fails"].delivered is False
+    for k in range(1, 4):
+        ledger.add_interval(float(k), float(k + 1), 100.0)
+    assert ledger.pending_requests == 0
+    assert ledger.totals.idle_joules == pytest.approx(50.0 + 300.0)
+
+
+async def test_energy_while_none_of_ours_runs_is_idle_up_to_idle_power_then_other_work() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=122.0)
+    _, splits = collect(ledger)
+    ledger.add_interval(0.0, 1.0, 480.0)  # another client decoding on the same GPU
+    ledger.add_interval(1.0, 2.0, 100.0)  # below idle power: all of it idle
+    assert (splits[0].idle_joules, splits[0].unattributed_joules) == pytest.approx((122.0, 358.0))
+    assert (splits[1].idle_joules, splits[1].unattributed_joules) == pytest.approx((100.0, 0.0))
+
+
+async def test_a_request_settles_only_once_the_counter_has_passed_its_end() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    settled, _ = collect(ledger)
+    await clock.advance(1.0)
+    span = ledger.begin("r")
+    ledger.add_interval(0.0, 1.0, 10.0)
+    await clock.advance(0.05)
+    span.end(Usage(1, 1))
+    assert settled == {}
+    ledger.add_interval(1.0, 1.1, 20.0)
+    assert settled["r"].joules == pytest.approx(20.0)
+
+
+async def test_an_interval_waits_for_every_request_in_it_to_end() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    settled, _ = collect(ledger)
+    short, long_ = ledger.begin("short"), ledger.begin("long")
+    await clock.advance(0.1)
+    short.end(Usage(0, 10))
+    ledger.add_interval(0.0, 0.2, 30.0)
+    assert settled == {}, "the long request's share of the interval is not known yet"
+    await clock.advance(0.2)
+    long_.end(Usage(0, 30))
+    ledger.add_interval(0.2, 0.4, 30.0)
+    # interval 1: short 10 tokens, long 30 × (0.2 / 0.3) = 20 tokens
+    assert settled["short"].joules == pytest.approx(10.0)
+    assert settled["long"].joules == pytest.approx(20.0 + 30.0)
+
+
+async def test_a_modelled_ledger_charges_the_profile_per_token_and_idle_power() -> None:
+    clock = FakeClock()
+    ledger = Ledger(
+        source="model",
+        gpu="modelled",
+        prefill_weight=1.0,
+        idle_power_w=100.0,
+        clock=clock,
+        active_model=lambda tokens, concurrency: tokens * (2.0 if concurrency < 1.5 else 1.0),
+    )
+    settled, _ = collect(ledger)
+    a = ledger.begin("a")
+    await clock.advance(0.5)
+    a.end(Usage(5, 10))
+    await clock.advance(0.5)
+    ledger.add_interval(0.0, 1.0, None)
+    b, c = ledger.begin("b"), ledger.begin("c")
+    await clock.advance(0.5)
+    b.end(Usage(0, 10))
+    c.end(Usage(0, 30))
+    ledger.add_interval(1.0, 2.0, None)
+    assert settled["a"].joules == pytest.approx(20.0)  # 10 tokens at 2 J (one in flight)
+    assert (settled["b"].joules, settled["c"].joules) == pytest.approx((10.0, 30.0))  # two in flight: 1 J
+    assert ledger.totals.idle_joules == pytest.approx(100.0)
+    assert settled["a"].source == "model"
+
+
+async def test_the_mean_concurrency_of_a_request_is_reported_at_its_end() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    a = ledger.begin("a", sequences=1)
+    await clock.advance(1.0)
+    b = ledger.begin("b", sequences=3)
+    await clock.advance(1.0)
+    b.end(Usage())
+    assert a.end(Usage()) == pytest.approx((1 * 1.0 + 4 * 1.0) / 2.0)
