@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -77,7 +78,8 @@ def self_started(rounds: int) -> dict[str, Any]:
         procs = [upstream]
         try:
             wait_healthy([upstream])
-            proxy = start_proxy(["--backend", "vllm-http", "--upstream", upstream.url], Path(tmp), name="ecobatch")
+            args = ["--backend", "vllm-http", "--upstream", upstream.url]
+            proxy = start_proxy(args, Path(tmp), name="ecobatch")
             procs.append(proxy)
             wait_healthy([proxy])
             return measure({"direct": upstream.url, "ecobatch": proxy.url}, rounds)
@@ -87,7 +89,9 @@ def self_started(rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", action="append", default=[], help="NAME=URL of a running server")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. what each target runs)")
@@ -97,7 +101,7 @@ def main() -> None:
         result = measure(dict(t.split("=", 1) for t in args.target), args.rounds)
     else:
         result = self_started(args.rounds)
-    result["machine"] = {"cpu_count": __import__("os").cpu_count(), "python": platform.python_version()}
+    result["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version()}
     result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

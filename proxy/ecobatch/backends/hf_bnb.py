@@ -19,7 +19,8 @@ really stopped. Tokenization and chat templates run in their own worker thread, 
 requests whose longest prompt plus largest ``max_tokens`` fit it (``batch_fits``).
 
 cuDNN's SDPA builds a plan on first sight of each KV length, which made first runs 2–3× slower on
-the H200 (measured by the ecobatch developers); it is disabled by default (``cudnn_sdpa: false``) so every run is warm.
+the H200 (measured by the ecobatch developers); it is disabled by default (``cudnn_sdpa: false``) so
+every run is warm.
 """
 
 from __future__ import annotations
