@@ -118,9 +118,13 @@ class Admission:
             self.queue = deque(p for p in self.queue if not p.future.done())
             self._publish_depth()
 
-    async def wait_for_arrival(self) -> None:
-        self.arrived.clear()
-        await self.arrived.wait()
+    async def wait_for_work(self) -> None:
+        """Return once the queue holds a request whose client is still there."""
+        self.drop_cancelled()
+        while not self.queue:
+            self.arrived.clear()
+            await self.arrived.wait()
+            self.drop_cancelled()
 
     def take(
         self, room: int, fits: Callable[[Sequence[GenerationRequest]], bool] | None = None

@@ -33,10 +33,7 @@ class StaticBatcher(Dispatcher):
     async def _run(self) -> None:
         admission = self._admission
         while True:
-            admission.drop_cancelled()
-            if not admission.queue:
-                await admission.wait_for_arrival()
-                continue
+            await admission.wait_for_work()
             decision = admission.decide(inflight=0)
             await admission.collect(decision.batch_size, admission.deadline_s(decision))
             batch = admission.take(decision.batch_size, fits=self._engine.batch_fits)

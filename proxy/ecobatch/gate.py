@@ -35,10 +35,7 @@ class ContinuousGate(Dispatcher):
     async def _run(self) -> None:
         admission = self._admission
         while True:
-            admission.drop_cancelled()
-            if not admission.queue:
-                await admission.wait_for_arrival()
-                continue
+            await admission.wait_for_work()
             decision = admission.decide(inflight=self._inflight)
             cap = decision.batch_size
             if self._inflight == 0:  # idle engine: hold the window, release the group together

@@ -281,6 +281,26 @@ async def test_in_flight_stays_at_the_cap_under_a_burst_of_four_times_it(
     assert view["inflight"] == 0
 
 
+async def leave_early(url: str, body: dict[str, Any], after_s: float = 0.4) -> None:
+    """Send a request and go away before it can finish."""
+    with pytest.raises(asyncio.TimeoutError):
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url, json=body, timeout=aiohttp.ClientTimeout(total=after_s)) as r,
+        ):
+            await r.read()
+
+
+async def metrics_once_idle(url: str, *gauges: str) -> str:
+    """The /metrics text once every named gauge reads 0 (or after 5 s)."""
+    for _ in range(100):
+        text = await get_text(url)
+        if all(metric(text, g) == 0 for g in gauges):
+            break
+        await asyncio.sleep(0.05)
+    return text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, str], stream: bool) -> None:
     """vllm-http closes the upstream request; vLLM aborts it: it stops generating long before its
@@ -289,22 +309,12 @@ async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, s
     before_tokens = metric(await get_text(f"{upstream}/metrics"), "vllm:generation_tokens_total")
     before_499 = metric(await get_text(f"{proxy}/metrics"), "ecobatch_requests_total", status="499")
     body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True, "stream": stream}
-    with pytest.raises(asyncio.TimeoutError):
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(f"{proxy}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.4)) as r,
-        ):
-            await r.read()
-    for _ in range(100):
-        text = await get_text(f"{upstream}/metrics")
-        if metric(text, "vllm:num_requests_running") == 0:
-            break
-        await asyncio.sleep(0.05)
+    await leave_early(f"{proxy}/v1/completions", body)
+    text = await metrics_once_idle(f"{upstream}/metrics", "vllm:num_requests_running")
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before_tokens
     assert generated < 250, f"vLLM generated {generated} of 500 tokens: the request was not aborted"
-    await asyncio.sleep(0.2)
-    proxy_text = await get_text(f"{proxy}/metrics")
+    proxy_text = await metrics_once_idle(f"{proxy}/metrics", "ecobatch_inflight_requests")
     assert metric(proxy_text, "ecobatch_requests_total", status="499") == before_499 + 1
     assert metric(proxy_text, "ecobatch_inflight_requests") == 0
 
@@ -313,18 +323,10 @@ async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_eng
     """vllm-async aborts the request in AsyncLLM; vLLM's own counters are on ecobatch's /metrics."""
     proxy = real_engines["vllm-async"]
     before = metric(await get_text(f"{proxy}/metrics"), "vllm:generation_tokens_total")
-    body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True}
-    with pytest.raises(asyncio.TimeoutError):
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(f"{proxy}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.4)) as r,
-        ):
-            await r.read()
-    for _ in range(100):
-        text = await get_text(f"{proxy}/metrics")
-        if metric(text, "vllm:num_requests_running") == 0 and metric(text, "ecobatch_inflight_requests") == 0:
-            break
-        await asyncio.sleep(0.05)
+    await leave_early(f"{proxy}/v1/completions", {"prompt": "hello", "max_tokens": 500, "ignore_eos": True})
+    text = await metrics_once_idle(
+        f"{proxy}/metrics", "vllm:num_requests_running", "ecobatch_inflight_requests"
+    )
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before
     assert 0 < generated < 250, f"vLLM generated {generated} of 500 tokens: the request was not aborted"
