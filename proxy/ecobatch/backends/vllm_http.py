@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Mapping
 from typing import Any, ClassVar
 
 import aiohttp
@@ -202,45 +202,48 @@ class VllmHttpBackend:
 
     async def _stream(self, job: Job) -> GenerationResult:
         request = job.request
-        assert job.emit is not None
         body = self._upstream_body(request)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        usage: Usage | None = None
-        done = False
         async with self._http.post(f"{self._base}{self._path(request)}", json=body) as resp:
             if resp.status != 200:
                 raise _upstream_error(resp.status, await resp.text())
-            async for raw_line in resp.content:
-                line = raw_line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(payload)
-                except json.JSONDecodeError as exc:
-                    raise BackendFailed(
-                        f"the upstream stream sent malformed JSON: {payload[:200]!r}"
-                    ) from exc
-                if not isinstance(chunk, dict):
-                    raise BackendFailed(f"the upstream stream sent a non-object: {payload[:200]!r}")
-                if "error" in chunk:
-                    raise _upstream_error(502, json.dumps(chunk))
-                job.progress(_generated_pieces(chunk))
-                if chunk.get("usage"):
-                    usage = _usage(chunk["usage"])
-                    if not request.include_usage:
-                        if not chunk.get("choices"):
-                            continue
-                        chunk.pop("usage")
-                elif "usage" in chunk and not request.include_usage:
-                    chunk.pop("usage")
-                chunk["id"], chunk["model"] = request.id, self.model
-                job.emit(chunk)
-        if not done:
-            raise BackendFailed("the upstream stream ended before [DONE]")
-        if usage is None:
-            raise BackendFailed("the upstream stream ended without a usage chunk")
+            usage = await _relay(resp.content, job, self.model)
         return GenerationResult(usage=usage)
+
+
+async def _relay(lines: AsyncIterable[bytes], job: Job, served_model: str) -> Usage:
+    """Pass an upstream SSE stream's chunks to ``job.emit`` as they come, under ecobatch's request id
+    and model name; return the engine's usage. A stream that ends before ``[DONE]``, or without usage,
+    or with a malformed chunk, is a ``BackendFailed``."""
+    request = job.request
+    assert job.emit is not None
+    usage: Usage | None = None
+    async for raw_line in lines:
+        line = raw_line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            if usage is None:
+                raise BackendFailed("the upstream stream ended without a usage chunk")
+            return usage
+        try:
+            chunk = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise BackendFailed(f"the upstream stream sent malformed JSON: {payload[:200]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise BackendFailed(f"the upstream stream sent a non-object: {payload[:200]!r}")
+        if "error" in chunk:
+            raise _upstream_error(502, json.dumps(chunk))
+        job.progress(_generated_pieces(chunk))
+        if chunk.get("usage"):
+            usage = _usage(chunk["usage"])
+            if not request.include_usage:
+                if not chunk.get("choices"):
+                    continue
+                chunk.pop("usage")
+        elif "usage" in chunk and not request.include_usage:
+            chunk.pop("usage")
+        chunk["id"], chunk["model"] = request.id, served_model
+        job.emit(chunk)
+    raise BackendFailed("the upstream stream ended before [DONE]")
