@@ -11,7 +11,8 @@ it measures running servers instead (the first is the reference).
     python benchmarks/short_beside_long.py --target direct=http://127.0.0.1:8000 \\
         --target ecobatch=http://127.0.0.1:8080 --rounds 5
 
-Writes ``--out`` (JSON) and a PNG beside it.
+Writes ``--out`` (JSON; by default the committed result, so a re-run replaces it) and a PNG beside it
+(with matplotlib: ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ def main() -> None:
     result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {args.out}")
+    try:
+        plot(result, args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

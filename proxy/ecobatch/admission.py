@@ -76,6 +76,7 @@ class Admission:
         clock: Clock,
     ) -> None:
         self.settings = settings
+        self.settings_version = 0
         self.clock = clock
         self.queue: deque[Pending] = deque()
         self.arrived = asyncio.Event()
@@ -87,6 +88,11 @@ class Admission:
         self._headroom = headroom
         self._rate = ArrivalRate()
         self._demand = _Demand(settings.expected_prompt_tokens, settings.expected_completion_tokens)
+
+    def reconfigure(self, settings: BatchingSettings) -> None:
+        self.settings = settings
+        self.settings_version += 1
+        self.arrived.set()
 
     # ---- queue ---------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Emit | None) -> Pending:
@@ -168,7 +174,6 @@ class Admission:
         )
         self.last_decision = decision
         self._metrics.policy_batch_size.labels(self._model).set(decision.batch_size)
-        self._metrics.policy_decisions.labels(self._model, decision.limited_by).inc()
         return decision
 
     def deadline_s(self, decision: Decision) -> float:
@@ -185,13 +190,15 @@ class Admission:
             slo_slack_s=slack_s,
         )
 
-    async def collect(self, target: int, deadline_s: float) -> None:
-        """Hold the window open until ``policy.should_close`` (or the queue empties)."""
+    async def collect(self, target: int, deadline_s: float) -> bool:
+        """Hold the window open until ``policy.should_close``: True. False when the queue emptied or the
+        settings changed meanwhile (the caller decides again)."""
         opened_s = self.queue[0].arrival_s if self.queue else self.clock.now()
+        version = self.settings_version
         while True:
             self.drop_cancelled()
-            if not self.queue:
-                return
+            if not self.queue or self.settings_version != version:
+                return False
             now = self.clock.now()
             if should_close(
                 now_s=now,
@@ -204,6 +211,7 @@ class Admission:
             self.arrived.clear()
             await self.clock.wait(self.arrived, deadline_s)
         self._metrics.window.labels(self._model).observe(max(0.0, self.clock.now() - opened_s))
+        return True
 
     def observe_demand(self, usage: Usage, sequences: int) -> None:
         per_seq = max(sequences, 1)

@@ -42,7 +42,7 @@ from .energy.choose import build_meter
 from .energy.ledger import SettledRequest
 from .energy.meter import Meter
 from .energy.receipts import Receipts
-from .errors import BadRequest, ConfigError, EcobatchError, Overloaded
+from .errors import BadRequest, ConfigError, EcobatchError, NotFound, Overloaded
 from .gate import ContinuousGate
 from .metrics import Metrics
 from .openai_api import models_response, parse_chat, parse_completion
@@ -277,6 +277,7 @@ async def _put_batching(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
     dispatcher.reconfigure(settings)
+    dispatcher.decide()  # show the decision under the new settings
     return web.json_response(_batching_view(dispatcher, runtime.engine))
 
 
@@ -286,7 +287,9 @@ async def _get_energy(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     receipt = request.app[RUNTIME].receipts.get(request_id)
     if receipt is None:
-        raise EcobatchError(f"no energy receipt for request {request_id!r} (unknown, or too old)", status=404)
+        raise NotFound(
+            f"no energy receipt for request {request_id!r} (unknown, or too old)", param="request_id"
+        )
     return web.json_response(receipt)
 
 
@@ -302,6 +305,18 @@ def _check_profile_shape(profile: EnergyProfile, shape: str, backend: str) -> No
         f"reference, or measure one with `ecobatch calibrate`",
         field="energy.profile",
     )
+
+
+def _wire_ledger(meter: Meter, metrics: Metrics, receipts: Receipts) -> None:
+    """Settled requests and intervals go to the metrics and the receipts, off the request path."""
+    ledger = meter.ledger
+
+    def on_request(settled: SettledRequest) -> None:
+        metrics.observe_settled(settled, ledger.gpu)
+        receipts.settle(settled)
+
+    ledger.on_request = on_request
+    ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
 
 
 def create_app(
@@ -333,36 +348,36 @@ def create_app(
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         engine = runtime.engine
         await engine.start()
-        meter = (meter_factory or make_meter)(settings, runtime.profile, the_clock)
-        metrics = Metrics(
-            runtime.registry,
-            model=engine.model,
-            carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
-            price_per_kwh=settings.energy.price_per_kwh,
-            currency=settings.energy.currency,
-        )
-        metrics.describe_profile(runtime.profile)
-        ledger = meter.ledger
-
-        def on_request(settled: SettledRequest) -> None:
-            metrics.observe_settled(settled, ledger.gpu)
-            runtime.receipts.settle(settled)
-
-        ledger.on_request = on_request
-        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
-        await meter.start()
-        kind = StaticBatcher if engine.shape == "static" else ContinuousGate
-        dispatcher = kind(
-            engine,
-            ledger,
-            runtime.receipts,
-            metrics,
-            runtime.profile,
-            settings.batching,
-            request_timeout_s=settings.backend.request_timeout_s,
-            clock=the_clock,
-        )
-        await dispatcher.start()
+        meter: Meter | None = None
+        try:
+            meter = (meter_factory or make_meter)(settings, runtime.profile, the_clock)
+            metrics = Metrics(
+                runtime.registry,
+                model=engine.model,
+                carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
+                price_per_kwh=settings.energy.price_per_kwh,
+                currency=settings.energy.currency,
+            )
+            metrics.describe_profile(runtime.profile)
+            _wire_ledger(meter, metrics, runtime.receipts)
+            await meter.start()
+            kind = StaticBatcher if engine.shape == "static" else ContinuousGate
+            dispatcher = kind(
+                engine,
+                meter.ledger,
+                runtime.receipts,
+                metrics,
+                runtime.profile,
+                settings.batching,
+                request_timeout_s=settings.backend.request_timeout_s,
+                clock=the_clock,
+            )
+            await dispatcher.start()
+        except BaseException:  # a failed start-up still releases the engine and the meter
+            if meter is not None:
+                await meter.close()
+            await engine.close()
+            raise
         runtime.meter, runtime.metrics, runtime.dispatcher = meter, metrics, dispatcher
         log.info(
             "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",

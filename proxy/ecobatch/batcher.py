@@ -35,7 +35,8 @@ class StaticBatcher(Dispatcher):
         while True:
             await admission.wait_for_work()
             decision = admission.decide(inflight=0)
-            await admission.collect(decision.batch_size, admission.deadline_s(decision))
+            if not await admission.collect(decision.batch_size, admission.deadline_s(decision)):
+                continue
             batch = admission.take(decision.batch_size, fits=self._engine.batch_fits)
             if batch:
                 await self._run_batch(batch)

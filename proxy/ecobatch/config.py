@@ -176,6 +176,10 @@ class EnergySettings:
     sample_interval_s: float = 0.1
     # None: measured at start-up (1 s, before any work).
     idle_power_w: float | None = None
+    # The most the measured GPUs can draw, summed: while ecobatch's requests run they are charged at
+    # most this × their busy time (the rest is another client's). None: the GPUs' power limit as NVML or
+    # dcgm-exporter (DCGM_FI_DEV_POWER_MGMT_LIMIT) reports it; no cap where neither does.
+    max_power_w: float | None = None
     # Energy profile (YAML); None: the embedded reference for the engine's shape (static: A800 INT8
     # seed table; continuous: H200 vLLM bf16 curve), both source: reference.
     profile: str | None = None
@@ -211,6 +215,9 @@ class EnergySettings:
             "energy.idle_power_w",
             self.idle_power_w,
             ">= 0",
+        )
+        _require(
+            self.max_power_w is None or self.max_power_w > 0, "energy.max_power_w", self.max_power_w, "> 0"
         )
         _require(self.prefill_weight >= 0, "energy.prefill_weight", self.prefill_weight, ">= 0")
         _require(self.carbon_g_per_kwh >= 0, "energy.carbon_g_per_kwh", self.carbon_g_per_kwh, ">= 0")

@@ -74,9 +74,10 @@ class Dispatcher:
         return self._admission.settings
 
     def reconfigure(self, settings: BatchingSettings) -> None:
-        """Swap the batching settings at run time; the next decision uses them."""
-        self._admission.settings = settings
-        self._admission.arrived.set()
+        """Swap the batching settings at run time: an open window and a wait for room are re-decided
+        under them at once."""
+        self._admission.reconfigure(settings)
+        self._room.set()
 
     @property
     def last_decision(self) -> Decision | None:
@@ -140,6 +141,8 @@ class Dispatcher:
         now = self._clock.now()
         sequences = sum(p.request.sequences for p in group)
         self._metrics.batch_size.labels(self._model).observe(sequences)
+        if self._admission.last_decision is not None:
+            self._metrics.policy_decisions.labels(self._model, self._admission.last_decision.limited_by).inc()
         for p in group:
             self._metrics.queue_wait.labels(self._model).observe(now - p.arrival_s)
         return now, sequences
@@ -164,23 +167,37 @@ class Dispatcher:
         dispatched_s: float,
         group_size: int,
     ) -> None:
-        """End the request's energy span and resolve its future: the single place both happen."""
+        """End the request's energy span and resolve its future: the one place both happen."""
         delivered = not pending.future.done()
-        if not isinstance(result, GenerationResult):
+        answer: Outcome | EcobatchError
+        if isinstance(result, GenerationResult):
+            answer = self._account(pending, span, result, delivered, dispatched_s, group_size)
+        else:
             span.end(None, delivered=False)
-            if delivered:
-                pending.future.set_exception(self._as_error(result))
-            return
-        concurrency = span.end(result.usage, delivered=delivered)
-        provisional = (
-            self._profile.at(max(concurrency, 1.0)).joules_per_token * result.usage.completion_tokens
-        )
-        self._receipts.pending(pending.request.id, provisional_joules=provisional, source=self._ledger.source)
-        self._metrics.observe_tokens(result.usage)
-        self._admission.observe_demand(result.usage, pending.request.sequences)
-        if delivered:
-            pending.future.set_result(
-                Outcome(
-                    result, dispatched_s - pending.arrival_s, group_size, provisional, self._ledger.source
-                )
-            )
+            answer = self._as_error(result)
+        if delivered and not pending.future.done():
+            if isinstance(answer, Outcome):
+                pending.future.set_result(answer)
+            else:
+                pending.future.set_exception(answer)
+
+    def _account(
+        self,
+        pending: Pending,
+        span: Span,
+        result: GenerationResult,
+        delivered: bool,
+        dispatched_s: float,
+        group_size: int,
+    ) -> Outcome:
+        usage = result.usage
+        concurrency = span.end(usage, delivered=delivered)
+        provisional = self._profile.at(max(concurrency, 1.0)).joules_per_token * usage.completion_tokens
+        source = self._ledger.source
+        try:  # bookkeeping beside the answer: its failure must not cost the client its result
+            self._receipts.pending(pending.request.id, provisional_joules=provisional, source=source)
+            self._metrics.observe_tokens(usage)
+            self._admission.observe_demand(usage, pending.request.sequences)
+        except Exception:
+            log.exception("bookkeeping for request %s failed", pending.request.id)
+        return Outcome(result, dispatched_s - pending.arrival_s, group_size, provisional, source)

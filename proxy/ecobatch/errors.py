@@ -2,7 +2,8 @@
 
 EcobatchError
 ├── BadRequest        400  invalid_request_error  (names the field: ``param``)
-├── ModelNotFound     404  invalid_request_error
+├── NotFound          404  invalid_request_error  (a route's object: an energy receipt)
+│   └── ModelNotFound 404  invalid_request_error
 ├── Overloaded        429  rate_limit_exceeded    (carries ``retry_after_s``)
 ├── BackendFailed     502  upstream_error         (the engine answered badly or not at all)
 ├── BackendTimeout    504  upstream_timeout
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "EcobatchError",
     "ModelNotFound",
+    "NotFound",
     "Overloaded",
     "ShuttingDown",
 ]
@@ -64,9 +66,13 @@ class BadRequest(EcobatchError):
     error_type = "invalid_request_error"
 
 
-class ModelNotFound(EcobatchError):
+class NotFound(EcobatchError):
     status = 404
     error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
 

@@ -38,10 +38,10 @@ class ContinuousGate(Dispatcher):
             await admission.wait_for_work()
             decision = admission.decide(inflight=self._inflight)
             cap = decision.batch_size
-            if self._inflight == 0:  # idle engine: hold the window, release the group together
-                await admission.collect(cap, admission.deadline_s(decision))
-                if not admission.queue:
-                    continue
+            idle = self._inflight == 0
+            # an idle engine: hold the window, release the group together
+            if idle and not await admission.collect(cap, admission.deadline_s(decision)):
+                continue
             room = cap - self._inflight
             if room <= 0 or (self._inflight > 0 and admission.queue[0].request.sequences > room):
                 self._room.clear()
@@ -57,8 +57,18 @@ class ContinuousGate(Dispatcher):
             self._set_inflight(pending.request.sequences)
             task = asyncio.create_task(self._serve(pending, dispatched_s, sequences))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # the slot frees when the task is done, even one cancelled before it ever ran
+            task.add_done_callback(self._finisher(pending))
             pending.future.add_done_callback(_canceller(task))
+
+    def _finisher(self, pending: Pending) -> Callable[[asyncio.Task[None]], None]:
+        def finished(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            self._set_inflight(-pending.request.sequences)
+            if not pending.future.done():  # cancelled (shutdown) before it started
+                pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
+
+        return finished
 
     async def _serve(self, pending: Pending, dispatched_s: float, group_size: int) -> None:
         span, job = self._job(pending)
@@ -73,7 +83,6 @@ class ContinuousGate(Dispatcher):
         except Exception as exc:
             result = exc
         finally:
-            self._set_inflight(-pending.request.sequences)
             self._resolve(pending, span, result, dispatched_s, group_size)
 
 

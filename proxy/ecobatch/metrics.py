@@ -63,6 +63,12 @@ class Metrics:
             ["source", "gpu"],
             registry=r,
         )
+        self.unmeasured = Counter(
+            "ecobatch_energy_unmeasured_seconds",
+            "Seconds in which the energy counter could not be read (requests in them settle incomplete).",
+            ["source", "gpu"],
+            registry=r,
+        )
         self.unattributed_energy = Counter(
             "ecobatch_unattributed_energy_joules",
             "Energy above idle power while none of ecobatch's requests was in flight: work another "
@@ -157,16 +163,19 @@ class Metrics:
 
     def observe_settled(self, settled: SettledRequest, gpu: str) -> None:
         """One request's joules are final: every request is charged; only a delivered one (its client
-        stayed) is observed as served."""
+        stayed) measured over its whole life is observed as a served request's energy."""
         model, joules = self._model, settled.joules
         self.energy.labels(model, settled.source, gpu).inc(joules)
         kwh = joules / _JOULES_PER_KWH
         self.co2.labels(model, settled.source).inc(kwh * self._carbon_g_per_kwh)
         self.cost.labels(model, settled.source, self._currency).inc(kwh * self._price_per_kwh)
-        if settled.delivered:
+        if settled.delivered and settled.complete:
             self.request_energy.labels(model, settled.source).observe(joules)
 
     def observe_interval(self, split: IntervalSplit, source: str, gpu: str) -> None:
+        if split.gap:
+            self.unmeasured.labels(source, gpu).inc(split.t1_s - split.t0_s)
+            return
         self.idle_energy.labels(source, gpu).inc(split.idle_joules)
         self.unattributed_energy.labels(source, gpu).inc(split.unattributed_joules)
         seconds = split.t1_s - split.t0_s

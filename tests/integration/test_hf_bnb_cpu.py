@@ -171,12 +171,15 @@ async def test_a_long_prompt_and_a_long_max_tokens_run_in_separate_batches(backe
 async def test_a_cancelled_batch_keeps_the_gpu_until_its_worker_has_stopped(backend: HfBnbBackend) -> None:
     gen = backend._generator
     events: list[str] = []
+    steps: list[int] = []
     original = gen.run
 
     def recording_run(*args: Any) -> Any:
         events.append("start")
         try:
-            return original(*args)
+            stats = original(*args)
+            steps.append(stats.steps)
+            return stats
         finally:
             events.append("end")
 
@@ -185,10 +188,32 @@ async def test_a_cancelled_batch_keeps_the_gpu_until_its_worker_has_stopped(back
     task = asyncio.create_task(backend.run_batch([Job(request)]))
     while not events:
         await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # a few decode steps
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert events == ["start", "end"], "the worker was still generating when the slot was given back"
+    assert 0 < steps[0] < 1000, f"the stop flag did not stop the batch early ({steps[0]} steps)"
+
+
+async def test_a_client_that_leaves_mid_batch_stops_only_its_own_sequence(backend: HfBnbBackend) -> None:
+    gone = asyncio.Event()
+    leaving = await backend.prepare(completion({"prompt": "x", "max_tokens": 40}))
+    staying = await backend.prepare(completion({"prompt": "y", "max_tokens": 40}))
+    tokens: list[int] = []
+
+    def progress(n: int) -> None:
+        tokens.append(n)
+        if len(tokens) >= 6:
+            gone.set()
+
+    left, stayed = await backend.run_batch(
+        [Job(leaving, progress=progress, cancelled=gone.is_set), Job(staying)]
+    )
+    assert isinstance(left, GenerationResult) and isinstance(stayed, GenerationResult)
+    assert left.body is not None and left.body["choices"][0]["finish_reason"] == "abort"
+    assert left.usage.completion_tokens < 40
+    assert stayed.usage.completion_tokens == 40
 
 
 def test_unknown_engine_args_are_refused(tiny_model_dir: Path) -> None:

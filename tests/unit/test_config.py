@@ -77,3 +77,18 @@ def test_paths_in_a_config_file_are_relative_to_that_file(tmp_path: Path) -> Non
 def test_a_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--config .*nope.yaml: cannot be read"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_an_in_process_engine_without_its_packages_names_the_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from ecobatch.backends import create_engine
+    from ecobatch.config import DEFAULT_PROFILES
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
+    settings = load_settings(None, {"backend.kind": "hf-bnb", "backend.model": "/m"})
+    with pytest.raises(ConfigError, match=r"needs torch, not installed here: pip install 'ecobatch\[hf\]'"):
+        create_engine(settings, load_profile(DEFAULT_PROFILES["static"]))

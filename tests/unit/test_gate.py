@@ -168,3 +168,79 @@ async def test_closing_finishes_in_flight_work_within_the_grace_then_fails_the_r
             await pending.future
     assert engine.aborted == ["stuck"]
     assert ledger.inflight_sequences == 0
+
+
+async def test_a_request_of_several_sequences_waits_until_they_fit_under_the_cap(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=4, energy_tolerance=0.0)
+    await gate.start()
+    first = gate.submit(req("first"))
+    await clock.advance(0.1)
+    wide = gate.submit(req(["wide", "b", "c", "d"]))  # type: ignore[arg-type]
+    await settle()
+    assert engine.started == ["first"], "4 sequences do not fit beside 1 under a cap of 4"
+    engine.finish("first")
+    await first.future
+    await settle()
+    assert engine.started == ["first", "wide"]
+    engine.finish("wide")
+    await wide.future
+    assert engine.max_running == 4
+    await gate.close(grace_s=0)
+
+
+async def test_raising_the_cap_at_run_time_releases_waiting_requests_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    from ecobatch.config import BatchingSettings
+
+    engine = FakeContinuousEngine()
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=2, energy_tolerance=0.0)
+    await gate.start()
+    pendings = [gate.submit(req(f"r{i}")) for i in range(5)]
+    await clock.advance(0.1)
+    assert engine.started == ["r0", "r1"]
+    gate.reconfigure(BatchingSettings(max_batch_size=8, energy_tolerance=0.0, window_max_ms=100.0))
+    await settle()
+    assert engine.started == [f"r{i}" for i in range(5)]
+    for i in range(5):
+        engine.finish(f"r{i}")
+    await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
+
+
+async def test_closing_while_a_window_is_open_fails_what_it_held(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    held = [gate.submit(req(p)) for p in "ab"]
+    await settle()
+    await gate.close(grace_s=0)
+    for pending in held:
+        with pytest.raises(ShuttingDown):
+            await pending.future
+    assert engine.started == []
+
+
+async def test_a_request_cancelled_before_its_task_ran_still_frees_its_slot(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """The race where shutdown (or a client leaving) cancels a released request before its first step."""
+    from ecobatch.admission import Pending
+
+    engine = FakeContinuousEngine(instant=True)
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock)
+    pending = Pending(req("x"), asyncio.get_running_loop().create_future(), clock.now(), None)
+    gate._release([pending])
+    assert gate.inflight == 1
+    for task in list(gate._tasks):
+        task.cancel()  # before it ever ran
+    await settle()
+    assert gate.inflight == 0 and engine.started == []
+    with pytest.raises(ShuttingDown):
+        await pending.future
+    assert ledger.inflight_sequences == 0

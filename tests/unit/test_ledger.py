@@ -3,6 +3,7 @@ idle, or to other clients' work, and nothing is lost or invented."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -228,3 +229,100 @@ async def test_the_mean_concurrency_of_a_request_is_reported_at_its_end() -> Non
     await clock.advance(1.0)
     b.end(Usage())
     assert a.end(Usage()) == pytest.approx((1 * 1.0 + 4 * 1.0) / 2.0)
+
+
+async def test_while_ours_run_they_take_at_most_the_power_limit_the_rest_is_other_work() -> None:
+    """A 30 s counter interval (dcgm-exporter's default), another client at 400 W throughout, one of our
+    requests for 1 s: ours cannot have drawn more than the 700 W limit for that second."""
+    clock = FakeClock()
+    ledger = Ledger(
+        source="dcgm", gpu="0", prefill_weight=1.0, idle_power_w=122.0, max_power_w=700.0, clock=clock
+    )
+    settled, splits = collect(ledger)
+    await clock.advance(10.0)
+    span = ledger.begin("ours")
+    await clock.advance(1.0)
+    span.end(Usage(10, 50))
+    await clock.advance(19.0)
+    ledger.add_interval(0.0, 30.0, 12_000.0)
+    assert settled["ours"].joules == pytest.approx(700.0)
+    assert splits[0].idle_joules == pytest.approx(122.0 * 29)
+    assert splits[0].unattributed_joules == pytest.approx(12_000.0 - 700.0 - 122.0 * 29)
+
+
+async def test_a_gap_in_the_counter_settles_its_requests_as_incomplete() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    settled, splits = collect(ledger)
+    lost = ledger.begin("lost")
+    await clock.advance(0.5)
+    lost.end(Usage(1, 5))
+    ledger.add_gap(0.0, 1.0)
+    measured = ledger.begin("measured")
+    await clock.advance(1.0)
+    measured.end(Usage(1, 5))
+    ledger.add_interval(1.0, 2.0, 40.0)
+    assert (settled["lost"].complete, settled["lost"].joules) == (False, 0.0)
+    assert (settled["measured"].complete, settled["measured"].joules) == (True, pytest.approx(40.0))
+    assert ledger.totals.unmeasured_s == pytest.approx(1.0)
+    assert [s.gap for s in splits] == [True, False]
+
+
+async def test_a_failing_observer_neither_stops_nor_repeats_the_accounting() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock)
+    calls: list[str] = []
+
+    def flaky(s: SettledRequest) -> None:
+        calls.append(s.request_id)
+        if len(calls) == 1:
+            raise ValueError("a metric refused the value")
+
+    ledger.on_request = flaky
+    a, b = ledger.begin("a"), ledger.begin("b")
+    await clock.advance(0.5)
+    a.end(Usage(0, 1))
+    b.end(Usage(0, 1))
+    ledger.add_interval(0.0, 1.0, 10.0)
+    ledger.add_interval(1.0, 2.0, 10.0)
+    assert sorted(calls) == ["a", "b"]
+    assert ledger.totals.settled_request_joules == pytest.approx(10.0)
+    assert ledger.pending_requests == 0
+
+
+async def test_a_request_that_ended_as_an_interval_began_takes_none_of_it() -> None:
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=300.0)
+    settled, splits = collect(ledger)
+    r = ledger.begin("r")
+    await clock.advance(1.0)
+    r.end(Usage(0, 10))
+    ledger.add_interval(0.0, 1.0, 500.0)
+    await clock.advance(1.0)
+    ledger.add_interval(1.0, 2.0, 700.0)  # another client, after ours ended
+    assert settled["r"].joules == pytest.approx(500.0)
+    assert (splits[1].idle_joules, splits[1].unattributed_joules) == pytest.approx((300.0, 400.0))
+
+
+async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_intervals_per_turn() -> None:
+    clock = FakeClock()
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, settle_budget=10)
+    settled, _ = collect(ledger)
+    long_ = ledger.begin("long")
+    t = 0.0
+    for i in range(100):  # short requests come and go while the long one runs
+        span = ledger.begin(f"s{i}")
+        await clock.advance(0.1)
+        span.end(Usage(1, 1))
+        ledger.add_interval(t, clock.now(), 1.0)
+        t = clock.now()
+    assert ledger.pending_intervals == 100 and settled == {}
+    long_.end(Usage(1, 100))
+    assert ledger.pending_intervals == 90, "one turn settles at most settle_budget intervals"
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert ledger.pending_intervals == 0
+    await clock.advance(0.1)
+    ledger.add_interval(t, clock.now(), 0.0)
+    assert len(settled) == 101
+    assert sum(s.joules for s in settled.values()) == pytest.approx(100.0)

@@ -134,10 +134,10 @@ def test_a_gpu_without_a_counter_has_its_power_integrated() -> None:
 
 def test_dcgm_series_are_chosen_by_label_and_gpu_index() -> None:
     exporter = FakeDcgmExporter({("a", "0"): 1000.0, ("a", "1"): 2000.0, ("b", "0"): 4000.0}, power_w=100.0)
-    energy, power = parse_dcgm(exporter.text(), labels={"Hostname": "a"}, gpu_indices=[1])
-    assert energy == {"a/1": 2.0} and power == 100.0
-    energy, _ = parse_dcgm(exporter.text())
-    assert sum(energy.values()) == pytest.approx(7.0)
+    reading = parse_dcgm(exporter.text(), labels={"Hostname": "a"}, gpu_indices=[1])
+    assert reading.energy_joules == {"a/1": 2.0} and reading.power_w == 100.0
+    assert reading.power_limit_w is None  # not exported by this exporter
+    assert sum(parse_dcgm(exporter.text()).energy_joules.values()) == pytest.approx(7.0)
 
 
 async def test_an_unreachable_or_empty_exporter_says_what_is_wrong(aiohttp_server: Any) -> None:
@@ -181,4 +181,56 @@ async def test_idle_power_is_the_counters_rate_over_the_probe_when_it_moves() ->
     meter = Meter(ledger, Scripted(), sample_interval_s=3600.0, idle_probe_s=1.0)
     await meter.start()
     assert ledger.idle_power_w == pytest.approx(61.0)
+    await meter.close()
+
+
+async def test_an_unreadable_counter_becomes_a_gap_then_starts_afresh() -> None:
+    clock = FakeClock()
+
+    class Flaky:
+        source, gpu = "dcgm", "node/0"
+        joules, down = 0.0, False
+
+        async def read(self) -> dict[str, float]:
+            if self.down:
+                raise OSError("connection refused")
+            return {"node/0": self.joules}
+
+        async def power_w(self) -> float:
+            return 100.0
+
+        def max_power_w(self) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    reader = Flaky()
+    ledger = Ledger(source="dcgm", gpu="?", prefill_weight=1.0, clock=clock)
+    settled: list[SettledRequest] = []
+    ledger.on_request = settled.append
+    meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=0.0, max_stale_s=1.0)
+    await meter.start()
+    span = ledger.begin("during-outage")
+    reader.down = True
+    await clock.advance(0.5)
+    await meter.sample()  # a short outage: nothing yet
+    assert ledger.pending_intervals == 0 and not meter.readable
+    span.end(Usage(1, 4))
+    await clock.advance(0.7)
+    await meter.sample()  # unreadable for 1.2 s > max_stale_s: a gap
+    assert [(s.request_id, s.complete) for s in settled] == [("during-outage", False)]
+    reader.down, reader.joules = False, 5_000.0  # back, with energy that cannot be placed
+    await clock.advance(0.3)
+    await meter.sample()
+    assert meter.readable and ledger.totals.counter_joules == 0.0
+    after = ledger.begin("after")
+    await clock.advance(0.2)
+    after.end(Usage(1, 4))
+    reader.joules += 30.0
+    await clock.advance(0.1)
+    await meter.sample()
+    assert (settled[-1].request_id, settled[-1].complete) == ("after", True)
+    assert settled[-1].joules == pytest.approx(30.0)
+    assert ledger.totals.unmeasured_s == pytest.approx(1.5)
     await meter.close()

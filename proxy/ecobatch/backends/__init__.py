@@ -3,6 +3,7 @@ that builds one from settings."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -14,13 +15,30 @@ if TYPE_CHECKING:
 
 __all__ = ["create_engine"]
 
-_EXTRAS = {"vllm-async": "ecobatch[vllm]", "hf-bnb": "ecobatch[hf]"}
+#: what each in-process engine imports, and the extra that installs it
+_NEEDS = {
+    "vllm-async": (("vllm", "transformers"), "ecobatch[vllm]"),
+    "hf-bnb": (("torch", "transformers"), "ecobatch[hf]"),
+}
+
+
+def _check_installed(kind: str) -> None:
+    modules, extra = _NEEDS.get(kind, ((), ""))
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"backend.kind={kind!r} needs {', '.join(missing)}, not installed here: "
+            f"pip install '{extra}' (or `pip install -e '.[{extra[9:-1]}]'` in a checkout)",
+            field="backend.kind",
+        )
 
 
 def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | ContinuousEngine:
     """Build the configured engine. Engine imports happen here, so a proxy that fronts a remote vLLM
-    needs neither torch nor vllm installed."""
+    needs neither torch nor vllm installed; an in-process engine whose packages are missing is refused
+    with the extra that installs them."""
     kind = settings.backend.kind
+    _check_installed(kind)
     try:
         if kind == "simulated":
             from .simulated import SimulatedBackend
@@ -41,7 +59,7 @@ def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | 
     except ImportError as exc:
         raise ConfigError(
             f"backend.kind={kind!r} needs {exc.name or 'a package'} that is not installed: "
-            f"pip install '{_EXTRAS.get(kind, 'ecobatch')}'",
+            f"pip install '{_NEEDS[kind][1] if kind in _NEEDS else 'ecobatch'}'",
             field="backend.kind",
         ) from None
     raise ConfigError(f"backend.kind={kind!r} is not available in this build", field="backend.kind")

@@ -328,8 +328,8 @@ class HfBnbBackend:
         self._update_headroom()
 
     async def close(self) -> None:
-        self._gpu_worker.shutdown(wait=True)
-        self._tokenizer_worker.shutdown(wait=True)
+        for worker in (self._gpu_worker, self._tokenizer_worker):
+            await asyncio.to_thread(worker.shutdown, True)
         self._gen = None
 
     def _update_headroom(self) -> None:
@@ -393,13 +393,20 @@ class HfBnbBackend:
             )
         return specs
 
+    def _run_on_gpu(self, gen: StaticBatchGenerator, seqs: list[SeqSpec], stop: threading.Event) -> None:
+        """In the GPU worker: the batch, then the memory headroom it leaves."""
+        try:
+            gen.run(seqs, stop)
+        finally:
+            self._update_headroom()
+
     async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]:
         gen = self._generator
         loop = asyncio.get_running_loop()
         outputs = [RequestOutput(job) for job in jobs]
         seqs = [spec for job, out in zip(jobs, outputs, strict=True) for spec in self._specs(job, out, loop)]
         stop = threading.Event()
-        worker = loop.run_in_executor(self._gpu_worker, gen.run, seqs, stop)
+        worker = loop.run_in_executor(self._gpu_worker, self._run_on_gpu, gen, seqs, stop)
         try:
             await asyncio.shield(worker)
         except asyncio.CancelledError:
@@ -408,8 +415,6 @@ class HfBnbBackend:
             raise
         except BadRequest as exc:
             return [exc for _ in jobs]
-        finally:
-            self._update_headroom()
         by_output = iter(seqs)
         for output in outputs:
             for index in range(output.job.request.sequences):

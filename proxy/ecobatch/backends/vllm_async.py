@@ -108,7 +108,7 @@ class VllmAsyncBackend:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
-        self._tokenizer_worker.shutdown(wait=True)
+        await asyncio.to_thread(self._tokenizer_worker.shutdown, True)
 
     def headroom(self) -> Headroom:
         return self._sink.headroom
@@ -149,18 +149,16 @@ class VllmAsyncBackend:
         params = self._sampling(job.request)
         prompts: list[list[int]] = job.request.engine_input
         try:
-            await asyncio.gather(
-                *(
-                    self._sequence(output, i, {"prompt_token_ids": ids}, params)
-                    for i, ids in enumerate(prompts)
-                )
-            )
-        except ValueError as exc:  # vLLM validates inputs too
-            raise BadRequest(f"engine rejected the request: {exc}") from None
-        except (asyncio.CancelledError, BadRequest):
-            raise
-        except Exception as exc:
-            raise BackendFailed(f"vLLM engine error: {exc!r}") from exc
+            # a task group: one sequence failing cancels (and so aborts) its siblings
+            async with asyncio.TaskGroup() as group:
+                for i, ids in enumerate(prompts):
+                    group.create_task(self._sequence(output, i, {"prompt_token_ids": ids}, params))
+        except* ValueError as errors:  # vLLM validates inputs too
+            raise BadRequest(f"engine rejected the request: {errors.exceptions[0]}") from None
+        except* BadRequest as errors:
+            raise errors.exceptions[0] from None
+        except* Exception as errors:
+            raise BackendFailed(f"vLLM engine error: {errors.exceptions[0]!r}") from None
         return output.result()
 
     async def _sequence(self, output: RequestOutput, index: int, prompt: Any, params: Any) -> None:

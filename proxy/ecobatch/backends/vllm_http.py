@@ -44,9 +44,12 @@ def _usage(raw: Mapping[str, Any] | None) -> Usage:
     if not raw:
         raise BackendFailed("the upstream response carried no usage")
     try:
-        return Usage(int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0)))
+        usage = Usage(int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0)))
     except (TypeError, ValueError) as exc:
         raise BackendFailed(f"the upstream usage is malformed: {raw!r}") from exc
+    if usage.prompt_tokens < 0 or usage.completion_tokens < 0:
+        raise BackendFailed(f"the upstream usage is negative: {raw!r}")
+    return usage
 
 
 def _upstream_error(status: int, text: str) -> EcobatchError:

@@ -8,11 +8,18 @@ comes from vLLM's own gauges: ``vllm:kv_cache_usage_perc`` (a 0–1 fraction), t
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from ..domain import Headroom
+from ..exposition import samples
 
 __all__ = ["headroom_from_metrics"]
+
+
+_NAMES = (
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:cache_config_info",
+)
 
 
 def headroom_from_metrics(text: str) -> Headroom:
@@ -20,21 +27,19 @@ def headroom_from_metrics(text: str) -> Headroom:
     capacity = 0
     running = waiting = 0
     seen_running = seen_waiting = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if name == "vllm:kv_cache_usage_perc":
-                usage.append(sample.value)
-            elif name == "vllm:num_requests_running":
-                running += int(sample.value)
-                seen_running = True
-            elif name == "vllm:num_requests_waiting":
-                waiting += int(sample.value)
-                seen_waiting = True
-            elif name == "vllm:cache_config_info":
-                blocks, block_size = sample.labels.get("num_gpu_blocks"), sample.labels.get("block_size")
-                if blocks and block_size and blocks.isdigit() and block_size.isdigit():
-                    capacity += int(blocks) * int(block_size)
+    for name, sample in samples(text, _NAMES):
+        if name == "vllm:kv_cache_usage_perc":
+            usage.append(sample.value)
+        elif name == "vllm:num_requests_running":
+            running += int(sample.value)
+            seen_running = True
+        elif name == "vllm:num_requests_waiting":
+            waiting += int(sample.value)
+            seen_waiting = True
+        elif name == "vllm:cache_config_info":
+            blocks, block_size = sample.labels.get("num_gpu_blocks"), sample.labels.get("block_size")
+            if blocks and block_size and blocks.isdigit() and block_size.isdigit():
+                capacity += int(blocks) * int(block_size)
     free: int | None = None
     if usage and capacity:
         used_fraction = min(1.0, max(0.0, sum(usage) / len(usage)))

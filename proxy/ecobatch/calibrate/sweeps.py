@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..energy.counters import NvmlCounters
+from ..exposition import samples
 from .measure import EnergyWindow
 from .report import CalibrationPoint, make_point, report_line
 
@@ -98,16 +99,9 @@ def calibrate_hf(
 
 
 async def _generation_tokens(session: Any, base: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
     async with session.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "vllm:generation_tokens_total"
-    )
+    return sum(s.value for _, s in samples(text, ("vllm:generation_tokens_total",)))
 
 
 async def calibrate_vllm_http(

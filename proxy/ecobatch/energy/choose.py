@@ -106,7 +106,13 @@ def build_meter(
             why,
         )
         return Meter(ledger, None, sample_interval_s=energy.sample_interval_s)
-    ledger = Ledger(source=reader.source, gpu=reader.gpu, prefill_weight=energy.prefill_weight, clock=clock)
+    ledger = Ledger(
+        source=reader.source,
+        gpu=reader.gpu,
+        prefill_weight=energy.prefill_weight,
+        max_power_w=energy.max_power_w,
+        clock=clock,
+    )
     log.info("energy: measured by %s", why)
     return Meter(
         ledger,

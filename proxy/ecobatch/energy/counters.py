@@ -40,6 +40,10 @@ class CounterReader(Protocol):
         """Board power summed over the GPUs, now (None where unknown); used to probe idle power."""
         ...
 
+    def max_power_w(self) -> float | None:
+        """The GPUs' summed power limit, as last read (None where unknown)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -48,6 +52,10 @@ class CounterDeltas:
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
+
+    def rebase(self, reading: CounterReading) -> None:
+        """Forget the past: the next delta counts from ``reading``."""
+        self._last = dict(reading)
 
     def delta(self, reading: CounterReading) -> float:
         total = 0.0
@@ -105,6 +113,10 @@ class NvmlCounters:
 
     def power_now_w(self) -> float:
         return sum(g.power_mw() for g in self.gpus) / 1000.0
+
+    def max_power_w(self) -> float | None:
+        limits = [g.facts.power_limit_w for g in self.gpus]
+        return None if any(limit is None for limit in limits) else sum(x for x in limits if x is not None)
 
     async def power_w(self) -> float | None:
         return await asyncio.to_thread(self.power_now_w)

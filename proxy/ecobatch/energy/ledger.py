@@ -11,6 +11,8 @@ Attribution rule, for one interval [t0, t1) holding ``joules``:
    than the interval holds) to the idle bucket.
 2. If none of ecobatch's requests was in flight, the joules beyond idle power × time belong to work
    ecobatch did not send (another client of the same GPU): the **unattributed** bucket, never idle.
+   Where ours were in flight, they take at most busy time × ``max_power_w`` (the GPUs' power limit):
+   more than that was drawn while ours were not running, so it is another client's too.
 3. Otherwise the rest (active joules) is split among the requests in flight by the **tokens each
    processed inside the interval**, a prompt token weighing ``prefill_weight`` generated tokens.
    Where a request's tokens happened in time:
@@ -26,7 +28,10 @@ Attribution rule, for one interval [t0, t1) holding ``joules``:
 
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested).
 An interval is settled once every request in flight in it has ended (its token timeline is known); a
-request is settled, and reported through ``on_request``, once the intervals up to its end are.
+request is settled, and reported through ``on_request``, once the intervals up to its end are. Work
+per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
+most ``settle_budget`` intervals per turn of the event loop. A span of time in which the counter could
+not be read (``add_gap``) moves no joules; the requests in it settle flagged incomplete.
 
 A modelled meter passes ``joules=None``: the interval's joules are then the model's (idle power × idle
 time + the profile's J/token at the interval's mean concurrency × the tokens generated in it).
@@ -34,6 +39,9 @@ time + the profile's J/token at the interval's mean concurrency × the tokens ge
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +50,8 @@ from ..clock import Clock, MonotonicClock
 from ..domain import Usage
 
 __all__ = ["IntervalSplit", "Ledger", "LedgerTotals", "SettledRequest", "Span"]
+
+log = logging.getLogger(__name__)
 
 #: (decode tokens generated in the interval, mean sequences in flight while busy) -> active joules
 ActiveModel = Callable[[float, float], float]
@@ -56,6 +66,9 @@ class SettledRequest:
     delivered: bool
     start_s: float
     end_s: float
+    #: False when the counter could not be read for part of the request's life: ``joules`` is then
+    #: what was measured, an underestimate
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +80,28 @@ class IntervalSplit:
     unattributed_joules: float
     attributed_joules: float
     busy_s: float
+    #: the counter could not be read in this interval: nothing was measured
+    gap: bool = False
 
 
 @dataclass(slots=True)
 class LedgerTotals:
-    """Running sums since start-up, in joules."""
+    """Running sums since start-up, in joules (``unmeasured_s``: seconds the counter was unreadable)."""
 
     counter_joules: float = 0.0
     idle_joules: float = 0.0
     unattributed_joules: float = 0.0
     attributed_joules: float = 0.0
     settled_request_joules: float = 0.0
+    unmeasured_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Interval:
+    t0_s: float
+    t1_s: float
+    joules: float | None  # None: modelled
+    gap: bool
 
 
 # (start, end, prompt tokens, generated tokens): a stretch of time in which a request processed tokens
@@ -97,6 +121,7 @@ class _Record:
     segments: list[_Segment] = field(default_factory=list)
     cursor: int = 0
     joules: float = 0.0
+    complete: bool = True
 
     def close(self, end_s: float, usage: Usage | None) -> None:
         self.end_s = end_s
@@ -172,17 +197,26 @@ class Ledger:
         gpu: str,
         prefill_weight: float,
         idle_power_w: float = 0.0,
+        max_power_w: float | None = None,
         clock: Clock | None = None,
         active_model: ActiveModel | None = None,
+        settle_budget: int = 256,
     ) -> None:
         self.source, self.gpu = source, gpu
         self.prefill_weight = prefill_weight
         self.idle_power_w = idle_power_w
+        #: the most the GPUs can draw (their power limits): while ours run, joules beyond busy time ×
+        #: this are another client's (None: no cap)
+        self.max_power_w = max_power_w
         self.clock: Clock = clock or MonotonicClock()
         self._active_model = active_model
-        self._live: list[_Record] = []
-        self._intervals: deque[tuple[float, float, float | None]] = deque()
+        self._settle_budget = settle_budget
+        self._live: deque[_Record] = deque()  # not yet reported, in start order
+        self._open: list[tuple[float, int, _Record]] = []  # heap of open records by start
+        self._seq = 0
+        self._intervals: deque[_Interval] = deque()
         self._settled_until_s = float("-inf")
+        self._continuation_scheduled = False
         self._inflight_sequences = 0
         self._seq_seconds = 0.0  # ∫ sequences in flight dt, for mean concurrency
         self._seq_seconds_at_s = self.clock.now()
@@ -202,6 +236,8 @@ class Ledger:
         self._inflight_sequences += sequences
         record = _Record(request_id, max(1, sequences), now, self._seq_seconds)
         self._live.append(record)
+        self._seq += 1
+        heapq.heappush(self._open, (now, self._seq, record))
         return Span(self, record)
 
     def _end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
@@ -211,11 +247,14 @@ class Ledger:
         self._inflight_sequences -= record.sequences
         record.delivered = delivered
         record.close(now, usage)
-        self._settle()
         duration = now - record.start_s
-        if duration <= 0:
-            return float(self._inflight_sequences + record.sequences)
-        return (self._seq_seconds - record.seq_seconds_at_start) / duration
+        concurrency = (
+            (self._seq_seconds - record.seq_seconds_at_start) / duration
+            if duration > 0
+            else float(self._inflight_sequences + record.sequences)
+        )
+        self._settle()
+        return concurrency
 
     @property
     def inflight_sequences(self) -> int:
@@ -226,40 +265,94 @@ class Ledger:
         """Requests in flight or ended but not yet settled."""
         return len(self._live)
 
+    @property
+    def pending_intervals(self) -> int:
+        return len(self._intervals)
+
     # ---- intervals -----------------------------------------------------------------------------
     def add_interval(self, t0_s: float, t1_s: float, joules: float | None) -> None:
         """The meter's counter moved by ``joules`` in [t0_s, t1_s) (None: a modelled meter)."""
-        if t1_s < t0_s:
-            raise ValueError(f"interval [{t0_s}, {t1_s}) runs backwards")
-        self._intervals.append((t0_s, t1_s, joules))
+        self._add(_Interval(t0_s, t1_s, joules, gap=False))
+
+    def add_gap(self, t0_s: float, t1_s: float) -> None:
+        """The counter could not be read over [t0_s, t1_s): the requests in it settle as incomplete."""
+        self._add(_Interval(t0_s, t1_s, 0.0, gap=True))
+
+    def _add(self, interval: _Interval) -> None:
+        if interval.t1_s < interval.t0_s:
+            raise ValueError(f"interval [{interval.t0_s}, {interval.t1_s}) runs backwards")
+        self._intervals.append(interval)
         self._settle()
 
     def flush(self) -> None:
-        """At shutdown: end whatever is still open (usage unknown) and settle every interval."""
+        """At shutdown: end whatever is still open (usage unknown), settle every interval, and report
+        every request (those past the last interval with what they have)."""
         for record in list(self._live):
             if record.end_s is None:
                 self._end(record, None, False)
-        self._settle()
-        for record in self._live:
-            self._report(record)
-        self._live = []
+        self._settle(budget=0)
+        while self._live:
+            self._report(self._live.popleft())
 
-    def _settle(self) -> None:
+    def _earliest_open_start(self) -> float | None:
+        while self._open and self._open[0][2].end_s is not None:
+            heapq.heappop(self._open)
+        return self._open[0][0] if self._open else None
+
+    def _settle(self, budget: int | None = None) -> None:
+        """Settle intervals in order while no open request began before their end; at most ``budget``
+        (default: the ledger's) per call, the rest on the next turn of the event loop."""
+        budget = self._settle_budget if budget is None else budget
+        done = 0
         while self._intervals:
-            t0, t1, joules = self._intervals[0]
-            inside = [r for r in self._live if r.start_s < t1 and (r.end_s is None or r.end_s >= t0)]
-            if any(r.end_s is None for r in inside):
+            interval = self._intervals[0]
+            blocker = self._earliest_open_start()
+            if blocker is not None and blocker < interval.t1_s:
+                return
+            if budget and done >= budget:
+                self._continue_later()
                 return
             self._intervals.popleft()
-            self._split(t0, t1, joules, inside)
-            self._settled_until_s = t1
-        still = []
-        for record in self._live:
-            if record.end_s is not None and record.end_s < self._settled_until_s:
+            self._settle_one(interval)
+            done += 1
+
+    def _continue_later(self) -> None:
+        if self._continuation_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: finish now
+            self._settle(budget=0)
+            return
+        self._continuation_scheduled = True
+
+        def resume() -> None:
+            self._continuation_scheduled = False
+            self._settle()
+
+        loop.call_soon(resume)
+
+    def _settle_one(self, interval: _Interval) -> None:
+        t0, t1 = interval.t0_s, interval.t1_s
+        prefix: list[_Record] = []
+        while self._live and self._live[0].start_s < t1:
+            prefix.append(self._live.popleft())
+        inside = [r for r in prefix if _overlaps(r, t0)]
+        if interval.gap:
+            for r in inside:
+                r.complete = False
+            self.totals.unmeasured_s += t1 - t0
+            self._observe(IntervalSplit(t0, t1, 0.0, 0.0, 0.0, 0.0, 0.0, gap=True))
+        else:
+            self._split(t0, t1, interval.joules, inside)
+        self._settled_until_s = t1
+        for record in reversed(prefix):  # those still running past t1 go back to the front, in order
+            assert record.end_s is not None
+            if record.end_s >= t1:
+                self._live.appendleft(record)
+        for record in prefix:
+            if record.end_s is not None and record.end_s < t1:
                 self._report(record)
-            else:
-                still.append(record)
-        self._live = still
 
     def _split(self, t0: float, t1: float, joules: float | None, inside: list[_Record]) -> None:
         spans = [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in inside]
@@ -275,35 +368,54 @@ class Ledger:
             joules = self.idle_power_w * idle_s + active_j
         idle_j = min(joules, self.idle_power_w * idle_s)
         rest = joules - idle_j
-        unattributed = rest if not inside else 0.0
-        if inside and rest > 0:
+        ours = rest if inside else 0.0
+        if inside and self.max_power_w is not None and busy > 0:
+            ours = min(ours, self.max_power_w * busy)
+        unattributed = rest - ours
+        if ours > 0:
             if sum(weights) <= 0:
                 weights = [max(0.0, hi - lo) * r.sequences for (lo, hi), r in zip(spans, inside, strict=True)]
             if sum(weights) <= 0:
                 weights = [1.0] * len(inside)
             total_w = sum(weights)
             for r, w in zip(inside, weights, strict=True):
-                r.joules += rest * w / total_w
+                r.joules += ours * w / total_w
         self.totals.counter_joules += joules
         self.totals.idle_joules += idle_j
         self.totals.unattributed_joules += unattributed
-        self.totals.attributed_joules += rest - unattributed
-        self.on_interval(IntervalSplit(t0, t1, joules, idle_j, unattributed, rest - unattributed, busy))
+        self.totals.attributed_joules += ours
+        self._observe(IntervalSplit(t0, t1, joules, idle_j, unattributed, ours, busy))
+
+    def _observe(self, split: IntervalSplit) -> None:
+        try:
+            self.on_interval(split)
+        except Exception:  # a broken observer must not stop the accounting
+            log.exception("energy: the interval observer failed")
 
     def _report(self, record: _Record) -> None:
         assert record.end_s is not None
         self.totals.settled_request_joules += record.joules
-        self.on_request(
-            SettledRequest(
-                record.request_id,
-                record.joules,
-                self.source,
-                record.usage,
-                record.delivered,
-                record.start_s,
-                record.end_s,
-            )
+        settled = SettledRequest(
+            record.request_id,
+            record.joules,
+            self.source,
+            record.usage,
+            record.delivered,
+            record.start_s,
+            record.end_s,
+            record.complete,
         )
+        try:
+            self.on_request(settled)
+        except Exception:  # a broken observer must not stop (or repeat) the accounting
+            log.exception("energy: the request observer failed for %s", record.request_id)
+
+
+def _overlaps(record: _Record, t0: float) -> bool:
+    """Whether an ended record (that started before the interval's end) was in flight in it: it ended
+    after the interval began, or it is an instant inside the interval."""
+    assert record.end_s is not None
+    return record.end_s > t0 or (record.end_s == record.start_s and record.start_s >= t0)
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:

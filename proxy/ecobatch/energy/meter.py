@@ -10,7 +10,13 @@ Without a reader (``source="model"``) the meter closes an interval every tick wi
 and the ledger fills in the profile's modelled joules.
 
 Idle power (the idle bucket's rate) is measured at start, before any request: the counter's delta
-over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time.
+over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time. The
+GPUs' power limit caps what ecobatch's requests can be charged (``Ledger.max_power_w``).
+
+A counter that cannot be read (an exporter down) is retried at every tick; a short outage costs
+nothing, since the next reading's delta covers it. One that stays unreadable for ``max_stale_s``
+becomes a **gap**: the requests in it settle flagged incomplete rather than waiting forever, and the
+counter starts afresh once it can be read again.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ class Meter:
         self._last_s = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stale_warned = False
+        self._gap_open = False  # the counter was lost: rebase at its next reading
+        self._failing = False
+
+    @property
+    def readable(self) -> bool:
+        """False while the counter cannot be read."""
+        return not self._failing
 
     @property
     def source(self) -> str:
@@ -61,10 +74,21 @@ class Meter:
 
     async def start(self) -> None:
         if self.reader is not None:
-            if self._idle_power_w is None:
-                self._idle_power_w = await self._probe_idle_power_w(self.reader)
-            self._deltas.delta(await self.reader.read())
-            self.ledger.gpu = self.reader.gpu
+            try:
+                if self._idle_power_w is None:
+                    self._idle_power_w = await self._probe_idle_power_w(self.reader)
+                self._deltas.delta(await self.reader.read())
+                self.ledger.gpu = self.reader.gpu
+                if self.ledger.max_power_w is None:
+                    self.ledger.max_power_w = self.reader.max_power_w()
+            except Exception as exc:
+                log.error(
+                    "energy: cannot read the %s counter at start-up (%s); serving on, and requests settle "
+                    "as incomplete until it can be read",
+                    self.source,
+                    exc,
+                )
+                self._gap_open = self._failing = True
         if self._idle_power_w is not None:
             self.ledger.idle_power_w = self._idle_power_w
         self._last_s = self.ledger.clock.now()
@@ -104,16 +128,43 @@ class Meter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.sample_interval_s)
-            try:
-                await self.sample()
-            except Exception as exc:  # an unreadable counter must not stop the proxy
-                log.warning("energy: reading the %s counter failed: %s", self.source, exc)
+            await self.sample()
+
+    def _lost(self, exc: BaseException) -> None:
+        now = self.ledger.clock.now()
+        if not self._failing:
+            log.warning("energy: reading the %s counter failed: %s (retrying)", self.source, exc)
+            self._failing = True
+        if now - self._last_s >= self._max_stale_s:
+            if not self._gap_open:
+                log.error(
+                    "energy: the %s counter has been unreadable for %.0f s; requests in this time settle "
+                    "as incomplete",
+                    self.source,
+                    now - self._last_s,
+                )
+            self.ledger.add_gap(self._last_s, now)
+            self._last_s, self._gap_open = now, True
 
     async def sample(self, *, force: bool = False) -> None:
         """Read the counter and close an interval (unless the counter stood still and ``force`` is off)."""
         joules: float | None = None
         if self.reader is not None:
-            joules = self._deltas.delta(await self.reader.read())
+            try:
+                reading = await self.reader.read()
+            except Exception as exc:  # an unreadable counter must not stop the proxy
+                self._lost(exc)
+                return
+            if self._failing:
+                log.info("energy: the %s counter is readable again", self.source)
+                self._failing = False
+            if self._gap_open:  # what it counted during the gap cannot be placed: start afresh here
+                self._deltas.rebase(reading)
+                now = self.ledger.clock.now()
+                self.ledger.add_gap(self._last_s, now)
+                self._last_s, self._gap_open = now, False
+                return
+            joules = self._deltas.delta(reading)
         now = self.ledger.clock.now()
         if joules == 0.0 and not force:
             if now - self._last_s < self._max_stale_s:

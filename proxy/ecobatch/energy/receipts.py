@@ -53,6 +53,8 @@ class Receipts:
                 "status": "settled",
                 "energy_joules": settled.joules,
                 "source": settled.source,
+                # False: the counter was unreadable for part of the request's life (an underestimate)
+                "complete": settled.complete,
                 "prompt_tokens": settled.usage.prompt_tokens,
                 "completion_tokens": settled.usage.completion_tokens,
                 "duration_s": settled.end_s - settled.start_s,

@@ -1,0 +1,87 @@
+"""vllm-async's per-request contract against a scripted AsyncLLM: a sequence that fails takes its
+siblings down with it (they are aborted in the engine), and a cancelled call aborts every sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ecobatch.backends.base import Job
+from ecobatch.backends.vllm_async import VllmAsyncBackend
+from ecobatch.config import load_settings
+from ecobatch.errors import BadRequest
+from tests.fakes import req
+
+
+@dataclasses.dataclass
+class _Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Output:
+    prompt_token_ids: list[int]
+    outputs: list[_Completion]
+    finished: bool = False
+
+
+class ScriptedAsyncLLM:
+    """Streams one token every few milliseconds, forever; the prompt [666] fails after a moment."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+
+    async def generate(self, prompt: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[_Output]:
+        self.running.add(request_id)
+        try:
+            for _ in range(10_000):
+                await asyncio.sleep(0.002)
+                if prompt["prompt_token_ids"] == [666]:
+                    raise ValueError("the engine refused this prompt")
+                yield _Output(prompt["prompt_token_ids"], [_Completion([7], " x")])
+        finally:
+            self.running.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def backend_with(engine: ScriptedAsyncLLM) -> VllmAsyncBackend:
+    settings = load_settings(None, {"backend.kind": "vllm-async", "backend.model": "/unused"})
+    backend = VllmAsyncBackend(settings.backend)
+    backend._engine = engine
+    return backend
+
+
+async def test_one_failing_sequence_aborts_its_siblings() -> None:
+    engine = ScriptedAsyncLLM()
+    request = dataclasses.replace(
+        req(["a", "b", "c"], max_tokens=100),  # type: ignore[arg-type]
+        engine_input=[[1], [666], [2]],
+    )
+    with pytest.raises(BadRequest, match="refused this prompt"):
+        await backend_with(engine).generate(Job(request))
+    await asyncio.sleep(0.01)
+    assert engine.running == set(), "a sibling sequence kept decoding after its request failed"
+    assert {f"{request.id}-0", f"{request.id}-2"} <= set(engine.aborted)
+
+
+async def test_a_cancelled_call_aborts_every_sequence() -> None:
+    engine = ScriptedAsyncLLM()
+    request = dataclasses.replace(req(["a", "b"], max_tokens=100), engine_input=[[1], [2]])  # type: ignore[arg-type]
+    tokens: list[int] = []
+    task = asyncio.create_task(backend_with(engine).generate(Job(request, progress=tokens.append)))
+    while len(tokens) < 4:
+        await asyncio.sleep(0.002)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.running == set()
+    assert sorted(engine.aborted) == [f"{request.id}-0", f"{request.id}-1"]
