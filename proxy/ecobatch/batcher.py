@@ -20,7 +20,7 @@ import asyncio
 
 from .admission import Pending
 from .backends.base import StaticEngine
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, as_error
 from .domain import GenerationResult
 from .errors import BackendFailed, ShuttingDown
 
@@ -59,7 +59,7 @@ class StaticBatcher(Dispatcher):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            results = [self._as_error(exc)] * len(batch)
+            results = [as_error(exc)] * len(batch)
         finally:
             self._set_inflight(-sequences)
             for p, (span, _), result in zip(batch, started, results, strict=True):

@@ -155,10 +155,6 @@ class Dispatcher:
     def _timeout(self) -> BackendTimeout:
         return BackendTimeout(f"the engine did not finish within backend.request_timeout_s={self._timeout_s}")
 
-    @staticmethod
-    def _as_error(exc: BaseException) -> EcobatchError:
-        return exc if isinstance(exc, EcobatchError) else BackendFailed(f"engine error: {exc!r}")
-
     def _resolve(
         self,
         pending: Pending,
@@ -174,7 +170,7 @@ class Dispatcher:
             answer = self._account(pending, span, result, delivered, dispatched_s, group_size)
         else:
             span.end(None, delivered=False)
-            answer = self._as_error(result)
+            answer = as_error(result)
         if delivered and not pending.future.done():
             if isinstance(answer, Outcome):
                 pending.future.set_result(answer)
@@ -201,3 +197,8 @@ class Dispatcher:
         except Exception:
             log.exception("bookkeeping for request %s failed", pending.request.id)
         return Outcome(result, dispatched_s - pending.arrival_s, group_size, provisional, source)
+
+
+def as_error(exc: BaseException) -> EcobatchError:
+    """An engine's exception as the client's error (anything unexpected is a 502)."""
+    return exc if isinstance(exc, EcobatchError) else BackendFailed(f"engine error: {exc!r}")

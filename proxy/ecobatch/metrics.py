@@ -16,7 +16,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .domain import Usage
-from .energy.ledger import IntervalSplit, SettledRequest
+from .energy.attribution import IntervalSplit
+from .energy.ledger import SettledRequest
 from .profile import EnergyProfile
 
 __all__ = ["Metrics"]

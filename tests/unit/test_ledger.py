@@ -10,7 +10,8 @@ import pytest
 
 from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
-from ecobatch.energy.ledger import IntervalSplit, Ledger, SettledRequest
+from ecobatch.energy.attribution import IntervalSplit
+from ecobatch.energy.ledger import Ledger, SettledRequest
 
 
 def ledger_on(clock: FakeClock, *, idle_power_w: float = 0.0, prefill_weight: float = 1.0) -> Ledger:

@@ -6,13 +6,15 @@
 * ``dcgm``: ``DcgmCounters``, dcgm-exporter scraped where the GPU is (a remote vLLM).
 * ``model``: the profile's modelled joules (``source="model"``), where no counter can be read.
 * ``meter``: the background sampler that turns a counter into intervals.
-* ``ledger``: splits each interval among the requests in flight by the tokens they processed, with
-  idle and other clients' work in their own buckets.
+* ``attribution``: the rule that splits one interval among the requests in flight by the tokens they
+  processed, with idle and other clients' work in their own buckets (a pure function).
+* ``ledger``: the requests' token timelines and the intervals, and when each can be split and settled.
 * ``receipts``: each request's settled joules, for a client to look up by id.
 * ``choose``: which source measures the engine, and why.
 """
 
-from .ledger import IntervalSplit, Ledger, SettledRequest, Span
+from .attribution import IntervalSplit
+from .ledger import Ledger, SettledRequest, Span
 from .meter import Meter
 
 __all__ = ["IntervalSplit", "Ledger", "Meter", "SettledRequest", "Span"]

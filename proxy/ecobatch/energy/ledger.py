@@ -48,13 +48,11 @@ from dataclasses import dataclass, field
 
 from ..clock import Clock, MonotonicClock
 from ..domain import Usage
+from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval
 
-__all__ = ["IntervalSplit", "Ledger", "LedgerTotals", "SettledRequest", "Span"]
+__all__ = ["Ledger", "LedgerTotals", "SettledRequest", "Span"]
 
 log = logging.getLogger(__name__)
-
-#: (decode tokens generated in the interval, mean sequences in flight while busy) -> active joules
-ActiveModel = Callable[[float, float], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +67,6 @@ class SettledRequest:
     #: False when the counter could not be read for part of the request's life: ``joules`` is then
     #: what was measured, an underestimate
     complete: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class IntervalSplit:
-    t0_s: float
-    t1_s: float
-    joules: float
-    idle_joules: float
-    unattributed_joules: float
-    attributed_joules: float
-    busy_s: float
-    #: the counter could not be read in this interval: nothing was measured
-    gap: bool = False
 
 
 @dataclass(slots=True)
@@ -139,6 +124,19 @@ class _Record:
             self.segments = [(self.start_s, self.start_s, prompt, 0), (self.start_s, end_s, 0, completion)]
         self.events = []
 
+    def settled(self, source: str) -> SettledRequest:
+        assert self.end_s is not None
+        return SettledRequest(
+            self.request_id,
+            self.joules,
+            source,
+            self.usage,
+            self.delivered,
+            self.start_s,
+            self.end_s,
+            self.complete,
+        )
+
     def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
         """(prompt, generated) tokens this request processed in [t0, t1). Intervals come in order, so a
         cursor skips the segments already passed."""
@@ -189,6 +187,62 @@ class Span:
         return self._record.end_s is not None
 
 
+class _Requests:
+    """The requests' side of the ledger: records not yet reported, in start order; the open ones by
+    start (a heap); the sequences in flight and their time integral (for mean concurrency)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.live: deque[_Record] = deque()
+        self._open: list[tuple[float, int, _Record]] = []
+        self._count = 0
+        self.inflight_sequences = 0
+        self._seq_seconds = 0.0
+        self._seq_seconds_at_s = clock.now()
+
+    def _advance(self) -> float:
+        now = self.clock.now()
+        self._seq_seconds += self.inflight_sequences * max(0.0, now - self._seq_seconds_at_s)
+        self._seq_seconds_at_s = now
+        return now
+
+    def begin(self, request_id: str, sequences: int) -> _Record:
+        now = self._advance()
+        self.inflight_sequences += sequences
+        record = _Record(request_id, max(1, sequences), now, self._seq_seconds)
+        self.live.append(record)
+        self._count += 1
+        heapq.heappush(self._open, (now, self._count, record))
+        return record
+
+    def end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
+        """Close ``record``; return its mean sequences in flight (itself included) over its life."""
+        now = self._advance()
+        self.inflight_sequences -= record.sequences
+        record.delivered = delivered
+        record.close(now, usage)
+        duration = now - record.start_s
+        if duration <= 0:
+            return float(self.inflight_sequences + record.sequences)
+        return (self._seq_seconds - record.seq_seconds_at_start) / duration
+
+    def earliest_open_start(self) -> float | None:
+        while self._open and self._open[0][2].end_s is not None:
+            heapq.heappop(self._open)
+        return self._open[0][0] if self._open else None
+
+    def started_before(self, t_s: float) -> list[_Record]:
+        """Take the records that started before ``t_s`` off the front (``keep`` puts some back)."""
+        taken = []
+        while self.live and self.live[0].start_s < t_s:
+            taken.append(self.live.popleft())
+        return taken
+
+    def keep(self, records: list[_Record]) -> None:
+        for record in reversed(records):
+            self.live.appendleft(record)
+
+
 class Ledger:
     def __init__(
         self,
@@ -200,7 +254,7 @@ class Ledger:
         max_power_w: float | None = None,
         clock: Clock | None = None,
         active_model: ActiveModel | None = None,
-        settle_budget: int = 256,
+        settle_budget: int = 16,
     ) -> None:
         self.source, self.gpu = source, gpu
         self.prefill_weight = prefill_weight
@@ -211,59 +265,32 @@ class Ledger:
         self.clock: Clock = clock or MonotonicClock()
         self._active_model = active_model
         self._settle_budget = settle_budget
-        self._live: deque[_Record] = deque()  # not yet reported, in start order
-        self._open: list[tuple[float, int, _Record]] = []  # heap of open records by start
-        self._seq = 0
+        self._requests = _Requests(self.clock)
         self._intervals: deque[_Interval] = deque()
-        self._settled_until_s = float("-inf")
         self._continuation_scheduled = False
-        self._inflight_sequences = 0
-        self._seq_seconds = 0.0  # ∫ sequences in flight dt, for mean concurrency
-        self._seq_seconds_at_s = self.clock.now()
         self.totals = LedgerTotals()
         self.on_request: Callable[[SettledRequest], None] = lambda settled: None
         self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
 
     # ---- request events ------------------------------------------------------------------------
-    def _advance_seq_seconds(self) -> float:
-        now = self.clock.now()
-        self._seq_seconds += self._inflight_sequences * max(0.0, now - self._seq_seconds_at_s)
-        self._seq_seconds_at_s = now
-        return now
-
     def begin(self, request_id: str, sequences: int = 1) -> Span:
-        now = self._advance_seq_seconds()
-        self._inflight_sequences += sequences
-        record = _Record(request_id, max(1, sequences), now, self._seq_seconds)
-        self._live.append(record)
-        self._seq += 1
-        heapq.heappush(self._open, (now, self._seq, record))
-        return Span(self, record)
+        return Span(self, self._requests.begin(request_id, sequences))
 
     def _end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
         if record.end_s is not None:
             return 0.0
-        now = self._advance_seq_seconds()
-        self._inflight_sequences -= record.sequences
-        record.delivered = delivered
-        record.close(now, usage)
-        duration = now - record.start_s
-        concurrency = (
-            (self._seq_seconds - record.seq_seconds_at_start) / duration
-            if duration > 0
-            else float(self._inflight_sequences + record.sequences)
-        )
+        concurrency = self._requests.end(record, usage, delivered)
         self._settle()
         return concurrency
 
     @property
     def inflight_sequences(self) -> int:
-        return self._inflight_sequences
+        return self._requests.inflight_sequences
 
     @property
     def pending_requests(self) -> int:
         """Requests in flight or ended but not yet settled."""
-        return len(self._live)
+        return len(self._requests.live)
 
     @property
     def pending_intervals(self) -> int:
@@ -287,17 +314,12 @@ class Ledger:
     def flush(self) -> None:
         """At shutdown: end whatever is still open (usage unknown), settle every interval, and report
         every request (those past the last interval with what they have)."""
-        for record in list(self._live):
+        for record in list(self._requests.live):
             if record.end_s is None:
                 self._end(record, None, False)
         self._settle(budget=0)
-        while self._live:
-            self._report(self._live.popleft())
-
-    def _earliest_open_start(self) -> float | None:
-        while self._open and self._open[0][2].end_s is not None:
-            heapq.heappop(self._open)
-        return self._open[0][0] if self._open else None
+        while self._requests.live:
+            self._report(self._requests.live.popleft())
 
     def _settle(self, budget: int | None = None) -> None:
         """Settle intervals in order while no open request began before their end; at most ``budget``
@@ -306,7 +328,7 @@ class Ledger:
         done = 0
         while self._intervals:
             interval = self._intervals[0]
-            blocker = self._earliest_open_start()
+            blocker = self._requests.earliest_open_start()
             if blocker is not None and blocker < interval.t1_s:
                 return
             if budget and done >= budget:
@@ -334,9 +356,7 @@ class Ledger:
 
     def _settle_one(self, interval: _Interval) -> None:
         t0, t1 = interval.t0_s, interval.t1_s
-        prefix: list[_Record] = []
-        while self._live and self._live[0].start_s < t1:
-            prefix.append(self._live.popleft())
+        prefix = self._requests.started_before(t1)  # all ended: no open request blocks this interval
         inside = [r for r in prefix if _overlaps(r, t0)]
         if interval.gap:
             for r in inside:
@@ -345,46 +365,34 @@ class Ledger:
             self._observe(IntervalSplit(t0, t1, 0.0, 0.0, 0.0, 0.0, 0.0, gap=True))
         else:
             self._split(t0, t1, interval.joules, inside)
-        self._settled_until_s = t1
-        for record in reversed(prefix):  # those still running past t1 go back to the front, in order
-            assert record.end_s is not None
-            if record.end_s >= t1:
-                self._live.appendleft(record)
+        self._requests.keep([r for r in prefix if r.end_s is not None and r.end_s >= t1])
         for record in prefix:
             if record.end_s is not None and record.end_s < t1:
                 self._report(record)
 
     def _split(self, t0: float, t1: float, joules: float | None, inside: list[_Record]) -> None:
-        spans = [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in inside]
-        busy = _union_length(spans)
-        idle_s = max(0.0, (t1 - t0) - busy)
-        tokens = [r.tokens_in(t0, t1) for r in inside]
-        weights = [d + self.prefill_weight * p for p, d in tokens]
-        if joules is None:  # modelled
-            occupancy = sum((hi - lo) * r.sequences for (lo, hi), r in zip(spans, inside, strict=True))
-            concurrency = occupancy / busy if busy > 0 else float(sum(r.sequences for r in inside) or 1)
-            decode = sum(d for _, d in tokens)
-            active_j = self._active_model(decode, concurrency) if self._active_model and inside else 0.0
-            joules = self.idle_power_w * idle_s + active_j
-        idle_j = min(joules, self.idle_power_w * idle_s)
-        rest = joules - idle_j
-        ours = rest if inside else 0.0
-        if inside and self.max_power_w is not None and busy > 0:
-            ours = min(ours, self.max_power_w * busy)
-        unattributed = rest - ours
-        if ours > 0:
-            if sum(weights) <= 0:
-                weights = [max(0.0, hi - lo) * r.sequences for (lo, hi), r in zip(spans, inside, strict=True)]
-            if sum(weights) <= 0:
-                weights = [1.0] * len(inside)
-            total_w = sum(weights)
-            for r, w in zip(inside, weights, strict=True):
-                r.joules += ours * w / total_w
-        self.totals.counter_joules += joules
-        self.totals.idle_joules += idle_j
-        self.totals.unattributed_joules += unattributed
-        self.totals.attributed_joules += ours
-        self._observe(IntervalSplit(t0, t1, joules, idle_j, unattributed, ours, busy))
+        members = []
+        for r in inside:
+            prompt, generated = r.tokens_in(t0, t1)
+            end = r.end_s if r.end_s is not None else t1
+            members.append(InFlight(max(r.start_s, t0), min(end, t1), r.sequences, prompt, generated))
+        split, shares = split_interval(
+            t0,
+            t1,
+            joules,
+            members,
+            idle_power_w=self.idle_power_w,
+            prefill_weight=self.prefill_weight,
+            max_power_w=self.max_power_w,
+            active_model=self._active_model,
+        )
+        for r, share in zip(inside, shares, strict=True):
+            r.joules += share
+        self.totals.counter_joules += split.joules
+        self.totals.idle_joules += split.idle_joules
+        self.totals.unattributed_joules += split.unattributed_joules
+        self.totals.attributed_joules += split.attributed_joules
+        self._observe(split)
 
     def _observe(self, split: IntervalSplit) -> None:
         try:
@@ -393,20 +401,9 @@ class Ledger:
             log.exception("energy: the interval observer failed")
 
     def _report(self, record: _Record) -> None:
-        assert record.end_s is not None
         self.totals.settled_request_joules += record.joules
-        settled = SettledRequest(
-            record.request_id,
-            record.joules,
-            self.source,
-            record.usage,
-            record.delivered,
-            record.start_s,
-            record.end_s,
-            record.complete,
-        )
         try:
-            self.on_request(settled)
+            self.on_request(record.settled(self.source))
         except Exception:  # a broken observer must not stop (or repeat) the accounting
             log.exception("energy: the request observer failed for %s", record.request_id)
 
@@ -416,13 +413,3 @@ def _overlaps(record: _Record, t0: float) -> bool:
     after the interval began, or it is an instant inside the interval."""
     assert record.end_s is not None
     return record.end_s > t0 or (record.end_s == record.start_s and record.start_s >= t0)
-
-
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for lo, hi in sorted(intervals):
-        if hi <= end:
-            continue
-        total += hi - max(lo, end)
-        end = hi
-    return total
