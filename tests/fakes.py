@@ -35,7 +35,7 @@ class _Base:
     def model(self) -> str:
         return "fake-model"
 
-    async def start(self) -> None:
+    async def start(self, progress: Any) -> None:
         return None
 
     async def close(self) -> None:

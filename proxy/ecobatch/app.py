@@ -1,14 +1,17 @@
 """The aiohttp application: OpenAI-compatible routes in front of the dispatcher.
 
-``create_app(settings)`` builds everything; the engine, the energy meter and the dispatcher (a static
-batcher or a continuous gate, by the engine's shape) are started and stopped in a ``cleanup_ctx``
-generator. Tests inject a registry, an engine, a meter factory or a clock.
+``create_app(settings)`` builds the ``Runtime`` (engine, meter, dispatcher, metrics, receipts) and the
+routes. Its ``cleanup_ctx`` brings the runtime up, at once (``start_in_background=False``, for tests and
+embedding) or in the background (``ecobatch serve``: the server listens first and answers 503 with the
+reason until the engine is ready), and drains and closes it at the end. Tests inject a registry, an
+engine, a meter factory or a clock.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` false or true),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET/PUT /ecobatch/batching`` (read or change the
-batching settings at run time) and ``GET /ecobatch/energy/{request_id}`` (a request's energy receipt).
+batching settings at run time; admin key) and ``GET /ecobatch/energy/{request_id}`` (a request's
+energy receipt).
 
-A request is validated against the API, then against the engine (``prepare``: context length,
+A request is checked against the API, then against the engine (``prepare``: context length,
 tokenization off the event loop), and only then queued. Responses are never held for the meter:
 non-streaming ones carry ``X-Ecobatch-Request-Id``, a provisional figure labelled as one
 (``X-Ecobatch-Energy-Provisional-Joules``, modelled from the profile), the source that will settle it
@@ -19,77 +22,55 @@ non-streaming ones carry ``X-Ecobatch-Request-Id``, a provisional figure labelle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .admission import Outcome
+from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
 from .backends import create_engine
 from .backends.base import ContinuousEngine, StaticEngine
-from .batcher import StaticBatcher
 from .clock import Clock, MonotonicClock
 from .config import BACKEND_SHAPES, BatchingSettings, Settings, build_section
 from .dispatcher import Dispatcher
 from .domain import GenerationRequest
 from .energy.choose import build_meter
-from .energy.ledger import SettledRequest
 from .energy.meter import Meter
-from .energy.receipts import Receipts
-from .errors import BadRequest, ConfigError, EcobatchError, NotFound, Overloaded
-from .gate import ContinuousGate
-from .metrics import Metrics
+from .errors import BadRequest, ConfigError, EcobatchError, NotFound, NotReady, Overloaded
 from .openai_api import models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
+from .runtime import MeterFactory, Runtime
 
-__all__ = ["Runtime", "create_app"]
+__all__ = ["RUNTIME", "create_app", "metrics_app"]
 
 log = logging.getLogger(__name__)
-MeterFactory = Callable[[Settings, EnergyProfile, Clock], Meter]
 Parser = Callable[[Any, str], GenerationRequest]
 Engine = StaticEngine | ContinuousEngine
-
-
-@dataclass(slots=True)
-class Runtime:
-    """What the routes need; filled in at start-up."""
-
-    settings: Settings
-    registry: CollectorRegistry
-    profile: EnergyProfile
-    engine: Engine
-    receipts: Receipts
-    meter: Meter | None = None
-    metrics: Metrics | None = None
-    dispatcher: Dispatcher | None = None
-
-    def ready(self) -> tuple[Dispatcher, Metrics]:
-        if self.dispatcher is None or self.metrics is None:
-            raise EcobatchError("ecobatch is starting up", status=503)
-        return self.dispatcher, self.metrics
-
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
+KEYS = web.AppKey("keys", AccessKeys)
+BRING_UP = web.AppKey("bring_up", asyncio.Task)
 
 
 def _error_response(exc: EcobatchError) -> web.Response:
     headers = {}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(int(exc.retry_after_s))
+    if isinstance(exc, Overloaded | NotReady):
+        headers["Retry-After"] = str(max(1, int(exc.retry_after_s)))
     return web.json_response(exc.to_body(), status=exc.status, headers=headers)
 
 
 @web.middleware
-async def _openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error leaves as an OpenAI error body, 404s and 405s included; nothing leaks as a bare 500."""
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as an OpenAI error body, 404s, 405s and 413s included; nothing leaks as a
+    bare 500."""
     try:
         return await handler(request)
     except EcobatchError as exc:
@@ -98,23 +79,27 @@ async def _openai_errors(
         if exc.status < 400:
             raise
         error_type = "invalid_request_error" if exc.status < 500 else "internal_error"
-        body = {"error": {"message": exc.reason, "type": error_type, "param": None, "code": exc.status}}
+        message = exc.text if exc.status == 413 and exc.text else exc.reason
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": exc.status}}
         return web.json_response(body, status=exc.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
         log.exception("unhandled error on %s", request.path)
-        return web.json_response(
-            {
-                "error": {
-                    "message": f"internal error: {exc!r}",
-                    "type": "internal_error",
-                    "param": None,
-                    "code": None,
-                }
-            },
-            status=500,
-        )
+        body = {"error": {"message": f"internal error: {exc!r}", "type": "internal_error", "param": None}}
+        return web.json_response(body, status=500)
+
+
+@web.middleware
+async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API keys for /v1 and receipts, admin keys for /ecobatch/batching (see ``auth``)."""
+    keys = request.app[KEYS]
+    path = request.path
+    if path.startswith("/ecobatch/batching"):
+        check_admin_key(keys.admin, request.headers.get("Authorization"))
+    elif path.startswith(("/v1/", "/ecobatch/")):
+        check_api_key(keys.api, request.headers.get("Authorization"))
+    return await handler(request)
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -144,12 +129,12 @@ def _sse(payload: dict[str, Any]) -> bytes:
 async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     started_s = time.monotonic()
-    dispatcher, metrics = runtime.ready()
-    model = runtime.engine.model
+    metrics = runtime.metrics
     status = "200"
     gen: GenerationRequest | None = None
     try:
-        gen = await runtime.engine.prepare(parse(await _read_json(request), model))
+        dispatcher = runtime.ready_dispatcher()
+        gen = await runtime.engine.prepare(parse(await _read_json(request), runtime.engine.model))
         if gen.stream:
             return await _stream(request, dispatcher, gen)
         pending = dispatcher.submit(gen)
@@ -167,9 +152,9 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
         status = "499"  # the client left (nginx's code for it)
         raise
     finally:
-        metrics.requests.labels(model, status).inc()
+        metrics.requests.labels(metrics.model, status).inc()
         stream = "true" if gen is not None and gen.stream else "false"
-        metrics.request_duration.labels(model, stream).observe(time.monotonic() - started_s)
+        metrics.request_duration.labels(metrics.model, stream).observe(time.monotonic() - started_s)
 
 
 async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationRequest) -> web.StreamResponse:
@@ -216,18 +201,24 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response(models_response(request.app[RUNTIME].engine.model))
+    runtime = request.app[RUNTIME]
+    runtime.ready_dispatcher()  # the model's name is the engine's, known once it is up
+    return web.json_response(models_response(runtime.engine.model))
 
 
 async def _health(request: web.Request) -> web.Response:
+    """200 once ready; 503 with the reason while starting, draining or failed."""
     runtime = request.app[RUNTIME]
     dispatcher = runtime.dispatcher
+    meter = runtime.meter
     body = {
-        "status": "ok" if dispatcher is not None else "starting",
+        "status": "ok" if runtime.state == "ready" else runtime.state,
+        "reason": runtime.reason,
         "backend": runtime.engine.name,
         "engine_shape": runtime.engine.shape,
         "model": runtime.engine.model,
-        "energy_source": runtime.meter.source if runtime.meter else None,
+        "energy_source": meter.source if meter else None,
+        "energy_counter_readable": meter.readable if meter else None,
         "profile": {
             "name": runtime.profile.name,
             "source": runtime.profile.source,
@@ -236,15 +227,19 @@ async def _health(request: web.Request) -> web.Response:
         "queue_depth": dispatcher.queue_depth if dispatcher else 0,
         "inflight": dispatcher.inflight if dispatcher else 0,
     }
-    return web.json_response(body, status=200 if dispatcher is not None else 503)
+    headers = {} if runtime.state == "ready" else {"Retry-After": "5"}
+    return web.json_response(body, status=200 if runtime.state == "ready" else 503, headers=headers)
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
+def _exposition(runtime: Runtime) -> bytes:
     payload = generate_latest(runtime.registry)
     if runtime.engine.metrics_registry is not None:  # an in-process engine's own series (vLLM's)
         payload += generate_latest(runtime.engine.metrics_registry)
-    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return payload
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=_exposition(request.app[RUNTIME]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
@@ -260,14 +255,13 @@ def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
 
 async def _get_batching(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    dispatcher, _ = runtime.ready()
-    return web.json_response(_batching_view(dispatcher, runtime.engine))
+    return web.json_response(_batching_view(runtime.ready_dispatcher(), runtime.engine))
 
 
 async def _put_batching(request: web.Request) -> web.Response:
     """Change batching settings at run time: a JSON object of BatchingSettings fields."""
     runtime = request.app[RUNTIME]
-    dispatcher, _ = runtime.ready()
+    dispatcher = runtime.ready_dispatcher()
     changes = await _read_json(request)
     if not isinstance(changes, dict):
         raise BadRequest("the body must be a JSON object of batching settings")
@@ -278,6 +272,7 @@ async def _put_batching(request: web.Request) -> web.Response:
         raise BadRequest(str(exc), param=exc.field) from None
     dispatcher.reconfigure(settings)
     dispatcher.decide()  # show the decision under the new settings
+    log.info("batching settings changed at run time: %s", changes)
     return web.json_response(_batching_view(dispatcher, runtime.engine))
 
 
@@ -307,16 +302,8 @@ def _check_profile_shape(profile: EnergyProfile, shape: str, backend: str) -> No
     )
 
 
-def _wire_ledger(meter: Meter, metrics: Metrics, receipts: Receipts) -> None:
-    """Settled requests and intervals go to the metrics and the receipts, off the request path."""
-    ledger = meter.ledger
-
-    def on_request(settled: SettledRequest) -> None:
-        metrics.observe_settled(settled, ledger.gpu)
-        receipts.settle(settled)
-
-    ledger.on_request = on_request
-    ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
+def _default_meter(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
+    return build_meter(settings, profile, clock=clock)
 
 
 def create_app(
@@ -327,85 +314,72 @@ def create_app(
     meter_factory: MeterFactory | None = None,
     profile: EnergyProfile | None = None,
     clock: Clock | None = None,
+    start_in_background: bool = False,
 ) -> web.Application:
     shape = engine.shape if engine is not None else BACKEND_SHAPES[settings.backend.kind]
     profile = profile or load_profile(settings.energy.profile_path(shape))
     _check_profile_shape(profile, shape, settings.backend.kind)
-    the_clock: Clock = clock or MonotonicClock()
+    keys = load_keys(settings.server)
     runtime = Runtime(
-        settings=settings,
-        registry=registry or CollectorRegistry(),
-        profile=profile,
-        engine=engine or create_engine(settings, profile),
-        receipts=Receipts(),
+        settings,
+        registry or CollectorRegistry(),
+        profile,
+        engine or create_engine(settings, profile),
+        meter_factory or _default_meter,
+        clock or MonotonicClock(),
     )
-    app = web.Application(middlewares=[_openai_errors], client_max_size=32 * 1024 * 1024)
-    app[RUNTIME] = runtime
-
-    def make_meter(s: Settings, p: EnergyProfile, c: Clock) -> Meter:
-        return build_meter(s, p, clock=c)
+    app = web.Application(
+        middlewares=[_openai_errors, _access], client_max_size=settings.server.max_body_bytes
+    )
+    app[RUNTIME], app[KEYS] = runtime, keys
+    _warn_if_open(keys.api, settings)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        engine = runtime.engine
-        await engine.start()
-        meter: Meter | None = None
-        try:
-            meter = (meter_factory or make_meter)(settings, runtime.profile, the_clock)
-            metrics = Metrics(
-                runtime.registry,
-                model=engine.model,
-                carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
-                price_per_kwh=settings.energy.price_per_kwh,
-                currency=settings.energy.currency,
-            )
-            metrics.describe_profile(runtime.profile)
-            _wire_ledger(meter, metrics, runtime.receipts)
-            await meter.start()
-            kind = StaticBatcher if engine.shape == "static" else ContinuousGate
-            dispatcher = kind(
-                engine,
-                meter.ledger,
-                runtime.receipts,
-                metrics,
-                runtime.profile,
-                settings.batching,
-                request_timeout_s=settings.backend.request_timeout_s,
-                clock=the_clock,
-            )
-            await dispatcher.start()
-        except BaseException:  # a failed start-up still releases the engine and the meter
-            if meter is not None:
-                await meter.close()
-            await engine.close()
-            raise
-        runtime.meter, runtime.metrics, runtime.dispatcher = meter, metrics, dispatcher
-        log.info(
-            "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",
-            engine.name,
-            engine.shape,
-            engine.model,
-            runtime.profile.name,
-            runtime.profile.kind,
-            runtime.profile.source,
-            meter.source,
-        )
+        bring_up = asyncio.create_task(runtime.bring_up(), name="ecobatch-bring-up")
+        app[BRING_UP] = bring_up
+        if not start_in_background:
+            await bring_up
         try:
             yield
         finally:
-            runtime.dispatcher = None
-            try:
-                await dispatcher.close(settings.server.shutdown_grace_s)
-            finally:
-                await meter.close()
-                await engine.close()
+            if not bring_up.done():
+                bring_up.cancel()
+            with contextlib.suppress(BaseException):
+                await bring_up
+            await runtime.drain(settings.server.shutdown_grace_s)
+            await runtime.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
-    app.router.add_get("/metrics", _metrics)
+    if settings.server.metrics_port is None:
+        app.router.add_get("/metrics", _metrics)
     app.router.add_get("/ecobatch/batching", _get_batching)
     app.router.add_put("/ecobatch/batching", _put_batching)
     app.router.add_get("/ecobatch/energy/{request_id}", _get_energy)
     return app
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """``/metrics`` alone, for ``server.metrics_port``."""
+    runtime = main[RUNTIME]
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=_exposition(runtime), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _warn_if_open(api_keys: Keys, settings: Settings) -> None:  # keys themselves are never logged
+    if not api_keys.configured:
+        log.warning(
+            "no API keys configured: /v1 is open to anyone who can reach %s:%d (set %s or "
+            "server.api_keys_file)",
+            settings.server.host,
+            settings.server.port,
+            settings.server.api_keys_env or "server.api_keys_env",
+        )

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import os
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+from . import __version__
 from .config import BACKEND_KINDS, METER_KINDS, Settings, load_settings
 from .errors import ConfigError
 from .profile import fit_power_law, load_profile
+from .server import StartupError
 
 __all__ = ["main"]
 
@@ -46,7 +54,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--sim-time-scale", type=float, help="simulated backend: 1 = real time, 0 = instant")
     p.add_argument("--request-timeout-s", type=float)
     p.add_argument("--engine-args", type=json.loads, help='JSON object, e.g. \'{"dtype": "int8"}\'')
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG also prints tracebacks of start-up errors")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -76,35 +84,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .app import create_app
+    from .server import serve
 
     settings = settings_from_args(args)
-    app = create_app(settings)
-    loop = None
+    loop_factory = None
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
-    logging.getLogger(__name__).info(
-        "serving on http://%s:%d (backend=%s)",
-        settings.server.host,
-        settings.server.port,
-        settings.backend.kind,
-    )
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        loop=loop,
-        print=None,
-    )
-    return 0
+    runner = asyncio.Runner(loop_factory=loop_factory)
+    workers = ThreadPoolExecutor(thread_name_prefix="ecobatch-io")  # to_thread calls run here
+    runner.get_loop().set_default_executor(workers)
+    result = runner.run(serve(settings))
+    # A worker thread stuck in the engine (a call that never returns) must not keep the process alive:
+    # give the workers a second to finish, then leave without waiting for them.
+    workers.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 1.0
+    threads = [t for t in threading.enumerate() if t.name.startswith("ecobatch-io")]
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    if result.stuck or any(t.is_alive() for t in threads):
+        logging.getLogger(__name__).error("a worker thread is still busy: exiting without waiting for it")
+        logging.shutdown()
+        os._exit(result.code)
+    runner.close()
+    return result.code
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -128,6 +134,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecobatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ecobatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     prof = sub.add_parser("profile", help="show an energy profile (validates it)")
@@ -160,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_cli(args)
         return _serve(args) if args.command == "serve" else _profile(args)
-    except ConfigError as exc:
-        print(f"ecobatch: configuration error: {exc}", file=sys.stderr)
+    except (ConfigError, StartupError) as exc:
+        if getattr(args, "log_level", "INFO").upper() == "DEBUG":
+            traceback.print_exc()
+        kind = "configuration error" if isinstance(exc, ConfigError) else "cannot start"
+        print(f"ecobatch: {kind}: {exc}", file=sys.stderr)
         return 2
 
 

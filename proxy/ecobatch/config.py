@@ -59,11 +59,32 @@ def _require(ok: bool, name: str, value: object, limit: str) -> None:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # On SIGTERM: new requests get 503; queued and in-flight ones get this long to finish.
     shutdown_grace_s: float = 30.0
+    # Bearer keys for /v1 and /ecobatch/energy: a file (one per line) and/or an environment variable
+    # (comma-separated). None configured: those routes are open (a warning at start-up).
+    api_keys_file: str | None = None
+    api_keys_env: str | None = "ECOBATCH_API_KEYS"
+    # Keys for the admin routes (/ecobatch/batching); none configured: those routes are disabled.
+    admin_keys_file: str | None = None
+    admin_keys_env: str | None = "ECOBATCH_ADMIN_KEYS"
+    # Serve /metrics on its own port (and not on the main one); None: on the main port.
+    metrics_port: int | None = None
+    # Request limits: a larger body is a 413, larger header lines a 400.
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 8190
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
         _require(self.shutdown_grace_s >= 0, "server.shutdown_grace_s", self.shutdown_grace_s, ">= 0")
+        _require(
+            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
+            "server.metrics_port",
+            self.metrics_port,
+            "in 0..65535",
+        )
+        _require(self.max_body_bytes >= 1024, "server.max_body_bytes", self.max_body_bytes, ">= 1024")
+        _require(self.max_header_bytes >= 1024, "server.max_header_bytes", self.max_header_bytes, ">= 1024")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +326,11 @@ _SECTIONS: dict[str, type[Any]] = {
 
 
 #: settings that name files: a relative path in a config file is relative to that file
-_PATH_FIELDS = (("energy", "profile"),)
+_PATH_FIELDS = (
+    ("energy", "profile"),
+    ("server", "api_keys_file"),
+    ("server", "admin_keys_file"),
+)
 
 
 def _resolve_paths(raw: dict[str, dict[str, Any]], base: Path) -> None:

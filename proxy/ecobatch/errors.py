@@ -7,7 +7,8 @@ EcobatchError
 ├── Overloaded        429  rate_limit_exceeded    (carries ``retry_after_s``)
 ├── BackendFailed     502  upstream_error         (the engine answered badly or not at all)
 ├── BackendTimeout    504  upstream_timeout
-└── ShuttingDown      503  service_unavailable
+├── ShuttingDown      503  service_unavailable
+└── NotReady          503  service_unavailable    (starting, draining; carries ``retry_after_s``)
 
 Callers catch the level they care about; the HTTP layer only calls ``to_body()``.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "EcobatchError",
     "ModelNotFound",
     "NotFound",
+    "NotReady",
     "Overloaded",
     "ShuttingDown",
 ]
@@ -99,3 +101,13 @@ class BackendTimeout(EcobatchError):
 class ShuttingDown(EcobatchError):
     status = 503
     error_type = "service_unavailable"
+
+
+class NotReady(EcobatchError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "not_ready"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -156,8 +156,17 @@ class Metrics:
             ["name", "source", "gpu", "model"],
             registry=r,
         )
+        self.set_model(model)
+
+    def set_model(self, model: str) -> None:
+        """The model label of every series from now on (a remote engine's name is known once it answers)."""
+        self._model = model
         for m in (self.queue_depth, self.inflight, self.policy_batch_size):
             m.labels(model=model).set(0)
+
+    @property
+    def model(self) -> str:
+        return self._model
 
     def describe_profile(self, profile: EnergyProfile) -> None:
         self.profile_info.labels(profile.name, profile.source, profile.gpu, profile.model).set(1)

@@ -11,6 +11,8 @@ import pytest
 
 from ecobatch.testing.servers import engine_env, start_proxy, start_vllm_server, wait_healthy
 
+ADMIN_KEY = "integration-admin-key"  # the proxies below accept it on /ecobatch/batching
+
 
 @pytest.fixture(scope="session")
 def real_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
@@ -31,13 +33,16 @@ def real_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         ["--config", str(cfg)],
         logs,
         name="ecobatch-vllm-async",
-        env=engine_env(VLLM_CPU_OMP_THREADS_BIND="1"),
+        env=engine_env(VLLM_CPU_OMP_THREADS_BIND="1", ECOBATCH_ADMIN_KEYS=ADMIN_KEY),
     )
     procs = [upstream, in_process]
     try:
         wait_healthy([upstream])
         front = start_proxy(
-            ["--backend", "vllm-http", "--upstream", upstream.url], logs, name="ecobatch-vllm-http"
+            ["--backend", "vllm-http", "--upstream", upstream.url],
+            logs,
+            name="ecobatch-vllm-http",
+            env=engine_env(ECOBATCH_ADMIN_KEYS=ADMIN_KEY),
         )
         procs.append(front)
         wait_healthy(procs)

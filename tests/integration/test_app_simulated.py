@@ -15,11 +15,15 @@ from ecobatch.config import load_settings
 from tests.integration.helpers import metric, sse_events
 
 Client = TestClient[web.Request, web.Application]
+ADMIN_KEY = "test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MakeClient = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any) -> MakeClient:
+def make_client(aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch) -> MakeClient:
+    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", ADMIN_KEY)
+
     async def make(**overrides: object) -> Client:
         defaults: dict[str, object] = {"backend.sim_time_scale": 0.0}
         settings = load_settings(None, {**defaults, **overrides})
@@ -240,13 +244,15 @@ async def test_health_models_and_runtime_batching_settings(make_client: MakeClie
     assert health["engine_shape"] == "static"
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["mistral-7b-int8-sim"]
-    resp = await client.put("/ecobatch/batching", json={"window_max_ms": 80, "max_batch_size": 8})
+    resp = await client.put(
+        "/ecobatch/batching", json={"window_max_ms": 80, "max_batch_size": 8}, headers=ADMIN
+    )
     assert resp.status == 200
     assert (await resp.json())["settings"]["max_batch_size"] == 8
-    resp = await client.put("/ecobatch/batching", json={"window_max_ms": 1})
+    resp = await client.put("/ecobatch/batching", json={"window_max_ms": 1}, headers=ADMIN)
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "batching.window_max_ms"
-    current = await (await client.get("/ecobatch/batching")).json()
+    current = await (await client.get("/ecobatch/batching", headers=ADMIN)).json()
     assert current["settings"]["window_max_ms"] == 80
 
 

@@ -43,7 +43,7 @@ def settings_for(model_dir: Path, **extra: object) -> Settings:
 async def backend(tiny_model_dir: Path) -> Any:
     s = settings_for(tiny_model_dir)
     b = HfBnbBackend(s.backend, s.batching)
-    await b.start()
+    await b.start(lambda message: None)
     yield b
     await b.close()
 

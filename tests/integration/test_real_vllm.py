@@ -9,9 +9,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.integration.conftest import ADMIN_KEY
 from tests.integration.helpers import metric, openai_chat_and_stream, sse_events
 
 pytestmark = pytest.mark.vllm
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 FRONTS = ["vllm-http", "vllm-async"]
 
 
@@ -147,7 +149,7 @@ async def test_metrics_count_every_served_request_and_headroom_comes_from_vllm(
         before, "ecobatch_tokens_total", kind="completion"
     )
     assert completion == 2 * n
-    async with aiohttp.ClientSession() as s, s.get(f"{base}/ecobatch/batching") as r:
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/ecobatch/batching", headers=ADMIN) as r:
         decision = (await r.json())["last_decision"]
     assert decision["kv_limit"] is not None, "no KV headroom was read from the engine"
 
@@ -225,12 +227,15 @@ async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
 
 
 async def get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as s, s.get(url) as r:
+    async with aiohttp.ClientSession() as s, s.get(url, headers=ADMIN) as r:
         return await r.json()
 
 
 async def put_batching(base: str, **changes: Any) -> None:
-    async with aiohttp.ClientSession() as s, s.put(f"{base}/ecobatch/batching", json=changes) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(f"{base}/ecobatch/batching", json=changes, headers=ADMIN) as r,
+    ):
         assert r.status == 200, await r.text()
 
 

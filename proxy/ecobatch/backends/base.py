@@ -28,9 +28,10 @@ from prometheus_client import CollectorRegistry
 
 from ..domain import GenerationRequest, GenerationResult, Headroom
 
-__all__ = ["ContinuousEngine", "Emit", "Engine", "EngineShape", "Job", "StaticEngine"]
+__all__ = ["ContinuousEngine", "Emit", "Engine", "EngineShape", "Job", "Progress", "StaticEngine"]
 
 Emit = Callable[[dict[str, Any]], None]
+Progress = Callable[[str], None]
 EngineShape = Literal["static", "continuous"]
 
 
@@ -63,7 +64,9 @@ class Engine(Protocol):
         """The model name clients use."""
         ...
 
-    async def start(self) -> None: ...
+    async def start(self, progress: Progress) -> None:
+        """Get ready to serve; report what it is waiting for through ``progress`` (shown by /health)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -41,7 +41,7 @@ from ..config import BackendSettings, BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BadRequest, ConfigError
 from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
-from .base import EngineShape, Job
+from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
 
@@ -316,7 +316,8 @@ class HfBnbBackend:
             raise RuntimeError("hf-bnb backend used before start()")
         return self._gen
 
-    async def start(self) -> None:
+    async def start(self, progress: Progress) -> None:
+        progress(f"loading {self._path} ({self._dtype} on {self._device})")
         loaded = await asyncio.get_running_loop().run_in_executor(
             self._gpu_worker, load_model, self._path, self._dtype, self._device, self._cudnn_sdpa
         )

@@ -21,7 +21,7 @@ from ..config import BackendSettings, BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..openai_api import ENGINE_UNSUPPORTED, message_text, reject_fields
 from ..profile import EnergyProfile
-from .base import EngineShape, Job
+from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput
 from .limits import fit_to_context
 
@@ -97,7 +97,7 @@ class SimulatedBackend:
     def model(self) -> str:
         return self._model
 
-    async def start(self) -> None:
+    async def start(self, progress: Progress) -> None:
         return None
 
     async def close(self) -> None:

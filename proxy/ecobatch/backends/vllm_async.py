@@ -25,7 +25,7 @@ from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BackendFailed, BadRequest
 from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
-from .base import EngineShape, Job
+from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
 
@@ -92,7 +92,8 @@ class VllmAsyncBackend:
     def model(self) -> str:
         return self._served
 
-    async def start(self) -> None:
+    async def start(self, progress: Progress) -> None:
+        progress(f"starting vLLM's engine on {self._model_path}")
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncIterable, Mapping
 from typing import Any, ClassVar
 
@@ -31,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
-from .base import EngineShape, Job
+from .base import EngineShape, Job, Progress
 from .limits import check_max_tokens
 from .vllm_metrics import headroom_from_metrics
 
@@ -67,6 +68,20 @@ def _upstream_error(status: int, text: str) -> EcobatchError:
     return BackendFailed(f"upstream returned {status}: {message}")
 
 
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed upstream call ("connection refused", "HTTP 503")."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status}"
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(cause, socket.gaierror):
+        return f"cannot resolve the host name ({cause.strerror})"
+    return str(exc) or type(exc).__name__
+
+
 def _generated_pieces(chunk: Mapping[str, Any]) -> int:
     """Choices in a stream chunk that carry generated text (one token each, as vLLM streams)."""
     pieces = 0
@@ -100,16 +115,15 @@ class VllmHttpBackend:
         return self._served or self._upstream_model or "unknown"
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, progress: Progress) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
-        await self._wait_for_upstream()
+        await self._wait_for_upstream(progress)
         self._poller = asyncio.create_task(self._poll_headroom(), name="vllm-headroom")
 
-    async def _wait_for_upstream(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.startup_timeout_s
-        last: BaseException | None = None
+    async def _wait_for_upstream(self, progress: Progress) -> None:
+        """Ask /v1/models until the upstream answers (the runtime bounds how long)."""
+        started = asyncio.get_running_loop().time()
         while True:
             try:
                 async with self._http.get(f"{self._base}/v1/models") as resp:
@@ -129,12 +143,8 @@ class VllmHttpBackend:
             except BackendFailed:
                 raise
             except (aiohttp.ClientError, OSError, KeyError, IndexError, ValueError, TypeError) as exc:
-                last = exc
-            if loop.time() >= deadline:
-                raise BackendFailed(
-                    f"backend.upstream={self._base} did not answer /v1/models within "
-                    f"backend.startup_timeout_s={self._settings.startup_timeout_s}: {last!r}"
-                )
+                waited = asyncio.get_running_loop().time() - started
+                progress(f"waiting for upstream {self._base}: {_why(exc)} ({waited:.0f} s)")
             await asyncio.sleep(1.0)
 
     async def close(self) -> None:

@@ -1,0 +1,171 @@
+"""The proxy's moving parts and their life: starting, ready, draining, stopped (or failed).
+
+``Runtime`` owns the engine, the energy meter, the dispatcher, the metrics and the receipts. The HTTP
+server binds first and ``bring_up`` starts the rest (an engine may take minutes: a remote vLLM still
+loading, a model being read); until it is ready, requests and ``/health`` answer 503 with the reason
+("waiting for upstream http://…: connection refused"), and the reason is logged every few seconds.
+``drain`` is the first half of a graceful shutdown: new requests get 503 with ``Retry-After`` while
+the dispatcher finishes what is in flight, for up to the grace; ``close`` releases the meter and the
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from prometheus_client import CollectorRegistry
+
+from .backends.base import ContinuousEngine, StaticEngine
+from .batcher import StaticBatcher
+from .clock import Clock
+from .config import Settings
+from .dispatcher import Dispatcher
+from .energy.ledger import SettledRequest
+from .energy.meter import Meter
+from .energy.receipts import Receipts
+from .errors import NotReady
+from .gate import ContinuousGate
+from .metrics import Metrics
+from .profile import EnergyProfile
+
+__all__ = ["MeterFactory", "Runtime", "State"]
+
+log = logging.getLogger(__name__)
+State = Literal["starting", "ready", "draining", "stopped", "failed"]
+MeterFactory = Callable[[Settings, EnergyProfile, Clock], Meter]
+Engine = StaticEngine | ContinuousEngine
+_PROGRESS_EVERY_S = 5.0
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        profile: EnergyProfile,
+        engine: Engine,
+        meter_factory: MeterFactory,
+        clock: Clock,
+    ) -> None:
+        self.settings, self.registry, self.profile, self.engine = settings, registry, profile, engine
+        self.clock = clock
+        self.receipts = Receipts()
+        self.metrics = Metrics(
+            registry,
+            model=engine.model,
+            carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
+            price_per_kwh=settings.energy.price_per_kwh,
+            currency=settings.energy.currency,
+        )
+        self.metrics.describe_profile(profile)
+        self.meter: Meter | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.state: State = "starting"
+        self.reason = "starting"
+        self._meter_factory = meter_factory
+        self._last_progress_log_s = float("-inf")
+
+    # ---- what the routes use -------------------------------------------------------------------
+    def ready_dispatcher(self) -> Dispatcher:
+        """The dispatcher, or ``NotReady`` (503 + Retry-After) saying why not."""
+        if self.state == "ready" and self.dispatcher is not None:
+            return self.dispatcher
+        if self.state == "draining":
+            raise NotReady("ecobatch is shutting down; retry on another replica", retry_after_s=5.0)
+        raise NotReady(f"ecobatch is not ready: {self.reason}", retry_after_s=5.0)
+
+    def progress(self, message: str) -> None:
+        """An engine's start-up progress: shown by /health, logged every few seconds."""
+        self.reason = message
+        now = time.monotonic()
+        if now - self._last_progress_log_s >= _PROGRESS_EVERY_S:
+            self._last_progress_log_s = now
+            log.info("starting: %s", message)
+
+    # ---- life ----------------------------------------------------------------------------------
+    async def bring_up(self) -> None:
+        """Start the engine (within ``backend.startup_timeout_s``), the meter and the dispatcher."""
+        timeout_s = self.settings.backend.startup_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.engine.start(self.progress)
+        except TimeoutError:
+            self._fail(
+                f"the engine was not ready within backend.startup_timeout_s={timeout_s:g}: {self.reason}"
+            )
+            raise
+        except BaseException as exc:
+            self._fail(str(exc) or repr(exc))
+            raise
+        self.metrics.set_model(self.engine.model)
+        meter = self._meter_factory(self.settings, self.profile, self.clock)
+        self._wire(meter)
+        await meter.start()
+        self.meter = meter
+        kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
+        dispatcher = kind(
+            self.engine,
+            meter.ledger,
+            self.receipts,
+            self.metrics,
+            self.profile,
+            self.settings.batching,
+            request_timeout_s=self.settings.backend.request_timeout_s,
+            clock=self.clock,
+        )
+        await dispatcher.start()
+        self.dispatcher = dispatcher
+        self.state, self.reason = "ready", "ready"
+        log.info(
+            "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",
+            self.engine.name,
+            self.engine.shape,
+            self.engine.model,
+            self.profile.name,
+            self.profile.kind,
+            self.profile.source,
+            meter.source,
+        )
+
+    def _fail(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+
+    def _wire(self, meter: Meter) -> None:
+        """Settled requests and intervals go to the metrics and the receipts, off the request path."""
+        ledger, metrics, receipts = meter.ledger, self.metrics, self.receipts
+
+        def on_request(settled: SettledRequest) -> None:
+            metrics.observe_settled(settled, ledger.gpu)
+            receipts.settle(settled)
+
+        ledger.on_request = on_request
+        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new requests (503 + Retry-After) and let the dispatcher finish for up to ``grace_s``."""
+        if self.state in ("draining", "stopped"):
+            return
+        previous, self.state = self.state, "draining"
+        if previous == "ready" and self.dispatcher is not None:
+            log.info(
+                "draining: %d in flight, %d queued; grace %.0f s",
+                self.dispatcher.inflight,
+                self.dispatcher.queue_depth,
+                grace_s,
+            )
+            started = time.monotonic()
+            await self.dispatcher.close(grace_s)
+            log.info("drained in %.1f s", time.monotonic() - started)
+
+    async def close(self) -> None:
+        """Release the meter (its last interval settles every request) and the engine."""
+        self.state = "stopped"
+        try:
+            if self.meter is not None:
+                await self.meter.close()
+        finally:
+            await self.engine.close()

@@ -1,0 +1,122 @@
+"""Running the proxy as a process: listen first, bring the engine up, drain on SIGTERM, exit.
+
+1. The app is built (a bad setting stops here: exit code 2) and the server **listens** (a port in use
+   stops here: exit code 2); ``/health`` answers 503 with the reason until the engine is ready.
+2. The runtime brings the engine up in the background, logging what it waits for every few seconds;
+   if it is not ready within ``backend.startup_timeout_s``: one line, exit code 1.
+3. On SIGTERM or SIGINT: **drain**. The socket stays open and new requests get 503 with
+   ``Retry-After``; queued and in-flight requests get ``server.shutdown_grace_s`` to finish, the rest are
+   answered 503. Then the meter and the engine close. The process is gone within grace + 2 s even if
+   the engine is stuck (the caller exits hard when ``stuck`` comes back true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .app import BRING_UP, RUNTIME, create_app, metrics_app
+from .config import Settings
+
+__all__ = ["Exit", "StartupError", "serve"]
+
+log = logging.getLogger(__name__)
+_CLEANUP_S = 2.0
+
+
+class StartupError(Exception):
+    """A start-up failure the user can fix; its message is one line saying how."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    code: int
+    #: the engine or the meter did not stop in time: the process must exit hard
+    stuck: bool = False
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> None:
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}; is another process using it? "
+            "choose another port (--port / server.port / server.metrics_port)"
+        ) from None
+
+
+async def serve(settings: Settings) -> Exit:
+    server = settings.server
+    app = create_app(settings, start_in_background=True)
+    runners = [
+        web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+            max_line_size=server.max_header_bytes,
+            max_field_size=server.max_header_bytes,
+        )
+    ]
+    if server.metrics_port is not None:
+        runners.append(web.AppRunner(metrics_app(app), shutdown_timeout=1.0))
+    for runner in runners:
+        await runner.setup()
+    try:
+        await _listen(runners[0], server.host, server.port, "the API")
+        if server.metrics_port is not None:
+            await _listen(runners[1], server.host, server.metrics_port, "/metrics")
+    except StartupError:
+        for runner in runners:
+            await runner.cleanup()
+        raise
+    runtime = app[RUNTIME]
+    log.info(
+        "listening on http://%s:%d (backend=%s); /health answers 503 until the engine is ready",
+        server.host,
+        server.port,
+        settings.backend.kind,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = await _until_stopped(app[BRING_UP], stop)
+    if code == 1:
+        log.error("ecobatch could not start: %s", runtime.reason)
+    stuck = False
+    grace = server.shutdown_grace_s
+    try:
+        await asyncio.wait_for(runtime.drain(grace), timeout=grace + 1.0)
+    except TimeoutError:
+        log.error("the drain did not end within the grace (%.0f s): stopping anyway", grace)
+        stuck = True
+    try:
+        async with asyncio.timeout(_CLEANUP_S):
+            for runner in reversed(runners):
+                await runner.cleanup()
+    except TimeoutError:
+        log.error("the engine or the meter did not close within %.0f s: exiting anyway", _CLEANUP_S)
+        stuck = True
+    log.info("stopped")
+    return Exit(code, stuck)
+
+
+async def _until_stopped(bring_up: asyncio.Task[None], stop: asyncio.Event) -> int:
+    """0 after a stop signal; 1 if the engine failed to come up first."""
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({bring_up, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if bring_up.done() and not bring_up.cancelled() and bring_up.exception() is not None:
+            return 1
+        await stop.wait()
+        log.info("stop signal received")
+        return 0
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
