@@ -44,6 +44,9 @@ class _Base:
     def headroom(self) -> Headroom:
         return self.headroom_value
 
+    def health(self) -> dict[str, Any]:
+        return {"state": "up"}
+
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request
 

@@ -43,7 +43,7 @@ from .dispatcher import Dispatcher
 from .domain import GenerationRequest
 from .energy.choose import build_meter
 from .energy.meter import Meter
-from .errors import BadRequest, ConfigError, EcobatchError, NotFound, NotReady, Overloaded
+from .errors import BadRequest, ConfigError, EcobatchError, NotFound, NotReady, Overloaded, UpstreamDown
 from .openai_api import models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
 from .runtime import MeterFactory, Runtime
@@ -62,7 +62,7 @@ BRING_UP = web.AppKey("bring_up", asyncio.Task)
 
 def _error_response(exc: EcobatchError) -> web.Response:
     headers = {}
-    if isinstance(exc, Overloaded | NotReady):
+    if isinstance(exc, Overloaded | NotReady | UpstreamDown):
         headers["Retry-After"] = str(max(1, int(exc.retry_after_s)))
     return web.json_response(exc.to_body(), status=exc.status, headers=headers)
 
@@ -207,13 +207,18 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    """200 once ready; 503 with the reason while starting, draining or failed."""
+    """200 once ready and the engine up; 503 with the reason while starting, draining, failed, or while
+    a remote engine is down."""
     runtime = request.app[RUNTIME]
     dispatcher = runtime.dispatcher
     meter = runtime.meter
+    engine = runtime.engine.health()
+    serving = runtime.state == "ready" and engine.get("state") == "up"
+    status = "ok" if serving else ("upstream_down" if runtime.state == "ready" else runtime.state)
     body = {
-        "status": "ok" if runtime.state == "ready" else runtime.state,
-        "reason": runtime.reason,
+        "status": status,
+        "reason": runtime.reason if runtime.state != "ready" else engine.get("last_error") or "ready",
+        "engine": engine,
         "backend": runtime.engine.name,
         "engine_shape": runtime.engine.shape,
         "model": runtime.engine.model,
@@ -227,8 +232,8 @@ async def _health(request: web.Request) -> web.Response:
         "queue_depth": dispatcher.queue_depth if dispatcher else 0,
         "inflight": dispatcher.inflight if dispatcher else 0,
     }
-    headers = {} if runtime.state == "ready" else {"Retry-After": "5"}
-    return web.json_response(body, status=200 if runtime.state == "ready" else 503, headers=headers)
+    headers = {} if serving else {"Retry-After": "5"}
+    return web.json_response(body, status=200 if serving else 503, headers=headers)
 
 
 def _exposition(runtime: Runtime) -> bytes:

@@ -104,8 +104,12 @@ class BackendSettings:
     # Simulated backend: prompt + max_tokens limit (None: the profile's meta.max_model_len, else 4096).
     # The other backends read it from the engine.
     context_length: int | None = None
-    # How often engine headroom (vLLM /metrics) is polled.
+    # How often a remote engine's /metrics is read: KV headroom, and a health probe.
     headroom_poll_s: float = 1.0
+    # vllm-http: that many failures in a row (probes or requests) and the upstream is taken to be down:
+    # requests get 503 at once until a probe succeeds. A probe waits at most probe_timeout_s.
+    breaker_failures: int = 3
+    probe_timeout_s: float = 2.0
     # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
     engine_args: dict[str, Any] = field(default_factory=dict)
 
@@ -122,6 +126,8 @@ class BackendSettings:
         _require(self.startup_timeout_s >= 0, "backend.startup_timeout_s", self.startup_timeout_s, ">= 0")
         _require(self.sim_time_scale >= 0, "backend.sim_time_scale", self.sim_time_scale, ">= 0")
         _require(self.headroom_poll_s > 0, "backend.headroom_poll_s", self.headroom_poll_s, "> 0")
+        _require(self.breaker_failures >= 1, "backend.breaker_failures", self.breaker_failures, ">= 1")
+        _require(self.probe_timeout_s > 0, "backend.probe_timeout_s", self.probe_timeout_s, "> 0")
         _require(
             self.context_length is None or self.context_length >= 2,
             "backend.context_length",

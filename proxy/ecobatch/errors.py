@@ -8,7 +8,8 @@ EcobatchError
 ├── BackendFailed     502  upstream_error         (the engine answered badly or not at all)
 ├── BackendTimeout    504  upstream_timeout
 ├── ShuttingDown      503  service_unavailable
-└── NotReady          503  service_unavailable    (starting, draining; carries ``retry_after_s``)
+├── NotReady          503  service_unavailable    (starting, draining; carries ``retry_after_s``)
+└── UpstreamDown      503  service_unavailable    (the engine's circuit is open; carries ``retry_after_s``)
 
 Callers catch the level they care about; the HTTP layer only calls ``to_body()``.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "NotReady",
     "Overloaded",
     "ShuttingDown",
+    "UpstreamDown",
 ]
 
 
@@ -91,6 +93,8 @@ class Overloaded(EcobatchError):
 class BackendFailed(EcobatchError):
     status = 502
     error_type = "upstream_error"
+    #: the upstream's own HTTP status, where it answered with one
+    upstream_status: int | None = None
 
 
 class BackendTimeout(EcobatchError):
@@ -107,6 +111,16 @@ class NotReady(EcobatchError):
     status = 503
     error_type = "service_unavailable"
     code = "not_ready"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamDown(EcobatchError):
+    status = 503
+    error_type = "service_unavailable"
+    code = "upstream_down"
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)

@@ -117,3 +117,69 @@ async def test_a_malformed_reply_is_a_502(aiohttp_server: Any, aiohttp_client: A
     resp = await client.post("/v1/completions", json={"prompt": "x"})
     assert resp.status == 502
     assert "malformed JSON" in (await resp.json())["error"]["message"]
+
+
+async def test_an_upstream_that_stops_answering_opens_the_breaker_and_recovery_closes_it(
+    aiohttp_server: Any, aiohttp_client: Any
+) -> None:
+    """Requests get a fast 503 (not a queue and a time-out) while the upstream is down; the proxy
+    recovers by itself when the upstream answers again."""
+    state = {"down": False}
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "up", "object": "model"}]})
+
+    async def metrics(_: web.Request) -> web.Response:
+        if state["down"]:
+            return web.Response(status=503, text="engine dead")
+        return web.Response(text="vllm:kv_cache_usage_perc 0.5\n")
+
+    async def chat(_: web.Request) -> web.Response:
+        body = {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", chat)
+    upstream = await aiohttp_server(app)
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.upstream": str(upstream.make_url("")).rstrip("/"),
+            "backend.headroom_poll_s": 0.05,
+            "backend.breaker_failures": 2,
+            "energy.meter": "model",
+            "batching.window_min_ms": 0.0,
+            "batching.window_max_ms": 0.0,
+        },
+    )
+    client = await aiohttp_client(create_app(settings))
+    chat_body = {"messages": [{"role": "user", "content": "x"}]}
+    assert (await client.post("/v1/chat/completions", json=chat_body)).status == 200
+    state["down"] = True
+    for _ in range(50):
+        health = await client.get("/health")
+        if health.status == 503:
+            break
+        await asyncio.sleep(0.05)
+    body = await health.json()
+    assert body["status"] == "upstream_down" and body["engine"]["state"] == "down"
+    assert "HTTP 503" in body["engine"]["last_error"]
+    t0 = asyncio.get_running_loop().time()
+    refused = await client.post("/v1/chat/completions", json=chat_body)
+    assert refused.status == 503 and int(refused.headers["Retry-After"]) >= 1
+    assert (await refused.json())["error"]["code"] == "upstream_down"
+    assert asyncio.get_running_loop().time() - t0 < 0.5, "a down upstream is refused at once"
+    state["down"] = False
+    for _ in range(50):
+        if (await client.get("/health")).status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.post("/v1/chat/completions", json=chat_body)).status == 200

@@ -74,6 +74,10 @@ class Engine(Protocol):
         """The latest known KV headroom (cheap: polled in the background where it costs I/O)."""
         ...
 
+    def health(self) -> dict[str, Any]:
+        """The engine's state for /health: ``{"state": "up" | "down", …}`` (cheap, no I/O)."""
+        ...
+
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Check ``request`` against the engine's limits (raises ``BadRequest`` naming the field and the
         limit) and return it ready to queue (tokenized where the engine tokenizes)."""

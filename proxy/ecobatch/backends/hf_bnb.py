@@ -343,6 +343,9 @@ class HfBnbBackend:
             kv_free_tokens=free_bytes // self._kv_bytes, kv_capacity_tokens=total_bytes // self._kv_bytes
         )
 
+    def health(self) -> dict[str, Any]:
+        return {"state": "up"}
+
     def headroom(self) -> Headroom:
         return self._headroom
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
@@ -102,6 +102,9 @@ class SimulatedBackend:
 
     async def close(self) -> None:
         return None
+
+    def health(self) -> dict[str, Any]:
+        return {"state": "up"}
 
     def headroom(self) -> Headroom:
         return Headroom()

@@ -111,6 +111,9 @@ class VllmAsyncBackend:
             self._engine = None
         await asyncio.to_thread(self._tokenizer_worker.shutdown, True)
 
+    def health(self) -> dict[str, Any]:
+        return {"state": "up"}
+
     def headroom(self) -> Headroom:
         return self._sink.headroom
 

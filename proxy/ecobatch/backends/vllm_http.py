@@ -33,6 +33,7 @@ from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
 from .base import EngineShape, Job, Progress
+from .breaker import Breaker
 from .limits import check_max_tokens
 from .vllm_metrics import headroom_from_metrics
 
@@ -65,7 +66,9 @@ def _upstream_error(status: int, text: str) -> EcobatchError:
         pass
     if 400 <= status < 500:
         return BadRequest(f"upstream: {message}", param=param, status=status)
-    return BackendFailed(f"upstream returned {status}: {message}")
+    failed = BackendFailed(f"upstream returned {status}: {message}")
+    failed.upstream_status = status
+    return failed
 
 
 def _why(exc: BaseException) -> str:
@@ -109,6 +112,7 @@ class VllmHttpBackend:
         self._headroom = Headroom()
         self._poller: asyncio.Task[None] | None = None
         self.context_tokens: int | None = None
+        self.breaker = Breaker(self._base, settings.breaker_failures)
 
     @property
     def model(self) -> str:
@@ -119,7 +123,7 @@ class VllmHttpBackend:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
         await self._wait_for_upstream(progress)
-        self._poller = asyncio.create_task(self._poll_headroom(), name="vllm-headroom")
+        self._poller = asyncio.create_task(self._watch(), name="vllm-watch")
 
     async def _wait_for_upstream(self, progress: Progress) -> None:
         """Ask /v1/models until the upstream answers (the runtime bounds how long)."""
@@ -164,18 +168,26 @@ class VllmHttpBackend:
     def headroom(self) -> Headroom:
         return self._headroom
 
-    async def _poll_headroom(self) -> None:
+    def health(self) -> dict[str, Any]:
+        return self.breaker.state()
+
+    async def _watch(self) -> None:
+        """Read the upstream's /metrics every ``headroom_poll_s``: KV headroom, and a health probe that
+        opens the breaker when the upstream stops answering and closes it when it answers again."""
+        probe = aiohttp.ClientTimeout(total=self._settings.probe_timeout_s)
         while True:
             try:
-                async with self._http.get(f"{self._base}/metrics") as resp:
-                    if resp.status == 200:
-                        self._headroom = headroom_from_metrics(await resp.text())
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
-                log.debug("headroom poll failed: %r", exc)
+                async with self._http.get(f"{self._base}/metrics", timeout=probe) as resp:
+                    resp.raise_for_status()
+                    self._headroom = headroom_from_metrics(await resp.text())
+                self.breaker.success()
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                self.breaker.failure(f"health probe: {_why(exc)}")
             await asyncio.sleep(self._settings.headroom_poll_s)
 
     # ---- generation ----------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        self.breaker.check()  # the upstream is down: 503 now, not after a queue and a time-out
         if self.context_tokens is not None:
             check_max_tokens(request, self.context_tokens)  # vLLM checks the prompt's exact length
         return request
@@ -190,12 +202,21 @@ class VllmHttpBackend:
         return "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
 
     async def generate(self, job: Job) -> GenerationResult:
+        self.breaker.check()
         try:
             if job.request.stream:
-                return await self._stream(job)
-            return await self._post(job.request)
+                result = await self._stream(job)
+            else:
+                result = await self._post(job.request)
         except (aiohttp.ClientError, OSError) as exc:
-            raise BackendFailed(f"upstream {self._base} failed: {exc!r}") from exc
+            self.breaker.failure(_why(exc))
+            raise BackendFailed(f"upstream {self._base} failed: {_why(exc)}") from exc
+        except BackendFailed as exc:
+            if exc.upstream_status is None or exc.upstream_status >= 500:
+                self.breaker.failure(exc.message)
+            raise
+        self.breaker.success()
+        return result
 
     async def _post(self, request: GenerationRequest) -> GenerationResult:
         async with self._http.post(

@@ -56,6 +56,9 @@ class Proc:
         except OSError:
             return False
 
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
@@ -89,9 +92,10 @@ def start_vllm_server(
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     name: str = "vllm-server",
+    port: int | None = None,
 ) -> Proc:
     """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``) on ``model_dir``."""
-    port = free_port()
+    port = port or free_port()
     args = [
         sys.executable,
         "-m",
