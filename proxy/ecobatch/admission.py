@@ -19,7 +19,7 @@ from .backends.base import Emit
 from .clock import Clock
 from .config import BatchingSettings
 from .domain import Demand, GenerationRequest, GenerationResult, Headroom, Usage
-from .errors import Overloaded, ShuttingDown
+from .errors import BadRequest, Overloaded, ShuttingDown
 from .metrics import Metrics
 from .policy import Decision, choose_batch_size, should_close, window_length_s
 from .profile import EnergyProfile
@@ -98,6 +98,12 @@ class Admission:
     def submit(self, request: GenerationRequest, emit: Emit | None) -> Pending:
         if self.closing:
             raise ShuttingDown("ecobatch is shutting down; retry on another replica")
+        if request.sequences > self.settings.max_batch_size:
+            raise BadRequest(
+                f"'prompt' holds {request.sequences} prompts; this server takes at most "
+                f"batching.max_batch_size={self.settings.max_batch_size} in one request",
+                param="prompt",
+            )
         if len(self.queue) >= self.settings.max_queue:
             raise Overloaded(
                 f"queue is full: {len(self.queue)} requests, batching.max_queue="

@@ -110,6 +110,9 @@ class BackendSettings:
     # requests get 503 at once until a probe succeeds. A probe waits at most probe_timeout_s.
     breaker_failures: int = 3
     probe_timeout_s: float = 2.0
+    # vllm-http: pass request fields that neither OpenAI's API nor vLLM's extensions define to vLLM
+    # (which may ignore them) instead of refusing them with a 400.
+    pass_unknown_fields: bool = False
     # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
     engine_args: dict[str, Any] = field(default_factory=dict)
 

@@ -15,7 +15,6 @@ from .domain import GenerationRequest, Usage
 from .errors import BadRequest, ModelNotFound
 
 __all__ = [
-    "ENGINE_UNSUPPORTED",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -23,7 +22,6 @@ __all__ = [
     "models_response",
     "parse_chat",
     "parse_completion",
-    "reject_fields",
 ]
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -125,10 +123,17 @@ def parse_completion(body: Any, served_model: str) -> GenerationRequest:
         prompts: tuple[str, ...] = (prompt,)
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = tuple(prompt)
+        empty = next((i for i, p in enumerate(prompts) if not p), None)
+        if empty is not None:
+            raise BadRequest(f"'prompt[{empty}]' must not be empty", param=f"prompt[{empty}]")
     elif prompt is None:
         raise BadRequest("'prompt' is required", param="prompt")
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        raise BadRequest("'prompt' as token ids is not supported; send text", param="prompt")
     else:
         raise BadRequest("'prompt' must be a string or a non-empty list of strings", param="prompt")
+    if prompts == ("",):
+        raise BadRequest("'prompt' must not be empty", param="prompt")
     common = _common(body, served_model, "max_tokens")
     if common["max_tokens"] is None:
         common["max_tokens"] = 16  # the OpenAI API's default for completions
@@ -184,17 +189,6 @@ def message_text(message: Mapping[str, Any]) -> str:
     if isinstance(content, str):
         return content
     return "".join(str(part["text"]) for part in content)
-
-
-#: Fields the backends that generate text themselves (simulated, vllm-async, hf-bnb) cannot honour.
-ENGINE_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format", "best_of")
-
-
-def reject_fields(request: GenerationRequest, names: Sequence[str], backend: str) -> None:
-    """Refuse fields a backend cannot honour, rather than ignoring them silently."""
-    for name in names:
-        if request.body.get(name) not in (None, False):
-            raise BadRequest(f"'{name}' is not supported by the {backend} backend", param=name)
 
 
 def completion_response(

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 from ..config import BackendSettings, BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BadRequest, ConfigError
-from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
+from ..fields import BASIC_FIELDS, check_fields
 from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
@@ -350,7 +350,7 @@ class HfBnbBackend:
         return self._headroom
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        check_fields(request, BASIC_FIELDS, self.name)
         gen = self._generator
         prompts = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_worker, encode_prompts, gen.loaded.tokenizer, request

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings, BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
-from ..openai_api import ENGINE_UNSUPPORTED, message_text, reject_fields
+from ..fields import BASIC_FIELDS, check_fields
+from ..openai_api import message_text
 from ..profile import EnergyProfile
 from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput
@@ -110,7 +111,7 @@ class SimulatedBackend:
         return Headroom()
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        check_fields(request, BASIC_FIELDS, self.name)
         lengths = [len(_prompt_text(request, i).split()) for i in range(request.sequences)]
         return fit_to_context(request, lengths, self.context_tokens, self._default_max_tokens)
 

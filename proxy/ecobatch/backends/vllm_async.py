@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BackendFailed, BadRequest
-from ..openai_api import ENGINE_UNSUPPORTED, reject_fields
+from ..fields import BASIC_FIELDS, check_fields
 from .base import EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
@@ -32,6 +32,23 @@ from .limits import fit_to_context
 __all__ = ["VllmAsyncBackend"]
 
 log = logging.getLogger(__name__)
+
+
+#: request fields passed to vLLM's SamplingParams as they are
+_SAMPLING_EXTRAS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+    "logit_bias",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "spaces_between_special_tokens",
+)
+SUPPORTED = BASIC_FIELDS | frozenset(_SAMPLING_EXTRAS)
 
 
 class _HeadroomSink:
@@ -125,6 +142,9 @@ class VllmAsyncBackend:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extras = {name: request.body[name] for name in _SAMPLING_EXTRAS if request.body.get(name) is not None}
+        if "logit_bias" in extras:  # OpenAI sends token ids as JSON object keys (strings)
+            extras["logit_bias"] = {int(k): float(v) for k, v in extras["logit_bias"].items()}
         return SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -133,10 +153,11 @@ class VllmAsyncBackend:
             seed=request.seed,
             ignore_eos=request.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            **extras,
         )
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        reject_fields(request, ENGINE_UNSUPPORTED, self.name)
+        check_fields(request, SUPPORTED, self.name)
         prompts = await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_worker, encode_prompts, self._tokenizer, request
         )
@@ -144,7 +165,7 @@ class VllmAsyncBackend:
         fitted = fit_to_context(request, [len(p) for p in prompts], limit, default_max_tokens=limit)
         try:
             self._sampling(fitted)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise BadRequest(f"the engine refuses these sampling parameters: {exc}") from None
         return dataclasses.replace(fitted, engine_input=prompts)
 

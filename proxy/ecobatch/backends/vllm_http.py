@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
+from ..fields import check_fields
 from .base import EngineShape, Job, Progress
 from .breaker import Breaker
 from .limits import check_max_tokens
@@ -188,6 +189,7 @@ class VllmHttpBackend:
     # ---- generation ----------------------------------------------------------------------------
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         self.breaker.check()  # the upstream is down: 503 now, not after a queue and a time-out
+        check_fields(request, None, self.name, allow_unknown=self._settings.pass_unknown_fields)
         if self.context_tokens is not None:
             check_max_tokens(request, self.context_tokens)  # vLLM checks the prompt's exact length
         return request
