@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .arrivals import ArrivalRate
+from .arrivals import ArrivalRate, RecentRate
 from .backends.base import Emit
 from .clock import Clock
 from .config import BatchingSettings
@@ -87,6 +87,7 @@ class Admission:
         self._model = model
         self._headroom = headroom
         self._rate = ArrivalRate()
+        self._done_rate = RecentRate()  # completions per second: how fast the queue drains
         self._demand = _Demand(settings.expected_prompt_tokens, settings.expected_completion_tokens)
 
     def reconfigure(self, settings: BatchingSettings) -> None:
@@ -119,8 +120,18 @@ class Admission:
         return pending
 
     def _retry_after_s(self) -> float:
-        latency = self.last_decision.expected_latency_s if self.last_decision else 1.0
-        return max(1.0, math.ceil(latency))
+        """How long until the queue has room again, from the measured drain rate (completions per
+        second); before any completion, the policy's expected latency. Between 1 and 60 s."""
+        drain_per_s = self._done_rate.per_s(self.clock.now())
+        if drain_per_s > 0:
+            wait_s = len(self.queue) / drain_per_s
+        else:
+            wait_s = self.last_decision.expected_latency_s if self.last_decision else 1.0
+        return float(min(60, max(1, math.ceil(wait_s))))
+
+    def observe_done(self) -> None:
+        """A request left the engine (served or failed)."""
+        self._done_rate.observe(self.clock.now())
 
     def _publish_depth(self) -> None:
         self._metrics.queue_depth.labels(self._model).set(len(self.queue))

@@ -340,6 +340,7 @@ def create_app(
     _warn_if_open(keys.api, settings)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        lag = asyncio.create_task(runtime.watch_loop_lag(), name="ecobatch-loop-lag")
         bring_up = asyncio.create_task(runtime.bring_up(), name="ecobatch-bring-up")
         app[BRING_UP] = bring_up
         if not start_in_background:
@@ -347,10 +348,11 @@ def create_app(
         try:
             yield
         finally:
-            if not bring_up.done():
-                bring_up.cancel()
-            with contextlib.suppress(BaseException):
-                await bring_up
+            for task in (bring_up, lag):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await runtime.drain(settings.server.shutdown_grace_s)
             await runtime.close()
 

@@ -164,6 +164,7 @@ class Dispatcher:
         group_size: int,
     ) -> None:
         """End the request's energy span and resolve its future: the one place both happen."""
+        self._admission.observe_done()
         delivered = not pending.future.done()
         answer: Outcome | EcobatchError
         if isinstance(result, GenerationResult):

@@ -150,6 +150,12 @@ class Metrics:
             ["model", "limited_by"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "ecobatch_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 0.1 s): time every request waits for.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.profile_info = Gauge(
             "ecobatch_profile_info",
             "The energy profile in use (value 1).",

@@ -161,6 +161,14 @@ class Runtime:
             await self.dispatcher.close(grace_s)
             log.info("drained in %.1f s", time.monotonic() - started)
 
+    async def watch_loop_lag(self, every_s: float = 0.1) -> None:
+        """Observe how late the event loop wakes up: a stalled loop delays every request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + every_s
+            await asyncio.sleep(every_s)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - planned))
+
     async def close(self) -> None:
         """Release the meter (its last interval settles every request) and the engine."""
         self.state = "stopped"

@@ -179,3 +179,35 @@ async def test_reconfiguring_changes_the_next_decision(
     assert batcher.decide().batch_size == 8
     text = generate_latest(batcher._metrics.registry).decode()
     assert metric(text, "ecobatch_policy_batch_size") == 8
+
+
+async def test_retry_after_follows_the_measured_drain_rate(
+    reference_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Batches of 4 finish every 0.5 s (8 requests/s): 24 queued requests drain in about 3 s."""
+    gate = asyncio.Event()
+    engine = FakeStaticEngine(gate=gate)
+    batcher, _ = build(
+        StaticBatcher, engine, reference_profile, clock, max_batch_size=4, energy_tolerance=0.0, max_queue=24
+    )
+    await batcher.start()
+    first = [batcher.submit(req(f"w{i}")) for i in range(8)]
+    for _ in range(2):  # two batches of 4, half a second apart
+        await clock.advance(0.1)
+        gate.set()
+        await settle()
+        gate.clear()
+        await clock.advance(0.4)
+    assert all(p.future.done() for p in first)
+    held = batcher.submit(req("held"))  # keeps the engine busy
+    await clock.advance(0.1)
+    queued = [batcher.submit(req(f"q{i}")) for i in range(24)]
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(req("one too many"))
+    assert 2.0 <= info.value.retry_after_s <= 4.0, info.value.retry_after_s
+    gate.set()
+    await clock.advance(0.1)
+    for _ in range(10):
+        await clock.advance(0.1)
+    await asyncio.gather(held.future, *(q.future for q in queued))
+    await batcher.close(grace_s=0)

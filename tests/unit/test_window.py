@@ -89,3 +89,15 @@ def test_a_burst_after_a_lull_raises_the_rate_again() -> None:
     for _ in range(30):
         rate.observe(clock.advance(0.001))
     assert rate.per_s(clock.t) > 50 * slow
+
+
+def test_recent_rate_averages_bursts_over_its_window() -> None:
+    from ecobatch.arrivals import RecentRate
+
+    rate = RecentRate(window_s=10.0)
+    for batch in range(20):  # 4 completions at once every 0.5 s: 8 per second
+        for _ in range(4):
+            rate.observe(100.0 + 0.5 * batch)
+    assert rate.per_s(110.0) == pytest.approx(8.0, rel=0.1)
+    assert rate.per_s(125.0) == 0.0, "nothing in the last 10 s"
+    assert RecentRate().per_s(0.0) == 0.0
