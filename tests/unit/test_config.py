@@ -92,3 +92,17 @@ def test_an_in_process_engine_without_its_packages_names_the_extra_to_install(
     settings = load_settings(None, {"backend.kind": "hf-bnb", "backend.model": "/m"})
     with pytest.raises(ConfigError, match=r"needs torch, not installed here: pip install 'ecobatch\[hf\]'"):
         create_engine(settings, load_profile(DEFAULT_PROFILES["static"]))
+
+
+def test_the_documented_config_lists_every_setting_at_its_default() -> None:
+    import dataclasses
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    documented = yaml.safe_load((root / "configs" / "ecobatch.yaml").read_text())
+    defaults = load_settings()
+    for section in ("server", "backend", "batching", "energy"):
+        expected = dataclasses.asdict(getattr(defaults, section))
+        assert set(documented[section]) == set(expected), section
+    assert load_settings(root / "configs" / "ecobatch.yaml") == defaults
