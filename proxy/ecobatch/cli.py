@@ -156,6 +156,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cal.add_argument("--quantization-label", default="as served", help="vllm-http: what the server runs")
     cal.add_argument("--out", required=True, help="PROFILE.yaml (CSV and PNG are written beside it)")
+    bench = sub.add_parser(
+        "bench",
+        help="open-loop load against an ecobatch proxy or a vLLM server (or both, same arrivals)",
+        description="Open-loop OpenAI load: the same seeded arrivals to each target; throughput, latency, "
+        "TTFT, inter-token latency, errors and energy per target.",
+    )
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    tune = sub.add_parser(
+        "tune",
+        help="recommend window and cap for a workload under a p99 SLO (a simulation on the profile)",
+        description="Sweep the hold window and the in-flight cap (or batch size) in a model of the engine "
+        "built on the energy profile; recommend the setting with the fewest J/request that meets the p99 "
+        "SLO.",
+    )
+    from .tune import add_arguments as add_tune_arguments
+
+    add_tune_arguments(tune)
     args = parser.parse_args(argv)
     args.command_line = "ecobatch " + " ".join(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(
@@ -166,6 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .calibrate import run_cli
 
             return run_cli(args)
+        if args.command == "tune":
+            from .tune import run_cli as run_tune
+
+            return run_tune(args)
+        if args.command == "bench":
+            from .bench import run_cli as run_bench
+
+            try:
+                return run_bench(args)
+            except ValueError as exc:
+                print(f"ecobatch bench: {exc}", file=sys.stderr)
+                return 2
         return _serve(args) if args.command == "serve" else _profile(args)
     except (ConfigError, StartupError) as exc:
         if getattr(args, "log_level", "INFO").upper() == "DEBUG":

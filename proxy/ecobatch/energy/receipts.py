@@ -4,12 +4,13 @@ A response is never held for the meter: it carries a **provisional** figure (the
 the request's mean concurrency × its generated tokens: a model, labelled as one). The receipt turns
 ``settled`` once the ledger has split the counter's intervals up to the request's end; it then holds
 the measured joules (or the modelled ones, with ``source="model"``). The newest ``capacity`` receipts
-are kept.
+are kept, each a small slotted record (a few hundred bytes), so the store's memory is bounded.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from .ledger import SettledRequest
@@ -17,50 +18,62 @@ from .ledger import SettledRequest
 __all__ = ["Receipts"]
 
 
+@dataclass(slots=True)
+class _Receipt:
+    source: str
+    provisional_joules: float | None = None
+    settled: bool = False
+    joules: float = 0.0
+    complete: bool = True
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    duration_s: float = 0.0
+
+
 class Receipts:
     def __init__(self, capacity: int = 10_000) -> None:
         if capacity < 1:
             raise ValueError(f"{capacity=} must be >= 1")
         self._capacity = capacity
-        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._items: OrderedDict[str, _Receipt] = OrderedDict()
 
-    def _put(self, request_id: str, fields: dict[str, Any]) -> None:
-        entry = self._items.setdefault(request_id, {"id": request_id})
-        entry.update(fields)
-        self._items.move_to_end(request_id)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+    def _entry(self, request_id: str, source: str) -> _Receipt:
+        entry = self._items.get(request_id)
+        if entry is None:
+            entry = self._items[request_id] = _Receipt(source)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return entry
 
     def pending(self, request_id: str, *, provisional_joules: float, source: str) -> None:
         """The request has ended; its joules are not settled yet."""
-        if self._items.get(request_id, {}).get("status") == "settled":
-            self._put(request_id, {"provisional_joules": provisional_joules})
-            return
-        self._put(
-            request_id,
-            {
-                "status": "pending",
-                "provisional_joules": provisional_joules,
-                "provisional_basis": "profile (modelled)",
-                "source": source,
-            },
-        )
+        self._entry(request_id, source).provisional_joules = provisional_joules
 
     def settle(self, settled: SettledRequest) -> None:
-        self._put(
-            settled.request_id,
-            {
-                "status": "settled",
-                "energy_joules": settled.joules,
-                "source": settled.source,
-                # False: the counter was unreadable for part of the request's life (an underestimate)
-                "complete": settled.complete,
-                "prompt_tokens": settled.usage.prompt_tokens,
-                "completion_tokens": settled.usage.completion_tokens,
-                "duration_s": settled.end_s - settled.start_s,
-            },
-        )
+        entry = self._entry(settled.request_id, settled.source)
+        entry.settled, entry.joules, entry.complete = True, settled.joules, settled.complete
+        entry.prompt_tokens = settled.usage.prompt_tokens
+        entry.completion_tokens = settled.usage.completion_tokens
+        entry.duration_s = settled.end_s - settled.start_s
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         entry = self._items.get(request_id)
-        return dict(entry) if entry is not None else None
+        if entry is None:
+            return None
+        out: dict[str, Any] = {"id": request_id, "source": entry.source}
+        if entry.provisional_joules is not None:
+            out["provisional_joules"] = entry.provisional_joules
+            out["provisional_basis"] = "profile (modelled)"
+        if not entry.settled:
+            out["status"] = "pending"
+            return out
+        out.update(
+            status="settled",
+            energy_joules=entry.joules,
+            # False: the counter was unreadable for part of the request's life (an underestimate)
+            complete=entry.complete,
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            duration_s=entry.duration_s,
+        )
+        return out

@@ -95,7 +95,7 @@ async def fault_suite(
 
         down_s = await _health_becomes(url, 503, 30)
         t0 = time.monotonic()
-        note = f"/health said upstream_down {down_s:.1f} s after the kill"
+        note = f"/health said upstream_down {down_s:.1f} s after the killed requests were answered"
         rows.append(_row("new requests while the engine is down", await _waiters(url, SHORT, 3), t0, note))
 
         server.proc.wait()

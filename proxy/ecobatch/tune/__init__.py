@@ -1,0 +1,214 @@
+"""``ecobatch tune``: recommend batching settings for a workload, from a simulation (a **model**).
+
+For a profile and a workload (an arrival rate and length distributions, or a JSONL trace), sweep the
+hold window and the in-flight cap (continuous engines) or the window and the batch size (static
+engines) through ``sim``, keep the settings whose p99 latency meets the SLO, and recommend the one
+that spends the fewest joules per request. Prints a table and the ``PUT /ecobatch/batching`` body (and
+YAML) that applies it; writes JSON and a PNG. ``--live URL`` then measures the recommendation on a
+running ecobatch with ``ecobatch bench`` (same arrivals) and reports the model's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bench.workload import Arrival, parse_lengths, poisson, read_trace
+from ..config import DEFAULT_PROFILES
+from ..profile import EnergyProfile, load_profile
+from .sim import BatcherRule, GateRule, Result, SendAtOnce, simulate_continuous, simulate_static
+
+__all__ = ["Candidate", "add_arguments", "run_cli", "sweep"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    window_ms: float
+    size: int  # in-flight cap (continuous) or batch size (static)
+    joules_per_request: float
+    p50_s: float
+    p99_s: float
+
+    def settings(self) -> dict[str, Any]:
+        """The batching settings that apply this candidate (energy_tolerance 0: take the size as is)."""
+        return {
+            "window_min_ms": self.window_ms,
+            "window_max_ms": self.window_ms,
+            "max_batch_size": self.size,
+            "energy_tolerance": 0.0,
+        }
+
+
+def _mean(results: list[Result], window_ms: float, size: int) -> Candidate:
+    return Candidate(
+        window_ms,
+        size,
+        statistics.fmean(r.joules_per_request for r in results),
+        statistics.fmean(r.p50_s for r in results),
+        statistics.fmean(r.p99_s for r in results),
+    )
+
+
+def sweep(
+    profile: EnergyProfile, workloads: list[list[Arrival]], windows_ms: list[float], sizes: list[int]
+) -> tuple[list[Candidate], Candidate]:
+    """Every (window, size) over the workloads (seeds), and the baseline: continuous engines without
+    ecobatch (everything sent at once), static ones per request (batches of 1, no window)."""
+    candidates = []
+    for window_ms in windows_ms:
+        for size in sizes:
+            if profile.kind == "continuous":
+                rule: Any = GateRule(window_ms / 1000.0, window_ms / 1000.0, size)
+                results = [simulate_continuous(profile, w, rule) for w in workloads]
+            else:
+                results = [
+                    simulate_static(profile, w, BatcherRule(window_ms / 1000.0, window_ms / 1000.0, size))
+                    for w in workloads
+                ]
+            candidates.append(_mean(results, window_ms, size))
+    if profile.kind == "continuous":
+        baseline = _mean([simulate_continuous(profile, w, SendAtOnce()) for w in workloads], 0.0, 0)
+    else:
+        baseline = _mean([simulate_static(profile, w, BatcherRule(0.0, 0.0, 1)) for w in workloads], 0.0, 1)
+    return candidates, baseline
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=Path, help="energy profile (default: the embedded continuous reference)")
+    p.add_argument("--rate", type=float, default=4.0, help="mean requests per second (Poisson)")
+    p.add_argument(
+        "--trace", type=Path, help="JSONL trace instead of --rate (timestamp, prompt/output tokens)"
+    )
+    p.add_argument("--output-tokens", default="choice:16,32,64,128,256,512")
+    p.add_argument("--duration", type=float, default=300.0, help="seconds of simulated traffic per seed")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="workloads drawn per setting (their mean is reported)"
+    )
+    p.add_argument("--slo-p99-s", type=float, required=True, help="the p99 end-to-end latency to meet")
+    p.add_argument("--windows-ms", default="0,100,250,500,1000,2000,4000")
+    p.add_argument("--sizes", default="4,8,16,32,64,128,256", help="in-flight caps or batch sizes to try")
+    p.add_argument("--out", type=Path, default=Path("tune.json"), help="JSON report (the PNG goes beside it)")
+
+
+def _workloads(args: argparse.Namespace) -> list[list[Arrival]]:
+    if args.trace is not None:
+        return [read_trace(args.trace)]
+    output = parse_lengths(args.output_tokens, "--output-tokens")
+    one = parse_lengths("1", "prompt")
+    return [
+        poisson(args.rate, one, output, duration_s=args.duration, count=None, seed=s)
+        for s in range(args.seeds)
+    ]
+
+
+def _table(candidates: list[Candidate], baseline: Candidate, slo_s: float, kind: str) -> str:
+    size = "cap" if kind == "continuous" else "batch"
+    lines = [
+        f"{'window ms':>9} {size:>6} {'J/request':>10} {'vs base':>8} {'p50 s':>7} {'p99 s':>7}  meets SLO"
+    ]
+    for c in sorted(candidates, key=lambda c: c.joules_per_request):
+        ok = "yes" if c.p99_s <= slo_s else "no"
+        ratio = c.joules_per_request / baseline.joules_per_request
+        lines.append(
+            f"{c.window_ms:>9g} {c.size:>6} {c.joules_per_request:>10.1f} "
+            f"{ratio:>8.2f} {c.p50_s:>7.2f} {c.p99_s:>7.2f}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(
+    candidates: list[Candidate], baseline: Candidate, best: Candidate | None, slo_s: float, path: Path
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(
+        [c.p99_s for c in candidates],
+        [c.joules_per_request for c in candidates],
+        s=12,
+        alpha=0.6,
+        label="settings tried",
+    )
+    ax.scatter([baseline.p99_s], [baseline.joules_per_request], marker="s", color="k", label="baseline")
+    if best is not None:
+        ax.scatter(
+            [best.p99_s], [best.joules_per_request], marker="*", s=160, color="tab:red", label="recommended"
+        )
+    ax.axvline(slo_s, color="tab:red", linestyle=":", label="p99 SLO")
+    ax.set_xlabel("p99 latency, s (modelled)")
+    ax.set_ylabel("J per request (modelled)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile or DEFAULT_PROFILES["continuous"])
+    windows = [float(x) for x in args.windows_ms.split(",")]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    candidates, baseline = sweep(profile, _workloads(args), windows, sizes)
+    feasible = [c for c in candidates if c.p99_s <= args.slo_p99_s]
+    best = min(feasible, key=lambda c: c.joules_per_request) if feasible else None
+    print(
+        f"MODELLED with profile {profile.name} ({profile.kind}, {profile.source}); baseline: "
+        f"{'everything sent at once (vLLM direct)' if profile.kind == 'continuous' else 'batch 1, no window'}"
+        f" = {baseline.joules_per_request:.1f} J/request, p99 {baseline.p99_s:.2f} s"
+    )
+    print(_table(candidates, baseline, args.slo_p99_s, profile.kind))
+    report: dict[str, Any] = {
+        "modelled": True,
+        "profile": {"name": profile.name, "kind": profile.kind, "source": profile.source},
+        "command": args.command_line,
+        "slo_p99_s": args.slo_p99_s,
+        "baseline": _as_dict(baseline),
+        "candidates": [_as_dict(c) for c in candidates],
+        "recommended": _as_dict(best) if best else None,
+    }
+    if best is None:
+        print(f"no setting meets p99 <= {args.slo_p99_s} s; loosen the SLO or add capacity (ecobatch plan)")
+    else:
+        size = "cap" if profile.kind == "continuous" else "batch"
+        ratio = best.joules_per_request / baseline.joules_per_request
+        print(
+            f"\nrecommended: window {best.window_ms:g} ms, {size} {best.size}: "
+            f"{best.joules_per_request:.1f} J/request ({ratio:.2f}x the baseline), p99 {best.p99_s:.2f} s "
+            "(modelled)"
+        )
+        body = best.settings()
+        print(
+            "apply it at run time:\n  curl -X PUT http://HOST:PORT/ecobatch/batching "
+            "-H 'Authorization: Bearer $ECOBATCH_ADMIN_KEY' -H 'content-type: application/json' "
+            f"-d '{json.dumps(body)}'"
+        )
+        print(
+            "or in the config file:\n  batching:\n" + "".join(f"    {k}: {v}\n" for k, v in body.items()),
+            end="",
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    try:
+        print(f"wrote {_plot(candidates, baseline, best, args.slo_p99_s, args.out.with_suffix('.png'))}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'ecobatch[bench]')")
+    return 0
+
+
+def _as_dict(c: Candidate) -> dict[str, Any]:
+    return {
+        "window_ms": c.window_ms,
+        "size": c.size,
+        "joules_per_request": c.joules_per_request,
+        "p50_s": c.p50_s,
+        "p99_s": c.p99_s,
+    }

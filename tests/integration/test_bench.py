@@ -1,0 +1,94 @@
+"""`ecobatch bench` against the proxy (simulated backend) and a second target with the same arrivals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ecobatch.app import create_app
+from ecobatch.bench import add_arguments, bench, build_arrivals, run_cli
+from ecobatch.config import load_settings
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.command_line = "ecobatch bench " + " ".join(argv)
+    return args
+
+
+async def test_the_same_arrivals_go_to_each_target_and_ecobatch_reports_its_joules(
+    aiohttp_server: Any,
+) -> None:
+    fast = await aiohttp_server(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
+    slow = await aiohttp_server(create_app(load_settings(None, {"backend.sim_time_scale": 0.02})))
+    args = parse(
+        "--url", str(fast.make_url("")), "--rate", "40", "--requests", "60",
+        "--output-tokens", "choice:4,8", "--stream", "--quiet", "--cooldown-s", "0",
+    )  # fmt: skip
+    arrivals = build_arrivals(args)
+    summaries, outcomes = await bench(
+        [("fast", str(fast.make_url("")).rstrip("/")), ("slow", str(slow.make_url("")).rstrip("/"))],
+        arrivals,
+        args,
+    )
+    for s, outs in zip(summaries, outcomes, strict=True):
+        assert s["requests"] == s["ok"] == 60, s
+        assert s["completion_tokens"] == sum(a.output_tokens for a in arrivals)
+        assert s["ttft_s"]["p50"] is not None and s["itl_s"]["p50"] is not None
+        reported = s["energy"]["ecobatch"]
+        assert reported["sources"] == ["model"] and reported["settled_requests"] == 60
+        assert reported["attributed_joules"] > 0
+        assert [o.sent_s for o in outs] == [a.at_s for a in arrivals]
+    assert summaries[1]["latency_s"]["p50"] > summaries[0]["latency_s"]["p50"]
+    assert summaries[0]["energy"]["source"] == "none"
+
+
+def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> None:
+    import threading
+
+    from aiohttp import web
+
+    from ecobatch.testing.servers import free_port
+
+    port = free_port()
+    app = create_app(load_settings(None, {"backend.sim_time_scale": 0.0, "batching.max_queue": 1}))
+    thread = threading.Thread(
+        target=web.run_app,
+        args=(app,),
+        kwargs={"port": port, "print": None, "handle_signals": False},
+        daemon=True,
+    )
+    thread.start()
+    import time
+    import urllib.request
+
+    for _ in range(50):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    out = tmp_path / "r.json"
+    args = parse(
+        "--url",
+        f"http://127.0.0.1:{port}",
+        "--rate",
+        "200",
+        "--requests",
+        "40",
+        "--output-tokens",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert run_cli(args) == 0
+    report = json.loads(out.read_text())
+    target = report["targets"][0]
+    assert report["workload"]["requests"] == 40
+    assert target["ok"] + sum(target["errors_by_status"].values()) == 40
+    assert set(target["errors_by_status"]) <= {"429"}
