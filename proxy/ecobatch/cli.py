@@ -175,6 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tune import add_arguments as add_tune_arguments
 
     add_tune_arguments(tune)
+    plan = sub.add_parser(
+        "plan",
+        help="GPUs, kWh, cost and CO2 per month for a request volume (a steady-state model on profiles)",
+        description="For one or more energy profiles and a request volume: GPUs needed at the SLO, the "
+        "energy-optimal operating point, VRAM, kWh, cost and CO2 per month, and the saving against serving "
+        "one sequence at a time.",
+    )
+    from .plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(plan)
     args = parser.parse_args(argv)
     args.command_line = "ecobatch " + " ".join(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(
@@ -185,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .calibrate import run_cli
 
             return run_cli(args)
+        if args.command == "plan":
+            from .plan import run_cli as run_plan
+
+            try:
+                return run_plan(args)
+            except ValueError as exc:
+                print(f"ecobatch plan: {exc}", file=sys.stderr)
+                return 2
         if args.command == "tune":
             from .tune import run_cli as run_tune
 

@@ -192,13 +192,14 @@ def simulate_static(profile: EnergyProfile, arrivals: Sequence[Arrival], rule: B
     i, n = 0, len(arrivals)
     rate = ArrivalRate()
     while i < n or waiting:
-        if not waiting:  # idle until the next arrival
-            joules += idle_w * (arrivals[i].at_s - now)
-            now = arrivals[i].at_s
         while i < n and arrivals[i].at_s <= now:
             waiting.append(arrivals[i])
             rate.observe(arrivals[i].at_s)
             i += 1
+        if not waiting:  # idle until the next arrival
+            joules += idle_w * (arrivals[i].at_s - now)
+            now = arrivals[i].at_s
+            continue
         first = waiting[0].at_s
         deadline = first + window_length_s(
             arrival_rate_per_s=rate.per_s(now),

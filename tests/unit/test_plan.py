@@ -1,0 +1,84 @@
+"""`ecobatch plan`: VRAM arithmetic, GPU counts that grow with the volume, the saving against one
+sequence at a time, and a comparison that names the cheaper profile (all modelled, and said so)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ecobatch.plan import ModelShape, PlanInput, add_arguments, kv_bytes, plan, render, run_cli, weight_bytes
+from ecobatch.profile import EnergyProfile
+
+PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
+
+
+def inputs(rate: float, slo: float = 30.0) -> PlanInput:
+    return PlanInput(rate, 128, "choice:64,256", slo, price_per_kwh=0.1, carbon_g_per_kwh=475, pue=1.2)
+
+
+def test_mistral_7b_sizes() -> None:
+    shape = ModelShape()
+    assert shape.parameters == pytest.approx(7.24e9, rel=0.01)
+    assert weight_bytes(shape, "bitsandbytes-int8") == pytest.approx(7.24e9, rel=0.01)
+    assert weight_bytes(shape, "bf16") == pytest.approx(14.5e9, rel=0.01)
+    assert kv_bytes(shape, 1, 1) == 2 * 32 * 8 * 128 * 2  # 128 KiB a token
+    config = {
+        "vocab_size": 512,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+    }
+    assert ModelShape.from_config(config).num_key_value_heads == 2
+
+
+def test_more_traffic_needs_more_gpus_and_batching_saves_energy(continuous_profile: EnergyProfile) -> None:
+    low, high = (
+        plan(continuous_profile, inputs(1.0), ModelShape()),
+        plan(continuous_profile, inputs(200.0), ModelShape()),
+    )
+    assert low["operating_point"]["gpus"] < high["operating_point"]["gpus"]
+    assert high["per_request_serving"]["gpus"] > high["operating_point"]["gpus"]
+    for p in (low, high):
+        assert p["modelled"] is True
+        assert 0 < p["saving_vs_per_request"] < 1
+        assert p["operating_point"]["p99_s"] <= 30.0
+    month = high["operating_point"]
+    assert month["cost_per_month"] == pytest.approx(month["kwh_per_month"] * 0.1)
+    assert month["co2_kg_per_month"] == pytest.approx(month["kwh_per_month"] * 0.475)
+
+
+def test_a_tight_slo_has_no_operating_point(continuous_profile: EnergyProfile) -> None:
+    assert plan(continuous_profile, inputs(1.0, slo=0.1), ModelShape())["operating_point"] is None
+
+
+def test_the_cli_compares_profiles_and_names_the_cheaper(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "plan.json"
+    args = parser.parse_args(
+        [
+            "--per-month", "2000000", "--output-tokens", "choice:64,256",
+            "--profile", str(PROFILES / "h200-vllm-mistral7b-bf16-reference.yaml"),
+            "--profile", str(PROFILES / "h200-vllm-mistral7b-fp8-reference.yaml"),
+            "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert run_cli(args) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("MODELLED")
+    assert "fewest joules per request: h200-vllm-mistral7b-fp8-reference" in text
+    assert "guide rule 7 + 0.7/req GB" in text
+    report = json.loads(out.read_text())
+    assert [p["profile"]["name"] for p in report["plans"]] == [
+        "h200-vllm-mistral7b-bf16-reference",
+        "h200-vllm-mistral7b-fp8-reference",
+    ]
+    assert render(report["plans"], inputs(2e6 / (30 * 24 * 3600)), "USD").startswith("MODELLED")

@@ -1,0 +1,30 @@
+"""The policy's batch size / in-flight cap spends at most 1.1× the joules per request of the best one a
+sweep finds, on every shipped profile at loads it can serve (modelled: `ecobatch tune`'s engine model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ecobatch.profile import load_profile
+from ecobatch.tune.oracle import policy_vs_oracle
+
+PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
+CASES = [
+    (name, rate)
+    for name, rates in {
+        "h200-vllm-mistral7b-bf16-reference": (1, 4, 12, 30),
+        "h200-vllm-mistral7b-fp8-reference": (1, 4, 12, 30),
+        "a800-mistral7b-int8-reference": (0.25, 0.5, 1.0, 1.5),
+        "h200-mistral7b-int8": (0.25, 0.5, 1.0, 1.5),
+        "h200-mistral7b-bf16": (0.25, 0.5, 1.0, 1.5),
+    }.items()
+    for rate in rates
+]
+
+
+@pytest.mark.parametrize(("name", "rate"), CASES)
+def test_the_policy_is_within_a_tenth_of_the_oracle(name: str, rate: float) -> None:
+    row = policy_vs_oracle(load_profile(PROFILES / f"{name}.yaml"), rate, duration_s=200.0)
+    assert row["ratio"] <= 1.1, row
