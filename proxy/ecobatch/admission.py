@@ -2,8 +2,10 @@
 decision over them. Shared by the static batcher and the continuous gate.
 
 A request is queued as a ``Pending`` with a future the HTTP handler awaits. A handler whose client
-leaves cancels that future; a cancelled request is dropped before dispatch. The window helpers
-(``deadline_s``, ``collect``) apply the pure rules in ``policy`` on the injected clock.
+leaves withdraws it (``withdraw`` cancels the future); a cancelled request is dropped before dispatch.
+The queue's sequence count is kept as it changes, so holding a window open costs O(1) per arrival.
+The window helpers (``deadline_s``, ``collect``) apply the pure rules in ``policy`` on the injected
+clock.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class Admission:
         self.settings_version = 0
         self.clock = clock
         self.queue: deque[Pending] = deque()
+        self.queued_sequences = 0  # Σ sequences in ``queue``
+        self._withdrawn = False  # a future was cancelled since the last sweep of the queue
         self.arrived = asyncio.Event()
         self.closing = False
         self.last_decision: Decision | None = None
@@ -114,6 +118,7 @@ class Admission:
         now = self.clock.now()
         pending = Pending(request, asyncio.get_running_loop().create_future(), now, emit)
         self.queue.append(pending)
+        self.queued_sequences += request.sequences
         self._rate.observe(now)
         self._publish_depth()
         self.arrived.set()
@@ -134,11 +139,23 @@ class Admission:
         self._done_rate.observe(self.clock.now())
 
     def _publish_depth(self) -> None:
-        self._metrics.queue_depth.labels(self._model).set(len(self.queue))
+        self._metrics.child(self._metrics.queue_depth, self._model).set(len(self.queue))
+
+    def withdraw(self, pending: Pending) -> None:
+        """The client left: cancel the request's future; if it is still queued it will not run."""
+        pending.future.cancel()
+        self._withdrawn = True
 
     def drop_cancelled(self) -> None:
-        if any(p.future.done() for p in self.queue):
-            self.queue = deque(p for p in self.queue if not p.future.done())
+        """Sweep withdrawn requests out of the queue (a future cancelled without ``withdraw`` is
+        skipped when it reaches the head)."""
+        if not self._withdrawn:
+            return
+        self._withdrawn = False
+        kept = deque(p for p in self.queue if not p.future.done())
+        if len(kept) != len(self.queue):
+            self.queue = kept
+            self.queued_sequences = sum(p.request.sequences for p in kept)
             self._publish_depth()
 
     async def wait_for_work(self) -> None:
@@ -156,15 +173,22 @@ class Admission:
         ``fits``, stop at the first request that would make the group not fit (it heads the next one)."""
         self.drop_cancelled()
         group: list[Pending] = []
+        requests: list[GenerationRequest] = []  # the group's requests, plus the head on trial
         taken = 0
         while self.queue:
             head = self.queue[0]
             n = head.request.sequences
-            if group and (
-                taken + n > room or (fits is not None and not fits([p.request for p in [*group, head]]))
-            ):
+            if head.future.done():  # cancelled while queued
+                self.queue.popleft()
+                self.queued_sequences -= n
+                continue
+            if group and taken + n > room:
+                break
+            requests.append(head.request)
+            if group and fits is not None and not fits(requests):
                 break
             group.append(self.queue.popleft())
+            self.queued_sequences -= n
             taken += n
         self._publish_depth()
         return group
@@ -174,6 +198,7 @@ class Admission:
             pending = self.queue.popleft()
             if not pending.future.done():
                 pending.future.set_exception(error)
+        self.queued_sequences = 0
         self._publish_depth()
 
     # ---- decisions -----------------------------------------------------------------------------
@@ -190,7 +215,7 @@ class Admission:
             window_s=window_s,
         )
         self.last_decision = decision
-        self._metrics.policy_batch_size.labels(self._model).set(decision.batch_size)
+        self._metrics.child(self._metrics.policy_batch_size, self._model).set(decision.batch_size)
         return decision
 
     def deadline_s(self, decision: Decision) -> float:
@@ -220,14 +245,14 @@ class Admission:
             if should_close(
                 now_s=now,
                 deadline_s=deadline_s,
-                collected=sum(p.request.sequences for p in self.queue),
+                collected=self.queued_sequences,
                 target=target,
                 arrival_rate_per_s=self._rate.per_s(now),
             ):
                 break
             self.arrived.clear()
             await self.clock.wait(self.arrived, deadline_s)
-        self._metrics.window.labels(self._model).observe(max(0.0, self.clock.now() - opened_s))
+        self._metrics.child(self._metrics.window, self._model).observe(max(0.0, self.clock.now() - opened_s))
         return True
 
     def observe_demand(self, usage: Usage, sequences: int) -> None:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -104,11 +104,15 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _read_json(request: web.Request) -> Any:
     try:
-        return await request.json(loads=json.loads)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
-        raise BadRequest("the request body is not UTF-8 text") from None
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
+
+
+def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, str]:
@@ -123,7 +127,7 @@ def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, s
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse:
@@ -141,10 +145,10 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
         try:
             outcome = await pending.future
         except asyncio.CancelledError:  # the client went away: leave the queue, or stop the work
-            pending.future.cancel()
+            dispatcher.withdraw(pending)
             raise
         assert outcome.result.body is not None
-        return web.json_response(outcome.result.body, headers=_energy_headers(gen, outcome))
+        return _json(outcome.result.body, headers=_energy_headers(gen, outcome))
     except EcobatchError as exc:
         status = str(exc.status)
         return _error_response(exc)
@@ -152,9 +156,8 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
         status = "499"  # the client left (nginx's code for it)
         raise
     finally:
-        metrics.requests.labels(metrics.model, status).inc()
         stream = "true" if gen is not None and gen.stream else "false"
-        metrics.request_duration.labels(metrics.model, stream).observe(time.monotonic() - started_s)
+        metrics.observe_request(status, stream, time.monotonic() - started_s)
 
 
 async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationRequest) -> web.StreamResponse:
@@ -188,7 +191,7 @@ async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationR
         await response.write_eof()
         return response
     except (asyncio.CancelledError, ConnectionResetError):
-        pending.future.cancel()
+        dispatcher.withdraw(pending)
         raise
 
 

@@ -69,6 +69,10 @@ class Dispatcher:
         while closing."""
         return self._admission.submit(request, emit)
 
+    def withdraw(self, pending: Pending) -> None:
+        """The client left: drop the request from the queue, or stop its work in the engine."""
+        self._admission.withdraw(pending)
+
     @property
     def settings(self) -> BatchingSettings:
         return self._admission.settings
@@ -132,7 +136,7 @@ class Dispatcher:
 
     def _set_inflight(self, delta: int) -> None:
         self._inflight += delta
-        self._metrics.inflight.labels(self._model).set(self._inflight)
+        self._metrics.child(self._metrics.inflight, self._model).set(self._inflight)
         if delta < 0:
             self._room.set()
 
@@ -140,11 +144,15 @@ class Dispatcher:
         """Record a group leaving the queue: (dispatch time, its sequences)."""
         now = self._clock.now()
         sequences = sum(p.request.sequences for p in group)
-        self._metrics.batch_size.labels(self._model).observe(sequences)
+        metrics = self._metrics
+        metrics.child(metrics.batch_size, self._model).observe(sequences)
         if self._admission.last_decision is not None:
-            self._metrics.policy_decisions.labels(self._model, self._admission.last_decision.limited_by).inc()
+            metrics.child(
+                metrics.policy_decisions, self._model, self._admission.last_decision.limited_by
+            ).inc()
+        wait = metrics.child(metrics.queue_wait, self._model)
         for p in group:
-            self._metrics.queue_wait.labels(self._model).observe(now - p.arrival_s)
+            wait.observe(now - p.arrival_s)
         return now, sequences
 
     def _job(self, pending: Pending) -> tuple[Span, Job]:

@@ -13,6 +13,8 @@ waits are recorded by the dispatchers as they happen.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .domain import Usage
@@ -41,6 +43,7 @@ class Metrics:
     ) -> None:
         self.registry = registry
         self._model = model
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._carbon_g_per_kwh = carbon_g_per_kwh
         self._price_per_kwh = price_per_kwh
         self._currency = currency
@@ -164,6 +167,18 @@ class Metrics:
         )
         self.set_model(model)
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, cached: the hot paths skip prometheus-client's lock and lookup."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def observe_request(self, status: str, stream: str, seconds: float) -> None:
+        self.child(self.requests, self._model, status).inc()
+        self.child(self.request_duration, self._model, stream).observe(seconds)
+
     def set_model(self, model: str) -> None:
         """The model label of every series from now on (a remote engine's name is known once it answers)."""
         self._model = model
@@ -180,13 +195,13 @@ class Metrics:
     def observe_settled(self, settled: SettledRequest, gpu: str) -> None:
         """One request's joules are final: every request is charged; only a delivered one (its client
         stayed) measured over its whole life is observed as a served request's energy."""
-        model, joules = self._model, settled.joules
-        self.energy.labels(model, settled.source, gpu).inc(joules)
+        model, joules, source = self._model, settled.joules, settled.source
+        self.child(self.energy, model, source, gpu).inc(joules)
         kwh = joules / _JOULES_PER_KWH
-        self.co2.labels(model, settled.source).inc(kwh * self._carbon_g_per_kwh)
-        self.cost.labels(model, settled.source, self._currency).inc(kwh * self._price_per_kwh)
+        self.child(self.co2, model, source).inc(kwh * self._carbon_g_per_kwh)
+        self.child(self.cost, model, source, self._currency).inc(kwh * self._price_per_kwh)
         if settled.delivered and settled.complete:
-            self.request_energy.labels(model, settled.source).observe(joules)
+            self.child(self.request_energy, model, source).observe(joules)
 
     def observe_interval(self, split: IntervalSplit, source: str, gpu: str) -> None:
         if split.gap:
@@ -199,5 +214,5 @@ class Metrics:
             self.power.labels(source, gpu).set(split.joules / seconds)
 
     def observe_tokens(self, usage: Usage) -> None:
-        self.tokens.labels(self._model, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(self._model, "completion").inc(usage.completion_tokens)
+        self.child(self.tokens, self._model, "prompt").inc(usage.prompt_tokens)
+        self.child(self.tokens, self._model, "completion").inc(usage.completion_tokens)

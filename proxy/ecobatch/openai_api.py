@@ -6,8 +6,8 @@ answered with a 400 and never joins, or hangs, a batch.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +29,7 @@ _MAX_STOP = 4
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{os.urandom(12).hex()}"
 
 
 def _get(body: Mapping[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:

@@ -78,15 +78,15 @@ def choose_batch_size(
         slo_fit -= 1
     if slo_fit < upper:
         upper, limit = slo_fit, "slo"
-    costs = {bs: profile.at(bs).joules_per_token for bs in range(1, upper + 1)}
-    best = min(costs.values())
-    chosen = min(bs for bs, j in costs.items() if j <= best * (1.0 + energy_tolerance))
+    curve, running_min = profile.joules_per_token_curve()  # index i is batch size i + 1
+    within = running_min[upper - 1] * (1.0 + energy_tolerance)
+    chosen = next(i + 1 for i in range(upper) if curve[i] <= within)
     if chosen < upper:
         limit = "energy"
     return Decision(
         batch_size=chosen,
         limited_by=limit,
-        joules_per_token=costs[chosen],
+        joules_per_token=curve[chosen - 1],
         expected_latency_s=_expected_latency_s(profile, chosen, demand, window_s),
         kv_limit=kv_limit,
     )

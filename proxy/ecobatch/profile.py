@@ -99,6 +99,9 @@ class ProfilePoint:
         return self.joules_per_token * 1000.0
 
 
+_WHOLE_SIZES_CACHED = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class EnergyProfile:
     name: str
@@ -111,6 +114,13 @@ class EnergyProfile:
     engine: str | None = None
     idle_power_w: float | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # Points at whole sizes, computed once: the policy asks for every size up to its cap per decision.
+    _at_whole: dict[int, ProfilePoint] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+    _curve: list[tuple[float, ...]] = field(
+        default_factory=list, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -132,8 +142,27 @@ class EnergyProfile:
     def size_key(self) -> str:
         return SIZE_KEY[self.kind]
 
+    def joules_per_token_curve(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """J/token at sizes 1 … max_size (index 0 is size 1), and its running minimum. Computed once."""
+        if not self._curve:
+            curve = tuple(self.at(size).joules_per_token for size in range(1, max(1, self.max_size) + 1))
+            running: list[float] = []
+            for joules in curve:
+                running.append(min(joules, running[-1]) if running else joules)
+            self._curve.extend([curve, tuple(running)])
+        return self._curve[0], self._curve[1]
+
     def at(self, size: float) -> ProfilePoint:
         """The profile at ``size``: interpolated in log2(size), clamped at the ends."""
+        if 0 < size <= _WHOLE_SIZES_CACHED and size == int(size):
+            whole = int(size)
+            point = self._at_whole.get(whole)
+            if point is None:
+                point = self._at_whole[whole] = self._interpolated(whole)
+            return point
+        return self._interpolated(size)
+
+    def _interpolated(self, size: float) -> ProfilePoint:
         if size <= 0:
             raise ValueError(f"size={size} must be > 0")
         sizes = [p.size for p in self.points]

@@ -40,9 +40,14 @@ class Exit:
     stuck: bool = False
 
 
+# Pending connections the kernel queues before accept (capped by net.core.somaxconn): a burst of
+# clients opening connections at once must not overflow it (a dropped SYN is retried after ~1 s).
+LISTEN_BACKLOG = 1024
+
+
 async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> None:
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
     except OSError as exc:
         raise StartupError(
             f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}; is another process using it? "

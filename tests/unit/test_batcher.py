@@ -104,7 +104,7 @@ async def test_a_request_cancelled_in_the_queue_never_reaches_the_engine(
     batcher, _ = build(StaticBatcher, engine, reference_profile, clock)
     await batcher.start()
     leaving, staying = batcher.submit(req("leaving")), batcher.submit(req("staying"))
-    leaving.future.cancel()
+    batcher.withdraw(leaving)  # what the handler does when its client disconnects
     await clock.advance(0.1)
     await staying.future
     assert engine.batches == [["staying"]]
@@ -122,7 +122,7 @@ async def test_a_request_whose_client_left_mid_batch_is_charged_but_not_counted_
     await batcher.start()
     stays, leaves = batcher.submit(req("a b")), batcher.submit(req("c d"))
     await clock.advance(0.1)
-    leaves.future.cancel()
+    batcher.withdraw(leaves)
     gate.set()
     await stays.future
     await clock.advance(0.1)

@@ -92,7 +92,7 @@ async def test_a_client_that_leaves_is_aborted_in_the_engine_and_frees_its_slot(
     leaving, waiting = gate.submit(req("leaving")), gate.submit(req("waiting"))
     await clock.advance(0.1)
     assert engine.started == ["leaving"]
-    leaving.future.cancel()  # what the handler does when its client disconnects
+    gate.withdraw(leaving)  # what the handler does when its client disconnects
     await settle()
     assert engine.aborted == ["leaving"]
     assert engine.started == ["leaving", "waiting"]
@@ -109,7 +109,7 @@ async def test_a_request_cancelled_in_the_queue_never_reaches_the_engine(
     gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
     await gate.start()
     leaving, staying = gate.submit(req("leaving")), gate.submit(req("staying"))
-    leaving.future.cancel()
+    leaving.future.cancel()  # cancelled without withdraw: still skipped when it reaches the head
     await clock.advance(0.1)
     await staying.future
     assert engine.started == ["staying"]

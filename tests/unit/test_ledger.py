@@ -327,3 +327,33 @@ async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_inter
     ledger.add_interval(t, clock.now(), 0.0)
     assert len(settled) == 101
     assert sum(s.joules for s in settled.values()) == pytest.approx(100.0)
+
+
+async def test_a_busy_interval_reports_a_bounded_number_of_requests_per_turn_and_loses_none() -> None:
+    clock = FakeClock()
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, report_budget=4)
+    settled, _ = collect(ledger)
+    for i in range(10):
+        span = ledger.begin(f"r{i}")
+        span.end(Usage(1, 1))
+    await clock.advance(0.1)
+    ledger.add_interval(0.0, clock.now(), 10.0)
+    assert len(settled) == 4, "one turn reports at most report_budget requests"
+    assert ledger.pending_requests == 6
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(settled) == 10 and ledger.pending_requests == 0
+    assert sum(s.joules for s in settled.values()) == pytest.approx(10.0)
+    assert ledger.totals.settled_request_joules == pytest.approx(10.0)
+
+
+async def test_flush_reports_everything_at_once_whatever_the_budget() -> None:
+    clock = FakeClock()
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, report_budget=2)
+    settled, _ = collect(ledger)
+    for i in range(6):
+        ledger.begin(f"r{i}").end(Usage(1, 1))
+    await clock.advance(0.1)
+    ledger.add_interval(0.0, clock.now(), 6.0)
+    ledger.flush()
+    assert len(settled) == 6 and ledger.pending_requests == 0

@@ -11,7 +11,6 @@ nothing here is measured.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -36,6 +35,23 @@ _WORDS = (
 DEFAULT_CONTEXT_TOKENS = 4096
 
 
+_MASK_64 = (1 << 64) - 1
+
+
+class _Words:
+    """A deterministic word stream per seed (a 64-bit linear congruential generator: cheap to seed,
+    unlike ``random.Random``; the text is made up, only its determinism matters)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, seed: int) -> None:
+        self._state = seed & _MASK_64
+
+    def next(self) -> str:
+        self._state = (self._state * 6364136223846793005 + 1442695040888963407) & _MASK_64
+        return _WORDS[(self._state >> 33) % len(_WORDS)]
+
+
 def _prompt_text(request: GenerationRequest, index: int) -> str:
     if request.kind == "completion":
         return request.prompts[index]
@@ -47,7 +63,7 @@ class _Sequence:
         self.output = output
         self.index = index
         self.max_tokens = max_tokens
-        self.rng = random.Random(seed)
+        self.words = _Words(seed)
         self.generated = 0
         self.done = False
         output.prompt_tokens[index] = len(_prompt_text(output.job.request, index).split())
@@ -57,7 +73,7 @@ class _Sequence:
         if self.output.job.cancelled():
             self._finish("", "abort")
             return
-        word = self.rng.choice(_WORDS)
+        word = self.words.next()
         text = word if self.generated == 0 else " " + word
         self.generated += 1
         self.output.job.progress(1)
@@ -72,6 +88,13 @@ class _Sequence:
             self._finish(text, "length")
         else:
             self.output.add(self.index, text)
+
+    def run_to_the_end(self) -> None:
+        """All tokens at once (instant time, nobody streaming, no stop string): the same text as stepping."""
+        words = [self.words.next() for _ in range(self.max_tokens)]
+        self.generated = self.max_tokens
+        self.output.job.progress(self.max_tokens)
+        self._finish(" ".join(words), "length")
 
     def _finish(self, text: str, reason: str) -> None:
         self.output.completion_tokens[self.index] = self.generated
@@ -132,6 +155,11 @@ class SimulatedBackend:
                 seed = request.seed if request.seed is not None else hash((request.id, index))
                 sequences.append(_Sequence(output, index, max_tokens, seed))
         step_s = self._profile.at(max(len(sequences), 1)).step_s * self._time_scale
+        if step_s == 0:
+            for s in sequences:
+                job = s.output.job
+                if job.emit is None and not job.request.stop and not job.cancelled():
+                    s.run_to_the_end()
         while any(not s.done for s in sequences):
             if step_s > 0:
                 await asyncio.sleep(step_s)

@@ -30,7 +30,8 @@ So Σ per-request joules + idle + unattributed = Σ interval joules = the counte
 An interval is settled once every request in flight in it has ended (its token timeline is known); a
 request is settled, and reported through ``on_request``, once the intervals up to its end are. Work
 per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
-most ``settle_budget`` intervals per turn of the event loop. A span of time in which the counter could
+most ``settle_budget`` intervals per turn of the event loop, and settled requests are reported at most
+``report_budget`` per turn, so that a busy interval does not stall every response for milliseconds. A span of time in which the counter could
 not be read (``add_gap``) moves no joules; the requests in it settle flagged incomplete.
 
 A modelled meter passes ``joules=None``: the interval's joules are then the model's (idle power × idle
@@ -255,6 +256,7 @@ class Ledger:
         clock: Clock | None = None,
         active_model: ActiveModel | None = None,
         settle_budget: int = 16,
+        report_budget: int = 128,
     ) -> None:
         self.source, self.gpu = source, gpu
         self.prefill_weight = prefill_weight
@@ -265,6 +267,8 @@ class Ledger:
         self.clock: Clock = clock or MonotonicClock()
         self._active_model = active_model
         self._settle_budget = settle_budget
+        self._report_budget = report_budget
+        self._outbox: deque[_Record] = deque()  # settled, not yet reported
         self._requests = _Requests(self.clock)
         self._intervals: deque[_Interval] = deque()
         self._continuation_scheduled = False
@@ -289,8 +293,8 @@ class Ledger:
 
     @property
     def pending_requests(self) -> int:
-        """Requests in flight or ended but not yet settled."""
-        return len(self._requests.live)
+        """Requests in flight, or ended but not yet settled and reported."""
+        return len(self._requests.live) + len(self._outbox)
 
     @property
     def pending_intervals(self) -> int:
@@ -322,21 +326,30 @@ class Ledger:
             self._report(self._requests.live.popleft())
 
     def _settle(self, budget: int | None = None) -> None:
-        """Settle intervals in order while no open request began before their end; at most ``budget``
-        (default: the ledger's) per call, the rest on the next turn of the event loop."""
+        """Settle intervals in order while no open request began before their end, then report the
+        requests they settled; at most ``budget`` intervals (default: the ledger's) and
+        ``report_budget`` requests per call, the rest on the next turn of the event loop (``budget=0``:
+        everything now)."""
         budget = self._settle_budget if budget is None else budget
         done = 0
         while self._intervals:
             interval = self._intervals[0]
             blocker = self._requests.earliest_open_start()
             if blocker is not None and blocker < interval.t1_s:
-                return
+                break
             if budget and done >= budget:
                 self._continue_later()
-                return
+                break
             self._intervals.popleft()
             self._settle_one(interval)
             done += 1
+        reported = 0
+        while self._outbox:
+            if budget and reported >= self._report_budget:
+                self._continue_later()
+                return
+            self._report(self._outbox.popleft())
+            reported += 1
 
     def _continue_later(self) -> None:
         if self._continuation_scheduled:
@@ -368,7 +381,7 @@ class Ledger:
         self._requests.keep([r for r in prefix if r.end_s is not None and r.end_s >= t1])
         for record in prefix:
             if record.end_s is not None and record.end_s < t1:
-                self._report(record)
+                self._outbox.append(record)
 
     def _split(self, t0: float, t1: float, joules: float | None, inside: list[_Record]) -> None:
         members = []
