@@ -336,3 +336,60 @@ async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_eng
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before
     assert 0 < generated < 250, f"vLLM generated {generated} of 500 tokens: the request was not aborted"
+
+
+async def test_bench_sends_the_same_arrivals_to_vllm_and_to_ecobatch_in_front_of_it(
+    real_engines: dict[str, str], tmp_path: Any
+) -> None:
+    """`ecobatch bench --compare` against the real engine: every request served by both targets, the same
+    tokens generated, TTFT measured on streams, and ecobatch's own joules read from its /metrics."""
+    import json
+
+    from ecobatch.cli import main
+
+    out = tmp_path / "bench.json"
+    code = await asyncio.to_thread(
+        main,
+        ["bench", "--url", real_engines["upstream"], "--compare", real_engines["vllm-http"],
+         "--label", "direct", "--label", "ecobatch", "--rate", "8", "--requests", "16", "--stream",
+         "--output-tokens", "choice:4,16", "--prompt-tokens", "8", "--cooldown-s", "0", "--quiet",
+         "--out", str(out)],
+    )  # fmt: skip
+    assert code == 0
+    direct, proxied = json.loads(out.read_text())["targets"]
+    for target in (direct, proxied):
+        assert target["ok"] == target["requests"] == 16, target["errors_by_status"]
+        assert target["ttft_s"]["p50"] is not None
+    assert direct["completion_tokens"] == proxied["completion_tokens"] > 0
+    assert proxied["energy"]["ecobatch"]["settled_requests"] == 16
+    assert "ecobatch" not in direct["energy"]
+
+
+async def test_tune_live_measures_its_recommendation_through_ecobatch_in_front_of_vllm(
+    real_engines: dict[str, str], tmp_path: Any
+) -> None:
+    """`ecobatch tune --live` against the vllm-http proxy: the recommendation is applied, the arrivals are
+    served, and measured and modelled figures stand side by side (the profile is the H200 reference, so
+    the model's numbers are not this CPU's: only the mechanics are checked here; the accuracy check on
+    this engine is benchmarks/vllm_cpu_checks.py)."""
+    import json
+
+    from ecobatch.cli import main
+
+    proxy = real_engines["vllm-http"]
+    async with aiohttp.ClientSession() as s, s.get(f"{proxy}/ecobatch/batching", headers=ADMIN) as r:
+        before = (await r.json())["settings"]
+    out = tmp_path / "tune.json"
+    try:
+        code = await asyncio.to_thread(
+            main,
+            ["tune", "--rate", "4", "--duration", "4", "--seeds", "1", "--output-tokens", "choice:4,8",
+             "--prompt-tokens", "8", "--slo-p99-s", "30", "--windows-ms", "100", "--sizes", "4",
+             "--live", proxy, "--admin-key", ADMIN_KEY, "--out", str(out)],
+        )  # fmt: skip
+    finally:
+        await put_batching(proxy, **before)
+    assert code == 0
+    live = json.loads(out.read_text())["live"]
+    assert live["measured"]["ok"] == live["measured"]["requests"] > 0
+    assert set(live["comparison"]) == {"p50_s", "p99_s", "joules_per_request"}

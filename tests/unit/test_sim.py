@@ -63,6 +63,7 @@ def test_one_request_alone_decodes_at_the_single_sequence_rate_and_power() -> No
     result = simulate_continuous(FLAT, [Arrival(1.0, 1, 50)], SendAtOnce())
     assert result.latencies_s == pytest.approx((5.0,))  # 50 tokens at 10 tok/s
     assert result.joules == pytest.approx(100 * 1.0 + 200 * 5.0)  # idle for 1 s, then 5 s at 200 W
+    assert (result.busy_s, result.sequence_seconds) == pytest.approx((5.0, 5.0))
 
 
 def test_the_gate_holds_only_while_idle_and_never_exceeds_its_cap() -> None:
@@ -72,6 +73,7 @@ def test_the_gate_holds_only_while_idle_and_never_exceeds_its_cap() -> None:
     # A starts at once; B joins it (busy: at once) and ends at 0.9; C waits for B's slot (0.9 -> 1.7),
     # D for C's (1.7 -> 2.5); A, 31 tokens in by then, finishes its 69 alone by 9.4
     assert result.latencies_s == pytest.approx((0.8, 1.5, 2.2, 9.4))
+    assert result.sequence_seconds == pytest.approx(9.4 + 0.8 * 3)  # A 9.4 s in flight, B, C, D 0.8 s each
 
 
 def test_a_static_batch_runs_as_long_as_its_longest_request() -> None:
@@ -88,6 +90,7 @@ def test_a_static_batch_runs_as_long_as_its_longest_request() -> None:
     result = simulate_static(profile, arrivals, BatcherRule(0.0, 0.0, batch_size=2))
     assert sorted(result.latencies_s) == pytest.approx([3.0, 3.0])  # 30 steps of 0.1 s, together
     assert result.joules == pytest.approx(120 * 3.0)
+    assert (result.busy_s, result.sequence_seconds) == pytest.approx((3.0, 6.0))
 
 
 def test_a_static_engine_past_its_capacity_queues_and_time_never_runs_backwards() -> None:

@@ -31,8 +31,9 @@ An interval is settled once every request in flight in it has ended (its token t
 request is settled, and reported through ``on_request``, once the intervals up to its end are. Work
 per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
 most ``settle_budget`` intervals per turn of the event loop, and settled requests are reported at most
-``report_budget`` per turn, so that a busy interval does not stall every response for milliseconds. A span of time in which the counter could
-not be read (``add_gap``) moves no joules; the requests in it settle flagged incomplete.
+``report_budget`` per turn, so that a busy interval does not stall every response for milliseconds.
+A span of time in which the counter could not be read (``add_gap``) moves no joules; the requests in
+it settle flagged incomplete.
 
 A modelled meter passes ``joules=None``: the interval's joules are then the model's (idle power × idle
 time + the profile's J/token at the interval's mean concurrency × the tokens generated in it).

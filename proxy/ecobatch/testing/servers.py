@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,7 +46,10 @@ class Proc:
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path, port: int) -> None:
         self.name, self.port = name, port
         self.log = log_dir / f"{name}.log"
-        self.proc = subprocess.Popen(list(args), env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        # its own process group: stopping it also stops what it started (vLLM's engine-core process)
+        self.proc = subprocess.Popen(
+            list(args), env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.url = f"http://127.0.0.1:{port}"
 
     def healthy(self) -> bool:
@@ -63,12 +68,18 @@ class Proc:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
-        self.proc.terminate()
+        """SIGTERM to the whole process group, SIGKILL after 30 s; children left behind are killed too."""
+        self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
             self.proc.wait()
+        self._signal_group(signal.SIGKILL)  # an engine process that outlived its parent
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
 
 
 def wait_healthy(procs: Sequence[Proc], timeout_s: float = 420.0) -> None:

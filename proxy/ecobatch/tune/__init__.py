@@ -4,14 +4,20 @@ For a profile and a workload (an arrival rate and length distributions, or a JSO
 hold window and the in-flight cap (continuous engines) or the window and the batch size (static
 engines) through ``sim``, keep the settings whose p99 latency meets the SLO, and recommend the one
 that spends the fewest joules per request. Prints a table and the ``PUT /ecobatch/batching`` body (and
-YAML) that applies it; writes JSON and a PNG. ``--live URL`` then measures the recommendation on a
-running ecobatch with ``ecobatch bench`` (same arrivals) and reports the model's error.
+YAML) that applies it; writes JSON and a PNG. ``--live URL`` then applies the recommendation to a
+running ecobatch (``PUT /ecobatch/batching``), sends it the first seed's arrivals with ``ecobatch bench``
+and reports the model's error on them.
+
+The SLO is absolute (``--slo-p99-s``) or relative to the baseline's modelled p99
+(``--slo-p99-x-baseline 1.8``: at most 1.8 times the p99 of sending everything at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +94,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seeds", type=int, default=3, help="workloads drawn per setting (their mean is reported)"
     )
-    p.add_argument("--slo-p99-s", type=float, required=True, help="the p99 end-to-end latency to meet")
+    slo = p.add_mutually_exclusive_group(required=True)
+    slo.add_argument("--slo-p99-s", type=float, help="the p99 end-to-end latency to meet, in seconds")
+    slo.add_argument(
+        "--slo-p99-x-baseline",
+        type=float,
+        help="the p99 to meet as a multiple of the baseline's (everything sent at once; static: batch 1)",
+    )
+    p.add_argument(
+        "--prompt-tokens", default="64", help="prompt lengths (the model ignores prefill; --live sends them)"
+    )
+    p.add_argument(
+        "--live",
+        metavar="URL",
+        help="an ecobatch in front of the engine: apply the recommendation there and measure it with bench",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get("ECOBATCH_ADMIN_KEY"),
+        help="--live: the admin key for PUT /ecobatch/batching (default: $ECOBATCH_ADMIN_KEY)",
+    )
+    p.add_argument("--api-key", default=os.environ.get("ECOBATCH_API_KEY"), help="--live: an API key")
+    p.add_argument("--energy", default="none", help="--live: none, nvml or dcgm=URL (as in bench)")
     p.add_argument("--windows-ms", default="0,100,250,500,1000,2000,4000")
     p.add_argument("--sizes", default="4,8,16,32,64,128,256", help="in-flight caps or batch sizes to try")
     p.add_argument("--out", type=Path, default=Path("tune.json"), help="JSON report (the PNG goes beside it)")
@@ -98,9 +125,9 @@ def _workloads(args: argparse.Namespace) -> list[list[Arrival]]:
     if args.trace is not None:
         return [read_trace(args.trace)]
     output = parse_lengths(args.output_tokens, "--output-tokens")
-    one = parse_lengths("1", "prompt")
+    prompt = parse_lengths(args.prompt_tokens, "--prompt-tokens")
     return [
-        poisson(args.rate, one, output, duration_s=args.duration, count=None, seed=s)
+        poisson(args.rate, prompt, output, duration_s=args.duration, count=None, seed=s)
         for s in range(args.seeds)
     ]
 
@@ -156,7 +183,14 @@ def run_cli(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile or DEFAULT_PROFILES["continuous"])
     windows = [float(x) for x in args.windows_ms.split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]
-    candidates, baseline = sweep(profile, _workloads(args), windows, sizes)
+    workloads = _workloads(args)
+    candidates, baseline = sweep(profile, workloads, windows, sizes)
+    if args.slo_p99_s is None:
+        args.slo_p99_s = args.slo_p99_x_baseline * baseline.p99_s
+        print(
+            f"p99 SLO: {args.slo_p99_x_baseline:g} x the baseline's {baseline.p99_s:.2f} s "
+            f"= {args.slo_p99_s:.2f} s"
+        )
     feasible = [c for c in candidates if c.p99_s <= args.slo_p99_s]
     best = min(feasible, key=lambda c: c.joules_per_request) if feasible else None
     print(
@@ -194,6 +228,10 @@ def run_cli(args: argparse.Namespace) -> int:
             "or in the config file:\n  batching:\n" + "".join(f"    {k}: {v}\n" for k, v in body.items()),
             end="",
         )
+    if args.live and best is not None:
+        report["live"] = asyncio.run(_live(args, profile, best, workloads[0]))
+    elif args.live:
+        print("--live: nothing to measure, no setting meets the SLO")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
@@ -211,4 +249,65 @@ def _as_dict(c: Candidate) -> dict[str, Any]:
         "joules_per_request": c.joules_per_request,
         "p50_s": c.p50_s,
         "p99_s": c.p99_s,
+    }
+
+
+async def _live(
+    args: argparse.Namespace, profile: EnergyProfile, best: Candidate, arrivals: list[Arrival]
+) -> dict[str, Any]:
+    """Apply ``best`` to the ecobatch at ``args.live``, send it ``arrivals`` (bench), and set what was
+    measured beside what the model says for the same arrivals."""
+    import aiohttp
+
+    from ..bench import bench
+    from ..bench.report import table
+
+    url = args.live.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
+    async with (
+        aiohttp.ClientSession(headers=headers) as s,
+        s.put(f"{url}/ecobatch/batching", json=best.settings()) as r,
+    ):
+        if r.status != 200:
+            raise RuntimeError(
+                f"--live: PUT {url}/ecobatch/batching answered {r.status}: {(await r.text())[:300]}"
+                " (an admin key: --admin-key or ECOBATCH_ADMIN_KEY)"
+            )
+    bench_args = argparse.Namespace(
+        model=None, api="chat", stream=False, no_ignore_eos=False, api_key=args.api_key, timeout_s=600.0,
+        seed=0, quiet=False, energy=args.energy, cooldown_s=0.0,
+    )  # fmt: skip
+    print(f"\n--live: measuring the recommendation on {url} ({len(arrivals)} requests, seed 0)")
+    summaries, _ = await bench([("recommended (live)", url)], arrivals, bench_args)
+    print(table(summaries))
+    measured = summaries[0]
+    if profile.kind == "continuous":
+        rule: Any = GateRule(best.window_ms / 1000.0, best.window_ms / 1000.0, best.size)
+        model = simulate_continuous(profile, arrivals, rule)
+    else:
+        model = simulate_static(
+            profile, arrivals, BatcherRule(best.window_ms / 1000.0, best.window_ms / 1000.0, best.size)
+        )
+    energy = measured["energy"]
+    reported = energy.get("ecobatch") or {}
+    measured_jpr = energy.get("joules_per_request", reported.get("joules_per_request_with_idle"))
+    rows = {
+        "p50_s": (measured["latency_s"]["p50"], model.p50_s),
+        "p99_s": (measured["latency_s"]["p99"], model.p99_s),
+        "joules_per_request": (measured_jpr, model.joules_per_request),
+    }
+    comparison = {
+        k: {"measured": m, "model": s, "model_error": (s / m - 1.0) if m else None}
+        for k, (m, s) in rows.items()
+    }
+    for k, c in comparison.items():
+        error = "—" if c["model_error"] is None else f"{100 * c['model_error']:+.1f} %"
+        shown = "—" if c["measured"] is None else f"{c['measured']:.3f}"
+        print(f"  {k}: measured {shown}, model {c['model']:.3f}, model error {error}")
+    return {
+        "url": url,
+        "energy_source": energy.get("source"),
+        "ecobatch_energy_sources": reported.get("sources"),
+        "measured": measured,
+        "comparison": comparison,
     }

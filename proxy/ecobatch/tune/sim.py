@@ -89,6 +89,9 @@ class Result:
     seconds: float
     latencies_s: tuple[float, ...]
     generated_tokens: int
+    #: seconds with something in flight, and ∫ sequences in flight dt (mean concurrency = this / seconds)
+    busy_s: float = 0.0
+    sequence_seconds: float = 0.0
 
     @property
     def joules_per_request(self) -> float:
@@ -147,7 +150,7 @@ def simulate_continuous(profile: EnergyProfile, arrivals: Sequence[Arrival], pol
     running: list[tuple[float, int, float]] = []  # heap of (progress at which it ends, id, arrival time)
     progress = 0.0  # tokens every running sequence has decoded since t = 0 (they all decode alike)
     latencies: list[float] = []
-    joules = now = 0.0
+    joules = now = busy_s = sequence_seconds = 0.0
     i, n, uid = 0, len(arrivals), 0
     rate = ArrivalRate()
     while i < n or waiting or running:
@@ -165,6 +168,8 @@ def simulate_continuous(profile: EnergyProfile, arrivals: Sequence[Arrival], pol
         t_next = now if release_now else min(candidates)
         dt = t_next - now
         joules += (profile.at(c).power_w if c else idle_w) * dt
+        busy_s += dt if c else 0.0
+        sequence_seconds += c * dt
         progress += per_seq_tps * dt
         now = t_next
         while running and running[0][0] <= progress + 1e-9:
@@ -181,14 +186,14 @@ def simulate_continuous(profile: EnergyProfile, arrivals: Sequence[Arrival], pol
                 uid += 1
                 heapq.heappush(running, (progress + a.output_tokens, uid, a.at_s))
     tokens = sum(a.output_tokens for a in arrivals)
-    return Result(len(latencies), joules, now, tuple(latencies), tokens)
+    return Result(len(latencies), joules, now, tuple(latencies), tokens, busy_s, sequence_seconds)
 
 
 def simulate_static(profile: EnergyProfile, arrivals: Sequence[Arrival], rule: BatcherRule) -> Result:
     idle_w = profile.idle_power_w or 0.0
     waiting: deque[Arrival] = deque()
     latencies: list[float] = []
-    joules = now = 0.0
+    joules = now = busy_s = sequence_seconds = 0.0
     i, n = 0, len(arrivals)
     rate = ArrivalRate()
     while i < n or waiting:
@@ -223,7 +228,9 @@ def simulate_static(profile: EnergyProfile, arrivals: Sequence[Arrival], rule: B
         point = profile.at(len(batch))
         duration = max(a.output_tokens for a in batch) * point.step_s
         joules += point.power_w * duration
+        busy_s += duration
+        sequence_seconds += len(batch) * duration
         now += duration
         latencies += [now - a.at_s for a in batch]
     tokens = sum(a.output_tokens for a in arrivals)
-    return Result(len(latencies), joules, now, tuple(latencies), tokens)
+    return Result(len(latencies), joules, now, tuple(latencies), tokens, busy_s, sequence_seconds)

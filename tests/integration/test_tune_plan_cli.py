@@ -1,0 +1,150 @@
+"""`ecobatch tune` and `plan` from the command line: `--help`, a recommendation that meets the SLO and the
+body that applies it, and `tune --live` measuring the recommendation on a running proxy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from ecobatch.app import create_app
+from ecobatch.cli import main
+from ecobatch.config import load_settings
+from ecobatch.testing.servers import free_port
+
+PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
+
+
+@pytest.mark.parametrize(
+    ("command", "must_mention"),
+    [
+        ("bench", ["--compare", "--arrivals", "--energy"]),
+        ("tune", ["--slo-p99-s", "--slo-p99-x-baseline", "--live"]),
+        ("plan", ["--per-month", "--carbon-g-per-kwh", "--pue"]),
+    ],
+)
+def test_each_command_explains_itself(command: str, must_mention: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ecobatch.cli", command, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in must_mention:
+        assert option in out, f"`ecobatch {command} --help` does not mention {option}"
+
+
+def test_tune_recommends_the_cheapest_setting_within_the_slo_and_prints_the_body_that_applies_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tune.json"
+    code = main(
+        ["tune", "--rate", "4", "--duration", "60", "--seeds", "1", "--slo-p99-x-baseline", "1.8",
+         "--windows-ms", "0,500,2000", "--sizes", "16,64", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    best, base = report["recommended"], report["baseline"]
+    assert report["modelled"] is True
+    assert report["slo_p99_s"] == pytest.approx(1.8 * base["p99_s"])
+    feasible = [c for c in report["candidates"] if c["p99_s"] <= report["slo_p99_s"]]
+    assert best == min(feasible, key=lambda c: c["joules_per_request"])
+    assert best["joules_per_request"] < base["joules_per_request"], "holding while idle should save here"
+    printed = capsys.readouterr().out
+    body = json.loads(printed.split("-d '")[1].split("'")[0])
+    assert body == {
+        "window_min_ms": best["window_ms"],
+        "window_max_ms": best["window_ms"],
+        "max_batch_size": best["size"],
+        "energy_tolerance": 0.0,
+    }
+    assert out.with_suffix(".png").exists() or "no plot" in printed
+
+
+def test_tune_says_so_when_no_setting_meets_the_slo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["tune", "--rate", "4", "--duration", "30", "--seeds", "1", "--slo-p99-s", "0.01",
+         "--windows-ms", "0", "--sizes", "16", "--out", str(tmp_path / "t.json")]
+    )  # fmt: skip
+    assert code == 0
+    assert "no setting meets p99 <= 0.01 s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["recommended"] is None
+
+
+def _serve_in_thread(app: web.Application) -> str:
+    port = free_port()
+    thread = threading.Thread(
+        target=web.run_app,
+        args=(app,),
+        kwargs={"port": port, "print": None, "handle_signals": False},
+        daemon=True,
+    )
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the proxy did not come up")
+
+
+def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulated backend runs the same timing model as tune's static engine (the A800 profile at
+    real time), so on the same arrivals the two must agree closely."""
+    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
+    url = _serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 1.0})))
+    out = tmp_path / "live.json"
+    code = main(
+        ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--rate", "4",
+         "--duration", "8", "--seeds", "1", "--output-tokens", "choice:2,4", "--slo-p99-s", "5",
+         "--windows-ms", "100,250", "--sizes", "4,16", "--live", url, "--admin-key", "sk-admin",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report: dict[str, Any] = json.loads(out.read_text())
+    best, live = report["recommended"], report["live"]
+    get = urllib.request.Request(f"{url}/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})
+    with urllib.request.urlopen(get, timeout=5) as r:
+        applied = json.load(r)["settings"]
+    assert applied["max_batch_size"] == best["size"]
+    assert applied["window_max_ms"] == best["window_ms"]
+    measured = live["measured"]
+    assert measured["ok"] == measured["requests"] > 10
+    p50 = live["comparison"]["p50_s"]
+    assert p50["model_error"] == pytest.approx(0.0, abs=0.25), p50  # -2.5 % when this was written
+    assert live["comparison"]["joules_per_request"]["measured"] > 0  # the proxy's own (modelled) joules
+
+
+def test_tune_live_without_the_admin_key_fails_by_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
+    monkeypatch.delenv("ECOBATCH_ADMIN_KEY", raising=False)
+    url = _serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
+    with pytest.raises(RuntimeError, match="admin key"):
+        main(
+            ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--duration", "5",
+             "--seeds", "1", "--output-tokens", "2", "--slo-p99-s", "60", "--windows-ms", "100",
+             "--sizes", "4", "--live", url, "--out", str(tmp_path / "x.json")]
+        )  # fmt: skip
+
+
+def test_plan_writes_a_modelled_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan.json"
+    code = main(["plan", "--rate", "20", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "modelled" in printed.lower()
+    assert json.loads(out.read_text())
