@@ -37,7 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-s", type=float, default=5.0, help="bursty: seconds of each burst")
     p.add_argument("--off-s", type=float, default=5.0, help="bursty: seconds of silence between bursts")
     p.add_argument("--trace", type=Path, help="JSONL: timestamp, prompt_tokens, output_tokens per line")
-    p.add_argument("--prompt-tokens", default="64", help="N, uniform:A-B or choice:A,B,…")
+    p.add_argument(
+        "--prompt-tokens",
+        default="64",
+        help="prompt length in words (a word is 1-2 tokens in a 32k vocabulary; the report gives the "
+        "server's count): N, uniform:A-B or choice:A,B,…",
+    )
     p.add_argument("--output-tokens", default="choice:16,32,64,128,256,512")
     p.add_argument("--duration", type=float, help="seconds of arrivals")
     p.add_argument("--requests", type=int, help="number of requests")

