@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import ADMIN_KEY
-from tests.integration.helpers import metric, openai_chat_and_stream, sse_events
+from tests.integration.helpers import gauge, metric, openai_chat_and_stream, sse_events
 
 pytestmark = pytest.mark.vllm
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -270,31 +270,48 @@ async def test_in_flight_stays_at_the_cap_under_a_burst_of_four_times_it(
         async with aiohttp.ClientSession() as s:
             while not done.is_set():
                 async with s.get(f"{upstream}/metrics") as r:
-                    running.append(metric(await r.text(), "vllm:num_requests_running"))
-                await asyncio.sleep(0.02)
+                    running.append(gauge(await r.text(), "vllm:num_requests_running"))
+                await asyncio.sleep(0.01)
 
     poller = asyncio.create_task(poll())
     try:
-        body = {"prompt": "hello", "max_tokens": 64, "ignore_eos": True}
+        # long enough that even a fast CPU keeps each group of 4 running for many polls
+        body = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True}
         results = await asyncio.gather(*(post(f"{proxy}/v1/completions", body) for _ in range(16)))
     finally:
         done.set()
         await poller
         await put_batching(proxy, max_batch_size=64, energy_tolerance=0.05)
     assert all(status == 200 for status, _, _ in results)
+    assert len(running) >= 10, f"only {len(running)} samples of vLLM's gauge: the test cannot see the cap"
     assert max(running) == 4, running
     view = await get_json(f"{proxy}/ecobatch/batching")
     assert view["inflight"] == 0
 
 
-async def leave_early(url: str, body: dict[str, Any], after_s: float = 0.4) -> None:
-    """Send a request and go away before it can finish."""
-    with pytest.raises(asyncio.TimeoutError):
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(url, json=body, timeout=aiohttp.ClientTimeout(total=after_s)) as r,
-        ):
-            await r.read()
+async def leave_once_running(url: str, body: dict[str, Any], engine_metrics_url: str) -> None:
+    """Send a request and go away as soon as the engine reports it running (vLLM's own
+    num_requests_running gauge), long before it can finish, however fast the engine is."""
+    async with aiohttp.ClientSession() as s:
+
+        async def send() -> str:
+            async with s.post(url, json=body) as r:
+                return f"{r.status} {(await r.read())[:300]!r}"
+
+        sent = asyncio.create_task(send())
+        seen: list[float] = []
+        for _ in range(1000):
+            seen.append(gauge(await get_text(engine_metrics_url), "vllm:num_requests_running"))
+            if seen[-1] >= 1:
+                break
+            assert not sent.done(), (
+                f"the request ended before the engine was seen running it ({seen}): {sent.result()}"
+            )
+            await asyncio.sleep(0.005)
+        assert not sent.done(), f"the request ended before the client could leave: {sent.result()}"
+        sent.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sent
 
 
 async def metrics_once_idle(url: str, *gauges: str) -> str:
@@ -315,7 +332,7 @@ async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, s
     before_tokens = metric(await get_text(f"{upstream}/metrics"), "vllm:generation_tokens_total")
     before_499 = metric(await get_text(f"{proxy}/metrics"), "ecobatch_requests_total", status="499")
     body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True, "stream": stream}
-    await leave_early(f"{proxy}/v1/completions", body)
+    await leave_once_running(f"{proxy}/v1/completions", body, f"{upstream}/metrics")
     text = await metrics_once_idle(f"{upstream}/metrics", "vllm:num_requests_running")
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before_tokens
@@ -329,7 +346,8 @@ async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_eng
     """vllm-async aborts the request in AsyncLLM; vLLM's own counters are on ecobatch's /metrics."""
     proxy = real_engines["vllm-async"]
     before = metric(await get_text(f"{proxy}/metrics"), "vllm:generation_tokens_total")
-    await leave_early(f"{proxy}/v1/completions", {"prompt": "hello", "max_tokens": 500, "ignore_eos": True})
+    body = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True}
+    await leave_once_running(f"{proxy}/v1/completions", body, f"{proxy}/metrics")
     text = await metrics_once_idle(
         f"{proxy}/metrics", "vllm:num_requests_running", "ecobatch_inflight_requests"
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from ..exposition import samples
 from .servers import Proc, engine_env, free_port, start_proxy, start_vllm_server, wait_healthy
 
 __all__ = ["fault_suite"]
@@ -53,6 +54,20 @@ async def _health_becomes(url: str, status: int, timeout_s: float) -> float:
     raise TimeoutError(f"{url}/health did not answer {status} within {timeout_s} s")
 
 
+async def _running_reaches(upstream: str, n: int, timeout_s: float = 60.0) -> None:
+    """Return once vLLM's own ``num_requests_running`` gauge reads ``n``: the fault then lands
+    mid-request however fast the engine is (a fixed sleep let a fast machine finish them first)."""
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() - t0 < timeout_s:
+            async with session.get(f"{upstream}/metrics") as resp:
+                text = await resp.text()
+            if sum(s.value for _, s in samples(text, ("vllm:num_requests_running",))) >= n:
+                return
+            await asyncio.sleep(0.01)
+    raise TimeoutError(f"vLLM at {upstream} did not run {n} requests within {timeout_s} s")
+
+
 def _row(fault: str, results: list[tuple[int, float]], since: float, note: str = "") -> dict[str, Any]:
     """A row: each waiter's status, and its answer's time after ``since`` (the fault, or the send)."""
     return {
@@ -88,7 +103,7 @@ async def fault_suite(
         rows.append(_row("none (baseline)", await _waiters(url, SHORT, 3), t0))
 
         pending = asyncio.ensure_future(_waiters(url, LONG, 3))
-        await asyncio.sleep(1.0)
+        await _running_reaches(server.url, 3)
         t0 = time.monotonic()
         server.signal(signal.SIGKILL)
         rows.append(_row("engine killed mid-request (SIGKILL)", await pending, t0))
@@ -108,12 +123,17 @@ async def fault_suite(
         rows.append(_row("engine restarted on the same port", await _waiters(url, SHORT, 3), t0, note))
 
         pending = asyncio.ensure_future(_waiters(url, LONG, 3))
-        await asyncio.sleep(1.0)
+        await _running_reaches(server.url, 3)
         t0 = time.monotonic()
         server.signal(signal.SIGSTOP)
         fault = f"engine frozen mid-request (SIGSTOP; request_timeout_s={request_timeout_s:g})"
         rows.append(
-            _row(fault, await pending, t0, "a request's time-out counts from its dispatch, 1 s earlier")
+            _row(
+                fault,
+                await pending,
+                t0,
+                "a request's time-out counts from its dispatch, just before the fault",
+            )
         )
         await _health_becomes(url, 503, 30)
         t0 = time.monotonic()
