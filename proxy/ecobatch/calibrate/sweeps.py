@@ -125,8 +125,15 @@ async def calibrate_vllm_http(
 
     base = base_url.rstrip("/")
     rng = random.Random(0)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        async with session.get(f"{base}/v1/models") as resp:
+    # No connection limit for the load (aiohttp's default pool of 100 capped "256 in flight" at 100),
+    # and /metrics on a session of its own: behind queued load requests it waited forever.
+    async with (
+        aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=0)
+        ) as session,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as probe,
+    ):
+        async with probe.get(f"{base}/v1/models") as resp:
             resp.raise_for_status()
             served = (await resp.json())["data"][0]
         model = model or served["id"]
@@ -155,11 +162,11 @@ async def calibrate_vllm_http(
             tasks = [asyncio.create_task(worker()) for _ in range(c)]
             try:
                 await asyncio.sleep(warmup_s)
-                tokens0 = await _generation_tokens(session, base)
+                tokens0 = await _generation_tokens(probe, base)
                 done0 = finished
                 with EnergyWindow(counters) as window:
                     await asyncio.sleep(min_seconds)
-                tokens1 = await _generation_tokens(session, base)
+                tokens1 = await _generation_tokens(probe, base)
                 done1 = finished
             finally:
                 stop.set()
