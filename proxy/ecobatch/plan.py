@@ -289,7 +289,7 @@ def render(plans: list[dict[str, Any]], inp: PlanInput, currency: str) -> str:
                 f"{'':<40} saves {100 * p['saving_vs_per_request']:.0f} % of the kWh of one-at-a-time"
             )
         else:
-            lines.append(f"{'':<40} no size meets the SLO: loosen it or shorten the outputs")
+            lines.append(f"{name:<40} no size meets the SLO: loosen it or shorten the outputs")
     ranked = [p for p in plans if p["operating_point"] is not None]
     if len(ranked) > 1:
         best = min(ranked, key=lambda p: p["operating_point"]["joules_per_request"])
