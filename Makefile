@@ -20,6 +20,7 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[cpu,dev,speed]'
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	bash scripts/install-prometheus.sh
 	touch $(VENV)/.base $@
 
 setup-dev: $(VENV)/.dev
