@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__
@@ -132,6 +132,15 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_value_is_2(command: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand; a bad value (``ValueError``, its message names the option) is one line, exit 2."""
+    try:
+        return run(args)
+    except ValueError as exc:
+        print(f"ecobatch {command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ecobatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ecobatch {__version__}")
@@ -198,11 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plan":
             from .plan import run_cli as run_plan
 
-            try:
-                return run_plan(args)
-            except ValueError as exc:
-                print(f"ecobatch plan: {exc}", file=sys.stderr)
-                return 2
+            return _bad_value_is_2("plan", run_plan, args)
         if args.command == "tune":
             from .tune import run_cli as run_tune
 
@@ -210,11 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run_cli as run_bench
 
-            try:
-                return run_bench(args)
-            except ValueError as exc:
-                print(f"ecobatch bench: {exc}", file=sys.stderr)
-                return 2
+            return _bad_value_is_2("bench", run_bench, args)
         return _serve(args) if args.command == "serve" else _profile(args)
     except (ConfigError, StartupError) as exc:
         if getattr(args, "log_level", "INFO").upper() == "DEBUG":

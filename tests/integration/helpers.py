@@ -18,6 +18,31 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def serve_in_thread(app: Any) -> str:
+    """Run an aiohttp app (``web.Application``) in a daemon thread on a free port; return its URL
+    once /health answers 200 (for CLI tests that run their own event loop)."""
+    import threading
+    import time
+    import urllib.request
+
+    from aiohttp import web
+
+    from ecobatch.testing.servers import free_port
+
+    port = free_port()
+    kwargs = {"port": port, "print": None, "handle_signals": False}
+    threading.Thread(target=web.run_app, args=(app,), kwargs=kwargs, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the app on {url} did not come up")
+
+
 def gauge(text: str, name: str) -> float:
     """Sum of the unlabelled-or-labelled samples of one gauge, read from the lines that name it.
 

@@ -10,6 +10,7 @@ from typing import Any
 from ecobatch.app import create_app
 from ecobatch.bench import add_arguments, bench, build_arrivals, run_cli
 from ecobatch.config import load_settings
+from tests.integration.helpers import serve_in_thread
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -48,34 +49,13 @@ async def test_the_same_arrivals_go_to_each_target_and_ecobatch_reports_its_joul
 
 
 def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> None:
-    import threading
-
-    from aiohttp import web
-
-    from ecobatch.testing.servers import free_port
-
-    port = free_port()
-    app = create_app(load_settings(None, {"backend.sim_time_scale": 0.0, "batching.max_queue": 1}))
-    thread = threading.Thread(
-        target=web.run_app,
-        args=(app,),
-        kwargs={"port": port, "print": None, "handle_signals": False},
-        daemon=True,
+    url = serve_in_thread(
+        create_app(load_settings(None, {"backend.sim_time_scale": 0.0, "batching.max_queue": 1}))
     )
-    thread.start()
-    import time
-    import urllib.request
-
-    for _ in range(50):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
     out = tmp_path / "r.json"
     args = parse(
         "--url",
-        f"http://127.0.0.1:{port}",
+        url,
         "--rate",
         "200",
         "--requests",

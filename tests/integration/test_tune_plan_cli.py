@@ -6,19 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from ecobatch.app import create_app
 from ecobatch.cli import main
 from ecobatch.config import load_settings
-from ecobatch.testing.servers import free_port
+from tests.integration.helpers import serve_in_thread
 
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 
@@ -78,33 +75,13 @@ def test_tune_says_so_when_no_setting_meets_the_slo(
     assert json.loads((tmp_path / "t.json").read_text())["recommended"] is None
 
 
-def _serve_in_thread(app: web.Application) -> str:
-    port = free_port()
-    thread = threading.Thread(
-        target=web.run_app,
-        args=(app,),
-        kwargs={"port": port, "print": None, "handle_signals": False},
-        daemon=True,
-    )
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                if r.status == 200:
-                    return url
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the proxy did not come up")
-
-
 def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The simulated backend runs the same timing model as tune's static engine (the A800 profile at
     real time), so on the same arrivals the two must agree closely."""
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
-    url = _serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 1.0})))
+    url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 1.0})))
     out = tmp_path / "live.json"
     code = main(
         ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--rate", "4",
@@ -132,7 +109,7 @@ def test_tune_live_without_the_admin_key_fails_by_naming_it(
 ) -> None:
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
     monkeypatch.delenv("ECOBATCH_ADMIN_KEY", raising=False)
-    url = _serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
+    url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
     with pytest.raises(RuntimeError, match="admin key"):
         main(
             ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--duration", "5",
