@@ -1,4 +1,5 @@
-"""``ecobatch`` command line: ``serve`` runs the proxy; ``profile`` shows an energy profile."""
+"""``ecobatch`` command line: ``serve`` runs the proxy; ``calibrate`` measures an energy profile, ``profile``
+shows one; ``bench`` loads an OpenAI endpoint; ``tune`` and ``plan`` model settings and capacity."""
 
 from __future__ import annotations
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "tune":
             from .tune import run_cli as run_tune
 
-            return run_tune(args)
+            return _bad_value_is_2("tune", run_tune, args)
         if args.command == "bench":
             from .bench import run_cli as run_bench
 

@@ -288,10 +288,12 @@ def render(plans: list[dict[str, Any]], inp: PlanInput, currency: str) -> str:
             lines.append(
                 f"{'':<40} saves {100 * p['saving_vs_per_request']:.0f} % of the kWh of one-at-a-time"
             )
-        else:
+        elif p["operating_point"] is None:
             lines.append(f"{name:<40} no size meets the SLO: loosen it or shorten the outputs")
+        else:
+            lines.append(f"{'':<40} one sequence at a time misses the SLO: no saving to state")
     ranked = [p for p in plans if p["operating_point"] is not None]
-    if len(ranked) > 1:
+    if len(plans) > 1 and ranked:
         best = min(ranked, key=lambda p: p["operating_point"]["joules_per_request"])
         lines += [
             "",

@@ -150,6 +150,7 @@ class Runtime:
         if self.state in ("draining", "stopped"):
             return
         previous, self.state = self.state, "draining"
+        self.reason = f"shutting down: finishing in-flight work for up to {grace_s:g} s"
         if previous == "ready" and self.dispatcher is not None:
             log.info(
                 "draining: %d in flight, %d queued; grace %.0f s",

@@ -9,6 +9,7 @@ from typing import Any
 
 from ecobatch.app import create_app
 from ecobatch.bench import add_arguments, bench, build_arrivals, run_cli
+from ecobatch.bench.report import table
 from ecobatch.config import load_settings
 from tests.integration.helpers import serve_in_thread
 
@@ -46,6 +47,8 @@ async def test_the_same_arrivals_go_to_each_target_and_ecobatch_reports_its_joul
         assert [o.sent_s for o in outs] == [a.at_s for a in arrivals]
     assert summaries[1]["latency_s"]["p50"] > summaries[0]["latency_s"]["p50"]
     assert summaries[0]["energy"]["source"] == "none"
+    (row,) = [line for line in table(summaries).splitlines() if "ecobatch: attributed" in line]
+    assert row.count("(model: MODELLED)") == 2, row  # a modelled figure is never shown bare
 
 
 def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from ecobatch.app import create_app
 from ecobatch.cli import main
 from ecobatch.config import load_settings
+from ecobatch.testing.servers import free_port
 from tests.integration.helpers import serve_in_thread
 
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
@@ -80,14 +81,14 @@ def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_th
 ) -> None:
     """The simulated backend runs the same timing model as tune's static engine (the A800 profile at
     real time), so on the same arrivals the two must agree closely."""
-    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
+    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")  # the server's keys; tune takes the first
+    monkeypatch.delenv("ECOBATCH_ADMIN_KEY", raising=False)
     url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 1.0})))
     out = tmp_path / "live.json"
     code = main(
         ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--rate", "4",
          "--duration", "8", "--seeds", "1", "--output-tokens", "choice:2,4", "--slo-p99-s", "5",
-         "--windows-ms", "100,250", "--sizes", "4,16", "--live", url, "--admin-key", "sk-admin",
-         "--out", str(out)]
+         "--windows-ms", "100,250", "--sizes", "4,16", "--live", url, "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     report: dict[str, Any] = json.loads(out.read_text())
@@ -104,18 +105,38 @@ def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_th
     assert live["comparison"]["joules_per_request"]["measured"] > 0  # the proxy's own (modelled) joules
 
 
-def test_tune_live_without_the_admin_key_fails_by_naming_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_tune_live_refuses_a_wrong_admin_key_and_a_profile_of_the_other_engine_shape_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
-    monkeypatch.delenv("ECOBATCH_ADMIN_KEY", raising=False)
     url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
-    with pytest.raises(RuntimeError, match="admin key"):
-        main(
-            ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--duration", "5",
-             "--seeds", "1", "--output-tokens", "2", "--slo-p99-s", "60", "--windows-ms", "100",
-             "--sizes", "4", "--live", url, "--out", str(tmp_path / "x.json")]
-        )  # fmt: skip
+    common = ["--duration", "5", "--seeds", "1", "--output-tokens", "2", "--slo-p99-s", "60",
+              "--windows-ms", "100", "--sizes", "4", "--live", url]  # fmt: skip
+    static = str(PROFILES / "a800-mistral7b-int8-reference.yaml")
+    assert main(["tune", "--profile", static, *common, "--admin-key", "wrong"]) == 2
+    err = capsys.readouterr().err
+    assert "answered 401" in err and "admin key" in err and "Traceback" not in err
+    continuous = str(PROFILES / "h200-vllm-mistral7b-bf16-reference.yaml")
+    assert main(["tune", "--profile", continuous, *common, "--admin-key", "sk-admin"]) == 2
+    err = capsys.readouterr().err
+    assert "runs a static engine" in err and "is continuous" in err
+
+
+def test_bench_against_nothing_listening_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["bench", "--url", url, "--requests", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ecobatch bench: --url {url}: cannot reach it") and "Traceback" not in err
+
+
+def test_tune_stops_its_sizes_at_the_profiles_largest_point(capsys: pytest.CaptureFixture[str]) -> None:
+    static = str(PROFILES / "a800-mistral7b-int8-reference.yaml")  # batch sizes up to 64
+    assert main(["tune", "--profile", static, "--rate", "1", "--duration", "20", "--seeds", "1",
+                 "--slo-p99-s", "600", "--windows-ms", "100"]) == 0  # fmt: skip
+    sizes = {
+        int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line[:9].strip() == "100"
+    }
+    assert sizes == {4, 8, 16, 32, 64}
 
 
 def test_plan_writes_a_modelled_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,10 +88,16 @@ def build_arrivals(args: argparse.Namespace) -> list[Arrival]:
 
 
 async def _first_model(url: str, api_key: str | None) -> str:
+    """The first model the target serves; a target that cannot be reached is a ``ValueError`` (one line,
+    exit 2), not a traceback."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with aiohttp.ClientSession(headers=headers) as s, s.get(f"{url}/v1/models") as r:
-        r.raise_for_status()
-        return str((await r.json())["data"][0]["id"])
+    try:
+        async with aiohttp.ClientSession(headers=headers) as s, s.get(f"{url}/v1/models") as r:
+            if r.status != 200:
+                raise ValueError(f"--url {url}: GET /v1/models answered {r.status}: {(await r.text())[:200]}")
+            return str((await r.json())["data"][0]["id"])
+    except aiohttp.ClientError as exc:
+        raise ValueError(f"--url {url}: cannot reach it ({exc}); is the server running?") from None
 
 
 async def _read(reader: CounterReader | None, deltas: CounterDeltas) -> float | None:

@@ -84,16 +84,24 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
         ("J/1k tokens", lambda s: _fmt(s["energy"].get("joules_per_1k_tokens"), digits=1)),
         ("mean power W", lambda s: _fmt(s["energy"].get("mean_power_w"), digits=1)),
         (
-            "ecobatch: attributed J/request",
-            lambda s: _fmt(
-                (s["energy"].get("ecobatch") or {}).get("attributed_joules_per_request"), digits=2
-            ),
+            "ecobatch: attributed J/request (its meter)",
+            lambda s: _attributed(s["energy"].get("ecobatch") or {}),
         ),
     ]
     head = "| | " + " | ".join(s["label"] for s in summaries) + " |"
     lines = [head, "|---" * (len(summaries) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fn(s) for s in summaries) + " |" for name, fn in rows]
     return "\n".join(lines)
+
+
+def _attributed(reported: dict[str, Any]) -> str:
+    """ecobatch's own J/request with the source it came from: "95.63 (model: MODELLED)"."""
+    value = _fmt(reported.get("attributed_joules_per_request"), digits=2)
+    sources = reported.get("sources") or []
+    if value == "—" or not sources:
+        return value
+    label = ", ".join(sources) + (": MODELLED" if "model" in sources else "")
+    return f"{value} ({label})"
 
 
 def plot(summaries: Sequence[dict[str, Any]], outcomes: Sequence[Sequence[Outcome]], path: Path) -> Path:

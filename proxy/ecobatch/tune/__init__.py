@@ -111,14 +111,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--admin-key",
-        default=os.environ.get("ECOBATCH_ADMIN_KEY"),
-        help="--live: the admin key for PUT /ecobatch/batching (default: $ECOBATCH_ADMIN_KEY)",
+        default=_admin_key_from_env(),
+        help="--live: the admin key for PUT /ecobatch/batching (default: $ECOBATCH_ADMIN_KEY, else the "
+        "first of $ECOBATCH_ADMIN_KEYS, the variable the server reads)",
     )
     p.add_argument("--api-key", default=os.environ.get("ECOBATCH_API_KEY"), help="--live: an API key")
     p.add_argument("--energy", default="none", help="--live: none, nvml or dcgm=URL (as in bench)")
     p.add_argument("--windows-ms", default="0,100,250,500,1000,2000,4000")
-    p.add_argument("--sizes", default="4,8,16,32,64,128,256", help="in-flight caps or batch sizes to try")
-    p.add_argument("--out", type=Path, default=Path("tune.json"), help="JSON report (the PNG goes beside it)")
+    p.add_argument(
+        "--sizes",
+        help="in-flight caps or batch sizes to try (default: 4,8,…,256 up to the profile's largest point)",
+    )
+    p.add_argument("--out", type=Path, help="write a JSON report here (and a PNG beside it)")
+
+
+def _admin_key_from_env() -> str | None:
+    single = os.environ.get("ECOBATCH_ADMIN_KEY")
+    several = [k.strip() for k in os.environ.get("ECOBATCH_ADMIN_KEYS", "").split(",") if k.strip()]
+    return single or (several[0] if several else None)
+
+
+def _sizes(arg: str | None, profile: EnergyProfile) -> list[int]:
+    """--sizes, or the powers of two from 4 to 256 that the profile covers (beyond its largest point
+    the model would extrapolate, and a server caps the batch there anyway)."""
+    if arg:
+        return [int(x) for x in arg.split(",")]
+    largest = max(p.size for p in profile.points)
+    return [s for s in (4, 8, 16, 32, 64, 128, 256) if s <= largest] or [int(largest)]
 
 
 def _workloads(args: argparse.Namespace) -> list[list[Arrival]]:
@@ -182,7 +201,7 @@ def _plot(
 def run_cli(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile or DEFAULT_PROFILES["continuous"])
     windows = [float(x) for x in args.windows_ms.split(",")]
-    sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = _sizes(args.sizes, profile)
     workloads = _workloads(args)
     candidates, baseline = sweep(profile, workloads, windows, sizes)
     if args.slo_p99_s is None:
@@ -220,8 +239,9 @@ def run_cli(args: argparse.Namespace) -> int:
         )
         body = best.settings()
         print(
-            "apply it at run time:\n  curl -X PUT http://HOST:PORT/ecobatch/batching "
-            "-H 'Authorization: Bearer $ECOBATCH_ADMIN_KEY' -H 'content-type: application/json' "
+            "apply it at run time (ECOBATCH_ADMIN_KEY: one of the server's admin keys):\n"
+            "  curl -X PUT http://HOST:PORT/ecobatch/batching "
+            "-H \"Authorization: Bearer $ECOBATCH_ADMIN_KEY\" -H 'content-type: application/json' "
             f"-d '{json.dumps(body)}'"
         )
         print(
@@ -232,6 +252,8 @@ def run_cli(args: argparse.Namespace) -> int:
         report["live"] = asyncio.run(_live(args, profile, best, workloads[0]))
     elif args.live:
         print("--live: nothing to measure, no setting meets the SLO")
+    if args.out is None:
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
@@ -252,6 +274,21 @@ def _as_dict(c: Candidate) -> dict[str, Any]:
     }
 
 
+def _check_same_engine(url: str, health: Any, profile: EnergyProfile) -> None:
+    """Refuse to measure a proxy whose engine is not the kind the model ran (a static recommendation on
+    a continuous engine, or the reverse, compares nothing); warn when the profiles differ."""
+    health = health if isinstance(health, dict) else {}
+    shape = health.get("engine_shape")
+    if shape is not None and shape != profile.kind:
+        raise ValueError(
+            f"--live {url}: that proxy runs a {shape} engine, but --profile {profile.name} is "
+            f"{profile.kind}: tune with a {shape} profile (the proxy's own is named in its /health)"
+        )
+    served = (health.get("profile") or {}).get("name")
+    if isinstance(served, str) and served != profile.name:
+        print(f"--live: note: {url} batches on profile {served}, this model on {profile.name}")
+
+
 async def _live(
     args: argparse.Namespace, profile: EnergyProfile, best: Candidate, arrivals: list[Arrival]
 ) -> dict[str, Any]:
@@ -264,15 +301,20 @@ async def _live(
 
     url = args.live.rstrip("/")
     headers = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
-    async with (
-        aiohttp.ClientSession(headers=headers) as s,
-        s.put(f"{url}/ecobatch/batching", json=best.settings()) as r,
-    ):
-        if r.status != 200:
-            raise RuntimeError(
-                f"--live: PUT {url}/ecobatch/batching answered {r.status}: {(await r.text())[:300]}"
-                " (an admin key: --admin-key or ECOBATCH_ADMIN_KEY)"
-            )
+    try:
+        async with aiohttp.ClientSession(headers=headers) as s:
+            async with s.get(f"{url}/health") as r:
+                health = await r.json(content_type=None)
+            _check_same_engine(url, health, profile)
+            async with s.put(f"{url}/ecobatch/batching", json=best.settings()) as r:
+                if r.status != 200:
+                    raise ValueError(
+                        f"--live: PUT {url}/ecobatch/batching answered {r.status}: {(await r.text())[:200]}"
+                        " (an admin key: --admin-key, $ECOBATCH_ADMIN_KEY or $ECOBATCH_ADMIN_KEYS)"
+                    )
+    except aiohttp.ClientError as exc:
+        raise ValueError(f"--live {url}: cannot reach it ({exc})") from None
+    print(f"--live: {url} now runs {best.settings()} (it keeps them: PUT others to change them back)")
     bench_args = argparse.Namespace(
         model=None, api="chat", stream=False, no_ignore_eos=False, api_key=args.api_key, timeout_s=600.0,
         seed=0, quiet=False, energy=args.energy, cooldown_s=0.0,
@@ -300,10 +342,15 @@ async def _live(
         k: {"measured": m, "model": s, "model_error": (s / m - 1.0) if m else None}
         for k, (m, s) in rows.items()
     }
+    # with no energy counter of its own (--energy none), bench reports ecobatch's figure: say which meter
+    joules_from = "measured"
+    if energy.get("joules_per_request") is None and "model" in (reported.get("sources") or []):
+        joules_from = "ecobatch's modelled meter"
     for k, c in comparison.items():
         error = "—" if c["model_error"] is None else f"{100 * c['model_error']:+.1f} %"
         shown = "—" if c["measured"] is None else f"{c['measured']:.3f}"
-        print(f"  {k}: measured {shown}, model {c['model']:.3f}, model error {error}")
+        label = joules_from if k == "joules_per_request" else "measured"
+        print(f"  {k}: {label} {shown}, model {c['model']:.3f}, model error {error}")
     return {
         "url": url,
         "energy_source": energy.get("source"),
