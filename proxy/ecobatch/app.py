@@ -43,7 +43,16 @@ from .dispatcher import Dispatcher
 from .domain import GenerationRequest
 from .energy.choose import build_meter
 from .energy.meter import Meter
-from .errors import BadRequest, ConfigError, EcobatchError, NotFound, NotReady, Overloaded, UpstreamDown
+from .errors import (
+    BadRequest,
+    ConfigError,
+    EcobatchError,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+    UpstreamDown,
+)
 from .openai_api import models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
 from .runtime import MeterFactory, Runtime
@@ -62,7 +71,7 @@ BRING_UP = web.AppKey("bring_up", asyncio.Task)
 
 def _error_response(exc: EcobatchError) -> web.Response:
     headers = {}
-    if isinstance(exc, Overloaded | NotReady | UpstreamDown):
+    if isinstance(exc, Overloaded | NotReady | UpstreamDown | ShuttingDown):
         headers["Retry-After"] = str(max(1, int(exc.retry_after_s)))
     return web.json_response(exc.to_body(), status=exc.status, headers=headers)
 

@@ -14,7 +14,6 @@ dropped from the queue, or its work is stopped in the engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from .admission import Admission, Outcome, Pending
@@ -30,6 +29,9 @@ from .policy import Decision
 from .profile import EnergyProfile
 
 __all__ = ["Dispatcher"]
+
+#: how long a closing dispatcher waits for cancelled work to stop before answering its requests anyway
+STOP_WAIT_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Dispatcher:
         self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # requests running on their own (continuous)
+        self._running: dict[int, Pending] = {}  # dispatched, not yet resolved (by id: one answer each)
 
     # ---- what the app uses ---------------------------------------------------------------------
     def submit(self, request: GenerationRequest, emit: Emit | None = None) -> Pending:
@@ -110,14 +113,17 @@ class Dispatcher:
         while (admission.queue or self._inflight) and self._clock.now() < deadline:
             self._room.clear()
             await self._clock.wait(self._room, deadline)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        for task in list(self._tasks):
+        # Stop the work; an engine that does not stop (a GPU worker thread that finishes its step
+        # first, or one stuck for good) gets STOP_WAIT_S, and its requests are answered anyway.
+        stopping = {t for t in (self._loop_task, *self._tasks) if t is not None}
+        for task in stopping:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if stopping:
+            await asyncio.wait(stopping, timeout=STOP_WAIT_S)
+        stuck = ShuttingDown("ecobatch shut down while this request ran: the engine did not stop in time")
+        for pending in list(self._running.values()):
+            if not pending.future.done():
+                pending.future.set_exception(stuck)
         admission.fail_queued(ShuttingDown("ecobatch shut down before this request ran"))
 
     # ---- for the two shapes --------------------------------------------------------------------
@@ -153,6 +159,7 @@ class Dispatcher:
         wait = metrics.child(metrics.queue_wait, self._model)
         for p in group:
             wait.observe(now - p.arrival_s)
+            self._running[id(p)] = p
         return now, sequences
 
     def _job(self, pending: Pending) -> tuple[Span, Job]:
@@ -172,6 +179,7 @@ class Dispatcher:
         group_size: int,
     ) -> None:
         """End the request's energy span and resolve its future: the one place both happen."""
+        self._running.pop(id(pending), None)
         self._admission.observe_done()
         delivered = not pending.future.done()
         answer: Outcome | EcobatchError

@@ -105,6 +105,8 @@ class BackendTimeout(EcobatchError):
 class ShuttingDown(EcobatchError):
     status = 503
     error_type = "service_unavailable"
+    code = "shutting_down"
+    retry_after_s = 5.0  # another replica, or this one once restarted
 
 
 class NotReady(EcobatchError):

@@ -4,6 +4,7 @@ and every future resolved on every path."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -11,7 +12,7 @@ from prometheus_client import generate_latest
 from ecobatch.clock import FakeClock
 from ecobatch.errors import BackendFailed, BackendTimeout, BadRequest, Overloaded, ShuttingDown
 from ecobatch.profile import EnergyProfile
-from tests.fakes import FakeStaticEngine, req
+from tests.fakes import FakeStaticEngine, answer, req
 from tests.integration.helpers import metric
 from tests.unit.dispatch_helpers import StaticBatcher, build, settle
 
@@ -211,3 +212,47 @@ async def test_retry_after_follows_the_measured_drain_rate(
         await clock.advance(0.1)
     await asyncio.gather(held.future, *(q.future for q in queued))
     await batcher.close(grace_s=0)
+
+
+class SwallowsCancellation(FakeStaticEngine):
+    """Like hf-bnb waiting for its GPU worker: a cancelled batch keeps running until ``released``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()
+
+    async def run_batch(self, jobs: Any) -> Any:
+        self.batches.append([p for job in jobs for p in job.request.prompts])
+        while not self.released.is_set():
+            try:
+                await self.released.wait()
+            except asyncio.CancelledError:
+                self.cancelled_batches += 1
+        return [answer(job.request) for job in jobs]
+
+
+async def test_closing_answers_the_requests_of_an_engine_that_does_not_stop(
+    reference_profile: EnergyProfile,
+) -> None:
+    """A stuck engine cannot hold shutdown: after the grace and STOP_WAIT_S its requests get 503."""
+    from ecobatch.clock import MonotonicClock
+    from ecobatch.dispatcher import STOP_WAIT_S
+
+    engine = SwallowsCancellation()
+    batcher, _ = build(
+        StaticBatcher, engine, reference_profile, MonotonicClock(), window_min_ms=0.0, window_max_ms=0.0
+    )
+    await batcher.start()
+    running = batcher.submit(req())
+    await asyncio.sleep(0.05)
+    assert engine.batches, "the batch reached the engine"
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(batcher.close(grace_s=0.2), timeout=0.2 + STOP_WAIT_S + 1.0)
+    assert asyncio.get_running_loop().time() - started < 0.2 + STOP_WAIT_S + 0.5
+    try:
+        with pytest.raises(ShuttingDown, match="did not stop in time") as info:
+            await running.future
+        assert info.value.retry_after_s > 0 and engine.cancelled_batches >= 1
+    finally:
+        engine.released.set()  # the worker finishes at last; its late result must not be delivered
+        await asyncio.sleep(0.05)
