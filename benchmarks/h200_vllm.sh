@@ -221,11 +221,13 @@ bench() {  # $1 quant, $2 rate
   if [ "$tag" = bf16 ]; then
     targets=(--url $VLLM --compare $PROXY --label "vLLM bf16 direct" --label "ecobatch (tuned) + vLLM bf16")
   fi
+  local rc=0
   $ECO bench "${targets[@]}" --rate "$rate" --duration $DURATION --prompt-tokens 64 --output-tokens $LENGTHS \
-    --seed 0 --energy $ENERGY --cooldown-s 10 --quiet --out "$KEEP/$name.json"
+    --seed 0 --energy $ENERGY --cooldown-s 10 --quiet --out "$KEEP/$name.json" || rc=$?
   curl -s $PROXY/metrics > "$KEEP/ecobatch-$tag-metrics.txt"
   stop /tmp/eco.pid
-  say "bench $name done"
+  [ $rc = 0 ] && say "bench $name done" || say "bench $name FAILED (exit $rc)"
+  return $rc
 }
 
 quant8() {  # the user's recipe: a pre-quantized bitsandbytes 8-bit checkpoint

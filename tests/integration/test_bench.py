@@ -74,4 +74,4 @@ def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> No
     target = report["targets"][0]
     assert report["workload"]["requests"] == 40
     assert target["ok"] + sum(target["errors_by_status"].values()) == 40
-    assert set(target["errors_by_status"]) <= {"429"}
+    assert set(target["errors_by_status"]) == {"429"}, target  # 40 at once into a queue of 1: some shed

@@ -42,7 +42,7 @@ class Breaker:
     def success(self) -> None:
         if self._down_since_s is not None:
             log.info("upstream %s is back after %.1f s", self.upstream, self._clock() - self._down_since_s)
-        self._failures, self._down_since_s = 0, None
+        self._failures, self._down_since_s, self.last_error = 0, None, None
 
     def check(self) -> None:
         """Raise ``UpstreamDown`` while the breaker is open."""

@@ -184,6 +184,9 @@ class VllmHttpBackend:
                 self.breaker.success()
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 self.breaker.failure(f"health probe: {_why(exc)}")
+            except Exception as exc:  # the probe must outlive any surprise: only it closes the breaker
+                log.exception("health probe of %s failed", self._base)
+                self.breaker.failure(f"health probe: {type(exc).__name__}")
             await asyncio.sleep(self._settings.headroom_poll_s)
 
     # ---- generation ----------------------------------------------------------------------------

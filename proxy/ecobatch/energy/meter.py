@@ -128,7 +128,10 @@ class Meter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.sample_interval_s)
-            await self.sample()
+            try:
+                await self.sample()
+            except Exception:  # one bad interval must not stop the accounting for good
+                log.exception("energy sampling failed; sampling on")
 
     def _lost(self, exc: BaseException) -> None:
         now = self.ledger.clock.now()
