@@ -20,7 +20,7 @@ from .admission import Admission, Outcome, Pending
 from .backends.base import Emit, Engine, Job
 from .clock import Clock, MonotonicClock
 from .config import BatchingSettings
-from .domain import GenerationRequest, GenerationResult
+from .domain import GenerationRequest, GenerationResult, Usage
 from .energy.ledger import Ledger, Span
 from .energy.receipts import Receipts
 from .errors import BackendFailed, BackendTimeout, EcobatchError, ShuttingDown
@@ -186,13 +186,29 @@ class Dispatcher:
         if isinstance(result, GenerationResult):
             answer = self._account(pending, span, result, delivered, dispatched_s, group_size)
         else:
-            span.end(None, delivered=False)
+            span.end(self._estimated_usage(pending, span, dispatched_s), delivered=False)
             answer = as_error(result)
         if delivered and not pending.future.done():
             if isinstance(answer, Outcome):
                 pending.future.set_result(answer)
             else:
                 pending.future.set_exception(answer)
+
+    def _estimated_usage(self, pending: Pending, span: Span, dispatched_s: float) -> Usage | None:
+        """The tokens of a request that ended without the engine's count (its client left, a 502, a
+        504), so that it carries its share of the joules it used instead of leaving them to its
+        neighbours: its prompt (when the engine measured it), and what one of the sequences in flight
+        decodes in the time it ran at the profile's per-sequence rate, at most its ``max_tokens``. A
+        stream's chunks are its count (``None``: the ledger uses them)."""
+        if span.tokens_seen:
+            return None
+        request = pending.request
+        in_flight = max(self._inflight, request.sequences, 1)
+        per_sequence_tok_s = self._profile.at(in_flight).tokens_per_s / in_flight
+        decoded = (self._clock.now() - dispatched_s) * per_sequence_tok_s * request.sequences
+        if request.max_tokens is not None:
+            decoded = min(decoded, request.max_tokens * request.sequences)
+        return Usage(sum(request.prompt_tokens or ()), int(decoded))
 
     def _account(
         self,

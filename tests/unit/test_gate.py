@@ -244,3 +244,30 @@ async def test_a_request_cancelled_before_its_task_ran_still_frees_its_slot(
     with pytest.raises(ShuttingDown):
         await pending.future
     assert ledger.inflight_sequences == 0
+
+
+async def test_a_request_that_ends_without_the_engines_count_still_carries_its_share_of_the_joules(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """A non-streaming request whose client left after 1 s beside one that ran on: the leaver is charged
+    for its prompt and the tokens the profile says it decoded, not 0 J with its neighbour paying all."""
+    engine = FakeContinuousEngine()
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, window_min_ms=0, window_max_ms=0)
+    settled: dict[str, float] = {}
+    ledger.on_request = lambda s: settled.__setitem__(s.request_id, s.joules)
+    await gate.start()
+    leaving, staying = gate.submit(req("leaving")), gate.submit(req("staying"))
+    await settle()
+    assert engine.started == ["leaving", "staying"]
+    await clock.advance(1.0)
+    gate.withdraw(leaving)
+    await settle()
+    engine.finish("staying")
+    await staying.future
+    ledger.add_interval(0.0, 1.0, 400.0)  # both ran for this whole second
+    ledger.flush()
+    ids = {p.request.id: name for p, name in ((leaving, "leaving"), (staying, "staying"))}
+    joules = {ids[k]: v for k, v in settled.items()}
+    assert joules["leaving"] > 0.25 * 400.0, joules  # its decode over the second, estimated
+    assert joules["leaving"] + joules["staying"] == pytest.approx(400.0)
+    await gate.close(grace_s=0)

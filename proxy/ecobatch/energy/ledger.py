@@ -188,6 +188,11 @@ class Span:
     def ended(self) -> bool:
         return self._record.end_s is not None
 
+    @property
+    def tokens_seen(self) -> int:
+        """Generated tokens reported by ``progress`` so far (a stream's chunks)."""
+        return sum(n for _, n in self._record.events)
+
 
 class _Requests:
     """The requests' side of the ledger: records not yet reported, in start order; the open ones by
