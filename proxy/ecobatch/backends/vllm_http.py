@@ -42,6 +42,11 @@ __all__ = ["VllmHttpBackend"]
 
 log = logging.getLogger(__name__)
 
+#: how long an idle upstream connection is kept for reuse: below the 5 s after which vLLM's server
+#: (uvicorn, VLLM_HTTP_TIMEOUT_KEEP_ALIVE) closes it, so a request never goes out on a connection the
+#: server is closing at that moment (seen as a 502 "Server disconnected" with aiohttp's 15 s default)
+KEEPALIVE_S = 2.0
+
 
 def _usage(raw: Mapping[str, Any] | None) -> Usage:
     if not raw:
@@ -122,7 +127,8 @@ class VllmHttpBackend:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self, progress: Progress) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         await self._wait_for_upstream(progress)
         self._poller = asyncio.create_task(self._watch(), name="vllm-watch")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from ..backends.vllm_http import KEEPALIVE_S
 from .workload import Arrival, prompt_text
 
 __all__ = ["Outcome", "run_arrivals"]
@@ -111,7 +112,7 @@ async def run_arrivals(
     bodies = [_body(a, model, api, stream, ignore_eos, rng) for a in arrivals]
     outcomes = [Outcome(a.at_s, 0) for a in arrivals]
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
         start = time.monotonic()
         tasks: list[asyncio.Task[None]] = []

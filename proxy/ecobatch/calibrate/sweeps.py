@@ -123,13 +123,16 @@ async def calibrate_vllm_http(
 
     import aiohttp
 
+    from ..backends.vllm_http import KEEPALIVE_S
+
     base = base_url.rstrip("/")
     rng = random.Random(0)
     # No connection limit for the load (aiohttp's default pool of 100 capped "256 in flight" at 100),
     # and /metrics on a session of its own: behind queued load requests it waited forever.
     async with (
         aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None), connector=aiohttp.TCPConnector(limit=0)
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
         ) as session,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as probe,
     ):
