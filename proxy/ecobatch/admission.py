@@ -110,6 +110,8 @@ class Admission:
                 param="prompt",
             )
         if len(self.queue) >= self.settings.max_queue:
+            self.drop_cancelled()  # requests whose clients left hold no place in the queue
+        if len(self.queue) >= self.settings.max_queue:
             raise Overloaded(
                 f"queue is full: {len(self.queue)} requests, batching.max_queue="
                 f"{self.settings.max_queue}; retry later",

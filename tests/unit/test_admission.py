@@ -64,3 +64,22 @@ async def test_failing_the_queue_resolves_every_future_and_empties_the_count(adm
     admission.fail_queued(RuntimeError("closing"))
     assert all(isinstance(p.future.exception(), RuntimeError) for p in queued)
     assert admission.queued_sequences == 0
+
+
+async def test_requests_whose_clients_left_hold_no_place_in_a_full_queue(
+    reference_profile: EnergyProfile,
+) -> None:
+    metrics = Metrics(CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+    admission = Admission(
+        BatchingSettings(max_queue=2),
+        reference_profile,
+        metrics,
+        model="m",
+        headroom=Headroom,
+        clock=FakeClock(),
+    )
+    left = [admission.submit(req(p), None) for p in "ab"]
+    for pending in left:
+        admission.withdraw(pending)
+    admission.submit(req("c"), None)  # not "queue is full: 2 requests"
+    assert [p.request.prompts for p in admission.queue] == [("c",)]
