@@ -315,15 +315,17 @@ async def metrics_once_idle(url: str, *gauges: str) -> str:
 
 #: the test engine's context (512) less the prompt: the longest request it takes
 LONG_TOKENS = 500
-#: Known, open: the abort reaches vLLM in ~80 ms when this test runs alone, but within the whole suite
-#: (three engines on two busy cores) it has taken up to ~3.7 s, longer than the tiny model needs for
-#: LONG_TOKENS on a fast CPU; so this test can fail without the abort being lost. Not strict until the
-#: delay is understood (issue notes).
+#: Known, open, non-streaming only: the abort reaches vLLM in ~80 ms when this test runs alone, but
+#: within the whole suite (three engines on two busy cores) it has taken up to ~3.7 s, longer than the
+#: tiny model needs for LONG_TOKENS on a fast CPU; so it can fail without the abort being lost. Not strict
+#: until the delay is understood (streams have never shown it).
 ABORT_DELAY_UNDER_LOAD = "the abort's trip to vLLM is sometimes slower than the whole request under load"
 
 
-@pytest.mark.xfail(reason=ABORT_DELAY_UNDER_LOAD, strict=False)
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "stream",
+    [pytest.param(False, marks=pytest.mark.xfail(reason=ABORT_DELAY_UNDER_LOAD, strict=False)), True],
+)
 async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, str], stream: bool) -> None:
     """vllm-http closes the upstream request; vLLM aborts it: it stops generating long before its
     max_tokens, and ecobatch counts a 499 and frees the slot."""
