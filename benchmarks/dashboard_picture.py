@@ -21,7 +21,6 @@ import json
 import random
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -34,7 +33,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from ecobatch.testing.servers import engine_env, free_port, start_proxy
+from ecobatch.testing.servers import engine_env, start_prometheus, start_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "ecobatch.json"
@@ -283,19 +282,7 @@ def main() -> None:
         config["rule_files"] = [str(tmp / "rules" / "*.rules.yml")]
         config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{ecobatch.port}"]}]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = (tmp / "prometheus.log").open("w")
-        prometheus = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        prometheus, url = start_prometheus(tmp / "prometheus.yml", tmp)
         try:
             _wait("ecobatch /health", ecobatch.healthy, 60)
             _wait("Prometheus /-/ready", lambda: _ready(url), 30)
@@ -307,7 +294,6 @@ def main() -> None:
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=10)
-            log.close()
             ecobatch.stop()
     answered = ", ".join(f"{n} x {code}" for code, n in sorted(statuses.items()))
     subtitle = (

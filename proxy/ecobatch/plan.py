@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .bench.workload import parse_lengths, poisson
@@ -241,21 +241,9 @@ def run_cli(args: Any) -> int:
     plans = [plan(p, inp, shape) for p in profiles]
     print(render(plans, inp, args.currency))
     if args.json:
-        Path(args.json).write_text(json.dumps({"input": _input(inp), "plans": plans}, indent=1))
+        Path(args.json).write_text(json.dumps({"input": asdict(inp), "plans": plans}, indent=1))
         print(f"wrote {args.json}")
     return 0
-
-
-def _input(inp: PlanInput) -> dict[str, Any]:
-    return {
-        "rate_per_s": inp.rate_per_s,
-        "prompt_tokens": inp.prompt_tokens,
-        "output_tokens": inp.output_tokens,
-        "slo_p99_s": inp.slo_p99_s,
-        "price_per_kwh": inp.price_per_kwh,
-        "carbon_g_per_kwh": inp.carbon_g_per_kwh,
-        "pue": inp.pue,
-    }
 
 
 def render(plans: list[dict[str, Any]], inp: PlanInput, currency: str) -> str:

@@ -30,7 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ecobatch.energy.dcgm import DCGM_ENERGY_METRIC, DCGM_POWER_LIMIT_METRIC, DCGM_POWER_METRIC
-from ecobatch.testing.servers import Proc, engine_env, free_port, start_proxy
+from ecobatch.testing.servers import Proc, engine_env, free_port, start_prometheus, start_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -394,19 +394,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [local[job["job_name"]]]}]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    prometheus_url = f"http://127.0.0.1:{port}"
-    log = (tmp / "prometheus.log").open("w")
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    prometheus, prometheus_url = start_prometheus(tmp / "prometheus.yml", tmp)
     stop = threading.Event()
     load: threading.Thread | None = None
     try:
@@ -439,7 +427,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         except subprocess.TimeoutExpired:
             prometheus.kill()
             prometheus.wait()
-        log.close()
         ecobatch.stop()
 
 

@@ -14,7 +14,15 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Proc", "engine_env", "free_port", "start_proxy", "start_vllm_server", "wait_healthy"]
+__all__ = [
+    "Proc",
+    "engine_env",
+    "free_port",
+    "start_prometheus",
+    "start_proxy",
+    "start_vllm_server",
+    "wait_healthy",
+]
 
 
 def free_port() -> int:
@@ -132,3 +140,21 @@ def start_proxy(args: Sequence[str], log_dir: Path, *, name: str, env: dict[str,
     port = free_port()
     cmd = [sys.executable, "-m", "ecobatch.cli", "serve", *args, "--port", str(port)]
     return Proc(name, cmd, env or engine_env(), log_dir, port)
+
+
+def start_prometheus(config: Path, work_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Prometheus (the ``prometheus`` on PATH) on a free local port with ``config``; its data and log
+    under ``work_dir``. Returns (process, URL); the caller stops it."""
+    port = free_port()
+    with (work_dir / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}"

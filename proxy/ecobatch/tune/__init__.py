@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +223,9 @@ def run_cli(args: argparse.Namespace) -> int:
         "profile": {"name": profile.name, "kind": profile.kind, "source": profile.source},
         "command": args.command_line,
         "slo_p99_s": args.slo_p99_s,
-        "baseline": _as_dict(baseline),
-        "candidates": [_as_dict(c) for c in candidates],
-        "recommended": _as_dict(best) if best else None,
+        "baseline": asdict(baseline),
+        "candidates": [asdict(c) for c in candidates],
+        "recommended": asdict(best) if best else None,
     }
     if best is None:
         print(f"no setting meets p99 <= {args.slo_p99_s} s; loosen the SLO or add capacity (ecobatch plan)")
@@ -262,16 +262,6 @@ def run_cli(args: argparse.Namespace) -> int:
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'ecobatch[bench]')")
     return 0
-
-
-def _as_dict(c: Candidate) -> dict[str, Any]:
-    return {
-        "window_ms": c.window_ms,
-        "size": c.size,
-        "joules_per_request": c.joules_per_request,
-        "p50_s": c.p50_s,
-        "p99_s": c.p99_s,
-    }
 
 
 def _check_same_engine(url: str, health: Any, profile: EnergyProfile) -> None:
