@@ -17,13 +17,16 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from .app import BRING_UP, RUNTIME, create_app, metrics_app
 from .config import Settings
 
-__all__ = ["Exit", "StartupError", "serve"]
+__all__ = ["ApiRunner", "Exit", "StartupError", "serve"]
 
 log = logging.getLogger(__name__)
 _CLEANUP_S = 2.0
@@ -38,6 +41,56 @@ class Exit:
     code: int
     #: the engine or the meter did not stop in time: the process must exit hard
     stuck: bool = False
+
+
+class _OpenAIErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error answers (a request the HTTP parser refused: a
+    header line over ``max_field_size``, a malformed request line) leave in the OpenAI error form like
+    every other error, instead of aiohttp's plain text. They never echo what the client sent: a header
+    that is too long may be a credential."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        default = super().handle_error(request, status, exc, message)  # logs; refuses a started reply
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1] if len(exc.args) > 1 else "?"
+            text = (
+                "a request header line (or the request line) is longer than "
+                f"server.max_header_bytes={limit} bytes"
+            )
+            code = "header_too_large"
+        elif status < 500:
+            what = type(exc).__name__ if exc is not None else "unparsable"
+            text, code = f"malformed HTTP request ({what})", "bad_request"
+        else:
+            text, code = "internal error while reading the request", "internal_error"
+        error_type = "invalid_request_error" if status < 500 else "internal_error"
+        body = {"error": {"message": text, "type": error_type, "param": None, "code": code}}
+        response = web.json_response(body, status=default.status)
+        response.force_close()
+        return response
+
+
+class _OpenAIErrorsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _OpenAIErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """An ``AppRunner`` with the API's header limit whose parser errors answer in the OpenAI form."""
+
+    def __init__(self, app: web.Application, *, max_header_bytes: int, **kwargs: Any) -> None:
+        super().__init__(app, max_line_size=max_header_bytes, max_field_size=max_header_bytes, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _OpenAIErrorsServer  # the same server; only its connections' handler differs
+        return server
 
 
 # Pending connections the kernel queues before accept (capped by net.core.somaxconn): a burst of
@@ -58,13 +111,9 @@ async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> Non
 async def serve(settings: Settings) -> Exit:
     server = settings.server
     app = create_app(settings, start_in_background=True)
-    runners = [
-        web.AppRunner(
-            app,
-            handler_cancellation=True,
-            shutdown_timeout=1.0,
-            max_line_size=server.max_header_bytes,
-            max_field_size=server.max_header_bytes,
+    runners: list[web.AppRunner] = [
+        ApiRunner(
+            app, handler_cancellation=True, shutdown_timeout=1.0, max_header_bytes=server.max_header_bytes
         )
     ]
     if server.metrics_port is not None:
