@@ -30,6 +30,7 @@ class _Base:
 
     def __init__(self) -> None:
         self.headroom_value = Headroom()
+        self.state = "up"  # "down": as a vllm-http replica whose circuit breaker is open
 
     @property
     def model(self) -> str:
@@ -45,7 +46,7 @@ class _Base:
         return self.headroom_value
 
     def health(self) -> dict[str, Any]:
-        return {"state": "up"}
+        return {"state": self.state}
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request

@@ -168,6 +168,15 @@ class Admission:
             await self.arrived.wait()
             self.drop_cancelled()
 
+    def head(self) -> Pending | None:
+        """The first queued request whose client is still there (requests withdrawn ahead of it are
+        dropped), or None."""
+        self.drop_cancelled()
+        while self.queue and self.queue[0].future.done():
+            self.queued_sequences -= self.queue.popleft().request.sequences
+            self._publish_depth()
+        return self.queue[0] if self.queue else None
+
     def take(
         self, room: int, fits: Callable[[Sequence[GenerationRequest]], bool] | None = None
     ) -> list[Pending]:
@@ -204,11 +213,13 @@ class Admission:
         self._publish_depth()
 
     # ---- decisions -----------------------------------------------------------------------------
-    def decide(self, inflight: int, window_s: float = 0.0) -> Decision:
+    def decide(self, inflight: int, window_s: float = 0.0, headroom: Headroom | None = None) -> Decision:
+        """The policy's choice for an engine with ``inflight`` sequences running (``headroom``: that
+        engine's KV headroom, where it is not the one admission was built with: a replica's)."""
         s = self.settings
         decision = choose_batch_size(
             self._profile,
-            self._headroom(),
+            headroom if headroom is not None else self._headroom(),
             self._demand.now(),
             slo_s=s.slo_ms / 1000.0,
             max_batch_size=s.max_batch_size,

@@ -37,6 +37,7 @@ from .admission import Outcome
 from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
 from .backends import create_engine
 from .backends.base import ContinuousEngine, StaticEngine
+from .backends.replicas import ReplicaSet
 from .clock import Clock, MonotonicClock
 from .config import BACKEND_SHAPES, BatchingSettings, Settings, build_section
 from .dispatcher import Dispatcher
@@ -53,6 +54,7 @@ from .errors import (
     ShuttingDown,
     UpstreamDown,
 )
+from .gate import ContinuousGate
 from .openai_api import models_response, parse_chat, parse_completion
 from .profile import EnergyProfile, load_profile
 from .runtime import MeterFactory, Runtime
@@ -61,7 +63,7 @@ __all__ = ["RUNTIME", "create_app", "metrics_app"]
 
 log = logging.getLogger(__name__)
 Parser = Callable[[Any, str], GenerationRequest]
-Engine = StaticEngine | ContinuousEngine
+Engine = StaticEngine | ContinuousEngine | ReplicaSet
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -225,6 +227,13 @@ async def _health(request: web.Request) -> web.Response:
     dispatcher = runtime.dispatcher
     meter = runtime.meter
     engine = runtime.engine.health()
+    if isinstance(dispatcher, ContinuousGate) and len(dispatcher.replicas) > 1:
+        gate_view = {r.name: r for r in dispatcher.replicas}
+        for replica in engine.get("replicas", ()):
+            mine = gate_view.get(replica["name"])
+            if mine is not None:
+                replica["inflight"] = mine.inflight
+                replica["energy_gpu"] = mine.ledger.gpu
     serving = runtime.state == "ready" and engine.get("state") == "up"
     status = "ok" if serving else ("upstream_down" if runtime.state == "ready" else runtime.state)
     body = {
@@ -235,7 +244,7 @@ async def _health(request: web.Request) -> web.Response:
         "engine_shape": runtime.engine.shape,
         "model": runtime.engine.model,
         "energy_source": meter.source if meter else None,
-        "energy_counter_readable": meter.readable if meter else None,
+        "energy_counter_readable": all(m.readable for m in runtime.meters) if meter else None,
         "profile": {
             "name": runtime.profile.name,
             "source": runtime.profile.source,

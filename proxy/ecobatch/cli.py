@@ -19,6 +19,7 @@ from . import __version__
 from .config import BACKEND_KINDS, METER_KINDS, Settings, load_settings
 from .errors import ConfigError
 from .profile import fit_power_law, load_profile
+from .routing import ROUTING_POLICIES
 from .server import StartupError
 
 __all__ = ["main"]
@@ -29,6 +30,15 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--config", help="YAML settings file (flags override it)")
     p.add_argument("--backend", choices=BACKEND_KINDS, help="engine behind the proxy (default: simulated)")
     p.add_argument("--upstream", help="vllm-http: base URL of the vLLM OpenAI server")
+    p.add_argument(
+        "--replica",
+        action="append",
+        metavar="URL",
+        help="vllm-http: a vLLM replica (repeat for each; instead of --upstream); energy per replica: config",
+    )
+    p.add_argument(
+        "--routing", choices=ROUTING_POLICIES, help="several replicas: pack (default) or round-robin"
+    )
     p.add_argument("--model", help="vllm-http: upstream model name; vllm-async/hf-bnb: model path or name")
     p.add_argument("--served-model-name", help="model name clients use")
     p.add_argument("--host")
@@ -65,6 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
         "backend.kind": args.backend,
         "backend.upstream": args.upstream,
+        "backend.replicas": [{"url": url} for url in args.replica] if args.replica else None,
+        "backend.routing": args.routing,
         "backend.model": args.model,
         "backend.served_model_name": args.served_model_name,
         "backend.sim_time_scale": args.sim_time_scale,

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from .errors import ConfigError
+from .routing import ROUTING_POLICIES, RoutingPolicy
 
 __all__ = [
     "BACKEND_KINDS",
@@ -27,6 +28,7 @@ __all__ = [
     "BackendSettings",
     "BatchingSettings",
     "EnergySettings",
+    "ReplicaSettings",
     "ServerSettings",
     "Settings",
     "build_section",
@@ -88,6 +90,34 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """One vLLM replica behind a ``vllm-http`` backend, and where its GPU's energy is read."""
+
+    url: str
+    # A name for metrics, logs and /health (None: "r0", "r1", … in the order listed).
+    name: str | None = None
+    # This replica's GPUs: NVML indices on this host, or dcgm-exporter's `gpu` label values.
+    gpu_indices: list[int] | None = None
+    # dcgm-exporter beside this replica's GPU (None: energy.dcgm_url, with dcgm_labels to pick its series).
+    dcgm_url: str | None = None
+    dcgm_labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.url.startswith(("http://", "https://")),
+            "backend.replicas[].url",
+            self.url,
+            "an http:// or https:// URL",
+        )
+        _require(
+            self.dcgm_url is None or self.dcgm_url.startswith(("http://", "https://")),
+            "backend.replicas[].dcgm_url",
+            self.dcgm_url,
+            "an http:// or https:// URL",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class BackendSettings:
     kind: BackendKind = "simulated"
     upstream: str = "http://127.0.0.1:8000"
@@ -115,6 +145,12 @@ class BackendSettings:
     pass_unknown_fields: bool = False
     # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
     engine_args: dict[str, Any] = field(default_factory=dict)
+    # vllm-http: several vLLM replicas of the same model instead of `upstream` (see `routing`), each
+    # with its own in-flight cap, KV headroom, circuit breaker and energy meter.
+    replicas: list[ReplicaSettings] = field(default_factory=list)
+    # pack: fill the fullest replica with room up to its energy sweet spot before waking the next;
+    # round-robin: the next replica in turn with room.
+    routing: RoutingPolicy = "pack"
 
     def __post_init__(self) -> None:
         _require(self.kind in BACKEND_KINDS, "backend.kind", self.kind, f"one of {BACKEND_KINDS}")
@@ -136,6 +172,19 @@ class BackendSettings:
             "backend.context_length",
             self.context_length,
             ">= 2",
+        )
+        _require(
+            not self.replicas or self.kind == "vllm-http",
+            "backend.replicas",
+            f"{len(self.replicas)} replicas",
+            "empty unless backend.kind is 'vllm-http'",
+        )
+        names = [r.name or f"r{i}" for i, r in enumerate(self.replicas)]
+        _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
+        urls = [r.url.rstrip("/") for r in self.replicas]
+        _require(len(set(urls)) == len(urls), "backend.replicas[].url", urls, "unique")
+        _require(
+            self.routing in ROUTING_POLICIES, "backend.routing", self.routing, f"one of {ROUTING_POLICIES}"
         )
         _require(
             self.kind not in ("vllm-async", "hf-bnb") or bool(self.model),
@@ -288,6 +337,10 @@ def _check_type(name: str, value: object, annotation: Any) -> object:
         _require(isinstance(value, list), name, value, "a list")
         items: list[object] = list(value)  # type: ignore[call-overload]
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(items)]
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if dataclasses.is_dataclass(value) and isinstance(value, annotation):
+            return value
+        return build_section(annotation, value, name)  # type: ignore[arg-type]
     if origin is dict:
         _require(isinstance(value, dict), name, value, "a mapping")
         _, value_type = get_args(annotation)

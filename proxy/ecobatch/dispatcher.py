@@ -162,8 +162,9 @@ class Dispatcher:
             self._running[id(p)] = p
         return now, sequences
 
-    def _job(self, pending: Pending) -> tuple[Span, Job]:
-        span = self._ledger.begin(pending.request.id, pending.request.sequences)
+    def _job(self, pending: Pending, ledger: Ledger | None = None) -> tuple[Span, Job]:
+        """The request's energy span, on the ledger of the GPUs that run it, and its engine job."""
+        span = (ledger or self._ledger).begin(pending.request.id, pending.request.sequences)
         job = Job(pending.request, pending.emit, span.progress, pending.future.cancelled)
         return span, job
 
@@ -177,8 +178,10 @@ class Dispatcher:
         result: GenerationResult | BaseException,
         dispatched_s: float,
         group_size: int,
+        in_flight: int | None = None,
     ) -> None:
-        """End the request's energy span and resolve its future: the one place both happen."""
+        """End the request's energy span and resolve its future: the one place both happen.
+        ``in_flight``: the sequences on the request's engine (its replica), for an estimate."""
         self._running.pop(id(pending), None)
         self._admission.observe_done()
         delivered = not pending.future.done()
@@ -186,7 +189,8 @@ class Dispatcher:
         if isinstance(result, GenerationResult):
             answer = self._account(pending, span, result, delivered, dispatched_s, group_size)
         else:
-            span.end(self._estimated_usage(pending, span, dispatched_s), delivered=False)
+            estimate = self._estimated_usage(pending, span, dispatched_s, in_flight)
+            span.end(estimate, delivered=False)
             answer = as_error(result)
         if delivered and not pending.future.done():
             if isinstance(answer, Outcome):
@@ -194,7 +198,9 @@ class Dispatcher:
             else:
                 pending.future.set_exception(answer)
 
-    def _estimated_usage(self, pending: Pending, span: Span, dispatched_s: float) -> Usage | None:
+    def _estimated_usage(
+        self, pending: Pending, span: Span, dispatched_s: float, in_flight: int | None = None
+    ) -> Usage | None:
         """The tokens of a request that ended without the engine's count (its client left, a 502, a
         504), so that it carries its share of the joules it used instead of leaving them to its
         neighbours: its prompt (when the engine measured it), and what one of the sequences in flight
@@ -203,8 +209,8 @@ class Dispatcher:
         if span.tokens_seen:
             return None
         request = pending.request
-        in_flight = max(self._inflight, request.sequences, 1)
-        per_sequence_tok_s = self._profile.at(in_flight).tokens_per_s / in_flight
+        running = max(self._inflight if in_flight is None else in_flight, request.sequences, 1)
+        per_sequence_tok_s = self._profile.at(running).tokens_per_s / running
         decoded = (self._clock.now() - dispatched_s) * per_sequence_tok_s * request.sequences
         if request.max_tokens is not None:
             decoded = min(decoded, request.max_tokens * request.sequences)
@@ -222,7 +228,7 @@ class Dispatcher:
         usage = result.usage
         concurrency = span.end(usage, delivered=delivered)
         provisional = self._profile.at(max(concurrency, 1.0)).joules_per_token * usage.completion_tokens
-        source = self._ledger.source
+        source = span.source
         try:  # bookkeeping beside the answer: its failure must not cost the client its result
             self._receipts.pending(pending.request.id, provisional_joules=provisional, source=source)
             self._metrics.observe_tokens(usage)

@@ -1,4 +1,4 @@
-"""The continuous gate: one request at a time into an engine that batches in flight (vLLM).
+"""The continuous gate: one request at a time into engines that batch in flight (vLLM replicas).
 
 Its loop:
 
@@ -11,71 +11,181 @@ Its loop:
 * the **cap** is the policy's choice on the per-concurrency energy curve, under KV headroom and the
   SLO: at most that many sequences in flight, and **each slot frees the moment its own request ends**.
 
-Each released request runs as its own task (``engine.generate``); a client that leaves cancels it,
-which aborts the request in the engine and frees its slot.
+With several replicas (``backend.replicas``) each one has its own cap (its own KV headroom), its own
+in-flight count, health and energy ledger; ``routing.choose_replica`` picks the replica for each
+request (``pack``: the fullest one with room, so idle replicas stay idle), and "busy" / "idle" above
+are that replica's. One engine is the one-replica case.
+
+Each released request runs as its own task (``engine.generate`` on its replica); a client that leaves
+cancels it, which aborts the request in the engine and frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .admission import Outcome, Pending
 from .backends.base import ContinuousEngine
+from .clock import Clock
+from .config import BatchingSettings
 from .dispatcher import Dispatcher
 from .domain import GenerationResult
+from .energy.ledger import Ledger
+from .energy.receipts import Receipts
 from .errors import ShuttingDown
+from .metrics import Metrics
+from .policy import Decision
+from .profile import EnergyProfile
+from .routing import ReplicaLoad, RoutingPolicy, choose_replica
 
-__all__ = ["ContinuousGate"]
+__all__ = ["ContinuousGate", "Replica"]
+
+#: while a replica is down, how often a gate waiting for room looks again (a replica coming back
+#: frees no slot, so nothing else would wake it)
+RECHECK_S = 0.5
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One engine behind the gate, the ledger of its GPUs, and its sequences in flight."""
+
+    name: str
+    engine: ContinuousEngine
+    ledger: Ledger
+    inflight: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.engine.health().get("state") == "up"
 
 
 class ContinuousGate(Dispatcher):
     _engine: ContinuousEngine
 
+    def __init__(
+        self,
+        engine: ContinuousEngine,
+        ledger: Ledger,
+        receipts: Receipts,
+        metrics: Metrics,
+        profile: EnergyProfile,
+        settings: BatchingSettings,
+        *,
+        request_timeout_s: float,
+        clock: Clock | None = None,
+        replicas: Sequence[Replica] = (),
+        routing: RoutingPolicy = "pack",
+    ) -> None:
+        super().__init__(
+            engine,
+            ledger,
+            receipts,
+            metrics,
+            profile,
+            settings,
+            request_timeout_s=request_timeout_s,
+            clock=clock,
+        )
+        self.replicas: list[Replica] = list(replicas) or [Replica("r0", engine, ledger)]
+        self.routing: RoutingPolicy = routing
+        self._last_choice = -1
+        for replica in self.replicas:
+            metrics.child(metrics.replica_inflight, replica.name).set(0)
+            metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
+
     async def _run(self) -> None:
         admission = self._admission
         while True:
             await admission.wait_for_work()
-            decision = admission.decide(inflight=self._inflight)
-            cap = decision.batch_size
-            idle = self._inflight == 0
-            # an idle engine: hold the window, release the group together
-            if idle and not await admission.collect(cap, admission.deadline_s(decision)):
+            head = admission.head()
+            if head is None:
                 continue
-            room = cap - self._inflight
-            if room <= 0 or (self._inflight > 0 and admission.queue[0].request.sequences > room):
-                self._room.clear()
-                await self._room.wait()
+            decisions = self._decide_all()
+            chosen = self._choose(decisions, head.request.sequences)
+            if chosen is None:
+                await self._wait_for_room()
                 continue
-            self._release(admission.take(room))
+            replica, decision = self.replicas[chosen], decisions[chosen]
+            admission.last_decision = decision
+            idle = replica.inflight == 0
+            # an idle replica: hold the window, release the group together
+            if idle and not await admission.collect(decision.batch_size, admission.deadline_s(decision)):
+                continue
+            self._release(self._assign(decisions, held=idle))
 
-    def _release(self, group: list[Pending]) -> None:
+    def _decide_all(self) -> list[Decision]:
+        """Each replica's cap for this round, under its own KV headroom and in-flight count."""
+        admission = self._admission
+        if len(self.replicas) == 1:
+            return [admission.decide(inflight=self._inflight)]
+        return [admission.decide(r.inflight, headroom=r.engine.headroom()) for r in self.replicas]
+
+    def _choose(self, decisions: list[Decision], sequences: int) -> int | None:
+        loads = [
+            ReplicaLoad(r.inflight, d.batch_size, r.up) for r, d in zip(self.replicas, decisions, strict=True)
+        ]
+        return choose_replica(loads, sequences, self.routing, after=self._last_choice)
+
+    async def _wait_for_room(self) -> None:
+        self._room.clear()
+        if len(self.replicas) > 1 and not all(r.up for r in self.replicas):
+            await self._clock.wait(self._room, self._clock.now() + RECHECK_S)
+        else:
+            await self._room.wait()
+
+    def _assign(self, decisions: list[Decision], *, held: bool) -> list[tuple[Pending, Replica]]:
+        """Requests from the head of the queue, each with its replica, while one has room. After a
+        window (``held``) the whole group goes; otherwise only requests that join a busy replica (one
+        that would wake an idle replica waits for that replica's window in the next round)."""
+        admission = self._admission
+        group: list[tuple[Pending, Replica]] = []
+        while (head := admission.head()) is not None:
+            chosen = self._choose(decisions, head.request.sequences)
+            if chosen is None:
+                break
+            replica = self.replicas[chosen]
+            if replica.inflight == 0 and not held and group:
+                break
+            (pending,) = admission.take(head.request.sequences)
+            replica.inflight += pending.request.sequences  # seen by the next choice in this round
+            self._last_choice = chosen
+            group.append((pending, replica))
+        return group
+
+    def _release(self, group: list[tuple[Pending, Replica]]) -> None:
         if not group:
             return
-        dispatched_s, sequences = self._dispatched(group)
-        for pending in group:
+        dispatched_s, sequences = self._dispatched([pending for pending, _ in group])
+        metrics = self._metrics
+        for pending, replica in group:
             self._set_inflight(pending.request.sequences)
-            task = asyncio.create_task(self._serve(pending, dispatched_s, sequences))
+            metrics.child(metrics.replica_requests, replica.name).inc()
+            metrics.child(metrics.replica_inflight, replica.name).set(replica.inflight)
+            task = asyncio.create_task(self._serve(pending, replica, dispatched_s, sequences))
             self._tasks.add(task)
             # the slot frees when the task is done, even one cancelled before it ever ran
-            task.add_done_callback(self._finisher(pending))
+            task.add_done_callback(self._finisher(pending, replica))
             pending.future.add_done_callback(_canceller(task))
 
-    def _finisher(self, pending: Pending) -> Callable[[asyncio.Task[None]], None]:
+    def _finisher(self, pending: Pending, replica: Replica) -> Callable[[asyncio.Task[None]], None]:
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
+            replica.inflight -= pending.request.sequences
+            self._metrics.child(self._metrics.replica_inflight, replica.name).set(replica.inflight)
             self._set_inflight(-pending.request.sequences)
             if not pending.future.done():  # cancelled (shutdown) before it started
                 pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
 
         return finished
 
-    async def _serve(self, pending: Pending, dispatched_s: float, group_size: int) -> None:
-        span, job = self._job(pending)
+    async def _serve(self, pending: Pending, replica: Replica, dispatched_s: float, group_size: int) -> None:
+        span, job = self._job(pending, replica.ledger)
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = await self._engine.generate(job)
+                result = await replica.engine.generate(job)
         except TimeoutError:
             result = self._timeout()
         except asyncio.CancelledError:
@@ -83,7 +193,11 @@ class ContinuousGate(Dispatcher):
         except Exception as exc:
             result = exc
         finally:
-            self._resolve(pending, span, result, dispatched_s, group_size)
+            self._resolve(pending, span, result, dispatched_s, group_size, replica.inflight)
+
+
+def _up_value(replica: Replica) -> Callable[[], float]:
+    return lambda: 1.0 if replica.up else 0.0
 
 
 def _canceller(task: asyncio.Task[None]) -> Callable[[asyncio.Future[Outcome]], None]:

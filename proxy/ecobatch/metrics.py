@@ -159,6 +159,24 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.replica_inflight = Gauge(
+            "ecobatch_replica_inflight_requests",
+            "Sequences in flight on each vLLM replica (backend.replicas; one replica: 'r0').",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_requests = Counter(
+            "ecobatch_replica_requests",
+            "Requests routed to each vLLM replica.",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_up = Gauge(
+            "ecobatch_replica_up",
+            "1 while a replica takes requests, 0 while its circuit breaker is open (ejected).",
+            ["replica"],
+            registry=r,
+        )
         self.profile_info = Gauge(
             "ecobatch_profile_info",
             "The energy profile in use (value 1).",

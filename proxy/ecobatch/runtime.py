@@ -12,6 +12,7 @@ engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Literal
 from prometheus_client import CollectorRegistry
 
 from .backends.base import ContinuousEngine, StaticEngine
+from .backends.replicas import ReplicaSet
 from .batcher import StaticBatcher
 from .clock import Clock
 from .config import Settings
@@ -28,7 +30,7 @@ from .energy.ledger import SettledRequest
 from .energy.meter import Meter
 from .energy.receipts import Receipts
 from .errors import NotReady
-from .gate import ContinuousGate
+from .gate import ContinuousGate, Replica
 from .metrics import Metrics
 from .profile import EnergyProfile
 
@@ -37,7 +39,7 @@ __all__ = ["MeterFactory", "Runtime", "State"]
 log = logging.getLogger(__name__)
 State = Literal["starting", "ready", "draining", "stopped", "failed"]
 MeterFactory = Callable[[Settings, EnergyProfile, Clock], Meter]
-Engine = StaticEngine | ContinuousEngine
+Engine = StaticEngine | ContinuousEngine | ReplicaSet
 _PROGRESS_EVERY_S = 5.0
 
 
@@ -62,7 +64,8 @@ class Runtime:
             currency=settings.energy.currency,
         )
         self.metrics.describe_profile(profile)
-        self.meter: Meter | None = None
+        self.meter: Meter | None = None  # the first replica's, with several
+        self.meters: list[Meter] = []
         self.dispatcher: Dispatcher | None = None
         self.state: State = "starting"
         self.reason = "starting"
@@ -102,21 +105,21 @@ class Runtime:
             self._fail(str(exc) or repr(exc))
             raise
         self.metrics.set_model(self.engine.model)
-        meter = self._meter_factory(self.settings, self.profile, self.clock)
-        self._wire(meter)
-        await meter.start()
-        self.meter = meter
-        kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
-        dispatcher = kind(
-            self.engine,
-            meter.ledger,
-            self.receipts,
-            self.metrics,
-            self.profile,
-            self.settings.batching,
-            request_timeout_s=self.settings.backend.request_timeout_s,
-            clock=self.clock,
-        )
+        if isinstance(self.engine, ReplicaSet):
+            dispatcher: Dispatcher = await self._replica_gate(self.engine)
+        else:
+            meter = await self._start_meter(self.settings)
+            kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
+            dispatcher = kind(
+                self.engine,  # type: ignore[arg-type]
+                meter.ledger,
+                self.receipts,
+                self.metrics,
+                self.profile,
+                self.settings.batching,
+                request_timeout_s=self.settings.backend.request_timeout_s,
+                clock=self.clock,
+            )
         await dispatcher.start()
         self.dispatcher = dispatcher
         self.state, self.reason = "ready", "ready"
@@ -128,7 +131,46 @@ class Runtime:
             self.profile.name,
             self.profile.kind,
             self.profile.source,
-            meter.source,
+            ", ".join(sorted({m.source for m in self.meters})),
+        )
+
+    async def _start_meter(self, settings: Settings, replica: str | None = None) -> Meter:
+        meter = self._meter_factory(settings, self.profile, self.clock)
+        self._wire(meter)
+        await meter.start()
+        if replica is not None:  # one series per replica's GPUs, whatever the meter calls them
+            meter.ledger.gpu = f"{replica}:{meter.ledger.gpu}"
+        self.meters.append(meter)
+        self.meter = self.meter or meter
+        return meter
+
+    async def _replica_gate(self, engine: ReplicaSet) -> ContinuousGate:
+        """One meter per replica (its own GPUs: NVML indices, or its dcgm series) and the gate that
+        routes among them."""
+        base = self.settings
+        replicas = []
+        for name, member, spec in zip(engine.names, engine.members, base.backend.replicas, strict=True):
+            energy = dataclasses.replace(
+                base.energy,
+                gpu_indices=base.energy.gpu_indices if spec.gpu_indices is None else spec.gpu_indices,
+                dcgm_url=spec.dcgm_url or base.energy.dcgm_url,
+                dcgm_labels={**base.energy.dcgm_labels, **spec.dcgm_labels},
+            )
+            backend = dataclasses.replace(base.backend, upstream=spec.url, replicas=[])
+            own = dataclasses.replace(base, energy=energy, backend=backend)
+            meter = await self._start_meter(own, replica=name)
+            replicas.append(Replica(name, member, meter.ledger))
+        return ContinuousGate(
+            engine,  # type: ignore[arg-type]
+            replicas[0].ledger,
+            self.receipts,
+            self.metrics,
+            self.profile,
+            base.batching,
+            request_timeout_s=base.backend.request_timeout_s,
+            clock=self.clock,
+            replicas=replicas,
+            routing=base.backend.routing,
         )
 
     def _fail(self, reason: str) -> None:
@@ -174,7 +216,7 @@ class Runtime:
         """Release the meter (its last interval settles every request) and the engine."""
         self.state = "stopped"
         try:
-            if self.meter is not None:
-                await self.meter.close()
+            for meter in self.meters:
+                await meter.close()
         finally:
             await self.engine.close()

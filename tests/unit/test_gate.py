@@ -235,12 +235,14 @@ async def test_a_request_cancelled_before_its_task_ran_still_frees_its_slot(
     engine = FakeContinuousEngine(instant=True)
     gate, ledger = build(ContinuousGate, engine, continuous_profile, clock)
     pending = Pending(req("x"), asyncio.get_running_loop().create_future(), clock.now(), None)
-    gate._release([pending])
+    replica = gate.replicas[0]
+    replica.inflight += 1  # as the gate's routing reserves it
+    gate._release([(pending, replica)])
     assert gate.inflight == 1
     for task in list(gate._tasks):
         task.cancel()  # before it ever ran
     await settle()
-    assert gate.inflight == 0 and engine.started == []
+    assert gate.inflight == 0 and replica.inflight == 0 and engine.started == []
     with pytest.raises(ShuttingDown):
         await pending.future
     assert ledger.inflight_sequences == 0

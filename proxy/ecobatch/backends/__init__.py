@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..profile import EnergyProfile
     from .base import ContinuousEngine, StaticEngine
+    from .replicas import ReplicaSet
 
 __all__ = ["create_engine"]
 
@@ -33,7 +34,7 @@ def _check_installed(kind: str) -> None:
         )
 
 
-def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | ContinuousEngine:
+def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | ContinuousEngine | ReplicaSet:
     """Build the configured engine. Engine imports happen here, so a proxy that fronts a remote vLLM
     needs neither torch nor vllm installed; an in-process engine whose packages are missing is refused
     with the extra that installs them."""
@@ -44,6 +45,10 @@ def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | 
             from .simulated import SimulatedBackend
 
             return SimulatedBackend(profile, settings.backend, settings.batching)
+        if kind == "vllm-http" and settings.backend.replicas:
+            from .replicas import ReplicaSet
+
+            return ReplicaSet(settings.backend)
         if kind == "vllm-http":
             from .vllm_http import VllmHttpBackend
 

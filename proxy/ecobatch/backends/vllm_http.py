@@ -119,6 +119,11 @@ class VllmHttpBackend:
         self._poller: asyncio.Task[None] | None = None
         self.context_tokens: int | None = None
         self.breaker = Breaker(self._base, settings.breaker_failures)
+        self.started = False  # the upstream has answered /v1/models once
+
+    @property
+    def upstream(self) -> str:
+        return self._base
 
     @property
     def model(self) -> str:
@@ -131,6 +136,7 @@ class VllmHttpBackend:
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         await self._wait_for_upstream(progress)
         self._poller = asyncio.create_task(self._watch(), name="vllm-watch")
+        self.started = True
 
     async def _wait_for_upstream(self, progress: Progress) -> None:
         """Ask /v1/models until the upstream answers (the runtime bounds how long)."""
@@ -176,6 +182,8 @@ class VllmHttpBackend:
         return self._headroom
 
     def health(self) -> dict[str, Any]:
+        if not self.started:
+            return {**self.breaker.state(), "state": "starting"}
         return self.breaker.state()
 
     async def _watch(self) -> None:

@@ -174,6 +174,11 @@ class Span:
     def request_id(self) -> str:
         return self._record.request_id
 
+    @property
+    def source(self) -> str:
+        """Where its ledger's joules come from (``nvml``, ``dcgm``, ``model``)."""
+        return self._ledger.source
+
     def progress(self, tokens: int) -> None:
         """``tokens`` generated tokens came out now."""
         if self._record.end_s is None and tokens > 0:

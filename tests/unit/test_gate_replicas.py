@@ -1,0 +1,184 @@
+"""The continuous gate over several replicas, on a fake clock: pack fills one replica to its cap before
+waking the next, round-robin alternates, a down replica is skipped and taken back when it recovers,
+each request's energy goes to its own replica's ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ecobatch.clock import FakeClock
+from ecobatch.config import BatchingSettings
+from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.receipts import Receipts
+from ecobatch.errors import UpstreamDown
+from ecobatch.gate import RECHECK_S, ContinuousGate, Replica
+from ecobatch.metrics import Metrics
+from ecobatch.profile import EnergyProfile
+from ecobatch.routing import RoutingPolicy
+from tests.fakes import FakeContinuousEngine, req
+from tests.unit.dispatch_helpers import settle
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def build(
+    profile: EnergyProfile, clock: FakeClock, routing: RoutingPolicy, n: int = 2, **batching: Any
+) -> tuple[ContinuousGate, list[FakeContinuousEngine], list[Ledger], Metrics]:
+    settings = BatchingSettings(**{"window_min_ms": 100.0, "window_max_ms": 100.0, **batching})
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, model="fake-model", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+    engines = [FakeContinuousEngine() for _ in range(n)]
+    ledgers = [Ledger(source="model", gpu=f"r{i}:test", prefill_weight=1.0, clock=clock) for i in range(n)]
+    replicas = [Replica(f"r{i}", e, led) for i, (e, led) in enumerate(zip(engines, ledgers, strict=True))]
+    gate = ContinuousGate(
+        engines[0],
+        ledgers[0],
+        Receipts(),
+        metrics,
+        profile,
+        settings,
+        request_timeout_s=30.0,
+        clock=clock,
+        replicas=replicas,
+        routing=routing,
+    )
+    return gate, engines, ledgers, metrics
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_pack_fills_the_first_replica_to_its_cap_before_waking_the_second(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    gate, (a, b), _, metrics = build(
+        continuous_profile, clock, "pack", max_batch_size=3, energy_tolerance=0.0
+    )
+    await gate.start()
+    first = [gate.submit(req(f"a{i}")) for i in range(2)]
+    await clock.advance(0.1)  # the idle replica's window
+    assert a.started == ["a0", "a1"] and b.started == []
+    third = gate.submit(req("a2"))
+    await settle()
+    assert a.started == ["a0", "a1", "a2"], "joins the busy replica at once"
+    spill = gate.submit(req("b0"))
+    await settle()
+    assert b.started == [], "the second replica is idle: its window holds the arrival"
+    await clock.advance(0.1)
+    assert b.started == ["b0"], "the first is at its cap of 3: the next wakes"
+    assert value(metrics, "ecobatch_replica_inflight_requests", replica="r0") == 3
+    assert value(metrics, "ecobatch_replica_requests_total", replica="r1") == 1
+    for name in ("a0", "a1", "a2"):
+        a.finish(name)
+    b.finish("b0")
+    await asyncio.gather(*(p.future for p in [*first, third, spill]))
+    assert [r.inflight for r in gate.replicas] == [0, 0]
+    await gate.close(grace_s=0)
+
+
+async def test_round_robin_alternates_between_replicas(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    gate, (a, b), _, _ = build(continuous_profile, clock, "round-robin", max_batch_size=8)
+    await gate.start()
+    pendings = [gate.submit(req(f"p{i}")) for i in range(4)]
+    await clock.advance(0.1)
+    assert a.started == ["p0", "p2"] and b.started == ["p1", "p3"]
+    for name in ("p0", "p2"):
+        a.finish(name)
+    for name in ("p1", "p3"):
+        b.finish(name)
+    await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
+
+
+async def test_each_request_is_accounted_on_its_own_replicas_ledger(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    gate, (a, b), (ledger_a, ledger_b), _ = build(continuous_profile, clock, "round-robin")
+    await gate.start()
+    on_a, on_b = gate.submit(req("x")), gate.submit(req("y"))
+    await clock.advance(0.1)
+    assert ledger_a.inflight_sequences == 1 and ledger_b.inflight_sequences == 1
+    a.finish("x")
+    b.finish("y")
+    await asyncio.gather(on_a.future, on_b.future)
+    assert ledger_a.inflight_sequences == 0 and ledger_b.inflight_sequences == 0
+    await gate.close(grace_s=0)
+
+
+async def test_a_down_replica_is_skipped_and_taken_back_once_it_is_up(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    gate, (a, b), _, metrics = build(
+        continuous_profile, clock, "pack", max_batch_size=1, energy_tolerance=0.0
+    )
+    a.state = "down"
+    await gate.start()
+    assert value(metrics, "ecobatch_replica_up", replica="r0") == 0
+    first = gate.submit(req("one"))
+    await clock.advance(0.1)
+    assert a.started == [] and b.started == ["one"]
+    second = gate.submit(req("two"))
+    await clock.advance(0.1)
+    assert a.started == [], "r1 is at its cap of 1 and r0 is down: the request waits"
+    a.state = "up"
+    await clock.advance(RECHECK_S)  # nothing frees a slot: the gate looks again by itself
+    await clock.advance(0.1)  # r0 was idle: its window
+    assert a.started == ["two"]
+    a.finish("two")
+    b.finish("one")
+    await asyncio.gather(first.future, second.future)
+    await gate.close(grace_s=0)
+
+
+async def test_when_every_replica_is_down_a_queued_request_is_answered_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    gate, engines, _, _ = build(continuous_profile, clock, "pack")
+
+    async def down(job: Any) -> Any:
+        raise UpstreamDown("upstream is down", retry_after_s=5.0)
+
+    for engine in engines:
+        engine.state = "down"
+        engine.generate = down  # type: ignore[method-assign]
+    await gate.start()
+    pending = gate.submit(req("x"))
+    await clock.advance(0.1)
+    with pytest.raises(UpstreamDown):
+        await pending.future
+    await gate.close(grace_s=0)
+
+
+async def test_each_replica_has_its_own_kv_cap(continuous_profile: EnergyProfile, clock: FakeClock) -> None:
+    """r0 has KV room for 2 sequences of the expected size: it takes 2, then r1 is woken."""
+    from ecobatch.domain import Headroom
+
+    gate, (a, b), _, _ = build(
+        continuous_profile,
+        clock,
+        "pack",
+        max_batch_size=8,
+        energy_tolerance=0.0,
+        expected_prompt_tokens=100,
+        expected_completion_tokens=100,
+    )
+    a.headroom_value = Headroom(kv_free_tokens=450)
+    await gate.start()
+    pendings = [gate.submit(req(f"p{i}")) for i in range(3)]
+    await clock.advance(0.1)
+    assert a.started == ["p0", "p1"] and b.started == ["p2"]
+    for p in ("p0", "p1"):
+        a.finish(p)
+    b.finish("p2")
+    await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
