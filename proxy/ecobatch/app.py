@@ -270,13 +270,25 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
     decision = dispatcher.last_decision
-    return {
+    view: dict[str, Any] = {
         "settings": dataclasses.asdict(dispatcher.settings),
         "last_decision": dataclasses.asdict(decision) if decision else None,
         "inflight": dispatcher.inflight,
         "queue_depth": dispatcher.queue_depth,
         "engine_headroom": dataclasses.asdict(engine.headroom()),
     }
+    if isinstance(dispatcher, ContinuousGate) and len(dispatcher.replicas) > 1:
+        view["routing"] = dispatcher.routing
+        view["replicas"] = [
+            {
+                "name": r.name,
+                "up": r.up,
+                "inflight": r.inflight,
+                "headroom": dataclasses.asdict(r.engine.headroom()),
+            }
+            for r in dispatcher.replicas
+        ]
+    return view
 
 
 async def _get_batching(request: web.Request) -> web.Response:

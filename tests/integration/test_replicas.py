@@ -198,3 +198,17 @@ async def test_while_no_replica_has_answered_yet_it_is_not_ready_and_says_why(ai
     assert resp.status == 503
     message = (await resp.json())["error"]["message"]
     assert "r0: waiting for upstream" in message and "r1: waiting for upstream" in message
+
+
+async def test_the_batching_view_shows_each_replica(
+    sims: Sims, aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
+    _, _, ports, dcgm_port = sims
+    client = await proxy(aiohttp_client, ports, dcgm_port, routing="round-robin")
+    await asyncio.sleep(0.2)  # a headroom poll
+    view = await (await client.get("/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})).json()
+    assert view["routing"] == "round-robin"
+    assert [r["name"] for r in view["replicas"]] == ["r0", "r1"]
+    assert all(r["up"] and r["inflight"] == 0 for r in view["replicas"])
+    assert view["replicas"][0]["headroom"]["kv_capacity_tokens"] == 16384 * 16
