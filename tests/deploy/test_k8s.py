@@ -1,4 +1,5 @@
-"""deploy/k8s: ecobatch as vLLM's sidecar (base) and as its own Deployment (overlays/separate), no cluster.
+"""deploy/k8s: ecobatch as vLLM's sidecar (base) and as its own Deployment routing over a StatefulSet of
+vLLM replicas (overlays/separate), no cluster.
 
 ``build`` assembles a kustomization the way kustomize does for the features these manifests use
 (resources, and strategic-merge patches that delete an object or merge mappings) and refuses any other
@@ -100,10 +101,13 @@ def the(objects: list[Obj], kind: str, name: str) -> Obj:
     return found
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
 def pod_templates(objects: list[Obj]) -> Iterator[tuple[Obj, Obj]]:
-    """(workload, pod template) for every Deployment."""
+    """(workload, pod template) for every Deployment and StatefulSet."""
     for obj in objects:
-        if obj["kind"] == "Deployment":
+        if obj["kind"] in WORKLOADS:
             yield obj, obj["spec"]["template"]
 
 
@@ -174,7 +178,7 @@ def test_each_shape_builds_the_expected_objects(shape: str) -> None:
     }
     workloads = {
         "sidecar": {("Deployment", "ecobatch-vllm")},
-        "separate": {("Deployment", "ecobatch"), ("Deployment", "vllm"), ("NetworkPolicy", "vllm")},
+        "separate": {("Deployment", "ecobatch"), ("StatefulSet", "vllm"), ("NetworkPolicy", "vllm")},
     }[shape]
     assert {_key(obj) for obj in build(shape)} == common | workloads
 
@@ -379,29 +383,50 @@ def test_sidecar_ecobatch_reaches_vllm_on_loopback_in_its_own_pod(tmp_path: Path
     assert (upstream.hostname, upstream.port) == ("127.0.0.1", port(vllm, "vllm-http"))
 
 
-def test_separate_ecobatch_reaches_the_vllm_replicas_through_their_service(tmp_path: Path) -> None:
-    upstream = urlsplit(settings("separate", tmp_path).backend.upstream)
+def statefulset_pods(engines: Obj) -> list[str]:
+    """The names Kubernetes gives a StatefulSet's pods: <name>-0, <name>-1, ..."""
+    return [f"{engines['metadata']['name']}-{i}" for i in range(engines["spec"]["replicas"])]
+
+
+def test_separate_engines_are_a_statefulset_with_a_headless_service_naming_each_pod() -> None:
     objects = build("separate")
-    service = the(objects, "Service", upstream.hostname or "")
-    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == upstream.port]
-    ((template, _),) = containers(objects, "vllm")
-    assert selects(service["spec"]["selector"], template["metadata"]["labels"])
-    assert service_port["targetPort"] == "vllm-http"
-    assert the(objects, "Deployment", "vllm")["spec"]["replicas"] >= 2
+    engines = the(objects, "StatefulSet", "vllm")
+    assert engines["spec"]["replicas"] >= 2
+    template = engines["spec"]["template"]
     assert [c["name"] for c in template["spec"]["containers"]] == ["vllm"]
+    assert "volumeClaimTemplates" not in engines["spec"]  # the model's one claim, shared read-only
+    # the governing Service gives each pod the DNS name <pod>.<service>: only a headless one does
+    service = the(objects, "Service", engines["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"].get("publishNotReadyAddresses", False) is False  # a loading engine: no name yet
+    assert selects(service["spec"]["selector"], template["metadata"]["labels"])
+    # nothing reaches the engines load-balanced past ecobatch's routing
+    for other in (obj for obj in objects if obj["kind"] == "Service" and obj is not service):
+        assert not selects(other["spec"]["selector"], template["metadata"]["labels"]), other["metadata"]
+
+
+def test_separate_ecobatch_routes_over_each_statefulset_pod_by_its_stable_name(tmp_path: Path) -> None:
+    backend = settings("separate", tmp_path).backend
+    objects = build("separate")
+    engines = the(objects, "StatefulSet", "vllm")
+    ((_, vllm),) = containers(objects, "vllm")
+    raw = yaml.safe_load(the(objects, "ConfigMap", "ecobatch-config")["data"]["ecobatch.yaml"])
+    assert "upstream" not in raw["backend"]  # the replicas, not one load-balanced address
+    assert backend.kind == "vllm-http"
+    assert backend.routing == "pack"
+    pods = statefulset_pods(engines)
+    assert [r.name for r in backend.replicas] == pods
+    # a headless Service's name resolves to the pod itself: the container's port, not a Service port
+    where = [(u.scheme, u.hostname, u.port, u.path) for u in (urlsplit(r.url) for r in backend.replicas)]
+    service = engines["spec"]["serviceName"]
+    assert where == [("http", f"{pod}.{service}", port(vllm, "vllm-http"), "") for pod in pods]
 
 
 @shapes
-def test_the_in_flight_cap_fits_what_the_engines_admit(shape: str, tmp_path: Path) -> None:
-    objects = build(shape)
-    engines = sum(
-        workload["spec"]["replicas"]
-        for workload, template in pod_templates(objects)
-        for c in template["spec"]["containers"]
-        if c["name"] == "vllm"
-    )
-    ((_, vllm),) = containers(objects, "vllm")
-    assert settings(shape, tmp_path).batching.max_batch_size <= engines * int(flag(vllm, "--max-num-seqs"))
+def test_the_in_flight_cap_fits_what_each_engine_admits(shape: str, tmp_path: Path) -> None:
+    # the cap applies per engine: to the one upstream, or to each of backend.replicas
+    ((_, vllm),) = containers(build(shape), "vllm")
+    assert settings(shape, tmp_path).batching.max_batch_size <= int(flag(vllm, "--max-num-seqs"))
 
 
 def test_sidecar_energy_is_this_pods_gpu_from_the_nodes_dcgm_exporter(tmp_path: Path) -> None:
@@ -413,14 +438,28 @@ def test_sidecar_energy_is_this_pods_gpu_from_the_nodes_dcgm_exporter(tmp_path: 
     assert energy.sample_interval_s >= 1.0  # no faster than the exporter collects (README: 1 s)
 
 
-def test_separate_energy_is_the_engines_gpus_on_the_node_they_share_with_ecobatch(tmp_path: Path) -> None:
-    energy = settings("separate", tmp_path).energy
+def test_separate_energy_of_each_replica_is_its_own_pods_gpu_on_the_node_shared_with_ecobatch(
+    tmp_path: Path,
+) -> None:
+    s = settings("separate", tmp_path)
+    energy = s.energy
     assert energy.meter == "dcgm"
+    assert energy.dcgm_url is not None and urlsplit(energy.dcgm_url).path == "/metrics"
     assert energy.dcgm_labels == {"namespace": "llm", "container": "vllm"}
     assert energy.sample_interval_s >= 1.0
     objects = build("separate")
-    for name in ("vllm", "ecobatch"):
-        (term,) = the(objects, "Deployment", name)["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+    pods = statefulset_pods(the(objects, "StatefulSet", "vllm"))
+    assert len(s.backend.replicas) == len(pods)
+    for replica, pod in zip(s.backend.replicas, pods, strict=True):
+        # ecobatch merges a replica's labels over energy.dcgm_labels: exactly that pod's GPU
+        assert {**energy.dcgm_labels, **replica.dcgm_labels} == {
+            "namespace": "llm",
+            "container": "vllm",
+            "pod": pod,
+        }
+        assert replica.dcgm_url is None  # the exporter of the node they all share: energy.dcgm_url
+    for kind, name in (("StatefulSet", "vllm"), ("Deployment", "ecobatch")):
+        (term,) = the(objects, kind, name)["spec"]["template"]["spec"]["affinity"]["podAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"
         ]
         assert term["topologyKey"] == "kubernetes.io/hostname"
@@ -452,7 +491,7 @@ def test_no_key_is_committed_and_ecobatch_takes_its_keys_from_the_secret_the_rea
 
 
 @shapes
-def test_deployments_select_their_own_pods(shape: str) -> None:
+def test_workloads_select_their_own_pods(shape: str) -> None:
     for workload, template in pod_templates(build(shape)):
         assert selects(workload["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
 
