@@ -161,7 +161,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
+    rows = [r for r in summary["rows"] if r["j_per_request_pack"] is not None]  # energy read
     rates = [r["rate_per_s"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(rates, [r["j_per_request_pack"] for r in rows], "o-", label="pack")
