@@ -45,6 +45,8 @@ SECONDS_PER_MONTH = 30 * 24 * 3600
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
+    """The MistralConfig fields that set a model's cost (defaults: Mistral-7B)."""
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -52,6 +54,7 @@ class ModelShape:
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
     head_dim: int = 128
+    max_position_embeddings: int = 32768
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -64,6 +67,7 @@ class ModelShape:
             num_attention_heads=heads,
             num_key_value_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 32768),
         )
 
     @property

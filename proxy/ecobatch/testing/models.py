@@ -8,8 +8,9 @@ model in seconds and GPU runs build a Mistral-7B-architecture model. Both are sa
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
+
+from ..plan import ModelShape
 
 __all__ = ["MISTRAL_7B", "TINY_MISTRAL", "ModelShape", "build_random_mistral", "build_tokenizer"]
 
@@ -19,23 +20,9 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """The MistralConfig fields that set a model's cost."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-
-
 # head_dim 64: vLLM's CPU attention fails at the first forward with head_dim 16.
 TINY_MISTRAL = ModelShape(512, 256, 512, 2, 4, 2, 64, 1024)
-MISTRAL_7B = ModelShape(32000, 4096, 14336, 32, 32, 8, 128, 32768)
+MISTRAL_7B = ModelShape()  # Mistral-7B's shape: the defaults
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int, n_sentences: int = 4000) -> object:
