@@ -60,6 +60,7 @@ def test_tune_recommends_the_cheapest_setting_within_the_slo_and_prints_the_body
         "window_max_ms": best["window_ms"],
         "max_batch_size": best["size"],
         "energy_tolerance": 0.0,
+        "slo_ms": round(report["slo_p99_s"] * 1000.0, 1),
     }
     assert out.with_suffix(".png").exists() or "no plot" in printed
 
@@ -98,6 +99,7 @@ def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_th
         applied = json.load(r)["settings"]
     assert applied["max_batch_size"] == best["size"]
     assert applied["window_max_ms"] == best["window_ms"]
+    assert applied["slo_ms"] == 5000.0, "the server keeps the SLO the setting was chosen under"
     measured = live["measured"]
     assert measured["ok"] == measured["requests"] > 10
     p50 = live["comparison"]["p50_s"]

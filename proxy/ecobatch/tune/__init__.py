@@ -39,13 +39,15 @@ class Candidate:
     p50_s: float
     p99_s: float
 
-    def settings(self) -> dict[str, Any]:
-        """The batching settings that apply this candidate (energy_tolerance 0: take the size as is)."""
+    def settings(self, slo_p99_s: float) -> dict[str, Any]:
+        """The batching settings that apply this candidate (energy_tolerance 0: take the size as is),
+        with the SLO it was chosen under as the server's latency objective."""
         return {
             "window_min_ms": self.window_ms,
             "window_max_ms": self.window_ms,
             "max_batch_size": self.size,
             "energy_tolerance": 0.0,
+            "slo_ms": round(slo_p99_s * 1000.0, 1),
         }
 
 
@@ -237,7 +239,7 @@ def run_cli(args: argparse.Namespace) -> int:
             f"{best.joules_per_request:.1f} J/request ({ratio:.2f}x the baseline), p99 {best.p99_s:.2f} s "
             "(modelled)"
         )
-        body = best.settings()
+        body = best.settings(args.slo_p99_s)
         print(
             "apply it at run time (ECOBATCH_ADMIN_KEY: one of the server's admin keys):\n"
             "  curl -X PUT http://HOST:PORT/ecobatch/batching "
@@ -296,7 +298,7 @@ async def _live(
             async with s.get(f"{url}/health") as r:
                 health = await r.json(content_type=None)
             _check_same_engine(url, health, profile)
-            async with s.put(f"{url}/ecobatch/batching", json=best.settings()) as r:
+            async with s.put(f"{url}/ecobatch/batching", json=best.settings(args.slo_p99_s)) as r:
                 if r.status != 200:
                     raise ValueError(
                         f"--live: PUT {url}/ecobatch/batching answered {r.status}: {(await r.text())[:200]}"
@@ -304,7 +306,7 @@ async def _live(
                     )
     except aiohttp.ClientError as exc:
         raise ValueError(f"--live {url}: cannot reach it ({exc})") from None
-    print(f"--live: {url} now runs {best.settings()} (it keeps them: PUT others to change them back)")
+    print(f"--live: {url} now runs {best.settings(args.slo_p99_s)} (it keeps them: PUT others to change them back)")
     bench_args = argparse.Namespace(
         model=None, api="chat", stream=False, no_ignore_eos=False, api_key=args.api_key, timeout_s=600.0,
         seed=0, quiet=False, energy=args.energy, cooldown_s=0.0,
