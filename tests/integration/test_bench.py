@@ -75,3 +75,18 @@ def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> No
     assert report["workload"]["requests"] == 40
     assert target["ok"] + sum(target["errors_by_status"].values()) == 40
     assert set(target["errors_by_status"]) == {"429"}, target  # 40 at once into a queue of 1: some shed
+
+
+async def test_an_ecobatch_whose_metrics_are_on_another_port_is_not_read_as_zero_joules(
+    aiohttp_server: Any,
+) -> None:
+    settings = load_settings(None, {"backend.sim_time_scale": 0.0, "server.metrics_port": 0})
+    server = await aiohttp_server(create_app(settings))
+    url = str(server.make_url("")).rstrip("/")
+    args = parse("--url", url, "--rate", "40", "--requests", "5", "--output-tokens", "2", "--quiet")
+    summaries, _ = await bench([("eco", url)], build_arrivals(args), args)
+    energy = summaries[0]["energy"]
+    assert "ecobatch" not in energy, energy
+    assert "/metrics failed" in energy["ecobatch_unreadable"]
+    (row,) = [line for line in table(summaries).splitlines() if "ecobatch: attributed" in line]
+    assert "—" in row

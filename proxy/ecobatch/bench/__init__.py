@@ -137,7 +137,11 @@ async def bench(
                 energy["joules"] = joules
             if ecobatch:
                 served = sum(1 for o in outcomes if o.status == 200)
-                energy["ecobatch"] = await ecobatch_energy(url, snapshot, served)
+                reported = await ecobatch_energy(url, snapshot, served) if snapshot is not None else None
+                if reported is not None:
+                    energy["ecobatch"] = reported
+                else:
+                    energy["ecobatch_unreadable"] = f"GET {url}/metrics failed (on server.metrics_port?)"
             summaries.append(summarise(label, url, outcomes, start, end, energy))
             all_outcomes.append(outcomes)
     finally:

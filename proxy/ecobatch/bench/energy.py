@@ -56,9 +56,16 @@ async def is_ecobatch(url: str) -> bool:
     return isinstance(body, dict) and "engine_shape" in body
 
 
-async def _ecobatch_sums(url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
-        text = await r.text()
+async def _ecobatch_sums(url: str) -> dict[str, Any] | None:
+    """ecobatch's energy counters summed, or None where its /metrics is not on this port (a 404 when
+    ``server.metrics_port`` moves it) or cannot be read."""
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+            if r.status != 200:
+                return None
+            text = await r.text()
+    except aiohttp.ClientError:
+        return None
     sums: dict[str, Any] = dict.fromkeys(_ECOBATCH, 0.0)
     sources: set[str] = set()
     for name, sample in samples(text, _ECOBATCH):
@@ -71,15 +78,18 @@ async def _ecobatch_sums(url: str) -> dict[str, Any]:
 
 async def ecobatch_energy(
     url: str, before: dict[str, Any] | None, served: int, wait_s: float = 30.0
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """ecobatch's own figures over a phase: call with ``before=None`` at its start (returns the
-    snapshot), then with the snapshot after it; waits until ``served`` requests have settled."""
+    snapshot), then with the snapshot after it; waits until ``served`` requests have settled. None
+    where its /metrics cannot be read on ``url`` (never read as 0 J)."""
     if before is None:
         return await _ecobatch_sums(url)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while True:
         now = await _ecobatch_sums(url)
+        if now is None:
+            return None
         settled = now["ecobatch_request_energy_joules_count"] - before["ecobatch_request_energy_joules_count"]
         if settled >= served or loop.time() >= deadline:
             break

@@ -306,7 +306,8 @@ async def _live(
                     )
     except aiohttp.ClientError as exc:
         raise ValueError(f"--live {url}: cannot reach it ({exc})") from None
-    print(f"--live: {url} now runs {best.settings(args.slo_p99_s)} (it keeps them: PUT others to change them back)")
+    applied = best.settings(args.slo_p99_s)
+    print(f"--live: {url} now runs {applied} (it keeps them: PUT others to change them back)")
     bench_args = argparse.Namespace(
         model=None, api="chat", stream=False, no_ignore_eos=False, api_key=args.api_key, timeout_s=600.0,
         seed=0, quiet=False, energy=args.energy, cooldown_s=0.0,
