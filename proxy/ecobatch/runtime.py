@@ -29,7 +29,7 @@ from .dispatcher import Dispatcher
 from .energy.ledger import SettledRequest
 from .energy.meter import Meter
 from .energy.receipts import Receipts
-from .errors import NotReady
+from .errors import ConfigError, NotReady
 from .gate import ContinuousGate, Replica
 from .metrics import Metrics
 from .profile import EnergyProfile
@@ -106,7 +106,11 @@ class Runtime:
             raise
         self.metrics.set_model(self.engine.model)
         if isinstance(self.engine, ReplicaSet):
-            dispatcher: Dispatcher = await self._replica_gate(self.engine)
+            try:
+                dispatcher: Dispatcher = await self._replica_gate(self.engine)
+            except ConfigError as exc:
+                self._fail(str(exc))
+                raise
         else:
             meter = await self._start_meter(self.settings)
             kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
@@ -160,6 +164,7 @@ class Runtime:
             own = dataclasses.replace(base, energy=energy, backend=backend)
             meter = await self._start_meter(own, replica=name)
             replicas.append(Replica(name, member, meter.ledger))
+        _refuse_shared_gpus([(r.name, m) for r, m in zip(replicas, self.meters, strict=True)])
         return ContinuousGate(
             engine,  # type: ignore[arg-type]
             replicas[0].ledger,
@@ -220,3 +225,20 @@ class Runtime:
                 await meter.close()
         finally:
             await self.engine.close()
+
+
+def _refuse_shared_gpus(meters: list[tuple[str, Meter]]) -> None:
+    """Two replicas' meters reading the same GPUs would each charge that energy to their own requests
+    (counted twice): each replica must measure its own GPUs. Modelled meters are per replica already."""
+    seen: dict[str, str] = {}
+    for name, meter in meters:
+        if meter.source == "model" or not meter.readable:  # unread yet: its GPUs are not named
+            continue
+        gpus = meter.gpu.split(":", 1)[1]  # the meter's own name for its GPUs, after "replica:"
+        if gpus in seen:
+            raise ConfigError(
+                f"backend.replicas: {seen[gpus]} and {name} both measure GPU(s) {gpus}; give each replica "
+                "its own gpu_indices (NVML) or dcgm_labels / dcgm_url (dcgm-exporter)",
+                field="backend.replicas",
+            )
+        seen[gpus] = name

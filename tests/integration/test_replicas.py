@@ -212,3 +212,30 @@ async def test_the_batching_view_shows_each_replica(
     assert [r["name"] for r in view["replicas"]] == ["r0", "r1"]
     assert all(r["up"] and r["inflight"] == 0 for r in view["replicas"])
     assert view["replicas"][0]["headroom"]["kv_capacity_tokens"] == 16384 * 16
+
+
+async def test_two_replicas_measuring_the_same_gpus_are_refused_at_start_up(
+    sims: Sims, aiohttp_client: Any
+) -> None:
+    """Without per-replica dcgm labels both replicas' meters would read both GPUs: each GPU's joules would
+    be charged twice."""
+    _, _, ports, dcgm_port = sims
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas": [{"url": f"http://127.0.0.1:{p}"} for p in ports],
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+        },
+    )
+    app = create_app(settings, start_in_background=True)
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    for _ in range(100):
+        if runtime.state == "failed":
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.state == "failed"
+    assert "r0 and r1 both measure GPU(s) sim/0+sim/1" in runtime.reason
+    assert (await client.get("/health")).status == 503
