@@ -95,6 +95,8 @@ class BackendFailed(EcobatchError):
     error_type = "upstream_error"
     #: the upstream's own HTTP status, where it answered with one
     upstream_status: int | None = None
+    #: no connection could be made: the request never reached the engine (safe to send elsewhere)
+    connect_failed: bool = False
 
 
 class BackendTimeout(EcobatchError):

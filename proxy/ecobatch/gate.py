@@ -23,6 +23,7 @@ cancels it, which aborts the request in the engine and frees its slot.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,10 +32,10 @@ from .backends.base import ContinuousEngine
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher
-from .domain import GenerationResult
+from .domain import GenerationResult, Usage
 from .energy.ledger import Ledger
 from .energy.receipts import Receipts
-from .errors import ShuttingDown
+from .errors import BackendFailed, ShuttingDown
 from .metrics import Metrics
 from .policy import Decision
 from .profile import EnergyProfile
@@ -45,6 +46,8 @@ __all__ = ["ContinuousGate", "Replica"]
 #: while a replica is down, how often a gate waiting for room looks again (a replica coming back
 #: frees no slot, so nothing else would wake it)
 RECHECK_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -163,29 +166,68 @@ class ContinuousGate(Dispatcher):
             self._set_inflight(pending.request.sequences)
             metrics.child(metrics.replica_requests, replica.name).inc()
             metrics.child(metrics.replica_inflight, replica.name).set(replica.inflight)
-            task = asyncio.create_task(self._serve(pending, replica, dispatched_s, sequences))
+            where = [replica]  # the replica running it (a failover moves it)
+            task = asyncio.create_task(self._serve(pending, where, dispatched_s, sequences))
             self._tasks.add(task)
             # the slot frees when the task is done, even one cancelled before it ever ran
-            task.add_done_callback(self._finisher(pending, replica))
+            task.add_done_callback(self._finisher(pending, where))
             pending.future.add_done_callback(_canceller(task))
 
-    def _finisher(self, pending: Pending, replica: Replica) -> Callable[[asyncio.Task[None]], None]:
+    def _finisher(self, pending: Pending, where: list[Replica]) -> Callable[[asyncio.Task[None]], None]:
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            replica.inflight -= pending.request.sequences
-            self._metrics.child(self._metrics.replica_inflight, replica.name).set(replica.inflight)
+            self._move(pending, where[0], None)
             self._set_inflight(-pending.request.sequences)
             if not pending.future.done():  # cancelled (shutdown) before it started
                 pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
 
         return finished
 
-    async def _serve(self, pending: Pending, replica: Replica, dispatched_s: float, group_size: int) -> None:
-        span, job = self._job(pending, replica.ledger)
+    def _move(self, pending: Pending, source: Replica, target: Replica | None) -> None:
+        """The request's slot leaves ``source`` (for ``target``'s, in a failover)."""
+        sequences, metrics = pending.request.sequences, self._metrics
+        source.inflight -= sequences
+        metrics.child(metrics.replica_inflight, source.name).set(source.inflight)
+        if target is not None:
+            target.inflight += sequences
+            metrics.child(metrics.replica_inflight, target.name).set(target.inflight)
+            metrics.child(metrics.replica_requests, target.name).inc()
+
+    def _failover(self, failed: Replica) -> Replica | None:
+        """Another replica that is up, for a request whose replica refused the connection (it never
+        reached an engine): the fullest under its cap, else the least loaded."""
+        others = [r for r in self.replicas if r is not failed and r.up]
+        if not others:
+            return None
+        cap = self._admission.last_decision.batch_size if self._admission.last_decision else 1
+        under = [r for r in others if r.inflight < cap]
+        return max(under, key=lambda r: r.inflight) if under else min(others, key=lambda r: r.inflight)
+
+    async def _serve(
+        self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int
+    ) -> None:
+        span, job = self._job(pending, where[0].ledger)
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = await replica.engine.generate(job)
+                while True:
+                    try:
+                        result = await where[0].engine.generate(job)
+                        break
+                    except BackendFailed as exc:
+                        target = self._failover(where[0]) if exc.connect_failed else None
+                        if target is None:
+                            raise
+                        log.warning(
+                            "replica %s refused the connection; %s runs %s",
+                            where[0].name,
+                            target.name,
+                            pending.request.id,
+                        )
+                        span.end(Usage(0, 0), delivered=False)  # it never reached that engine
+                        self._move(pending, where[0], target)
+                        where[0] = target
+                        span, job = self._job(pending, target.ledger)
         except TimeoutError:
             result = self._timeout()
         except asyncio.CancelledError:
@@ -193,7 +235,7 @@ class ContinuousGate(Dispatcher):
         except Exception as exc:
             result = exc
         finally:
-            self._resolve(pending, span, result, dispatched_s, group_size, replica.inflight)
+            self._resolve(pending, span, result, dispatched_s, group_size, where[0].inflight)
 
 
 def _up_value(replica: Replica) -> Callable[[], float]:

@@ -239,3 +239,16 @@ async def test_two_replicas_measuring_the_same_gpus_are_refused_at_start_up(
     assert runtime.state == "failed"
     assert "r0 and r1 both measure GPU(s) sim/0+sim/1" in runtime.reason
     assert (await client.get("/health")).status == 503
+
+
+async def test_requests_sent_to_a_replica_that_just_died_are_served_by_the_other(
+    sims: Sims, aiohttp_client: Any
+) -> None:
+    """Before any probe notices, a refused connection trips that replica's breaker and the requests go
+    to the live one: none fails."""
+    servers, runners, ports, dcgm_port = sims
+    client = await proxy(aiohttp_client, ports, dcgm_port)
+    await runners[0].cleanup()  # r0 is gone; the gate still takes it for up
+    assert await complete(client, 4) == [200] * 4
+    assert servers[1].served == 4
+    assert await metric(client, "ecobatch_replica_requests_total", replica="r0") >= 1, "sent to r0 first"

@@ -182,3 +182,56 @@ async def test_each_replica_has_its_own_kv_cap(continuous_profile: EnergyProfile
     b.finish("p2")
     await asyncio.gather(*(p.future for p in pendings))
     await gate.close(grace_s=0)
+
+
+async def test_a_request_whose_replica_refuses_the_connection_runs_on_another(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """A refused connection never reached an engine: the request goes to a replica that is up, instead
+    of failing while the breaker of the dead one opens."""
+    from ecobatch.errors import BackendFailed
+
+    gate, (a, b), (ledger_a, ledger_b), metrics = build(continuous_profile, clock, "pack")
+
+    async def refused(job: Any) -> Any:
+        a.state = "down"  # as the breaker trips on a refused connection
+        failed = BackendFailed("upstream http://a failed: connection refused")
+        failed.connect_failed = True
+        raise failed
+
+    a.generate = refused  # type: ignore[method-assign]
+    await gate.start()
+    pending = gate.submit(req("x"))
+    await clock.advance(0.1)
+    assert b.started == ["x"]
+    assert [r.inflight for r in gate.replicas] == [0, 1]
+    assert ledger_a.inflight_sequences == 0 and ledger_b.inflight_sequences == 1
+    b.finish("x")
+    outcome = await pending.future
+    assert outcome.result.usage.completion_tokens > 0, "served by r1"
+    await settle()
+    assert [r.inflight for r in gate.replicas] == [0, 0] and gate.inflight == 0
+    assert value(metrics, "ecobatch_replica_requests_total", replica="r1") == 1
+    await gate.close(grace_s=0)
+
+
+async def test_a_failure_after_the_request_reached_the_engine_is_not_sent_again(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    from ecobatch.errors import BackendFailed
+
+    gate, (a, b), _, _ = build(continuous_profile, clock, "pack")
+
+    async def broken(job: Any) -> Any:
+        raise BackendFailed("upstream returned 500: CUDA error")
+
+    a.generate = broken  # type: ignore[method-assign]
+    await gate.start()
+    pending = gate.submit(req("x"))
+    await clock.advance(0.1)
+    with pytest.raises(BackendFailed):
+        await pending.future
+    await settle()
+    assert b.started == [], "it may have run: never twice"
+    assert [r.inflight for r in gate.replicas] == [0, 0]
+    await gate.close(grace_s=0)

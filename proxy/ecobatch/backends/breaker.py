@@ -39,6 +39,12 @@ class Breaker:
                 "upstream %s is down (%d failures in a row; last: %s)", self.upstream, self._failures, reason
             )
 
+    def trip(self, reason: str) -> None:
+        """Open now: the upstream refused the connection (nothing listens), no need to count to the
+        threshold; the next probe that succeeds closes it again."""
+        self._failures = max(self._failures, self._threshold - 1)
+        self.failure(reason)
+
     def success(self) -> None:
         if self._down_since_s is not None:
             log.info("upstream %s is back after %.1f s", self.upstream, self._clock() - self._down_since_s)

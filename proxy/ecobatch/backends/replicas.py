@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings
 from ..domain import GenerationRequest, Headroom
-from ..errors import UpstreamDown
+from ..errors import ConfigError, UpstreamDown
 from .base import EngineShape, Progress
 from .vllm_http import VllmHttpBackend
 
@@ -59,7 +59,9 @@ class ReplicaSet:
 
     @property
     def model(self) -> str:
-        return self.members[0].model
+        """The served name: the configured one, else the model of the first replica that answered."""
+        started = [m for m in self.members if m.started]
+        return (started or self.members)[0].model
 
     async def start(self, progress: Progress) -> None:
         """Start every replica; return once one of them is up (the rest come up in the background)."""
@@ -86,16 +88,33 @@ class ReplicaSet:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a replica serving another model: a configuration error, stop here
-            if any(m.started for m in self.members):
+            started = [m for m in self.members if m.started]
+            if started:
+                self._agree_on_model(started)
                 self._ready = True
                 return
+
+    def _agree_on_model(self, started: list[VllmHttpBackend]) -> None:
+        """Every replica must serve the model the first one serves: those still starting are held to it
+        (one that serves another is refused, and says so in /health); two that answered together with
+        different models stop the start-up."""
+        model = started[0].upstream_model
+        others = sorted({str(m.upstream_model) for m in started} - {str(model)})
+        if others:
+            names = ", ".join(repr(m) for m in [model, *others])
+            raise ConfigError(
+                f"backend.replicas serve different models ({names}); set backend.model to the one to serve",
+                field="backend.replicas",
+            )
+        for member in self.members:
+            member.require_model(model)
 
     def _started(self, task: asyncio.Task[None]) -> Callable[[asyncio.Task[None]], None]:
         def done(_: asyncio.Task[None]) -> None:
             name = self.names[self._starts.index(task)]
             self._waiting.pop(name, None)
-            if self._ready and not task.cancelled() and task.exception() is None:
-                log.info("replica %s is up", name)
+            if not task.cancelled() and task.exception() is None:
+                log.info("replica %s is up: %s", name, self.members[self._starts.index(task)].upstream)
             elif self._ready and not task.cancelled():
                 log.error("replica %s cannot serve: %s", name, task.exception())
                 self._waiting[name] = str(task.exception())

@@ -126,6 +126,16 @@ class VllmHttpBackend:
         return self._base
 
     @property
+    def upstream_model(self) -> str | None:
+        """The upstream's model name (asked from /v1/models where backend.model is not set)."""
+        return self._upstream_model
+
+    def require_model(self, model: str | None) -> None:
+        """Serve ``model`` (another replica's): an upstream that does not serve it is refused at start."""
+        if self._upstream_model is None:
+            self._upstream_model = model
+
+    @property
     def model(self) -> str:
         return self._served or self._upstream_model or "unknown"
 
@@ -228,8 +238,13 @@ class VllmHttpBackend:
             else:
                 result = await self._post(job.request)
         except (aiohttp.ClientError, OSError) as exc:
-            self.breaker.failure(_why(exc))
-            raise BackendFailed(f"upstream {self._base} failed: {_why(exc)}") from exc
+            failed = BackendFailed(f"upstream {self._base} failed: {_why(exc)}")
+            if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens there: down now
+                self.breaker.trip(_why(exc))
+                failed.connect_failed = True
+            else:
+                self.breaker.failure(_why(exc))
+            raise failed from exc
         except BackendFailed as exc:
             if exc.upstream_status is None or exc.upstream_status >= 500:
                 self.breaker.failure(exc.message)
