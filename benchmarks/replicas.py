@@ -4,13 +4,16 @@ the GPUs' energy counter is read over each phase, idle included (both GPUs).
 
 Two modes:
 
-* ``--modelled`` (default; runs anywhere): the replicas are MODELLED vLLM servers
+* without ``--replica`` (runs anywhere): the replicas are MODELLED vLLM servers
   (``ecobatch.testing.sim_vllm``: speed and power from the H200 reference profile) and their GPUs'
-  energy is a modelled dcgm-style counter. Every figure it writes is labelled modelled.
+  energy is a modelled dcgm-style counter. Every figure it writes is labelled MODELLED (the targets'
+  labels, the summary, the plots).
 * ``--replica URL --replica URL --energy nvml``: real vLLM servers on this host's GPUs (replica i on
   GPU i), energy from NVML.
 
-    python benchmarks/replicas.py --rates 1,2,4,8 --duration 60 --out benchmarks/results/replicas-modelled
+    python benchmarks/replicas.py --rates 1,2,4,8 --duration 60 --out /tmp/replicas
+
+Rows of an earlier run in the same ``--out`` folder are kept for the rates not run again.
 
 Writes ``summary.json``, ``summary.csv``, ``replicas.png`` and each rate's bench report to ``--out``.
 """
@@ -94,10 +97,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--seed", str(args.seed), "--energy", energy_flag, "--cooldown-s", "3", "--quiet",
                 "--out", str(report),
             ]  # fmt: skip
+            if not args.replica:  # each target's label says so, in every report and plot
+                bench[bench.index("pack")] = "pack (MODELLED)"
+                bench[bench.index("round-robin")] = "round-robin (MODELLED)"
             print("$", shlex.join(["ecobatch", *bench[3:]]), flush=True)
             subprocess.run(bench, check=True)
-            targets = {t["label"]: t for t in json.loads(report.read_text())["targets"]}
-            rows.append(row(rate, targets["pack"], targets["round-robin"]))
+            pack, rr = json.loads(report.read_text())["targets"]
+            rows.append(row(rate, pack, rr))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         for proc in procs:
@@ -134,6 +140,7 @@ def row(rate: float, pack: dict[str, Any], rr: dict[str, Any]) -> dict[str, Any]
     """One rate's comparison from the two targets' bench summaries (energy None where not read)."""
     j_pack, j_rr = pack["energy"].get("joules_per_request"), rr["energy"].get("joules_per_request")
     return {
+        "what": "modelled" if "MODELLED" in pack["label"] else "measured",
         "rate_per_s": rate,
         "requests": pack["requests"],
         "ok_pack": pack["ok"],
@@ -188,15 +195,25 @@ def main() -> None:
     p.add_argument("--energy", default="nvml", help="with --replica: the bench's energy source")
     p.add_argument("--proxy-meter", default="nvml", help="with --replica: the proxies' energy.meter")
     p.add_argument("--profile", help="the proxies' energy profile (default: the H200 reference)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/replicas-modelled"))
+    p.add_argument("--out", type=Path, required=True, help="folder for the reports (earlier rows are kept)")
     args = p.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
+    try:
+        import matplotlib  # noqa: F401  (the plots; checked before minutes of load, not after)
+    except ImportError:
+        sys.exit("benchmarks/replicas.py needs matplotlib: pip install matplotlib (or 'ecobatch[bench]')")
     summary = run(args)
+    print(summary["what"])
     for r in summary["rows"]:
+        j = (
+            "—"
+            if r["j_ratio"] is None
+            else f"{r['j_per_request_pack']:.1f} vs {r['j_per_request_round_robin']:.1f} J"
+        )
+        ratio = "" if r["j_ratio"] is None else f" ({r['j_ratio']:.2f}x)"
         print(
-            f"{r['rate_per_s']:>5g} req/s  J/request pack {r['j_per_request_pack']} vs round-robin "
-            f"{r['j_per_request_round_robin']} ({r['j_ratio']}x); p99 {r['p99_s_pack']:.2f} vs "
-            f"{r['p99_s_round_robin']:.2f} s ({r['p99_ratio']:.2f}x)"
+            f"{r['rate_per_s']:>5g} req/s  J/request pack vs round-robin: {j}{ratio}; "
+            f"p99 {r['p99_s_pack']:.2f} vs {r['p99_s_round_robin']:.2f} s ({r['p99_ratio']:.2f}x)"
         )
 
 

@@ -117,10 +117,13 @@ class ReplicaSettings:
         )
 
 
+_DEFAULT_UPSTREAM = "http://127.0.0.1:8000"
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSettings:
     kind: BackendKind = "simulated"
-    upstream: str = "http://127.0.0.1:8000"
+    upstream: str = _DEFAULT_UPSTREAM
     # vllm-http: the upstream's model name (None: ask its /v1/models). vllm-async / hf-bnb: a path or name.
     model: str | None = None
     # The name clients use; None: the model's own name (simulated: "mistral-7b-int8-sim").
@@ -173,15 +176,21 @@ class BackendSettings:
             self.context_length,
             ">= 2",
         )
+        urls = [r.url.rstrip("/").lower() for r in self.replicas]
         _require(
             not self.replicas or self.kind == "vllm-http",
             "backend.replicas",
-            f"{len(self.replicas)} replicas",
-            "empty unless backend.kind is 'vllm-http'",
+            urls,
+            "empty unless backend.kind is 'vllm-http' (--backend vllm-http)",
+        )
+        _require(
+            not self.replicas or self.upstream == _DEFAULT_UPSTREAM,
+            "backend.upstream",
+            self.upstream,
+            "unset when backend.replicas lists the upstreams",
         )
         names = [r.name or f"r{i}" for i, r in enumerate(self.replicas)]
         _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
-        urls = [r.url.rstrip("/") for r in self.replicas]
         _require(len(set(urls)) == len(urls), "backend.replicas[].url", urls, "unique")
         _require(
             self.routing in ROUTING_POLICIES, "backend.routing", self.routing, f"one of {ROUTING_POLICIES}"
@@ -278,12 +287,6 @@ class EnergySettings:
             "an http:// or https:// URL",
         )
         _require(
-            self.meter != "dcgm" or self.dcgm_url is not None,
-            "energy.dcgm_url",
-            self.dcgm_url,
-            "set when energy.meter is 'dcgm' (dcgm-exporter's /metrics URL)",
-        )
-        _require(
             0.01 <= self.sample_interval_s <= 5,
             "energy.sample_interval_s",
             self.sample_interval_s,
@@ -314,6 +317,30 @@ class Settings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     energy: EnergySettings = field(default_factory=EnergySettings)
+
+    def __post_init__(self) -> None:
+        energy, replicas = self.energy, self.backend.replicas
+        every_replica_has_one = bool(replicas) and all(r.dcgm_url for r in replicas)
+        _require(
+            energy.meter != "dcgm" or energy.dcgm_url is not None or every_replica_has_one,
+            "energy.dcgm_url",
+            energy.dcgm_url,
+            "set when energy.meter is 'dcgm' (dcgm-exporter's /metrics URL; or each replica's dcgm_url)",
+        )
+        for i, r in enumerate(replicas):
+            dcgm = r.dcgm_url or energy.dcgm_url
+            _require(
+                not (r.dcgm_labels or r.dcgm_url) or energy.meter in ("auto", "dcgm"),
+                f"backend.replicas[{i}].dcgm_labels",
+                r.dcgm_labels or r.dcgm_url,
+                f"unset while energy.meter is {energy.meter!r} (they select dcgm-exporter series)",
+            )
+            _require(
+                not r.dcgm_labels or dcgm is not None,
+                f"backend.replicas[{i}].dcgm_labels",
+                r.dcgm_labels,
+                "used with a dcgm-exporter URL: set energy.dcgm_url or this replica's dcgm_url",
+            )
 
 
 def _check_type(name: str, value: object, annotation: Any) -> object:

@@ -96,6 +96,7 @@ class ContinuousGate(Dispatcher):
         self._last_choice = -1
         for replica in self.replicas:
             metrics.child(metrics.replica_inflight, replica.name).set(0)
+            metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
             metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
 
     async def _run(self) -> None:

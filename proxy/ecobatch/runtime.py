@@ -104,26 +104,11 @@ class Runtime:
         except BaseException as exc:
             self._fail(str(exc) or repr(exc))
             raise
-        self.metrics.set_model(self.engine.model)
-        if isinstance(self.engine, ReplicaSet):
-            try:
-                dispatcher: Dispatcher = await self._replica_gate(self.engine)
-            except ConfigError as exc:
-                self._fail(str(exc))
-                raise
-        else:
-            meter = await self._start_meter(self.settings)
-            kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
-            dispatcher = kind(
-                self.engine,  # type: ignore[arg-type]
-                meter.ledger,
-                self.receipts,
-                self.metrics,
-                self.profile,
-                self.settings.batching,
-                request_timeout_s=self.settings.backend.request_timeout_s,
-                clock=self.clock,
-            )
+        try:
+            dispatcher = await self._dispatcher()
+        except BaseException as exc:  # a meter that cannot be built (energy.meter=nvml without a GPU), …
+            self._fail(str(exc) or repr(exc))
+            raise
         await dispatcher.start()
         self.dispatcher = dispatcher
         self.state, self.reason = "ready", "ready"
@@ -138,19 +123,39 @@ class Runtime:
             ", ".join(sorted({m.source for m in self.meters})),
         )
 
-    async def _start_meter(self, settings: Settings, replica: str | None = None) -> Meter:
+    async def _dispatcher(self) -> Dispatcher:
+        """The meters and the dispatcher for the engine that is up."""
+        self.metrics.set_model(self.engine.model)
+        if isinstance(self.engine, ReplicaSet):
+            return await self._replica_gate(self.engine)
+        meter = await self._start_meter(self.settings)
+        kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
+        return kind(
+            self.engine,  # type: ignore[arg-type]
+            meter.ledger,
+            self.receipts,
+            self.metrics,
+            self.profile,
+            self.settings.batching,
+            request_timeout_s=self.settings.backend.request_timeout_s,
+            clock=self.clock,
+        )
+
+    def _new_meter(self, settings: Settings) -> Meter:
         meter = self._meter_factory(settings, self.profile, self.clock)
         self._wire(meter)
-        await meter.start()
-        if replica is not None:  # one series per replica's GPUs, whatever the meter calls them
-            meter.ledger.gpu = f"{replica}:{meter.ledger.gpu}"
         self.meters.append(meter)
         self.meter = self.meter or meter
         return meter
 
+    async def _start_meter(self, settings: Settings) -> Meter:
+        meter = self._new_meter(settings)
+        await meter.start()
+        return meter
+
     async def _replica_gate(self, engine: ReplicaSet) -> ContinuousGate:
-        """One meter per replica (its own GPUs: NVML indices, or its dcgm series) and the gate that
-        routes among them."""
+        """One meter per replica (its own GPUs: NVML indices, or its dcgm series), started together,
+        and the gate that routes among them."""
         base = self.settings
         replicas = []
         for name, member, spec in zip(engine.names, engine.members, base.backend.replicas, strict=True):
@@ -160,10 +165,16 @@ class Runtime:
                 dcgm_url=spec.dcgm_url or base.energy.dcgm_url,
                 dcgm_labels={**base.energy.dcgm_labels, **spec.dcgm_labels},
             )
+            if not member.started and energy.idle_power_w is None and self.profile.idle_power_w is not None:
+                # a replica still loading its model draws more than idle: no idle probe of it
+                energy = dataclasses.replace(energy, idle_power_w=self.profile.idle_power_w)
+                log.info("energy: replica %s is not up yet; its idle power is the profile's", name)
             backend = dataclasses.replace(base.backend, upstream=spec.url, replicas=[])
-            own = dataclasses.replace(base, energy=energy, backend=backend)
-            meter = await self._start_meter(own, replica=name)
+            meter = self._new_meter(dataclasses.replace(base, energy=energy, backend=backend))
+            meter.gpu_prefix = f"{name}:"  # one series per replica's GPUs, whatever the meter calls them
+            meter.idle_fallback_w = self.profile.idle_power_w
             replicas.append(Replica(name, member, meter.ledger))
+        await asyncio.gather(*(m.start() for m in self.meters))
         _refuse_shared_gpus([(r.name, m) for r, m in zip(replicas, self.meters, strict=True)])
         return ContinuousGate(
             engine,  # type: ignore[arg-type]
@@ -228,17 +239,18 @@ class Runtime:
 
 
 def _refuse_shared_gpus(meters: list[tuple[str, Meter]]) -> None:
-    """Two replicas' meters reading the same GPUs would each charge that energy to their own requests
-    (counted twice): each replica must measure its own GPUs. Modelled meters are per replica already."""
-    seen: dict[str, str] = {}
+    """Two replicas' meters reading a GPU in common would each charge its energy to their own requests
+    (counted twice): each replica must measure its own GPUs. Modelled meters are per replica already;
+    a meter not read yet has not named its GPUs."""
+    owner: dict[str, str] = {}
     for name, meter in meters:
-        if meter.source == "model" or not meter.readable:  # unread yet: its GPUs are not named
+        if meter.source == "model" or not meter.readable:
             continue
-        gpus = meter.gpu.split(":", 1)[1]  # the meter's own name for its GPUs, after "replica:"
-        if gpus in seen:
-            raise ConfigError(
-                f"backend.replicas: {seen[gpus]} and {name} both measure GPU(s) {gpus}; give each replica "
-                "its own gpu_indices (NVML) or dcgm_labels / dcgm_url (dcgm-exporter)",
-                field="backend.replicas",
-            )
-        seen[gpus] = name
+        for gpu in meter.gpu.split(":", 1)[1].split("+"):  # "r0:0+1" -> GPUs "0" and "1"
+            if gpu in owner:
+                raise ConfigError(
+                    f"backend.replicas: {owner[gpu]} and {name} both measure GPU {gpu}; give each replica "
+                    "its own gpu_indices (NVML) or dcgm_labels / dcgm_url (dcgm-exporter)",
+                    field="backend.replicas",
+                )
+            owner[gpu] = name

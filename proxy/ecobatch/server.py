@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from .app import BRING_UP, RUNTIME, create_app, metrics_app
 from .config import Settings
+from .errors import ConfigError
 
 __all__ = ["ApiRunner", "Exit", "StartupError", "serve"]
 
@@ -56,24 +57,37 @@ class _OpenAIErrorsHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        default = super().handle_error(request, status, exc, message)  # logs; refuses a started reply
+        if not isinstance(exc, BadHttpMessage):  # a handler's error (504: its time-out): aiohttp's answer
+            default = super().handle_error(request, status, exc, message)
+            what = "the request timed out" if status == 504 else "internal error"
+            return _error(
+                default.status, what, "internal_error", "timeout" if status == 504 else "internal_error"
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already sent, cannot send another one")
+        # logged without aiohttp's message: it quotes the refused bytes, which may be a credential
+        log.info(
+            "refused a request from %s that the HTTP parser could not read: %s",
+            request.remote,
+            type(exc).__name__,
+        )
         if isinstance(exc, LineTooLong):
             limit = exc.args[1] if len(exc.args) > 1 else "?"
             text = (
                 "a request header line (or the request line) is longer than "
                 f"server.max_header_bytes={limit} bytes"
             )
-            code = "header_too_large"
-        elif status < 500:
-            what = type(exc).__name__ if exc is not None else "unparsable"
-            text, code = f"malformed HTTP request ({what})", "bad_request"
-        else:
-            text, code = "internal error while reading the request", "internal_error"
-        error_type = "invalid_request_error" if status < 500 else "internal_error"
-        body = {"error": {"message": text, "type": error_type, "param": None, "code": code}}
-        response = web.json_response(body, status=default.status)
-        response.force_close()
-        return response
+            return _error(status, text, "invalid_request_error", "header_too_large")
+        return _error(
+            status, f"malformed HTTP request ({type(exc).__name__})", "invalid_request_error", "bad_request"
+        )
+
+
+def _error(status: int, message: str, error_type: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    response = web.json_response(body, status=status)
+    response.force_close()
+    return response
 
 
 class _OpenAIErrorsServer(web.Server):
@@ -140,7 +154,7 @@ async def serve(settings: Settings) -> Exit:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     code = await _until_stopped(app[BRING_UP], stop)
-    if code == 1:
+    if code:
         log.error("ecobatch could not start: %s", runtime.reason)
     stuck = False
     grace = server.shutdown_grace_s
@@ -161,12 +175,12 @@ async def serve(settings: Settings) -> Exit:
 
 
 async def _until_stopped(bring_up: asyncio.Task[None], stop: asyncio.Event) -> int:
-    """0 after a stop signal; 1 if the engine failed to come up first."""
+    """0 after a stop signal; 1 if the engine failed to come up first, 2 if a setting was wrong."""
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({bring_up, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if bring_up.done() and not bring_up.cancelled() and bring_up.exception() is not None:
-            return 1
+            return 2 if isinstance(bring_up.exception(), ConfigError) else 1
         await stop.wait()
         log.info("stop signal received")
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -38,7 +39,10 @@ async def raw_request(port: int, head: bytes) -> tuple[int, dict[str, str], byte
     return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
-async def test_a_header_over_the_limit_is_a_400_in_the_openai_form_naming_the_setting(port: int) -> None:
+async def test_a_header_over_the_limit_is_a_400_in_the_openai_form_naming_the_setting(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     secret = "sk-" + "s" * 4000
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
@@ -51,6 +55,8 @@ async def test_a_header_over_the_limit_is_a_400_in_the_openai_form_naming_the_se
     assert error["type"] == "invalid_request_error" and error["code"] == "header_too_large"
     assert "server.max_header_bytes=2048" in error["message"]
     assert "sss" not in body.decode()  # a too-long header may be a credential: never echoed
+    assert "sss" not in caplog.text, "nor logged"
+    assert "LineTooLong" in caplog.text
 
 
 async def test_a_header_under_the_limit_is_served(port: int) -> None:

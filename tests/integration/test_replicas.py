@@ -32,14 +32,21 @@ async def sims() -> AsyncIterator[Sims]:
         await runner.cleanup()
 
 
-async def proxy(aiohttp_client: Any, ports: list[int], dcgm_port: int, routing: str = "pack") -> Any:
+async def proxy(
+    aiohttp_client: Any,
+    ports: list[int],
+    dcgm_port: int,
+    routing: str = "pack",
+    gpus: list[str] | None = None,
+) -> Any:
+    """ecobatch over replicas on ``ports``; replica i's energy is the sim GPU ``gpus[i]`` (default: i)."""
     settings = load_settings(
         None,
         {
             "backend.kind": "vllm-http",
             "backend.replicas": [
-                {"url": f"http://127.0.0.1:{port}", "dcgm_labels": {"gpu": str(i)}}
-                for i, port in enumerate(ports)
+                {"url": f"http://127.0.0.1:{port}", "dcgm_labels": {"gpu": gpu}}
+                for port, gpu in zip(ports, gpus or [str(i) for i in range(len(ports))], strict=True)
             ],
             "backend.routing": routing,
             "backend.headroom_poll_s": 0.1,
@@ -139,9 +146,12 @@ async def test_it_is_ready_with_one_replica_and_takes_the_other_once_it_answers(
     ports, dcgm_port = [free_port(), free_port()], free_port()
     servers, runners = await serve_replicas(profile, ports[1:], dcgm_port, served_model_name="sim")
     try:
-        client = await proxy(aiohttp_client, ports, dcgm_port)
+        # the exporter has the running server's GPU as "0"; the late one's ("9") never appears in it
+        client = await proxy(aiohttp_client, ports, dcgm_port, gpus=["9", "0"])
         health = await (await client.get("/health")).json()
         assert health["status"] == "ok" and health["engine"]["replicas_up"] == 1
+        meters = {m.gpu: m for m in client.app[RUNTIME].meters}
+        assert set(meters) == {"r0:dcgm", "r1:sim/0"}, "the late replica's GPUs are not named yet"
         late = health["engine"]["replicas"][0]
         assert late["state"] == "starting" and "connection refused" in late["last_error"]
         assert await complete(client, 2) == [200, 200] and servers[0].served == 2
@@ -237,7 +247,7 @@ async def test_two_replicas_measuring_the_same_gpus_are_refused_at_start_up(
             break
         await asyncio.sleep(0.05)
     assert runtime.state == "failed"
-    assert "r0 and r1 both measure GPU(s) sim/0+sim/1" in runtime.reason
+    assert "r0 and r1 both measure GPU sim/0" in runtime.reason
     assert (await client.get("/health")).status == 503
 
 
@@ -252,3 +262,72 @@ async def test_requests_sent_to_a_replica_that_just_died_are_served_by_the_other
     assert await complete(client, 4) == [200] * 4
     assert servers[1].served == 4
     assert await metric(client, "ecobatch_replica_requests_total", replica="r0") >= 1, "sent to r0 first"
+
+
+async def test_a_single_replica_list_works_like_one_upstream(sims: Sims, aiohttp_client: Any) -> None:
+    servers, _, ports, dcgm_port = sims
+    client = await proxy(aiohttp_client, ports[:1], dcgm_port)
+    assert await complete(client, 3) == [200] * 3 and servers[0].served == 3
+
+
+async def test_replicas_measuring_a_gpu_in_common_are_refused(sims: Sims, aiohttp_client: Any) -> None:
+    """r0 measures GPUs 0 and 1 (no selector of its own), r1 GPU 1: GPU 1 would be counted twice."""
+    _, _, ports, dcgm_port = sims
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas": [
+                {"url": f"http://127.0.0.1:{ports[0]}"},
+                {"url": f"http://127.0.0.1:{ports[1]}", "dcgm_labels": {"gpu": "1"}},
+            ],
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+        },
+    )
+    app = create_app(settings, start_in_background=True)
+    await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    for _ in range(100):
+        if runtime.state == "failed":
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.state == "failed" and "r0 and r1 both measure GPU sim/1" in runtime.reason
+
+
+async def test_replicas_that_serve_different_models_are_refused(aiohttp_client: Any) -> None:
+    """Without backend.model the first replica up sets the model; one serving another never serves."""
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    ports = [free_port(), free_port()]
+    _, first = await serve_replicas(profile, ports[:1], free_port(), served_model_name="sim")
+    _, other = await serve_replicas(profile, ports[1:], free_port(), served_model_name="other")
+    try:
+        settings = load_settings(
+            None,
+            {
+                "backend.kind": "vllm-http",
+                "backend.replicas": [{"url": f"http://127.0.0.1:{p}"} for p in ports],
+                "energy.meter": "model",
+            },
+        )
+        app = create_app(settings, start_in_background=True)
+        client = await aiohttp_client(app)
+        runtime = app[RUNTIME]
+        for _ in range(100):
+            if runtime.state in ("ready", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        if runtime.state == "failed":  # both answered in the same turn of the loop
+            assert "serve different models" in runtime.reason
+            return
+        for _ in range(40):  # the other replica's next try finds its model is not the one served
+            health = await (await client.get("/health")).json()
+            refused = [r for r in health["engine"]["replicas"] if r["state"] != "up"]
+            if refused and "is not served upstream" in (refused[0]["last_error"] or ""):
+                break
+            await asyncio.sleep(0.1)
+        assert health["engine"]["replicas_up"] == 1 and health["model"] in ("sim", "other")
+        assert "is not served upstream" in refused[0]["last_error"]
+    finally:
+        for r in [*first, *other]:
+            await r.cleanup()

@@ -242,3 +242,21 @@ def test_a_stuck_engine_cannot_keep_the_process_past_grace_plus_two_seconds(tmp_
     assert exited_s <= 1 + 2, f"exited {exited_s:.1f} s after SIGTERM\n{output}"
     assert results and results[0][0] == 503, results
     assert "exiting without waiting" in output or "stopping anyway" in output, output
+
+
+def test_an_energy_setting_that_cannot_be_met_stops_the_start_with_its_reason_and_exit_code_2() -> None:
+    """Found while bringing the engine up (after listening): still one line naming the setting."""
+    from ecobatch.energy.gpu import discover_gpus
+
+    if discover_gpus():
+        pytest.skip("this host has a GPU: energy.meter=nvml can be met")
+    port = free_port()
+    done = subprocess.run(
+        [*ECOBATCH, "serve", "--energy-meter", "nvml", "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "ecobatch could not start: energy.meter='nvml' but NVML found no GPU on this host" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -45,6 +45,27 @@ def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
         ("energy:\n  meter: zeus\n", r"energy.meter='zeus' must be one of"),
         ("backend:\n  context_length: 1\n", r"backend.context_length=1 must be >= 2"),
         ("- 1\n", r"top level must be a mapping"),
+        (
+            "backend:\n  replicas: [{url: 'http://a:1'}]\n",
+            r"backend.replicas=\['http://a:1'\] must be empty unless backend.kind is 'vllm-http'",
+        ),
+        (
+            "backend:\n  kind: vllm-http\n  upstream: http://x:1\n  replicas: [{url: 'http://a:1'}]\n",
+            r"backend.upstream='http://x:1' must be unset when backend.replicas",
+        ),
+        (
+            "backend:\n  kind: vllm-http\n  replicas: [{url: 'http://a:1'}, {url: 'http://A:1/'}]\n",
+            r"backend.replicas\[\].url=.* must be unique",
+        ),
+        (
+            "backend:\n  kind: vllm-http\n  replicas: [{url: 'http://a:1', dcgm_labels: {gpu: 0}}]\n",
+            r"backend.replicas\[0\].dcgm_labels=\{'gpu': '0'\} must be used with a dcgm-exporter URL",
+        ),
+        (
+            "backend:\n  kind: vllm-http\n  replicas: [{url: 'http://a:1', dcgm_url: 'http://d:9400'}]\n"
+            "energy:\n  meter: nvml\n",
+            r"backend.replicas\[0\].dcgm_labels=.* must be unset while energy.meter is 'nvml'",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_the_limit(tmp_path: Path, yaml_text: str, message: str) -> None:
@@ -52,6 +73,17 @@ def test_bad_values_name_the_field_and_the_limit(tmp_path: Path, yaml_text: str,
     cfg.write_text(yaml_text)
     with pytest.raises(ConfigError, match=message):
         load_settings(cfg)
+
+
+def test_meter_dcgm_takes_each_replicas_own_exporter() -> None:
+    replicas = [
+        {"url": "http://a:1", "dcgm_url": "http://a:9400"},
+        {"url": "http://b:1", "dcgm_url": "http://b:9400"},
+    ]
+    settings = load_settings(
+        None, {"backend.kind": "vllm-http", "backend.replicas": replicas, "energy.meter": "dcgm"}
+    )
+    assert [r.dcgm_url for r in settings.backend.replicas] == ["http://a:9400", "http://b:9400"]
 
 
 def test_shipped_configs_load() -> None:

@@ -234,3 +234,43 @@ async def test_an_unreadable_counter_becomes_a_gap_then_starts_afresh() -> None:
     assert settled[-1].joules == pytest.approx(30.0)
     assert ledger.totals.unmeasured_s == pytest.approx(1.5)
     await meter.close()
+
+
+async def test_a_counter_unreadable_at_start_takes_the_fallback_idle_power_and_is_named_when_it_reads() -> (
+    None
+):
+    """A replica still loading at start-up: its exporter series is not there yet. Its idle power is the
+    profile's (not 0 W: its idle joules would pass for another client's), and its GPUs get their name and
+    power limit at the first reading."""
+    clock = FakeClock()
+
+    class Late:
+        source, gpu = "dcgm", "dcgm"
+        up = False
+
+        async def read(self) -> dict[str, float]:
+            if not self.up:
+                raise OSError("no such series yet")
+            self.gpu = "node/1"
+            return {"node/1": 1_000.0}
+
+        async def power_w(self) -> float:
+            return 120.0
+
+        def max_power_w(self) -> float:
+            return 700.0
+
+        async def close(self) -> None:
+            return None
+
+    reader = Late()
+    ledger = Ledger(source="dcgm", gpu="dcgm", prefill_weight=1.0, clock=clock)
+    meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_probe_s=0.0)
+    meter.gpu_prefix, meter.idle_fallback_w = "r1:", 121.8
+    await meter.start()
+    assert ledger.idle_power_w == 121.8 and ledger.gpu == "r1:dcgm" and ledger.max_power_w is None
+    reader.up = True
+    await clock.advance(0.1)
+    await meter.sample()
+    assert ledger.gpu == "r1:node/1" and ledger.max_power_w == 700.0
+    await meter.close()

@@ -84,15 +84,21 @@ class ReplicaSet:
         for task in self._starts:
             task.add_done_callback(self._started(task))
         pending: set[asyncio.Task[None]] = set(self._starts)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # a replica serving another model: a configuration error, stop here
-            started = [m for m in self.members if m.started]
-            if started:
-                self._agree_on_model(started)
-                self._ready = True
-                return
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a replica serving another model: a configuration error, stop here
+                started = [m for m in self.members if m.started]
+                if started:
+                    self._agree_on_model(started)
+                    self._ready = True
+                    return
+        except BaseException:  # a configuration error, or start-up timed out: the others stop too
+            for task in self._starts:
+                task.cancel()
+            await asyncio.gather(*self._starts, return_exceptions=True)
+            raise
 
     def _agree_on_model(self, started: list[VllmHttpBackend]) -> None:
         """Every replica must serve the model the first one serves: those still starting are held to it

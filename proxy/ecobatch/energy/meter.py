@@ -58,6 +58,12 @@ class Meter:
         self._stale_warned = False
         self._gap_open = False  # the counter was lost: rebase at its next reading
         self._failing = False
+        self._named = False  # the GPUs have been named and their power limit read (first reading)
+        #: put before the GPUs' name in the ``gpu`` label (a replica's name: "r1:")
+        self.gpu_prefix = ""
+        #: idle power to charge when the counter cannot be read at start-up (a replica still loading):
+        #: the profile's, announced; None: 0 W until restarted
+        self.idle_fallback_w: float | None = None
 
     @property
     def readable(self) -> bool:
@@ -78,21 +84,35 @@ class Meter:
                 if self._idle_power_w is None:
                     self._idle_power_w = await self._probe_idle_power_w(self.reader)
                 self._deltas.delta(await self.reader.read())
-                self.ledger.gpu = self.reader.gpu
-                if self.ledger.max_power_w is None:
-                    self.ledger.max_power_w = self.reader.max_power_w()
+                self._name(self.reader)
             except Exception as exc:
                 log.error(
-                    "energy: cannot read the %s counter at start-up (%s); serving on, and requests settle "
+                    "energy: cannot read the %s counter%s at start-up (%s); serving on, and requests settle "
                     "as incomplete until it can be read",
                     self.source,
+                    f" of {self.gpu_prefix.rstrip(':')}" if self.gpu_prefix else "",
                     exc,
                 )
                 self._gap_open = self._failing = True
+                self.ledger.gpu = self.gpu_prefix + self.ledger.gpu
+                if self._idle_power_w is None and self.idle_fallback_w is not None:
+                    self._idle_power_w = self.idle_fallback_w
+                    log.warning(
+                        "energy: idle power %.1f W from the profile until restarted", self._idle_power_w
+                    )
+        else:
+            self.ledger.gpu = self.gpu_prefix + self.ledger.gpu
         if self._idle_power_w is not None:
             self.ledger.idle_power_w = self._idle_power_w
         self._last_s = self.ledger.clock.now()
         self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
+
+    def _name(self, reader: CounterReader) -> None:
+        """The GPUs' name (the ``gpu`` label) and power limit, from a reader that has been read."""
+        self.ledger.gpu = self.gpu_prefix + reader.gpu
+        if self.ledger.max_power_w is None:
+            self.ledger.max_power_w = reader.max_power_w()
+        self._named = True
 
     async def close(self) -> None:
         """Stop sampling, close the last interval and settle everything (call after the dispatcher)."""
@@ -161,6 +181,8 @@ class Meter:
             if self._failing:
                 log.info("energy: the %s counter is readable again", self.source)
                 self._failing = False
+            if not self._named:  # first read after a start-up without a counter
+                self._name(self.reader)
             if self._gap_open:  # what it counted during the gap cannot be placed: start afresh here
                 self._deltas.rebase(reading)
                 now = self.ledger.clock.now()

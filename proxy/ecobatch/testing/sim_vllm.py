@@ -16,7 +16,8 @@ from the profile (continuous, per concurrency), and every series it exports says
 * Each server's GPU draws the profile's power at its concurrency, its idle power with nothing in flight;
   one dcgm-exporter-style endpoint exports every GPU's ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ),
   ``DCGM_FI_DEV_POWER_USAGE`` (W) and ``DCGM_FI_DEV_POWER_MGMT_LIMIT`` (W), labelled ``gpu="i"`` and
-  ``modelName="… (modelled)"``.
+  ``modelName="… (modelled)"``. ecobatch reads it as it reads dcgm-exporter (``source="dcgm"``): it
+  cannot tell, so whatever it shows from these servers is modelled, whatever its label says.
 
 Run: ``python -m ecobatch.testing.sim_vllm --replicas 2 --port 8001 --dcgm-port 9400`` (servers on
 8001, 8002; dcgm-style energy on 9400).
@@ -185,6 +186,9 @@ class SimVllm:
             return _error(400, "body is not JSON")
         if not isinstance(body, dict):
             return _error(400, "body is not an object")
+        model = body.get("model")
+        if model is not None and model != self.model:  # as vLLM: another model is a 404
+            return _error(404, f"The model `{model}` does not exist.", "model")
         chat = request.path.endswith("/chat/completions")
         text = json.dumps(body.get("messages")) if chat else str(body.get("prompt", ""))
         prompt_tokens = max(1, len(text) // 4)
@@ -297,15 +301,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ecobatch.testing.sim_vllm", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--port", type=int, default=8001, help="the first server's port; the others follow")
-    parser.add_argument("--dcgm-port", type=int, default=9400)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--replicas", type=int, default=2, help="how many servers (default 2)")
     parser.add_argument(
-        "--profile", default=str(DEFAULT_PROFILES["continuous"]), help="continuous profile YAML"
+        "--port", type=int, default=8001, help="the first server's port; the others follow (default 8001)"
     )
-    parser.add_argument("--served-model-name", default="sim")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--dcgm-port", type=int, default=9400, help="the modelled GPUs' dcgm-style /metrics (default 9400)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument(
+        "--profile",
+        default=str(DEFAULT_PROFILES["continuous"]),
+        help="continuous profile YAML that sets speed and power (default: the H200 vLLM bf16 reference)",
+    )
+    parser.add_argument("--served-model-name", default="sim", help="the model name served (default sim)")
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences run at once, as vLLM's (default 256)"
+    )
     args = parser.parse_args(argv)
     profile = load_profile(Path(args.profile))
 
