@@ -119,6 +119,12 @@ class ContinuousGate(Dispatcher):
                 continue
             self._release(self._assign(decisions, held=idle))
 
+    def decide(self) -> Decision:
+        """The policy's decision now (for the batching view): with several replicas, the first one's."""
+        decision = self._decide_all()[0]
+        self._admission.last_decision = decision
+        return decision
+
     def _decide_all(self) -> list[Decision]:
         """Each replica's cap for this round, under its own KV headroom and in-flight count."""
         admission = self._admission
@@ -177,6 +183,7 @@ class ContinuousGate(Dispatcher):
     def _finisher(self, pending: Pending, where: list[Replica]) -> Callable[[asyncio.Task[None]], None]:
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
+            self._running.pop(id(pending), None)  # a task cancelled before it ran never resolved it
             self._move(pending, where[0], None)
             self._set_inflight(-pending.request.sequences)
             if not pending.future.done():  # cancelled (shutdown) before it started

@@ -243,6 +243,7 @@ async def test_a_request_cancelled_before_its_task_ran_still_frees_its_slot(
         task.cancel()  # before it ever ran
     await settle()
     assert gate.inflight == 0 and replica.inflight == 0 and engine.started == []
+    assert not gate._running, "no entry left for a request that never ran"
     with pytest.raises(ShuttingDown):
         await pending.future
     assert ledger.inflight_sequences == 0
