@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -120,6 +121,12 @@ class ReplicaSettings:
 _DEFAULT_UPSTREAM = "http://127.0.0.1:8000"
 
 
+def _url_key(url: str) -> str:
+    """A URL as a server sees it: scheme and host in any case, a trailing slash or not."""
+    parts = urlsplit(url.rstrip("/"))
+    return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
+
+
 @dataclass(frozen=True, slots=True)
 class BackendSettings:
     kind: BackendKind = "simulated"
@@ -176,7 +183,7 @@ class BackendSettings:
             self.context_length,
             ">= 2",
         )
-        urls = [r.url.rstrip("/").lower() for r in self.replicas]
+        urls = [_url_key(r.url) for r in self.replicas]
         _require(
             not self.replicas or self.kind == "vllm-http",
             "backend.replicas",
@@ -330,7 +337,7 @@ class Settings:
         for i, r in enumerate(replicas):
             dcgm = r.dcgm_url or energy.dcgm_url
             _require(
-                not (r.dcgm_labels or r.dcgm_url) or energy.meter in ("auto", "dcgm"),
+                not (r.dcgm_labels or r.dcgm_url) or energy.meter != "nvml",
                 f"backend.replicas[{i}].dcgm_labels",
                 r.dcgm_labels or r.dcgm_url,
                 f"unset while energy.meter is {energy.meter!r} (they select dcgm-exporter series)",

@@ -32,7 +32,7 @@ from .backends.base import ContinuousEngine
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher
-from .domain import GenerationResult, Usage
+from .domain import GenerationResult
 from .energy.ledger import Ledger
 from .energy.receipts import Receipts
 from .errors import BackendFailed, ShuttingDown
@@ -201,21 +201,26 @@ class ContinuousGate(Dispatcher):
             metrics.child(metrics.replica_inflight, target.name).set(target.inflight)
             metrics.child(metrics.replica_requests, target.name).inc()
 
-    def _failover(self, failed: Replica) -> Replica | None:
-        """Another replica that is up, for a request whose replica refused the connection (it never
-        reached an engine): the fullest under its cap, else the least loaded."""
-        others = [r for r in self.replicas if r is not failed and r.up]
+    def _failover(self, tried: set[str], sequences: int) -> Replica | None:
+        """Another replica, up and not tried yet, for a request whose connection was refused (it never
+        reached an engine): as the routing would choose, else the least loaded one (it must run)."""
+        others = [r for r in self.replicas if r.up and r.name not in tried]
         if not others:
             return None
-        cap = self._admission.last_decision.batch_size if self._admission.last_decision else 1
-        under = [r for r in others if r.inflight < cap]
-        return max(under, key=lambda r: r.inflight) if under else min(others, key=lambda r: r.inflight)
+        decisions = self._decide_all()
+        loads = [
+            ReplicaLoad(r.inflight, d.batch_size, r.up and r.name not in tried)
+            for r, d in zip(self.replicas, decisions, strict=True)
+        ]
+        chosen = choose_replica(loads, sequences, self.routing, after=self._last_choice)
+        return self.replicas[chosen] if chosen is not None else min(others, key=lambda r: r.inflight)
 
     async def _serve(
         self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int
     ) -> None:
         span, job = self._job(pending, where[0].ledger)
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
+        tried: set[str] = set()
         try:
             async with asyncio.timeout(self._timeout_s):
                 while True:
@@ -223,7 +228,10 @@ class ContinuousGate(Dispatcher):
                         result = await where[0].engine.generate(job)
                         break
                     except BackendFailed as exc:
-                        target = self._failover(where[0]) if exc.connect_failed else None
+                        tried.add(where[0].name)
+                        target = (
+                            self._failover(tried, pending.request.sequences) if exc.connect_failed else None
+                        )
                         if target is None:
                             raise
                         log.warning(
@@ -232,7 +240,7 @@ class ContinuousGate(Dispatcher):
                             target.name,
                             pending.request.id,
                         )
-                        span.end(Usage(0, 0), delivered=False)  # it never reached that engine
+                        span.abandon()  # it never reached that engine: no share of its GPU's joules
                         self._move(pending, where[0], target)
                         where[0] = target
                         span, job = self._job(pending, target.ledger)

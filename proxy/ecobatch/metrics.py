@@ -167,7 +167,7 @@ class Metrics:
         )
         self.replica_requests = Counter(
             "ecobatch_replica_requests",
-            "Requests routed to each vLLM replica.",
+            "Requests sent to each vLLM replica (one failed over after a refused connection counts on each).",
             ["replica"],
             registry=r,
         )

@@ -242,15 +242,19 @@ def _refuse_shared_gpus(meters: list[tuple[str, Meter]]) -> None:
     """Two replicas' meters reading a GPU in common would each charge its energy to their own requests
     (counted twice): each replica must measure its own GPUs. Modelled meters are per replica already;
     a meter not read yet has not named its GPUs."""
-    owner: dict[str, str] = {}
+    owner: dict[tuple[str, str], str] = {}
     for name, meter in meters:
-        if meter.source == "model" or not meter.readable:
+        reader = meter.reader
+        if reader is None or not meter.readable:
             continue
-        for gpu in meter.gpu.split(":", 1)[1].split("+"):  # "r0:0+1" -> GPUs "0" and "1"
-            if gpu in owner:
+        # the reader's own names for its GPUs ("0+1"; dcgm: "host/0+host/1"), per exporter for dcgm
+        # (two exporters on two hosts may both call their GPU "0")
+        where = str(getattr(reader, "url", reader.source))
+        for gpu in reader.gpu.split("+"):
+            if (where, gpu) in owner:
                 raise ConfigError(
-                    f"backend.replicas: {owner[gpu]} and {name} both measure GPU {gpu}; give each replica "
-                    "its own gpu_indices (NVML) or dcgm_labels / dcgm_url (dcgm-exporter)",
+                    f"backend.replicas: {owner[where, gpu]} and {name} both measure GPU {gpu}; give each "
+                    "replica its own gpu_indices (NVML) or dcgm_labels / dcgm_url (dcgm-exporter)",
                     field="backend.replicas",
                 )
-            owner[gpu] = name
+            owner[where, gpu] = name

@@ -331,3 +331,33 @@ async def test_replicas_that_serve_different_models_are_refused(aiohttp_client: 
     finally:
         for r in [*first, *other]:
             await r.cleanup()
+
+
+async def test_replicas_on_two_exporters_may_both_call_their_gpu_0(aiohttp_client: Any) -> None:
+    """Two hosts, each with its own dcgm-exporter whose GPU is "0": not the same GPU."""
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    ports, dcgm_ports = [free_port(), free_port()], [free_port(), free_port()]
+    runners = []
+    for port, dcgm_port in zip(ports, dcgm_ports, strict=True):
+        runners += (await serve_replicas(profile, [port], dcgm_port, served_model_name="sim"))[1]
+    try:
+        settings = load_settings(
+            None,
+            {
+                "backend.kind": "vllm-http",
+                "backend.replicas": [
+                    {"url": f"http://127.0.0.1:{p}", "dcgm_url": f"http://127.0.0.1:{d}/metrics"}
+                    for p, d in zip(ports, dcgm_ports, strict=True)
+                ],
+                "energy.meter": "dcgm",
+                "energy.idle_power_w": 121.8,
+            },
+        )
+        app = create_app(settings)
+        client = await aiohttp_client(app)
+        assert app[RUNTIME].state == "ready", app[RUNTIME].reason
+        assert sorted(m.gpu for m in app[RUNTIME].meters) == ["r0:sim/0", "r1:sim/0"]
+        assert await complete(client, 2) == [200, 200]
+    finally:
+        for r in runners:
+            await r.cleanup()

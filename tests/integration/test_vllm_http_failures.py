@@ -183,3 +183,41 @@ async def test_an_upstream_that_stops_answering_opens_the_breaker_and_recovery_c
             break
         await asyncio.sleep(0.05)
     assert (await client.post("/v1/chat/completions", json=chat_body)).status == 200
+
+
+async def test_a_refused_connection_takes_the_upstream_down_at_once(aiohttp_client: Any) -> None:
+    """Nothing listens there: the breaker opens on the first refusal, not after breaker_failures."""
+    from ecobatch.app import RUNTIME
+
+    upstream, port = await aiohttp_server_stub()
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.upstream": f"http://127.0.0.1:{port}",
+            "backend.breaker_failures": 3,
+            "backend.headroom_poll_s": 30.0,  # no probe in this test: the request alone opens it
+            "energy.meter": "model",
+            "batching.window_min_ms": 0.0,
+            "batching.window_max_ms": 0.0,
+        },
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    await upstream.cleanup()  # the upstream goes away after start-up
+    first = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert first.status == 502 and "connection refused" in (await first.json())["error"]["message"]
+    assert app[RUNTIME].engine.health()["state"] == "down"
+    second = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert second.status == 503 and (await second.json())["error"]["code"] == "upstream_down"
+
+
+async def aiohttp_server_stub() -> tuple[web.AppRunner, int]:
+    """A minimal vLLM stand-in on a free port, started (stop it with ``cleanup``), and its port."""
+    from ecobatch.testing.servers import free_port
+
+    runner = web.AppRunner(fake_vllm("400"))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port

@@ -206,6 +206,7 @@ async def test_a_request_whose_replica_refuses_the_connection_runs_on_another(
     assert b.started == ["x"]
     assert [r.inflight for r in gate.replicas] == [0, 1]
     assert ledger_a.inflight_sequences == 0 and ledger_b.inflight_sequences == 1
+    assert ledger_a.pending_requests == 0, "r0 never ran it: no record to share r0's joules or file a receipt"
     b.finish("x")
     outcome = await pending.future
     assert outcome.result.usage.completion_tokens > 0, "served by r1"

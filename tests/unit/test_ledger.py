@@ -357,3 +357,27 @@ async def test_flush_reports_everything_at_once_whatever_the_budget() -> None:
     ledger.add_interval(0.0, clock.now(), 6.0)
     ledger.flush()
     assert len(settled) == 6 and ledger.pending_requests == 0
+
+
+async def test_an_abandoned_span_takes_no_share_and_is_never_reported() -> None:
+    """A request whose connection was refused never ran on these GPUs: its span is dropped, and the
+    interval's joules go to the request that did run (and to idle), not to it."""
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=100.0)
+    settled, _ = collect(ledger)
+    t0 = clock.now()
+    refused = ledger.begin("refused")
+    ran = ledger.begin("ran")
+    await clock.advance(0.001)
+    refused.abandon()
+    assert ledger.inflight_sequences == 1
+    await clock.advance(0.999)
+    ran.end(Usage(4, 16))
+    t1 = clock.now()
+    ledger.add_interval(t0, t1, 500.0)
+    ledger.add_interval(t1, t1 + 0.1, 0.0)  # the meter's next interval: everything up to the end is in
+    for _ in range(5):  # reports go out on later turns of the loop
+        await asyncio.sleep(0)
+    assert set(settled) == {"ran"}
+    assert settled["ran"].joules == pytest.approx(500.0), "busy the whole interval: all of it is its"
+    assert ledger.pending_requests == 0

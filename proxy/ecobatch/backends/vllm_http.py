@@ -239,9 +239,15 @@ class VllmHttpBackend:
                 result = await self._post(job.request)
         except (aiohttp.ClientError, OSError) as exc:
             failed = BackendFailed(f"upstream {self._base} failed: {_why(exc)}")
-            if isinstance(exc, aiohttp.ClientConnectorError):  # nothing listens there: down now
+            # no connection was made: the request never reached the engine (safe to send elsewhere)
+            failed.connect_failed = isinstance(
+                exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+            )
+            refused = isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, ConnectionRefusedError
+            )
+            if refused:  # nothing listens there: down now, not after breaker_failures requests
                 self.breaker.trip(_why(exc))
-                failed.connect_failed = True
             else:
                 self.breaker.failure(_why(exc))
             raise failed from exc

@@ -189,6 +189,11 @@ class Span:
         number of sequences in flight over its lifetime (for a provisional estimate)."""
         return self._ledger._end(self._record, usage, delivered)
 
+    def abandon(self) -> None:
+        """The request never reached this ledger's GPUs (its connection was refused): forget the span,
+        so that it takes no share of their joules and files no receipt (it runs elsewhere)."""
+        self._ledger._abandon(self._record)
+
     @property
     def ended(self) -> bool:
         return self._record.end_s is not None
@@ -237,6 +242,15 @@ class _Requests:
         if duration <= 0:
             return float(self.inflight_sequences + record.sequences)
         return (self._seq_seconds - record.seq_seconds_at_start) / duration
+
+    def abandon(self, record: _Record) -> None:
+        """Take ``record`` out as if it had never begun: no busy time, no share, never reported."""
+        self._advance()
+        self.inflight_sequences -= record.sequences
+        record.end_s = record.start_s
+        record.events = []
+        if record in self.live:
+            self.live.remove(record)
 
     def earliest_open_start(self) -> float | None:
         while self._open and self._open[0][2].end_s is not None:
@@ -297,6 +311,11 @@ class Ledger:
         concurrency = self._requests.end(record, usage, delivered)
         self._settle()
         return concurrency
+
+    def _abandon(self, record: _Record) -> None:
+        if record.end_s is None:
+            self._requests.abandon(record)
+            self._settle()
 
     @property
     def inflight_sequences(self) -> int:
