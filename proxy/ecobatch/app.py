@@ -284,9 +284,11 @@ def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
                 "name": r.name,
                 "up": r.up,
                 "inflight": r.inflight,
+                "cap": d.batch_size,
+                "limited_by": d.limited_by,
                 "headroom": dataclasses.asdict(r.engine.headroom()),
             }
-            for r in dispatcher.replicas
+            for r, d in zip(dispatcher.replicas, dispatcher.replica_decisions(), strict=True)
         ]
     return view
 

@@ -73,7 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.window_ms is not None and window_min is None:
         window_min = min(args.window_ms, 50.0)
     overrides = {
-        "backend.kind": args.backend or ("vllm-http" if args.replica else None),
+        "backend.kind": args.backend or ("vllm-http" if args.replica or args.upstream else None),
         "backend.upstream": args.upstream,
         "backend.replicas": [{"url": url} for url in args.replica] if args.replica else None,
         "backend.routing": args.routing,

@@ -348,6 +348,29 @@ class Settings:
                 r.dcgm_labels,
                 "used with a dcgm-exporter URL: set energy.dcgm_url or this replica's dcgm_url",
             )
+        self._refuse_same_dcgm_series()
+
+    def _refuse_same_dcgm_series(self) -> None:
+        """Two replicas selecting the same series of the same dcgm-exporter would each be charged the
+        same GPUs' joules: refused before start-up (the exporter need not be up to see it)."""
+        energy = self.energy
+        seen: dict[tuple[str, tuple[tuple[str, str], ...], tuple[int, ...]], int] = {}
+        if energy.meter not in ("auto", "dcgm"):
+            return
+        for i, r in enumerate(self.backend.replicas):
+            url = r.dcgm_url or energy.dcgm_url
+            if url is None:
+                continue
+            indices = energy.gpu_indices if r.gpu_indices is None else r.gpu_indices
+            key = (url, tuple(sorted({**energy.dcgm_labels, **r.dcgm_labels}.items())), tuple(indices or ()))
+            if key in seen:
+                raise ConfigError(
+                    f"backend.replicas[{seen[key]}] and backend.replicas[{i}] select the same series of "
+                    f"dcgm-exporter {url} (their GPUs' joules would be charged twice): give each replica its "
+                    "own dcgm_labels (e.g. {gpu: '0'}), gpu_indices or dcgm_url, in a config file",
+                    field="backend.replicas",
+                )
+            seen[key] = i
 
 
 def _check_type(name: str, value: object, annotation: Any) -> object:

@@ -119,6 +119,10 @@ class ContinuousGate(Dispatcher):
                 continue
             self._release(self._assign(decisions, held=idle))
 
+    def replica_decisions(self) -> list[Decision]:
+        """Each replica's cap now (for the batching view)."""
+        return self._decide_all()
+
     def decide(self) -> Decision:
         """The policy's decision now (for the batching view): with several replicas, the first one's."""
         decision = self._decide_all()[0]

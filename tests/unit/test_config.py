@@ -75,6 +75,23 @@ def test_bad_values_name_the_field_and_the_limit(tmp_path: Path, yaml_text: str,
         load_settings(cfg)
 
 
+def test_replicas_selecting_the_same_dcgm_series_are_refused_before_start_up() -> None:
+    replicas = [{"url": "http://a:1"}, {"url": "http://b:1"}]
+    with pytest.raises(ConfigError, match=r"backend.replicas\[0\] and backend.replicas\[1\] select the same"):
+        load_settings(
+            None,
+            {"backend.kind": "vllm-http", "backend.replicas": replicas, "energy.dcgm_url": "http://d:9400"},
+        )
+    apart = [
+        {"url": "http://a:1", "dcgm_labels": {"gpu": "0"}},
+        {"url": "http://b:1", "dcgm_labels": {"gpu": "1"}},
+    ]
+    load_settings(
+        None, {"backend.kind": "vllm-http", "backend.replicas": apart, "energy.dcgm_url": "http://d:9400"}
+    )
+    load_settings(None, {"backend.kind": "vllm-http", "backend.replicas": replicas})  # no exporter: modelled
+
+
 def test_meter_dcgm_takes_each_replicas_own_exporter() -> None:
     replicas = [
         {"url": "http://a:1", "dcgm_url": "http://a:9400"},

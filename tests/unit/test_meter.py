@@ -267,10 +267,13 @@ async def test_a_counter_unreadable_at_start_takes_the_fallback_idle_power_and_i
     ledger = Ledger(source="dcgm", gpu="dcgm", prefill_weight=1.0, clock=clock)
     meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_probe_s=0.0)
     meter.gpu_prefix, meter.idle_fallback_w = "r1:", 121.8
+    named: list[str] = []
+    meter.on_named = lambda: named.append(ledger.gpu)  # the runtime checks GPU sharing again here
     await meter.start()
     assert ledger.idle_power_w == 121.8 and ledger.gpu == "r1:dcgm" and ledger.max_power_w is None
     reader.up = True
     await clock.advance(0.1)
     await meter.sample()
     assert ledger.gpu == "r1:node/1" and ledger.max_power_w == 700.0
+    assert named == ["r1:node/1"]
     await meter.close()

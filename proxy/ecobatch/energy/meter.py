@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from .counters import CounterDeltas, CounterReader
 from .ledger import Ledger
@@ -64,6 +65,8 @@ class Meter:
         #: idle power to charge when the counter cannot be read at start-up (a replica still loading):
         #: the profile's, announced; None: 0 W until restarted
         self.idle_fallback_w: float | None = None
+        #: called once the GPUs are named after a start-up without a counter (a late replica's check)
+        self.on_named: Callable[[], None] | None = None
 
     @property
     def readable(self) -> bool:
@@ -112,7 +115,10 @@ class Meter:
         self.ledger.gpu = self.gpu_prefix + reader.gpu
         if self.ledger.max_power_w is None:
             self.ledger.max_power_w = reader.max_power_w()
+        late = self._task is not None  # named by sampling, not at start-up
         self._named = True
+        if late and self.on_named is not None:
+            self.on_named()
 
     async def close(self) -> None:
         """Stop sampling, close the last interval and settle everything (call after the dispatcher)."""
