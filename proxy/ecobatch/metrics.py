@@ -199,8 +199,11 @@ class Metrics:
 
     def set_model(self, model: str) -> None:
         """The model label of every series from now on (a remote engine's name is known once it answers)."""
-        self._model = model
+        previous, self._model = self._model, model
         for m in (self.queue_depth, self.inflight, self.policy_batch_size):
+            if previous != model:  # no gauge left behind at 0 under the old name
+                m.remove(previous)
+                self._children.pop((id(m), (previous,)), None)
             m.labels(model=model).set(0)
 
     @property
