@@ -103,6 +103,15 @@ class ReplicaSettings:
     dcgm_url: str | None = None
     dcgm_labels: dict[str, str] = field(default_factory=dict)
 
+    def energy_settings(self, base: EnergySettings) -> EnergySettings:
+        """``base`` (the energy section) with this replica's GPUs: its own selectors where it has them."""
+        return dataclasses.replace(
+            base,
+            gpu_indices=base.gpu_indices if self.gpu_indices is None else self.gpu_indices,
+            dcgm_url=self.dcgm_url or base.dcgm_url,
+            dcgm_labels={**base.dcgm_labels, **self.dcgm_labels},
+        )
+
     def __post_init__(self) -> None:
         _require(
             self.url.startswith(("http://", "https://")),
@@ -358,11 +367,11 @@ class Settings:
         if energy.meter not in ("auto", "dcgm"):
             return
         for i, r in enumerate(self.backend.replicas):
-            url = r.dcgm_url or energy.dcgm_url
+            own = r.energy_settings(energy)
+            url = own.dcgm_url
             if url is None:
                 continue
-            indices = energy.gpu_indices if r.gpu_indices is None else r.gpu_indices
-            key = (url, tuple(sorted({**energy.dcgm_labels, **r.dcgm_labels}.items())), tuple(indices or ()))
+            key = (url, tuple(sorted(own.dcgm_labels.items())), tuple(own.gpu_indices or ()))
             if key in seen:
                 raise ConfigError(
                     f"backend.replicas[{seen[key]}] and backend.replicas[{i}] select the same series of "

@@ -106,7 +106,7 @@ class ContinuousGate(Dispatcher):
             head = admission.head()
             if head is None:
                 continue
-            decisions = self._decide_all()
+            decisions = self.replica_decisions()
             chosen = self._choose(decisions, head.request.sequences)
             if chosen is None:
                 await self._wait_for_room()
@@ -119,26 +119,23 @@ class ContinuousGate(Dispatcher):
                 continue
             self._release(self._assign(decisions, held=idle))
 
-    def replica_decisions(self) -> list[Decision]:
-        """Each replica's cap now (for the batching view)."""
-        return self._decide_all()
-
     def decide(self) -> Decision:
         """The policy's decision now (for the batching view): with several replicas, the first one's."""
-        decision = self._decide_all()[0]
+        decision = self.replica_decisions()[0]
         self._admission.last_decision = decision
         return decision
 
-    def _decide_all(self) -> list[Decision]:
-        """Each replica's cap for this round, under its own KV headroom and in-flight count."""
-        admission = self._admission
-        if len(self.replicas) == 1:
-            return [admission.decide(inflight=self._inflight)]
-        return [admission.decide(r.inflight, headroom=r.engine.headroom()) for r in self.replicas]
+    def replica_decisions(self) -> list[Decision]:
+        """Each replica's cap now, under its own KV headroom and in-flight count."""
+        return [self._admission.decide(r.inflight, headroom=r.engine.headroom()) for r in self.replicas]
 
-    def _choose(self, decisions: list[Decision], sequences: int) -> int | None:
+    def _choose(
+        self, decisions: list[Decision], sequences: int, excluded: frozenset[str] = frozenset()
+    ) -> int | None:
+        """``routing.choose_replica`` over the replicas (those ``excluded`` taken for down)."""
         loads = [
-            ReplicaLoad(r.inflight, d.batch_size, r.up) for r, d in zip(self.replicas, decisions, strict=True)
+            ReplicaLoad(r.inflight, d.batch_size, r.up and r.name not in excluded)
+            for r, d in zip(self.replicas, decisions, strict=True)
         ]
         return choose_replica(loads, sequences, self.routing, after=self._last_choice)
 
@@ -211,12 +208,7 @@ class ContinuousGate(Dispatcher):
         others = [r for r in self.replicas if r.up and r.name not in tried]
         if not others:
             return None
-        decisions = self._decide_all()
-        loads = [
-            ReplicaLoad(r.inflight, d.batch_size, r.up and r.name not in tried)
-            for r, d in zip(self.replicas, decisions, strict=True)
-        ]
-        chosen = choose_replica(loads, sequences, self.routing, after=self._last_choice)
+        chosen = self._choose(self.replica_decisions(), sequences, excluded=frozenset(tried))
         return self.replicas[chosen] if chosen is not None else min(others, key=lambda r: r.inflight)
 
     async def _serve(

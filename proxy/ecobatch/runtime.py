@@ -159,12 +159,7 @@ class Runtime:
         base = self.settings
         replicas = []
         for name, member, spec in zip(engine.names, engine.members, base.backend.replicas, strict=True):
-            energy = dataclasses.replace(
-                base.energy,
-                gpu_indices=base.energy.gpu_indices if spec.gpu_indices is None else spec.gpu_indices,
-                dcgm_url=spec.dcgm_url or base.energy.dcgm_url,
-                dcgm_labels={**base.energy.dcgm_labels, **spec.dcgm_labels},
-            )
+            energy = spec.energy_settings(base.energy)
             if not member.started and energy.idle_power_w is None and self.profile.idle_power_w is not None:
                 # a replica still loading its model draws more than idle: no idle probe of it
                 energy = dataclasses.replace(energy, idle_power_w=self.profile.idle_power_w)

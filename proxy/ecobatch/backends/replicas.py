@@ -81,8 +81,8 @@ class ReplicaSet:
             asyncio.create_task(member.start(reporter(name)), name=f"ecobatch-start-{name}")
             for name, member in zip(self.names, self.members, strict=True)
         ]
-        for task in self._starts:
-            task.add_done_callback(self._started(task))
+        for index, task in enumerate(self._starts):
+            task.add_done_callback(self._started(index))
         pending: set[asyncio.Task[None]] = set(self._starts)
         try:
             while pending:
@@ -115,12 +115,13 @@ class ReplicaSet:
         for member in self.members:
             member.require_model(model)
 
-    def _started(self, task: asyncio.Task[None]) -> Callable[[asyncio.Task[None]], None]:
-        def done(_: asyncio.Task[None]) -> None:
-            name = self.names[self._starts.index(task)]
+    def _started(self, index: int) -> Callable[[asyncio.Task[None]], None]:
+        name = self.names[index]
+
+        def done(task: asyncio.Task[None]) -> None:
             self._waiting.pop(name, None)
             if not task.cancelled() and task.exception() is None:
-                log.info("replica %s is up: %s", name, self.members[self._starts.index(task)].upstream)
+                log.info("replica %s is up: %s", name, self.members[index].upstream)
             elif self._ready and not task.cancelled():
                 log.error("replica %s cannot serve: %s", name, task.exception())
                 self._waiting[name] = str(task.exception())
@@ -156,12 +157,12 @@ class ReplicaSet:
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         """Checked against a replica that is up (they serve the same model with the same limits)."""
-        for member in self.members:
-            if member.health()["state"] == "up":
+        states = [m.health() for m in self.members]
+        for member, state in zip(self.members, states, strict=True):
+            if state["state"] == "up":
                 return await member.prepare(request)
         reasons = "; ".join(
-            f"{n}: {m.health().get('last_error') or m.health()['state']}"
-            for n, m in zip(self.names, self.members, strict=True)
+            f"{n}: {s.get('last_error') or s['state']}" for n, s in zip(self.names, states, strict=True)
         )
         raise UpstreamDown(f"no vLLM replica is up ({reasons}); retry later", retry_after_s=5.0)
 

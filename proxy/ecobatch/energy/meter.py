@@ -82,6 +82,7 @@ class Meter:
         return self.ledger.gpu
 
     async def start(self) -> None:
+        self.ledger.gpu = self.gpu_prefix + self.ledger.gpu  # until the reader names its GPUs
         if self.reader is not None:
             try:
                 if self._idle_power_w is None:
@@ -97,14 +98,11 @@ class Meter:
                     exc,
                 )
                 self._gap_open = self._failing = True
-                self.ledger.gpu = self.gpu_prefix + self.ledger.gpu
                 if self._idle_power_w is None and self.idle_fallback_w is not None:
                     self._idle_power_w = self.idle_fallback_w
                     log.warning(
                         "energy: idle power %.1f W from the profile until restarted", self._idle_power_w
                     )
-        else:
-            self.ledger.gpu = self.gpu_prefix + self.ledger.gpu
         if self._idle_power_w is not None:
             self.ledger.idle_power_w = self._idle_power_w
         self._last_s = self.ledger.clock.now()
