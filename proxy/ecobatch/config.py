@@ -171,6 +171,11 @@ class BackendSettings:
     # round-robin: the next replica in turn with room.
     routing: RoutingPolicy = "pack"
 
+    @property
+    def replica_names(self) -> list[str]:
+        """Each replica's name: its own, else "r0", "r1", … in the order listed."""
+        return [r.name or f"r{i}" for i, r in enumerate(self.replicas)]
+
     def __post_init__(self) -> None:
         _require(self.kind in BACKEND_KINDS, "backend.kind", self.kind, f"one of {BACKEND_KINDS}")
         _require(
@@ -205,7 +210,7 @@ class BackendSettings:
             self.upstream,
             "unset when backend.replicas lists the upstreams",
         )
-        names = [r.name or f"r{i}" for i, r in enumerate(self.replicas)]
+        names = self.replica_names
         _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
         _require(len(set(urls)) == len(urls), "backend.replicas[].url", urls, "unique")
         _require(

@@ -28,15 +28,11 @@ from ..errors import ConfigError, UpstreamDown
 from .base import EngineShape, Progress
 from .vllm_http import VllmHttpBackend
 
-__all__ = ["ReplicaSet", "replica_names"]
+__all__ = ["ReplicaSet"]
 
 log = logging.getLogger(__name__)
 #: how often a replica still starting after the proxy is ready says what it waits for
 _LATE_LOG_EVERY_S = 30.0
-
-
-def replica_names(settings: BackendSettings) -> list[str]:
-    return [r.name or f"r{i}" for i, r in enumerate(settings.replicas)]
 
 
 class ReplicaSet:
@@ -47,7 +43,7 @@ class ReplicaSet:
     def __init__(self, settings: BackendSettings) -> None:
         if not settings.replicas:
             raise ValueError("ReplicaSet needs backend.replicas")
-        self.names = replica_names(settings)
+        self.names = settings.replica_names
         self.members = [
             VllmHttpBackend(dataclasses.replace(settings, upstream=r.url, replicas=[]))
             for r in settings.replicas
