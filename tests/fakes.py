@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ecobatch.backends.base import EngineShape, Job
+from ecobatch.backends.base import EngineHealth, EngineShape, Job
 from ecobatch.domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ecobatch.errors import BadRequest
 from ecobatch.openai_api import completion_response, parse_completion
@@ -45,8 +45,8 @@ class _Base:
     def headroom(self) -> Headroom:
         return self.headroom_value
 
-    def health(self) -> dict[str, Any]:
-        return {"state": self.state}
+    def health(self) -> EngineHealth:
+        return EngineHealth(self.state)
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         return request
@@ -115,6 +115,7 @@ class FakeContinuousEngine(_Base):
         self.instant = instant
         self.started: list[str] = []
         self.aborted: list[str] = []
+        self.priorities: dict[str, int] = {}  # the vLLM priority each request carried, if any
         self.running = 0
         self.max_running = 0
         self._release: dict[str, asyncio.Event] = {}
@@ -128,6 +129,8 @@ class FakeContinuousEngine(_Base):
     async def generate(self, job: Job) -> GenerationResult:
         prompt = job.request.prompts[0]
         self.started.append(prompt)
+        if "priority" in job.request.body:
+            self.priorities[prompt] = job.request.body["priority"]
         self.running += job.request.sequences
         self.max_running = max(self.max_running, self.running)
         try:

@@ -1,11 +1,11 @@
-"""What waits to be dispatched: the bounded queue, its arrival rate and request sizes, and the policy's
-decision over them. Shared by the static batcher and the continuous gate.
+"""What waits to be dispatched: the bounded queue, one line per tier, shared by the static batcher and the
+continuous gate.
 
-A request is queued as a ``Pending`` with a future the HTTP handler awaits. A handler whose client
-leaves withdraws it (``withdraw`` cancels the future); a cancelled request is dropped before dispatch.
-The queue's sequence count is kept as it changes, so holding a window open costs O(1) per arrival.
-The window helpers (``deadline_s``, ``collect``) apply the pure rules in ``policy`` on the injected
-clock.
+A request is queued as a ``Pending`` with a future the HTTP handler awaits, its tier (``service_tier``),
+and what the live load estimates predict of it (generated tokens, KV tokens at its end). A handler whose
+client leaves withdraws it (``withdraw`` cancels the future); a cancelled request is dropped before
+dispatch. The queue's sequence count is kept as it changes, so holding a window open costs O(1) per
+arrival. Each tier's line is in arrival order, which is also its budget order.
 """
 
 from __future__ import annotations
@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .arrivals import ArrivalRate, RecentRate
 from .backends.base import Emit
 from .clock import Clock
 from .config import BatchingSettings
-from .domain import Demand, GenerationRequest, GenerationResult, Headroom, Usage
+from .domain import TIERS, GenerationRequest, GenerationResult, Tier
 from .errors import BadRequest, Overloaded, ShuttingDown
+from .load import LoadTracker
 from .metrics import Metrics
-from .policy import Decision, choose_batch_size, should_close, window_length_s
-from .profile import EnergyProfile
 
-__all__ = ["Admission", "Outcome", "Pending"]
+__all__ = ["Admission", "Outcome", "Pending", "prompt_characters"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +38,7 @@ class Outcome:
     group_size: int
     provisional_joules: float
     energy_source: str
+    tier: Tier = "interactive"
 
 
 @dataclass(eq=False, slots=True)
@@ -47,52 +47,59 @@ class Pending:
     future: asyncio.Future[Outcome]
     arrival_s: float
     emit: Emit | None
+    #: the tier it is served in (``flex`` on a static engine is served as ``interactive``)
+    tier: Tier
+    sequences: int
+    #: predicted at arrival: generated tokens and KV tokens at its end, all its sequences together
+    output_tokens: float
+    kv_tokens: float
+    prompt_chars: int
+    released_s: float | None = None
 
 
-class _Demand:
-    """Running means of prompt and completion tokens per sequence, seeded from the settings."""
-
-    def __init__(self, prompt_tokens: float, completion_tokens: float, smoothing: float = 0.1) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
-        self._smoothing = smoothing
-
-    def observe(self, prompt_tokens: float, completion_tokens: float) -> None:
-        a = self._smoothing
-        self.prompt_tokens += a * (prompt_tokens - self.prompt_tokens)
-        self.completion_tokens += a * (max(completion_tokens, 1.0) - self.completion_tokens)
-
-    def now(self) -> Demand:
-        return Demand(self.prompt_tokens, self.completion_tokens)
+def prompt_characters(request: GenerationRequest) -> int:
+    """The characters of a request's prompts (or its messages' text): what a length estimate starts from."""
+    if request.kind == "completion":
+        return sum(len(p) for p in request.prompts)
+    total = 0
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, Mapping))
+    return total
 
 
 class Admission:
     def __init__(
         self,
         settings: BatchingSettings,
-        profile: EnergyProfile,
         metrics: Metrics,
         *,
         model: str,
-        headroom: Callable[[], Headroom],
         clock: Clock,
+        load: LoadTracker,
+        max_prompts_per_request: int,
+        tiers: frozenset[Tier] = frozenset(TIERS),
     ) -> None:
         self.settings = settings
         self.settings_version = 0
         self.clock = clock
-        self.queue: deque[Pending] = deque()
-        self.queued_sequences = 0  # Σ sequences in ``queue``
+        self.load = load
+        self.queues: dict[Tier, deque[Pending]] = {tier: deque() for tier in TIERS}
+        self.queued = 0  # requests in the queues
+        self.queued_sequences = 0  # Σ sequences in the queues
         self._withdrawn = False  # a future was cancelled since the last sweep of the queue
         self.arrived = asyncio.Event()
         self.closing = False
-        self.last_decision: Decision | None = None
-        self._profile = profile
+        self._tiers = tiers
+        self._max_prompts = max_prompts_per_request
         self._metrics = metrics
         self._model = model
-        self._headroom = headroom
-        self._rate = ArrivalRate()
         self._done_rate = RecentRate()  # completions per second: how fast the queue drains
-        self._demand = _Demand(settings.expected_prompt_tokens, settings.expected_completion_tokens)
+        #: the static window's arrival rate (an EWMA of gaps: arrivals at one instant read as a burst)
+        self.arrival_rate = ArrivalRate()
 
     def reconfigure(self, settings: BatchingSettings) -> None:
         self.settings = settings
@@ -103,45 +110,62 @@ class Admission:
     def submit(self, request: GenerationRequest, emit: Emit | None) -> Pending:
         if self.closing:
             raise ShuttingDown("ecobatch is shutting down; retry on another replica")
-        if request.sequences > self.settings.max_batch_size:
+        if request.sequences > self._max_prompts:
             raise BadRequest(
                 f"'prompt' holds {request.sequences} prompts; this server takes at most "
-                f"batching.max_batch_size={self.settings.max_batch_size} in one request",
+                f"server.max_prompts_per_request={self._max_prompts} in one request",
                 param="prompt",
             )
-        if len(self.queue) >= self.settings.max_queue:
+        if self.queued >= self.settings.max_queue:
             self.drop_cancelled()  # requests whose clients left hold no place in the queue
-        if len(self.queue) >= self.settings.max_queue:
+        if self.queued >= self.settings.max_queue:
             raise Overloaded(
-                f"queue is full: {len(self.queue)} requests, batching.max_queue="
+                f"queue is full: {self.queued} requests, batching.max_queue="
                 f"{self.settings.max_queue}; retry later",
                 retry_after_s=self._retry_after_s(),
             )
         now = self.clock.now()
-        pending = Pending(request, asyncio.get_running_loop().create_future(), now, emit)
-        self.queue.append(pending)
-        self.queued_sequences += request.sequences
-        self._rate.observe(now)
-        self._publish_depth()
+        tier: Tier = request.tier if request.tier in self._tiers else "interactive"
+        n = request.sequences
+        per_sequence = self.load.predict_output_tokens(request.max_tokens)
+        chars = prompt_characters(request)
+        if request.prompt_tokens is not None:
+            prompt = float(sum(request.prompt_tokens))
+        else:
+            prompt = self.load.predict_prompt_tokens(chars)
+        pending = Pending(
+            request,
+            asyncio.get_running_loop().create_future(),
+            now,
+            emit,
+            tier,
+            n,
+            per_sequence * n,
+            prompt + per_sequence * n,
+            chars,
+        )
+        self.queues[tier].append(pending)
+        self.queued += 1
+        self.queued_sequences += n
+        self.load.arrived(now, tier, per_sequence, pending.kv_tokens / n)
+        self.arrival_rate.observe(now)
+        self._publish_depth(tier)
         self.arrived.set()
         return pending
 
     def _retry_after_s(self) -> float:
         """How long until the queue has room again, from the measured drain rate (completions per
-        second); before any completion, the policy's expected latency. Between 1 and 60 s."""
+        second); before any completion, 1 s. Between 1 and 60 s."""
         drain_per_s = self._done_rate.per_s(self.clock.now())
-        if drain_per_s > 0:
-            wait_s = len(self.queue) / drain_per_s
-        else:
-            wait_s = self.last_decision.expected_latency_s if self.last_decision else 1.0
+        wait_s = self.queued / drain_per_s if drain_per_s > 0 else 1.0
         return float(min(60, max(1, math.ceil(wait_s))))
 
     def observe_done(self) -> None:
         """A request left the engine (served or failed)."""
         self._done_rate.observe(self.clock.now())
 
-    def _publish_depth(self) -> None:
-        self._metrics.child(self._metrics.queue_depth, self._model).set(len(self.queue))
+    def _publish_depth(self, tier: Tier) -> None:
+        self._metrics.child(self._metrics.queue_depth, self._model, tier).set(len(self.queues[tier]))
 
     def withdraw(self, pending: Pending) -> None:
         """The client left: cancel the request's future; if it is still queued it will not run."""
@@ -154,120 +178,91 @@ class Admission:
         if not self._withdrawn:
             return
         self._withdrawn = False
-        kept = deque(p for p in self.queue if not p.future.done())
-        if len(kept) != len(self.queue):
-            self.queue = kept
-            self.queued_sequences = sum(p.request.sequences for p in kept)
-            self._publish_depth()
+        for tier, queue in self.queues.items():
+            kept = deque(p for p in queue if not p.future.done())
+            if len(kept) != len(queue):
+                self.queued -= len(queue) - len(kept)
+                self.queued_sequences -= sum(p.sequences for p in queue if p.future.done())
+                self.queues[tier] = kept
+                self._publish_depth(tier)
+
+    def _drop_done_heads(self) -> None:
+        for tier, queue in self.queues.items():
+            dropped = False
+            while queue and queue[0].future.done():
+                gone = queue.popleft()
+                self.queued -= 1
+                self.queued_sequences -= gone.sequences
+                dropped = True
+            if dropped:
+                self._publish_depth(tier)
 
     async def wait_for_work(self) -> None:
         """Return once the queue holds a request whose client is still there."""
         self.drop_cancelled()
-        while not self.queue:
+        self._drop_done_heads()
+        while not self.queued:
             self.arrived.clear()
             await self.arrived.wait()
             self.drop_cancelled()
+            self._drop_done_heads()
 
-    def head(self) -> Pending | None:
-        """The first queued request whose client is still there (requests withdrawn ahead of it are
-        dropped), or None."""
+    def waiting(self) -> Mapping[Tier, Sequence[Pending]]:
+        """Each tier's line, in arrival order, without the requests whose clients left."""
         self.drop_cancelled()
-        while self.queue and self.queue[0].future.done():
-            self.queued_sequences -= self.queue.popleft().request.sequences
-            self._publish_depth()
-        return self.queue[0] if self.queue else None
+        self._drop_done_heads()
+        return self.queues
+
+    def remove(self, pending: Pending) -> None:
+        """``pending`` leaves its line (released)."""
+        queue = self.queues[pending.tier]
+        if queue and queue[0] is pending:
+            queue.popleft()
+        else:
+            queue.remove(pending)
+        self.queued -= 1
+        self.queued_sequences -= pending.sequences
+        self._publish_depth(pending.tier)
+
+    def in_order(self) -> Iterator[Pending]:
+        """Every queued request whose client is still there: priority first, then the others in order."""
+        for tier in TIERS:
+            for pending in self.queues[tier]:
+                if not pending.future.done():
+                    yield pending
+
+    def oldest_arrival_s(self) -> float | None:
+        """When the longest-waiting request arrived (None: nothing waits)."""
+        heads = [q[0].arrival_s for q in self.queues.values() if q]
+        return min(heads) if heads else None
 
     def take(
         self, room: int, fits: Callable[[Sequence[GenerationRequest]], bool] | None = None
     ) -> list[Pending]:
-        """Up to ``room`` sequences from the head of the queue, in order; the head always goes. With
-        ``fits``, stop at the first request that would make the group not fit (it heads the next one)."""
-        self.drop_cancelled()
+        """Up to ``room`` sequences from the front of the queue (priority first), in order; the first
+        always goes. With ``fits``, stop at the first request that would make the group not fit (it heads
+        the next one)."""
         group: list[Pending] = []
-        requests: list[GenerationRequest] = []  # the group's requests, plus the head on trial
+        requests: list[GenerationRequest] = []  # the group's requests, plus the next one on trial
         taken = 0
-        while self.queue:
-            head = self.queue[0]
-            n = head.request.sequences
-            if head.future.done():  # cancelled while queued
-                self.queue.popleft()
-                self.queued_sequences -= n
-                continue
+        for pending in list(self.in_order()):
+            n = pending.sequences
             if group and taken + n > room:
                 break
-            requests.append(head.request)
+            requests.append(pending.request)
             if group and fits is not None and not fits(requests):
                 break
-            group.append(self.queue.popleft())
-            self.queued_sequences -= n
+            self.remove(pending)
+            group.append(pending)
             taken += n
-        self._publish_depth()
+        self._drop_done_heads()
         return group
 
     def fail_queued(self, error: BaseException) -> None:
-        while self.queue:
-            pending = self.queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(error)
-        self.queued_sequences = 0
-        self._publish_depth()
-
-    # ---- decisions -----------------------------------------------------------------------------
-    def decide(self, inflight: int, window_s: float = 0.0, headroom: Headroom | None = None) -> Decision:
-        """The policy's choice for an engine with ``inflight`` sequences running (``headroom``: that
-        engine's KV headroom, where it is not the one admission was built with: a replica's)."""
-        s = self.settings
-        decision = choose_batch_size(
-            self._profile,
-            headroom if headroom is not None else self._headroom(),
-            self._demand.now(),
-            slo_s=s.slo_ms / 1000.0,
-            max_batch_size=s.max_batch_size,
-            energy_tolerance=s.energy_tolerance,
-            inflight=inflight,
-            window_s=window_s,
-        )
-        self.last_decision = decision
-        self._metrics.child(self._metrics.policy_batch_size, self._model).set(decision.batch_size)
-        return decision
-
-    def deadline_s(self, decision: Decision) -> float:
-        """When the window that opened at the head's arrival closes (``policy.window_length_s``)."""
-        s = self.settings
-        opened_s = self.queue[0].arrival_s
-        now = self.clock.now()
-        slack_s = s.slo_ms / 1000.0 - decision.expected_latency_s - (now - opened_s)
-        return opened_s + window_length_s(
-            arrival_rate_per_s=self._rate.per_s(now),
-            target=decision.batch_size,
-            window_min_s=s.window_min_ms / 1000.0,
-            window_max_s=s.window_max_ms / 1000.0,
-            slo_slack_s=slack_s,
-        )
-
-    async def collect(self, target: int, deadline_s: float) -> bool:
-        """Hold the window open until ``policy.should_close``: True. False when the queue emptied or the
-        settings changed meanwhile (the caller decides again)."""
-        opened_s = self.queue[0].arrival_s if self.queue else self.clock.now()
-        version = self.settings_version
-        while True:
-            self.drop_cancelled()
-            if not self.queue or self.settings_version != version:
-                return False
-            now = self.clock.now()
-            if should_close(
-                now_s=now,
-                deadline_s=deadline_s,
-                collected=self.queued_sequences,
-                target=target,
-                arrival_rate_per_s=self._rate.per_s(now),
-            ):
-                break
-            self.arrived.clear()
-            await self.clock.wait(self.arrived, deadline_s)
-        self._metrics.child(self._metrics.window, self._model).observe(max(0.0, self.clock.now() - opened_s))
-        return True
-
-    def observe_demand(self, usage: Usage, sequences: int) -> None:
-        per_seq = max(sequences, 1)
-        self._demand.observe(usage.prompt_tokens / per_seq, usage.completion_tokens / per_seq)
+        for tier, queue in self.queues.items():
+            while queue:
+                pending = queue.popleft()
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            self._publish_depth(tier)
+        self.queued = self.queued_sequences = 0

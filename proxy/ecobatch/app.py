@@ -35,14 +35,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from .admission import Outcome
 from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
-from .backends import create_engine
+from .backends import create_static_engine
 from .backends.base import ContinuousEngine, StaticEngine
-from .backends.replicas import ReplicaSet
 from .clock import Clock, MonotonicClock
 from .config import BACKEND_SHAPES, BatchingSettings, Settings, build_section
 from .dispatcher import Dispatcher
-from .domain import GenerationRequest
-from .energy.choose import build_meter
+from .domain import GenerationRequest, Tier
+from .energy.choose import MeterSpec, build_meter
 from .energy.meter import Meter
 from .errors import (
     BadRequest,
@@ -54,16 +53,15 @@ from .errors import (
     ShuttingDown,
     UpstreamDown,
 )
-from .gate import ContinuousGate
-from .openai_api import models_response, parse_chat, parse_completion
+from .openai_api import SERVICE_TIER_NAMES, models_response, parse_chat, parse_completion
+from .pool import MeterFactory, PoolHealth, ReplicaPool, build_pool
 from .profile import EnergyProfile, load_profile
-from .runtime import MeterFactory, Runtime
+from .runtime import Engine, Runtime
 
 __all__ = ["RUNTIME", "create_app", "metrics_app"]
 
 log = logging.getLogger(__name__)
 Parser = Callable[[Any, str], GenerationRequest]
-Engine = StaticEngine | ContinuousEngine | ReplicaSet
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -126,6 +124,12 @@ def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None
     )
 
 
+def _with_tier(body: dict[str, Any], tier: Tier) -> dict[str, Any]:
+    """A response body or chunk saying which tier served it (OpenAI's ``service_tier``)."""
+    body["service_tier"] = SERVICE_TIER_NAMES[tier]
+    return body
+
+
 def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, str]:
     return {
         "X-Ecobatch-Request-Id": request.id,
@@ -159,7 +163,7 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
             dispatcher.withdraw(pending)
             raise
         assert outcome.result.body is not None
-        return _json(outcome.result.body, headers=_energy_headers(gen, outcome))
+        return _json(_with_tier(outcome.result.body, outcome.tier), headers=_energy_headers(gen, outcome))
     except EcobatchError as exc:
         status = str(exc.status)
         return _error_response(exc)
@@ -192,7 +196,7 @@ async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationR
         )
         await response.prepare(request)
         while chunk is not None:
-            await response.write(_sse(chunk))
+            await response.write(_sse(_with_tier(chunk, pending.tier)))
             chunk = await chunks.get()
         error = pending.future.exception()
         if error is not None:
@@ -226,19 +230,28 @@ async def _health(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     dispatcher = runtime.dispatcher
     meter = runtime.meter
-    engine = runtime.engine.health()
-    if isinstance(dispatcher, ContinuousGate) and len(dispatcher.replicas) > 1:
-        gate_view = {r.name: r for r in dispatcher.replicas}
-        for replica in engine.get("replicas", ()):
-            mine = gate_view.get(replica["name"])
-            if mine is not None:
-                replica["inflight"] = mine.inflight
-                replica["energy_gpu"] = mine.ledger.gpu
-    serving = runtime.state == "ready" and engine.get("state") == "up"
+    health = runtime.engine.health()
+    engine: dict[str, Any] = {"state": health.state, "last_error": health.last_error}
+    if isinstance(runtime.engine, ReplicaPool) and isinstance(health, PoolHealth):
+        replicas = runtime.engine.replicas
+        views = []
+        for replica, (name, state) in zip(replicas, health.replicas, strict=True):
+            view = {"name": name, **state.to_dict()}
+            if len(replicas) > 1:
+                view["inflight"] = replica.inflight
+                view["energy_gpu"] = replica.ledger.gpu
+            views.append(view)
+        if len(replicas) > 1:
+            engine["replicas_up"] = sum(1 for v in views if v["state"] == "up")
+            engine["replicas"] = views
+        else:
+            engine = views[0]
+            engine.pop("name")
+    serving = runtime.state == "ready" and health.up
     status = "ok" if serving else ("upstream_down" if runtime.state == "ready" else runtime.state)
     body = {
         "status": status,
-        "reason": runtime.reason if runtime.state != "ready" else engine.get("last_error") or "ready",
+        "reason": runtime.reason if runtime.state != "ready" else health.last_error or "ready",
         "engine": engine,
         "backend": runtime.engine.name,
         "engine_shape": runtime.engine.shape,
@@ -268,34 +281,9 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=_exposition(request.app[RUNTIME]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _batching_view(dispatcher: Dispatcher, engine: Engine) -> dict[str, Any]:
-    decision = dispatcher.last_decision
-    view: dict[str, Any] = {
-        "settings": dataclasses.asdict(dispatcher.settings),
-        "last_decision": dataclasses.asdict(decision) if decision else None,
-        "inflight": dispatcher.inflight,
-        "queue_depth": dispatcher.queue_depth,
-        "engine_headroom": dataclasses.asdict(engine.headroom()),
-    }
-    if isinstance(dispatcher, ContinuousGate) and len(dispatcher.replicas) > 1:
-        view["routing"] = dispatcher.routing
-        view["replicas"] = [
-            {
-                "name": r.name,
-                "up": r.up,
-                "inflight": r.inflight,
-                "cap": d.batch_size,
-                "limited_by": d.limited_by,
-                "headroom": dataclasses.asdict(r.engine.headroom()),
-            }
-            for r, d in zip(dispatcher.replicas, dispatcher.replica_decisions(), strict=True)
-        ]
-    return view
-
-
 async def _get_batching(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    return web.json_response(_batching_view(runtime.ready_dispatcher(), runtime.engine))
+    return web.json_response(runtime.ready_dispatcher().view())
 
 
 async def _put_batching(request: web.Request) -> web.Response:
@@ -311,9 +299,8 @@ async def _put_batching(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
     dispatcher.reconfigure(settings)
-    dispatcher.decide()  # show the decision under the new settings
     log.info("batching settings changed at run time: %s", changes)
-    return web.json_response(_batching_view(dispatcher, runtime.engine))
+    return web.json_response(dispatcher.view())
 
 
 async def _get_energy(request: web.Request) -> web.Response:
@@ -342,15 +329,15 @@ def _check_profile_shape(profile: EnergyProfile, shape: str, backend: str) -> No
     )
 
 
-def _default_meter(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
-    return build_meter(settings, profile, clock=clock)
+def _default_meter(spec: MeterSpec, profile: EnergyProfile, clock: Clock) -> Meter:
+    return build_meter(spec, profile, clock=clock)
 
 
 def create_app(
     settings: Settings,
     *,
     registry: CollectorRegistry | None = None,
-    engine: Engine | None = None,
+    engine: StaticEngine | ContinuousEngine | None = None,
     meter_factory: MeterFactory | None = None,
     profile: EnergyProfile | None = None,
     clock: Clock | None = None,
@@ -360,14 +347,22 @@ def create_app(
     profile = profile or load_profile(settings.energy.profile_path(shape))
     _check_profile_shape(profile, shape, settings.backend.kind)
     keys = load_keys(settings.server)
-    runtime = Runtime(
-        settings,
-        registry or CollectorRegistry(),
-        profile,
-        engine or create_engine(settings, profile),
-        meter_factory or _default_meter,
-        clock or MonotonicClock(),
-    )
+    clock = clock or MonotonicClock()
+    meter_factory = meter_factory or _default_meter
+    served: Engine
+    meters: list[Meter]
+    if isinstance(engine, StaticEngine):
+        served, meters = engine, [meter_factory(MeterSpec(settings), profile, clock)]
+    elif isinstance(engine, ContinuousEngine):
+        served = build_pool(settings, profile, clock, meter_factory, engine=engine)
+        meters = [r.meter for r in served.replicas]
+    elif shape == "static":
+        served = create_static_engine(settings, profile)
+        meters = [meter_factory(MeterSpec(settings), profile, clock)]
+    else:
+        served = build_pool(settings, profile, clock, meter_factory)
+        meters = [r.meter for r in served.replicas]
+    runtime = Runtime(settings, registry or CollectorRegistry(), profile, served, meters, clock)
     app = web.Application(
         middlewares=[_openai_errors, _access], client_max_size=settings.server.max_body_bytes
     )

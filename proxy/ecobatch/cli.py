@@ -44,12 +44,39 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument(
-        "--window-ms", type=float, help="upper bound of the batching window (min stays, or = this)"
+        "--window-ms",
+        type=float,
+        help="static engines: upper bound of the batching window (min stays, or = this)",
     )
-    p.add_argument("--window-min-ms", type=float, help="lower bound of the batching window")
-    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--window-min-ms", type=float, help="static engines: lower bound of the batching window")
+    p.add_argument("--max-batch-sequences", type=int, help="static engines: most sequences in one batch")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help=argparse.SUPPRESS,  # renamed: refused with the replacement's name (see config.RENAMED)
+    )
     p.add_argument("--max-queue", type=int)
-    p.add_argument("--slo-ms", type=float, help="end-to-end latency objective per request")
+    p.add_argument("--slo-ms", type=float, help="static engines: end-to-end latency objective per request")
+    p.add_argument(
+        "--interactive-budget-ms",
+        type=float,
+        help="continuous engines: time to first token interactive requests allow (default 100)",
+    )
+    p.add_argument(
+        "--flex-budget-ms",
+        type=float,
+        help="continuous engines: time to first token flex requests allow (default 30000)",
+    )
+    p.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        help="continuous engines: inter-token latency objective (limits sequences in flight; default none)",
+    )
+    p.add_argument(
+        "--max-inflight-sequences",
+        type=int,
+        help="continuous engines: hard limit on sequences in flight per replica (default none)",
+    )
     p.add_argument(
         "--profile",
         help="energy profile YAML (default: the embedded reference for the engine's shape: static A800 "
@@ -86,9 +113,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "server.port": args.port,
         "batching.window_min_ms": window_min,
         "batching.window_max_ms": args.window_ms,
-        "batching.max_batch_size": args.max_batch_size,
+        "batching.max_batch_size": args.max_batch_size,  # refused, naming its replacements
+        "batching.max_batch_sequences": args.max_batch_sequences,
         "batching.max_queue": args.max_queue,
         "batching.slo_ms": args.slo_ms,
+        "batching.interactive_budget_ms": args.interactive_budget_ms,
+        "batching.flex_budget_ms": args.flex_budget_ms,
+        "batching.tpot_slo_ms": args.tpot_slo_ms,
+        "batching.max_inflight_sequences": args.max_inflight_sequences,
         "energy.profile": args.profile,
         "energy.meter": args.energy_meter,
         "energy.dcgm_url": args.dcgm_url,

@@ -26,6 +26,7 @@ __all__ = [
     "BACKEND_SHAPES",
     "DEFAULT_PROFILES",
     "METER_KINDS",
+    "RENAMED",
     "BackendSettings",
     "BatchingSettings",
     "EnergySettings",
@@ -73,9 +74,11 @@ class ServerSettings:
     admin_keys_env: str | None = "ECOBATCH_ADMIN_KEYS"
     # Serve /metrics on its own port (and not on the main one); None: on the main port.
     metrics_port: int | None = None
-    # Request limits: a larger body is a 413, larger header lines a 400.
+    # Request limits: a larger body is a 413, larger header lines a 400, more prompts in one
+    # /v1/completions request (a list prompt) a 400.
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 8190
+    max_prompts_per_request: int = 64
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
@@ -88,6 +91,12 @@ class ServerSettings:
         )
         _require(self.max_body_bytes >= 1024, "server.max_body_bytes", self.max_body_bytes, ">= 1024")
         _require(self.max_header_bytes >= 1024, "server.max_header_bytes", self.max_header_bytes, ">= 1024")
+        _require(
+            self.max_prompts_per_request >= 1,
+            "server.max_prompts_per_request",
+            self.max_prompts_per_request,
+            ">= 1",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +176,13 @@ class BackendSettings:
     # vllm-http: several vLLM replicas of the same model instead of `upstream` (see `routing`), each
     # with its own in-flight cap, KV headroom, circuit breaker and energy meter.
     replicas: list[ReplicaSettings] = field(default_factory=list)
-    # pack: fill the fullest replica with room up to its energy sweet spot before waking the next;
+    # pack: fill the fullest replica with room (under its safety limit) before waking the next;
     # round-robin: the next replica in turn with room.
     routing: RoutingPolicy = "pack"
+    # vLLM started with `--scheduling-policy priority`: send each request's tier as vLLM's `priority`
+    # (priority -1, interactive 0, flex 1; lower runs first), so that inside the engine interactive work
+    # goes ahead of flex. Off: no priority is sent (vLLM refuses one it does not schedule by).
+    engine_priority: bool = False
 
     @property
     def replica_names(self) -> list[str]:
@@ -226,17 +239,45 @@ class BackendSettings:
 
 @dataclass(frozen=True, slots=True)
 class BatchingSettings:
-    window_min_ms: float = 50.0
-    window_max_ms: float = 100.0
-    max_batch_size: int = 64
+    # ---- both engine shapes
     max_queue: int = 1024
-    # Latency objective for one request, end to end (queue + window + generation).
-    slo_ms: float = 30_000.0
-    # Pick the smallest batch whose J/token is within this fraction of the best feasible one.
+    # Pick the smallest batch (static) or flex group (continuous) whose J/token is within this fraction
+    # of the best the curve offers.
     energy_tolerance: float = 0.05
-    # Completion length the policy plans for until it has observed real ones (EWMA of served requests).
+    # Completion length planned for until real ones are observed (requests without max_tokens).
     expected_completion_tokens: int = 256
     expected_prompt_tokens: int = 128
+    # ---- static engines (hf-bnb, simulated): the adaptive window and the batch
+    window_min_ms: float = 50.0
+    window_max_ms: float = 100.0
+    # The most sequences one GPU batch holds.
+    max_batch_sequences: int = 64
+    # Latency objective for one request, end to end (queue + window + generation).
+    slo_ms: float = 30_000.0
+    # ---- continuous engines (vllm-http, vllm-async): the run-time release controller
+    # Time to first token each tier allows (service_tier auto/default: interactive; flex; priority is
+    # never held). A request is released by its budget minus the engine's measured time to first token.
+    interactive_budget_ms: float = 100.0
+    flex_budget_ms: float = 30_000.0
+    # Inter-token latency objective: at most as many sequences in flight per replica as keep one decode
+    # step (the profile's, at the engine's measured speed) under it. None: no such limit.
+    tpot_slo_ms: float | None = None
+    # Hard limit on sequences in flight per replica (e.g. vLLM's --max-num-seqs, beyond which requests
+    # queue inside vLLM). None: KV room and tpot_slo_ms alone limit it.
+    max_inflight_sequences: int | None = None
+    # Hold an idle engine's interactive arrivals only if the predicted saving is at least this share of
+    # the energy their release would start.
+    min_saving_fraction: float = 0.02
+    # The sliding window of the live estimates (arrival rate, length mix).
+    load_window_s: float = 10.0
+
+    @property
+    def interactive_budget_s(self) -> float:
+        return self.interactive_budget_ms / 1000.0
+
+    @property
+    def flex_budget_s(self) -> float:
+        return self.flex_budget_ms / 1000.0
 
     def __post_init__(self) -> None:
         _require(self.window_min_ms >= 0, "batching.window_min_ms", self.window_min_ms, ">= 0")
@@ -246,7 +287,9 @@ class BatchingSettings:
             self.window_max_ms,
             f">= batching.window_min_ms ({self.window_min_ms})",
         )
-        _require(self.max_batch_size >= 1, "batching.max_batch_size", self.max_batch_size, ">= 1")
+        _require(
+            self.max_batch_sequences >= 1, "batching.max_batch_sequences", self.max_batch_sequences, ">= 1"
+        )
         _require(self.max_queue >= 1, "batching.max_queue", self.max_queue, ">= 1")
         _require(self.slo_ms > 0, "batching.slo_ms", self.slo_ms, "> 0")
         _require(
@@ -264,6 +307,34 @@ class BatchingSettings:
             self.expected_prompt_tokens,
             ">= 0",
         )
+        _require(
+            self.interactive_budget_ms >= 0,
+            "batching.interactive_budget_ms",
+            self.interactive_budget_ms,
+            ">= 0",
+        )
+        _require(
+            self.flex_budget_ms >= self.interactive_budget_ms,
+            "batching.flex_budget_ms",
+            self.flex_budget_ms,
+            f">= batching.interactive_budget_ms ({self.interactive_budget_ms:g}): flex may wait longer",
+        )
+        _require(
+            self.tpot_slo_ms is None or self.tpot_slo_ms > 0, "batching.tpot_slo_ms", self.tpot_slo_ms, "> 0"
+        )
+        _require(
+            self.max_inflight_sequences is None or self.max_inflight_sequences >= 1,
+            "batching.max_inflight_sequences",
+            self.max_inflight_sequences,
+            ">= 1",
+        )
+        _require(
+            0 <= self.min_saving_fraction < 1,
+            "batching.min_saving_fraction",
+            self.min_saving_fraction,
+            "in [0, 1)",
+        )
+        _require(0 < self.load_window_s <= 600, "batching.load_window_s", self.load_window_s, "in (0, 600]")
 
 
 MeterKind = Literal["auto", "nvml", "dcgm", "model"]
@@ -364,6 +435,13 @@ class Settings:
             )
         self._refuse_same_dcgm_series()
 
+    def for_replica(self, index: int) -> Settings:
+        """The settings as replica ``index`` sees them: its upstream, and its own GPUs (its energy
+        selectors over the energy section's)."""
+        replica = self.backend.replicas[index]
+        backend = dataclasses.replace(self.backend, upstream=replica.url, replicas=[])
+        return dataclasses.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
+
     def _refuse_same_dcgm_series(self) -> None:
         """Two replicas selecting the same series of the same dcgm-exporter would each be charged the
         same GPUs' joules: refused before start-up (the exporter need not be up to see it)."""
@@ -436,9 +514,25 @@ def _check_type(name: str, value: object, annotation: Any) -> object:
     raise ConfigError(f"{name}: unsupported type {annotation}")
 
 
+#: settings that were renamed (one name had several meanings): refused, naming the replacement
+RENAMED: dict[str, str] = {
+    "batching.max_batch_size": (
+        "batching.max_batch_sequences (static engines: the most sequences in one GPU batch), "
+        "batching.max_inflight_sequences (continuous engines: a hard limit on sequences in flight per "
+        "replica; the controller needs none) or server.max_prompts_per_request (prompts in one request)"
+    ),
+}
+
+
 def build_section(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}={data!r} must be a mapping")
+    for key in data:
+        if f"{prefix}.{key}" in RENAMED:
+            raise ConfigError(
+                f"{prefix}.{key} is no longer a setting: use {RENAMED[f'{prefix}.{key}']}",
+                field=f"{prefix}.{key}",
+            )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)

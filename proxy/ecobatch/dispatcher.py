@@ -1,10 +1,10 @@
 """The interface the app uses to run requests, and what both shapes share.
 
 Two shapes, two classes: ``batcher.StaticBatcher`` (batch in, batch out, one batch at a time) and
-``gate.ContinuousGate`` (one request at a time under an in-flight cap). Each implements ``_run``, its
-own loop; everything around it lives here once: submission, run-time reconfiguration, the energy span
-of every request (begun at dispatch, ended on every path), the resolution of every future, and a
-bounded shutdown.
+``gate.ContinuousGate`` (one request at a time, released by the run-time controller). Each implements
+``_run``, its own loop; everything around it lives here once: submission, run-time reconfiguration,
+the energy span of every request (begun at dispatch, ended on every path), the resolution of every
+future, and a bounded shutdown.
 
 Every future is resolved on every path: a result, the request's own error, a batch-wide error, a
 time-out (504), or ``ShuttingDown`` (503). A future cancelled by its handler (the client left) is
@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from .admission import Admission, Outcome, Pending
-from .backends.base import Emit, Engine, Job
+from .backends.base import Emit, Job
 from .clock import Clock, MonotonicClock
 from .config import BatchingSettings
-from .domain import GenerationRequest, GenerationResult, Usage
+from .domain import TIERS, GenerationRequest, GenerationResult, Tier, Usage
 from .energy.ledger import Ledger, Span
 from .energy.receipts import Receipts
 from .errors import BackendFailed, BackendTimeout, EcobatchError, ShuttingDown
+from .load import LoadTracker
 from .metrics import Metrics
-from .policy import Decision
 from .profile import EnergyProfile
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "as_error"]
 
 #: how long a closing dispatcher waits for cancelled work to stop before answering its requests anyway
 STOP_WAIT_S = 1.0
@@ -39,26 +40,36 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     def __init__(
         self,
-        engine: Engine,
-        ledger: Ledger,
         receipts: Receipts,
         metrics: Metrics,
         profile: EnergyProfile,
         settings: BatchingSettings,
         *,
+        model: str,
         request_timeout_s: float,
         clock: Clock | None = None,
+        max_prompts_per_request: int = 64,
+        tiers: frozenset[Tier] = frozenset(TIERS),
     ) -> None:
-        self._engine = engine
-        self._ledger = ledger
         self._receipts = receipts
         self._metrics = metrics
         self._profile = profile
         self._timeout_s = request_timeout_s
         self._clock: Clock = clock or MonotonicClock()
-        self._model = engine.model
+        self._model = model
+        self.load = LoadTracker(
+            window_s=settings.load_window_s,
+            expected_completion_tokens=settings.expected_completion_tokens,
+            profile=profile,
+        )
         self._admission = Admission(
-            settings, profile, metrics, model=self._model, headroom=engine.headroom, clock=self._clock
+            settings,
+            metrics,
+            model=model,
+            clock=self._clock,
+            load=self.load,
+            max_prompts_per_request=max_prompts_per_request,
+            tiers=tiers,
         )
         self._inflight = 0
         self._room = asyncio.Event()
@@ -86,19 +97,17 @@ class Dispatcher:
         self._admission.reconfigure(settings)
         self._room.set()
 
-    @property
-    def last_decision(self) -> Decision | None:
-        return self._admission.last_decision
-
-    def decide(self) -> Decision:
-        return self._admission.decide(self._inflight)
+    def view(self) -> dict[str, Any]:
+        """What the dispatcher decides from and what it decided last (``GET /ecobatch/batching``)."""
+        raise NotImplementedError
 
     @property
     def queue_depth(self) -> int:
-        return len(self._admission.queue)
+        return self._admission.queued
 
     @property
     def inflight(self) -> int:
+        """Sequences dispatched to the engine and not finished."""
         return self._inflight
 
     async def start(self) -> None:
@@ -110,7 +119,7 @@ class Dispatcher:
         admission = self._admission
         admission.closing = True
         deadline = self._clock.now() + grace_s
-        while (admission.queue or self._inflight) and self._clock.now() < deadline:
+        while (admission.queued or self._inflight) and self._clock.now() < deadline:
             self._room.clear()
             await self._clock.wait(self._room, deadline)
         # Stop the work; an engine that does not stop (a GPU worker thread that finishes its step
@@ -145,27 +154,47 @@ class Dispatcher:
         self._metrics.child(self._metrics.inflight, self._model).set(self._inflight)
         if delta < 0:
             self._room.set()
+            self._admission.arrived.set()  # a freed slot is news for the loop too
 
-    def _dispatched(self, group: list[Pending]) -> tuple[float, int]:
-        """Record a group leaving the queue: (dispatch time, its sequences)."""
-        now = self._clock.now()
-        sequences = sum(p.request.sequences for p in group)
+    def _dispatched(self, pending: Pending, now_s: float) -> None:
+        """Record one request leaving the queue at ``now_s``: its wait, by tier."""
         metrics = self._metrics
-        metrics.child(metrics.batch_size, self._model).observe(sequences)
-        if self._admission.last_decision is not None:
-            metrics.child(
-                metrics.policy_decisions, self._model, self._admission.last_decision.limited_by
-            ).inc()
-        wait = metrics.child(metrics.queue_wait, self._model)
-        for p in group:
-            wait.observe(now - p.arrival_s)
-            self._running[id(p)] = p
-        return now, sequences
+        pending.released_s = now_s
+        wait_s = now_s - pending.arrival_s
+        metrics.child(metrics.queue_wait, self._model, pending.tier).observe(wait_s)
+        budget_s = self._budget_s(pending.tier)
+        if budget_s is not None and wait_s > budget_s:
+            metrics.child(metrics.budget_misses, self._model, pending.tier).inc()
+        self._running[id(pending)] = pending
 
-    def _job(self, pending: Pending, ledger: Ledger | None = None) -> tuple[Span, Job]:
+    def _budget_s(self, tier: Tier) -> float | None:
+        """The wait a tier allows (None: no budget is kept on this shape)."""
+        return None
+
+    def _timed_emit(self, pending: Pending) -> Emit | None:
+        """The stream's emit, timing its first token: the tier's time to first token (from arrival) and
+        the controller's estimate of the engine's own (from release)."""
+        emit = pending.emit
+        if emit is None:
+            return None
+        first = [True]
+        clock, metrics, load = self._clock, self._metrics, self.load
+
+        def timed(chunk: dict[str, Any]) -> None:
+            if first[0]:
+                first[0] = False
+                now = clock.now()
+                metrics.child(metrics.ttft, self._model, pending.tier).observe(now - pending.arrival_s)
+                if pending.released_s is not None:
+                    load.first_token(now - pending.released_s)
+            emit(chunk)
+
+        return timed
+
+    def _job(self, pending: Pending, ledger: Ledger, emit: Emit | None = None) -> tuple[Span, Job]:
         """The request's energy span, on the ledger of the GPUs that run it, and its engine job."""
-        span = (ledger or self._ledger).begin(pending.request.id, pending.request.sequences)
-        job = Job(pending.request, pending.emit, span.progress, pending.future.cancelled)
+        span = ledger.begin(pending.request.id, pending.sequences, tier=pending.tier)
+        job = Job(pending.request, emit or pending.emit, span.progress, pending.future.cancelled)
         return span, job
 
     def _timeout(self) -> BackendTimeout:
@@ -232,10 +261,24 @@ class Dispatcher:
         try:  # bookkeeping beside the answer: its failure must not cost the client its result
             self._receipts.pending(pending.request.id, provisional_joules=provisional, source=source)
             self._metrics.observe_tokens(usage)
-            self._admission.observe_demand(usage, pending.request.sequences)
+            self._learn(pending, usage, dispatched_s, concurrency)
         except Exception:
             log.exception("bookkeeping for request %s failed", pending.request.id)
-        return Outcome(result, dispatched_s - pending.arrival_s, group_size, provisional, source)
+        return Outcome(
+            result, dispatched_s - pending.arrival_s, group_size, provisional, source, pending.tier
+        )
+
+    def _learn(self, pending: Pending, usage: Usage, dispatched_s: float, concurrency: float) -> None:
+        """A request ended with the engine's count: the live estimates learn its length and speed."""
+        n = max(pending.sequences, 1)
+        self.load.finished(
+            max_tokens=pending.request.max_tokens,
+            completion_tokens_per_sequence=usage.completion_tokens / n,
+            decode_s=self._clock.now() - dispatched_s,
+            mean_concurrency=concurrency,
+        )
+        if pending.request.prompt_tokens is None:
+            self.load.prompt_measured(pending.prompt_chars, usage.prompt_tokens)
 
 
 def as_error(exc: BaseException) -> EcobatchError:

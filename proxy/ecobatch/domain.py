@@ -10,9 +10,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Demand", "GenerationRequest", "GenerationResult", "Headroom", "RequestKind", "Usage"]
+__all__ = [
+    "TIERS",
+    "Demand",
+    "GenerationRequest",
+    "GenerationResult",
+    "Headroom",
+    "RequestKind",
+    "Tier",
+    "Usage",
+]
 
 RequestKind = Literal["completion", "chat"]
+#: how long a request may wait, the OpenAI way (``service_tier``): ``interactive`` is ``auto`` /
+#: ``default`` (a short budget), ``flex`` is deferrable (a long one), ``priority`` is never held
+Tier = Literal["interactive", "flex", "priority"]
+TIERS: tuple[Tier, ...] = ("priority", "interactive", "flex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +76,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
+    tier: Tier = "interactive"
     prompt_tokens: tuple[int, ...] | None = None
     engine_input: Any = field(default=None, compare=False, repr=False)
 

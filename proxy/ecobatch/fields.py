@@ -23,7 +23,7 @@ _OPENAI_BOTH = frozenset(
         "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user",
     }
 )  # fmt: skip
-_OPENAI_COMPLETION = frozenset({"prompt", "best_of", "echo", "suffix"})
+_OPENAI_COMPLETION = frozenset({"prompt", "best_of", "echo", "suffix", "service_tier"})
 _OPENAI_CHAT = frozenset(
     {
         "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
@@ -55,7 +55,7 @@ KNOWN: Mapping[str, frozenset[str]] = {
 BASIC_FIELDS = frozenset(
     {
         "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "n", "stop", "stream", "stream_options", "seed", "ignore_eos", "user",
+        "n", "stop", "stream", "stream_options", "seed", "ignore_eos", "user", "service_tier",
     }
 )  # fmt: skip
 _NEUTRAL: Mapping[str, Any] = {

@@ -1,76 +1,66 @@
-"""The continuous gate: one request at a time into engines that batch in flight (vLLM replicas).
+"""The continuous gate: requests released one by one into engines that batch in flight (vLLM replicas),
+by the run-time controller.
 
-Its loop:
-
-* **busy engine** (something of ours in flight): a new request is released at once, up to the in-flight
-  cap: joining the running decode steps is nearly free;
-* **idle engine**: the window holds arrivals (``policy.window_length_s`` / ``should_close``) and
-  releases them together, so they start, and end, close together and the GPU idles between groups
-  (power is concave in concurrency: on the H200, holding only while idle saved 9-25 % of J/request
-  where a fixed window of the same length saved 0-9 %);
-* the **cap** is the policy's choice on the per-concurrency energy curve, under KV headroom and the
-  SLO: at most that many sequences in flight, and **each slot frees the moment its own request ends**.
-
-With several replicas (``backend.replicas``) each one has its own cap (its own KV headroom), its own
-in-flight count, health and energy ledger; ``routing.choose_replica`` picks the replica for each
-request (``pack``: the fullest one with room, so idle replicas stay idle), and "busy" / "idle" above
-are that replica's. One engine is the one-replica case.
-
-Each released request runs as its own task (``engine.generate`` on its replica); a client that leaves
-cancels it, which aborts the request in the engine and frees its slot.
+Each round (an arrival, a completion, a timer, new settings) the gate packs what it knows into plain
+values — what waits per tier, each replica's state (``pool.Replica``: in flight, other clients' work,
+when its running requests are predicted to end, its safety limit), the live load estimates
+(``load.LoadTracker``) — and calls ``release.plan_releases`` once. It applies the plan: each released
+request runs as its own task (``engine.generate`` on its replica); the slot frees the moment that
+request ends; a client that leaves cancels it, which aborts the request in the engine. Then it waits
+for the next event or the plan's wake-up time. The plan's reasons are counted
+(``ecobatch_release_decisions_total``), logged at debug level and shown by ``GET /ecobatch/batching``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 from .admission import Outcome, Pending
-from .backends.base import ContinuousEngine
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher
-from .domain import GenerationResult
-from .energy.ledger import Ledger
+from .domain import GenerationRequest, GenerationResult, Tier
 from .energy.receipts import Receipts
 from .errors import BackendFailed, ShuttingDown
 from .metrics import Metrics
-from .policy import Decision
+from .pool import Replica, ReplicaPool
 from .profile import EnergyProfile
+from .release import (
+    UNLIMITED,
+    Limit,
+    LoadEstimate,
+    Plan,
+    ReleaseSettings,
+    ReplicaState,
+    inflight_limit,
+    plan_releases,
+    release_by_s,
+)
 from .routing import ReplicaLoad, RoutingPolicy, choose_replica
 
-__all__ = ["ContinuousGate", "Replica"]
+__all__ = ["RECHECK_S", "ContinuousGate"]
 
 #: while a replica is down, how often a gate waiting for room looks again (a replica coming back
 #: frees no slot, so nothing else would wake it)
 RECHECK_S = 0.5
+#: decisions kept for the batching view
+_RECENT = 32
+#: vLLM's ``priority`` per tier (lower runs first), sent with ``backend.engine_priority``
+ENGINE_PRIORITY: dict[Tier, int] = {"priority": -1, "interactive": 0, "flex": 1}
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False, slots=True)
-class Replica:
-    """One engine behind the gate, the ledger of its GPUs, and its sequences in flight."""
-
-    name: str
-    engine: ContinuousEngine
-    ledger: Ledger
-    inflight: int = 0
-
-    @property
-    def up(self) -> bool:
-        return self.engine.health().get("state") == "up"
-
-
 class ContinuousGate(Dispatcher):
-    _engine: ContinuousEngine
-
     def __init__(
         self,
-        engine: ContinuousEngine,
-        ledger: Ledger,
+        pool: ReplicaPool,
         receipts: Receipts,
         metrics: Metrics,
         profile: EnergyProfile,
@@ -78,143 +68,217 @@ class ContinuousGate(Dispatcher):
         *,
         request_timeout_s: float,
         clock: Clock | None = None,
-        replicas: Sequence[Replica] = (),
         routing: RoutingPolicy = "pack",
+        max_prompts_per_request: int = 64,
+        engine_priority: bool = False,
     ) -> None:
         super().__init__(
-            engine,
-            ledger,
             receipts,
             metrics,
             profile,
             settings,
+            model=pool.model,
             request_timeout_s=request_timeout_s,
             clock=clock,
+            max_prompts_per_request=max_prompts_per_request,
         )
-        self.replicas: list[Replica] = list(replicas) or [Replica("r0", engine, ledger)]
+        self.pool = pool
+        self.replicas: list[Replica] = pool.replicas
         self.routing: RoutingPolicy = routing
+        self.engine_priority = engine_priority
+        self.last_plan: Plan | None = None
+        self.limits: list[Limit] = [Limit(UNLIMITED, "none") for _ in self.replicas]
+        self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self._last_choice = -1
         for replica in self.replicas:
             metrics.child(metrics.replica_inflight, replica.name).set(0)
             metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
             metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
 
+    # ---- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
-        admission = self._admission
+        admission, clock = self._admission, self._clock
+        wake = admission.arrived
         while True:
             await admission.wait_for_work()
-            head = admission.head()
-            if head is None:
-                continue
-            decisions = self.replica_decisions()
-            chosen = self._choose(decisions, head.request.sequences)
-            if chosen is None:
-                await self._wait_for_room()
-                continue
-            replica, decision = self.replicas[chosen], decisions[chosen]
-            admission.last_decision = decision
-            idle = replica.inflight == 0
-            # an idle replica: hold the window, release the group together
-            if idle and not await admission.collect(decision.batch_size, admission.deadline_s(decision)):
-                continue
-            self._release(self._assign(decisions, held=idle))
+            wake.clear()  # whatever happens from here on wakes the next round
+            now = clock.now()
+            plan = self.plan(now)
+            self._apply(plan, now)
+            until = plan.wake_at_s
+            if len(self.replicas) > 1 and not all(r.up for r in self.replicas):
+                until = min(until if until is not None else math.inf, now + RECHECK_S)
+            if until is None:
+                await wake.wait()
+            else:
+                await clock.wait(wake, until)
 
-    def decide(self) -> Decision:
-        """The policy's decision now (for the batching view): with several replicas, the first one's."""
-        decision = self.replica_decisions()[0]
-        self._admission.last_decision = decision
-        return decision
+    def plan(self, now_s: float) -> Plan:
+        """One call of the controller on the state now (no side effects but the limits shown)."""
+        load = self.load.estimate(now_s)
+        states = self._states(load)
+        s = self.settings
+        settings = ReleaseSettings.of(
+            s,
+            routing=self.routing,
+            idle_power_w=self.replicas[0].ledger.idle_power_w or self._profile.idle_power_w or 0.0,
+        )
+        plan = plan_releases(
+            now_s,
+            self._admission.waiting(),
+            states,
+            load,
+            self._profile,
+            settings,
+            last_replica=self._last_choice,
+        )
+        self.last_plan = plan
+        return plan
 
-    def replica_decisions(self) -> list[Decision]:
-        """Each replica's cap now, under its own KV headroom and in-flight count."""
-        return [self._admission.decide(r.inflight, headroom=r.engine.headroom()) for r in self.replicas]
+    def _states(self, load: LoadEstimate) -> list[ReplicaState]:
+        s = self.settings
+        states = []
+        tokens_per_sequence = self.load.kv_tokens_per_sequence
+        for i, replica in enumerate(self.replicas):
+            occupancy = replica.occupancy
+            other = replica.other_running()
+            limit = inflight_limit(
+                self._profile,
+                kv_capacity_tokens=replica.engine.headroom().kv_capacity_tokens,
+                kv_promised_tokens=occupancy.kv_tokens,
+                other_sequences=other,
+                tokens_per_sequence=tokens_per_sequence,
+                tpot_slo_s=None if s.tpot_slo_ms is None else s.tpot_slo_ms / 1000.0,
+                max_inflight=s.max_inflight_sequences,
+                speed_factor=load.speed_factor,
+            )
+            if limit.sequences != self.limits[i].sequences:
+                value = math.inf if limit.sequences >= UNLIMITED else limit.sequences
+                self._metrics.child(self._metrics.inflight_limit, replica.name).set(value)
+            self.limits[i] = limit
+            states.append(
+                ReplicaState(
+                    up=replica.up,
+                    inflight=occupancy.sequences,
+                    other_running=other,
+                    busy_until_s=occupancy.busy_until_s(),
+                    limit=limit,
+                )
+            )
+        return states
 
-    def _choose(
-        self, decisions: list[Decision], sequences: int, excluded: frozenset[str] = frozenset()
-    ) -> int | None:
-        """``routing.choose_replica`` over the replicas (those ``excluded`` taken for down)."""
-        loads = [
-            ReplicaLoad(r.inflight, d.batch_size, r.up and r.name not in excluded)
-            for r, d in zip(self.replicas, decisions, strict=True)
-        ]
-        return choose_replica(loads, sequences, self.routing, after=self._last_choice)
+    def _apply(self, plan: Plan, now_s: float) -> None:
+        admission, metrics = self._admission, self._metrics
+        group = len(plan.releases)
+        if group:
+            metrics.child(metrics.release_group, self._model).observe(
+                sum(r.request.sequences for r in plan.releases)
+            )
+        for release in plan.releases:
+            pending = release.request
+            assert isinstance(pending, Pending)
+            admission.remove(pending)
+            replica = self.replicas[release.replica]
+            self._last_choice = release.replica
+            metrics.child(metrics.release_decisions, self._model, pending.tier, release.reason).inc()
+            self._start(pending, replica, now_s, group)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "release %s tier=%s replica=%s reason=%s waited=%.3fs predicted_tokens=%.0f",
+                    pending.request.id,
+                    pending.tier,
+                    replica.name,
+                    release.reason,
+                    now_s - pending.arrival_s,
+                    pending.output_tokens,
+                )
+            self.recent.append(
+                {
+                    "request_id": pending.request.id,
+                    "tier": pending.tier,
+                    "action": "release",
+                    "reason": release.reason,
+                    "replica": replica.name,
+                    "waited_s": round(now_s - pending.arrival_s, 4),
+                }
+            )
+        for hold in plan.holds:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "hold %d %s until %s reason=%s predicted_saving=%.1fJ",
+                    hold.count,
+                    hold.tier,
+                    "room" if hold.until_s is None else f"+{hold.until_s - now_s:.3f}s",
+                    hold.reason,
+                    hold.predicted_saving_j,
+                )
 
-    async def _wait_for_room(self) -> None:
-        self._room.clear()
-        if len(self.replicas) > 1 and not all(r.up for r in self.replicas):
-            await self._clock.wait(self._room, self._clock.now() + RECHECK_S)
-        else:
-            await self._room.wait()
-
-    def _assign(self, decisions: list[Decision], *, held: bool) -> list[tuple[Pending, Replica]]:
-        """Requests from the head of the queue, each with its replica, while one has room. After a
-        window (``held``) the whole group goes; otherwise only requests that join a busy replica (one
-        that would wake an idle replica waits for that replica's window in the next round)."""
-        admission = self._admission
-        group: list[tuple[Pending, Replica]] = []
-        while (head := admission.head()) is not None:
-            chosen = self._choose(decisions, head.request.sequences)
-            if chosen is None:
-                break
-            replica = self.replicas[chosen]
-            if replica.inflight == 0 and not held and group:
-                break
-            (pending,) = admission.take(head.request.sequences)
-            replica.inflight += pending.request.sequences  # seen by the next choice in this round
-            self._last_choice = chosen
-            group.append((pending, replica))
-        return group
-
-    def _release(self, group: list[tuple[Pending, Replica]]) -> None:
-        if not group:
-            return
-        dispatched_s, sequences = self._dispatched([pending for pending, _ in group])
+    def _start(self, pending: Pending, replica: Replica, now_s: float, group_size: int) -> None:
+        self._dispatched(pending, now_s)
+        n = pending.sequences
+        concurrency = replica.occupancy.sequences + n
+        rate = self._profile.at(concurrency).tokens_per_s / concurrency * self.load.speed_factor
+        ends_s = now_s + (pending.output_tokens / n) / max(rate, 1e-9)
+        replica.occupancy.add(id(pending), n, pending.kv_tokens, ends_s)
+        self._set_inflight(n)
         metrics = self._metrics
-        for pending, replica in group:
-            self._set_inflight(pending.request.sequences)
-            metrics.child(metrics.replica_requests, replica.name).inc()
-            metrics.child(metrics.replica_inflight, replica.name).set(replica.inflight)
-            where = [replica]  # the replica running it (a failover moves it)
-            task = asyncio.create_task(self._serve(pending, where, dispatched_s, sequences))
-            self._tasks.add(task)
-            # the slot frees when the task is done, even one cancelled before it ever ran
-            task.add_done_callback(self._finisher(pending, where))
-            pending.future.add_done_callback(_canceller(task))
+        metrics.child(metrics.replica_requests, replica.name).inc()
+        metrics.child(metrics.replica_inflight, replica.name).set(replica.occupancy.sequences)
+        where = [replica]  # the replica running it (a failover moves it)
+        task = asyncio.create_task(self._serve(pending, where, now_s, group_size))
+        self._tasks.add(task)
+        # the slot frees when the task is done, even one cancelled before it ever ran
+        task.add_done_callback(self._finisher(pending, where))
+        pending.future.add_done_callback(_canceller(task))
 
+    def _budget_s(self, tier: Tier) -> float | None:
+        s = self.settings
+        return {"interactive": s.interactive_budget_s, "flex": s.flex_budget_s}.get(tier)
+
+    # ---- one request -------------------------------------------------------------------------------
     def _finisher(self, pending: Pending, where: list[Replica]) -> Callable[[asyncio.Task[None]], None]:
         def finished(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
             self._running.pop(id(pending), None)  # a task cancelled before it ran never resolved it
-            self._move(pending, where[0], None)
-            self._set_inflight(-pending.request.sequences)
+            self._leave(pending, where[0])
+            self._set_inflight(-pending.sequences)
             if not pending.future.done():  # cancelled (shutdown) before it started
                 pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
 
         return finished
 
-    def _move(self, pending: Pending, source: Replica, target: Replica | None) -> None:
-        """The request's slot leaves ``source`` (for ``target``'s, in a failover)."""
-        sequences, metrics = pending.request.sequences, self._metrics
-        source.inflight -= sequences
-        metrics.child(metrics.replica_inflight, source.name).set(source.inflight)
-        if target is not None:
-            target.inflight += sequences
-            metrics.child(metrics.replica_inflight, target.name).set(target.inflight)
-            metrics.child(metrics.replica_requests, target.name).inc()
+    def _leave(self, pending: Pending, replica: Replica) -> None:
+        replica.occupancy.remove(id(pending))
+        self._metrics.child(self._metrics.replica_inflight, replica.name).set(replica.occupancy.sequences)
 
-    def _failover(self, tried: set[str], sequences: int) -> Replica | None:
+    def _failover(self, pending: Pending, tried: set[str]) -> Replica | None:
         """Another replica, up and not tried yet, for a request whose connection was refused (it never
         reached an engine): as the routing would choose, else the least loaded one (it must run)."""
         others = [r for r in self.replicas if r.up and r.name not in tried]
         if not others:
             return None
-        chosen = self._choose(self.replica_decisions(), sequences, excluded=frozenset(tried))
+        loads = [
+            ReplicaLoad(r.inflight, limit.sequences, r.up and r.name not in tried)
+            for r, limit in zip(self.replicas, self.limits, strict=True)
+        ]
+        chosen = choose_replica(loads, pending.sequences, self.routing, after=self._last_choice)
         return self.replicas[chosen] if chosen is not None else min(others, key=lambda r: r.inflight)
+
+    def _engine_request(self, pending: Pending) -> GenerationRequest:
+        """The request as the engine gets it: with ``backend.engine_priority``, its tier as vLLM's
+        ``priority`` (unless the client set one)."""
+        request = pending.request
+        if not self.engine_priority or "priority" in request.body:
+            return request
+        body = {**request.body, "priority": ENGINE_PRIORITY[pending.tier]}
+        return dataclasses.replace(request, body=body)
 
     async def _serve(
         self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int
     ) -> None:
-        span, job = self._job(pending, where[0].ledger)
+        emit = self._timed_emit(pending)
+        span, job = self._job(pending, where[0].ledger, emit)
+        job = dataclasses.replace(job, request=self._engine_request(pending))
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
         tried: set[str] = set()
         try:
@@ -225,9 +289,7 @@ class ContinuousGate(Dispatcher):
                         break
                     except BackendFailed as exc:
                         tried.add(where[0].name)
-                        target = (
-                            self._failover(tried, pending.request.sequences) if exc.connect_failed else None
-                        )
+                        target = self._failover(pending, tried) if exc.connect_failed else None
                         if target is None:
                             raise
                         log.warning(
@@ -239,7 +301,8 @@ class ContinuousGate(Dispatcher):
                         span.abandon()  # it never reached that engine: no share of its GPU's joules
                         self._move(pending, where[0], target)
                         where[0] = target
-                        span, job = self._job(pending, target.ledger)
+                        span, job = self._job(pending, target.ledger, emit)
+                        job = dataclasses.replace(job, request=self._engine_request(pending))
         except TimeoutError:
             result = self._timeout()
         except asyncio.CancelledError:
@@ -248,6 +311,85 @@ class ContinuousGate(Dispatcher):
             result = exc
         finally:
             self._resolve(pending, span, result, dispatched_s, group_size, where[0].inflight)
+
+    def _move(self, pending: Pending, source: Replica, target: Replica) -> None:
+        """The request's slot leaves ``source`` for ``target`` (a failover)."""
+        running_until = source.occupancy.busy_until_s() or self._clock.now()
+        self._leave(pending, source)
+        target.occupancy.add(id(pending), pending.sequences, pending.kv_tokens, running_until)
+        metrics = self._metrics
+        metrics.child(metrics.replica_inflight, target.name).set(target.occupancy.sequences)
+        metrics.child(metrics.replica_requests, target.name).inc()
+
+    # ---- the batching view -------------------------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        now = self._clock.now()
+        load = self.load.estimate(now)
+        plan = self.last_plan
+        waiting = self._admission.waiting()
+        release = ReleaseSettings.of(self.settings)
+        tiers = {}
+        for tier, queue in waiting.items():
+            tiers[tier] = {
+                "waiting": len(queue),
+                "oldest_wait_s": round(now - queue[0].arrival_s, 4) if queue else None,
+                "next_release_by_in_s": (
+                    round(release_by_s(queue[0], release, load) - now, 4) if queue else None
+                ),
+            }
+        return {
+            "engine_shape": "continuous",
+            "settings": dataclasses.asdict(self.settings),
+            "routing": self.routing,
+            "inflight": self.inflight,
+            "queue_depth": self.queue_depth,
+            "load": {
+                "arrival_rate_per_s": {
+                    "priority+interactive": round(load.arrival_rate_per_s, 3),
+                    "flex": round(self.load.rate_per_s(now, ("flex",)), 3),
+                },
+                "predicted_share_of_max_tokens": round(self.load.mean_share, 3),
+                "mean_predicted_output_tokens": (
+                    round(sum(load.output_tokens_sample) / len(load.output_tokens_sample), 1)
+                    if load.output_tokens_sample
+                    else None
+                ),
+                "engine_speed_vs_profile": round(load.speed_factor, 3),
+                "engine_ttft_s": round(load.ttft_s, 4),
+                "window_s": self.load.window_s,
+            },
+            "tiers": tiers,
+            "holds": [
+                {
+                    "tier": h.tier,
+                    "count": h.count,
+                    "reason": h.reason,
+                    "until_in_s": None if h.until_s is None else round(h.until_s - now, 4),
+                    "predicted_saving_j": round(h.predicted_saving_j, 2),
+                }
+                for h in (plan.holds if plan else ())
+            ],
+            "replicas": [
+                {
+                    "name": r.name,
+                    "up": r.up,
+                    "inflight": r.inflight,
+                    "limit": None if limit.sequences >= UNLIMITED else limit.sequences,
+                    "limited_by": limit.binding(self.load.kv_tokens_per_sequence),
+                    "kv_room_tokens": None if limit.kv_room_tokens is None else round(limit.kv_room_tokens),
+                    "other_running": r.other_running(),
+                    "busy_for_s": _busy_for(r, now),
+                    "headroom": dataclasses.asdict(r.engine.headroom()),
+                }
+                for r, limit in zip(self.replicas, self.limits, strict=True)
+            ],
+            "recent_decisions": list(self.recent),
+        }
+
+
+def _busy_for(replica: Replica, now_s: float) -> float | None:
+    until = replica.occupancy.busy_until_s()
+    return None if until is None else round(max(0.0, until - now_s), 3)
 
 
 def _up_value(replica: Replica) -> Callable[[], float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .domain import Usage
+from .domain import TIERS, Usage
 from .energy.attribution import IntervalSplit
 from .energy.ledger import SettledRequest
 from .profile import EnergyProfile
@@ -50,8 +50,8 @@ class Metrics:
         r = registry
         self.request_energy = Histogram(
             "ecobatch_request_energy_joules",
-            "Energy attributed to one served request, in joules.",
-            ["model", "source"],
+            "Energy attributed to one served request, in joules, by tier (service_tier).",
+            ["model", "source", "tier"],
             buckets=_ENERGY_BUCKETS_J,
             registry=r,
         )
@@ -85,20 +85,53 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "ecobatch_batch_size",
-            "Sequences dispatched together: a static batch, or a group released to a continuous engine.",
+            "Sequences in one static batch (static engines: the GPU batch ecobatch sends).",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.release_group = Histogram(
+            "ecobatch_release_group_sequences",
+            "Sequences released together to a continuous engine in one round of the controller.",
             ["model"],
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.queue_wait = Histogram(
             "ecobatch_queue_wait_seconds",
-            "Time from arrival to dispatch.",
-            ["model"],
+            "Time from arrival to dispatch, by tier.",
+            ["model", "tier"],
             buckets=_WAIT_BUCKETS_S,
             registry=r,
         )
         self.queue_depth = Gauge(
-            "ecobatch_queue_depth", "Requests waiting for a batch.", ["model"], registry=r
+            "ecobatch_queue_depth", "Requests waiting in ecobatch, by tier.", ["model", "tier"], registry=r
+        )
+        self.ttft = Histogram(
+            "ecobatch_time_to_first_token_seconds",
+            "Streamed requests: time from arrival at ecobatch to the first generated token, by tier.",
+            ["model", "tier"],
+            buckets=(*_WAIT_BUCKETS_S, 60, 120),
+            registry=r,
+        )
+        self.budget_misses = Counter(
+            "ecobatch_budget_misses",
+            "Requests that waited in ecobatch longer than their tier's budget (batching.*_budget_ms).",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.release_decisions = Counter(
+            "ecobatch_release_decisions",
+            "Requests released to a continuous engine, by tier and by the controller's reason.",
+            ["model", "tier", "reason"],
+            registry=r,
+        )
+        self.inflight_limit = Gauge(
+            "ecobatch_inflight_limit_sequences",
+            "The safety limit on sequences in flight on each replica (KV room, TPOT objective, "
+            "max_inflight_sequences); +Inf when nothing limits it.",
+            ["replica"],
+            registry=r,
         )
         self.window = Histogram(
             "ecobatch_window_seconds",
@@ -108,7 +141,7 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge(
-            "ecobatch_inflight_requests",
+            "ecobatch_inflight_sequences",
             "Sequences dispatched to the engine and not finished.",
             ["model"],
             registry=r,
@@ -143,13 +176,13 @@ class Metrics:
         )
         self.policy_batch_size = Gauge(
             "ecobatch_policy_batch_size",
-            "Batch size (vLLM: in-flight cap) the policy chose last.",
+            "Static engines: the batch size the policy chose last.",
             ["model"],
             registry=r,
         )
         self.policy_decisions = Counter(
             "ecobatch_policy_decisions",
-            "Policy decisions by the constraint that set the batch size.",
+            "Static engines: batches by the constraint that set their size.",
             ["model", "limited_by"],
             registry=r,
         )
@@ -160,7 +193,7 @@ class Metrics:
             registry=r,
         )
         self.replica_inflight = Gauge(
-            "ecobatch_replica_inflight_requests",
+            "ecobatch_replica_inflight_sequences",
             "Sequences in flight on each vLLM replica (backend.replicas; one replica: 'r0').",
             ["replica"],
             registry=r,
@@ -200,11 +233,17 @@ class Metrics:
     def set_model(self, model: str) -> None:
         """The model label of every series from now on (a remote engine's name is known once it answers)."""
         previous, self._model = self._model, model
-        for m in (self.queue_depth, self.inflight, self.policy_batch_size):
+        for m in (self.inflight, self.policy_batch_size):
             if previous != model:  # no gauge left behind at 0 under the old name
                 m.remove(previous)
                 self._children.pop((id(m), (previous,)), None)
             m.labels(model=model).set(0)
+        for tier in TIERS:
+            if previous != model:
+                self.queue_depth.remove(previous, tier)
+                self._children.pop((id(self.queue_depth), (previous, tier)), None)
+            self.queue_depth.labels(model=model, tier=tier).set(0)
+            self.budget_misses.labels(model=model, tier=tier).inc(0)  # a series from the start
 
     @property
     def model(self) -> str:
@@ -222,7 +261,7 @@ class Metrics:
         self.child(self.co2, model, source).inc(kwh * self._carbon_g_per_kwh)
         self.child(self.cost, model, source, self._currency).inc(kwh * self._price_per_kwh)
         if settled.delivered and settled.complete:
-            self.child(self.request_energy, model, source).observe(joules)
+            self.child(self.request_energy, model, source, settled.tier).observe(joules)
 
     def observe_interval(self, split: IntervalSplit, source: str, gpu: str) -> None:
         if split.gap:

@@ -11,10 +11,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .domain import GenerationRequest, Usage
+from .domain import GenerationRequest, Tier, Usage
 from .errors import BadRequest, ModelNotFound
 
 __all__ = [
+    "SERVICE_TIERS",
+    "SERVICE_TIER_NAMES",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -26,6 +28,15 @@ __all__ = [
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MAX_STOP = 4
+#: ``service_tier`` as OpenAI's API spells it, and the tier each one is served in
+SERVICE_TIERS: dict[str, Tier] = {
+    "auto": "interactive",
+    "default": "interactive",
+    "flex": "flex",
+    "priority": "priority",
+}
+#: the ``service_tier`` a response names for the tier that served it
+SERVICE_TIER_NAMES: dict[Tier, str] = {"interactive": "default", "flex": "flex", "priority": "priority"}
 
 
 def _new_id(prefix: str) -> str:
@@ -93,6 +104,13 @@ def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -
             )
         include_usage = bool(iu)
     seed = _get(body, "seed", (int,), "an integer")
+    tier_name = _get(body, "service_tier", (str,), "a string")
+    if tier_name is not None and tier_name not in SERVICE_TIERS:
+        raise BadRequest(
+            f"'service_tier'={tier_name!r} is not served here; use one of {', '.join(SERVICE_TIERS)} "
+            "(flex: cheaper and slower, may wait up to batching.flex_budget_ms; priority: never held)",
+            param="service_tier",
+        )
     ignore_eos = bool(_get(body, "ignore_eos", (bool,), "a boolean"))
     for name in ("presence_penalty", "frequency_penalty"):
         _number_in(body, name, -2.0, 2.0, 0.0)
@@ -111,6 +129,7 @@ def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -
         "ignore_eos": ignore_eos,
         "stream": stream,
         "include_usage": include_usage,
+        "tier": SERVICE_TIERS[tier_name] if tier_name is not None else "interactive",
     }
 
 

@@ -2,12 +2,16 @@
 
 A model on the profile's curve (a **model**, labelled so in the output):
 
-* each GPU gets an equal share of the traffic (Poisson arrivals, the given lengths) and runs it through
-  ``ecobatch tune``'s engine model (``tune.sim``) under ecobatch's rules at a size (the in-flight cap
-  of a continuous engine, the batch size of a static one) and a hold window (50-100 ms, ecobatch's
-  default, up to 4 s). The GPUs needed are the fewest that keep the modelled p99 within the SLO;
-* the **operating point** is the size and window whose GPUs spend the fewest joules per request (busy
-  and idle); **per-request serving** (size 1, no window) is the comparison;
+* each GPU gets an equal share of the traffic (Poisson arrivals, the given lengths, ``--flex-share`` of
+  them flex) and runs it through ``ecobatch tune``'s engine model (``tune.sim``). The GPUs needed are
+  the fewest that keep the modelled p99 of the interactive requests within the SLO (and every flex
+  request within its budget);
+* continuous engines (vLLM): the **operating point** is ecobatch's run-time controller with its
+  default settings (the same decision code the proxy runs); the comparison is **vLLM direct**
+  (everything sent at once);
+* static engines: the operating point is the batch size and window (50-100 ms, ecobatch's default, up
+  to 4 s) whose GPUs spend the fewest joules per request; the comparison is **per-request serving**
+  (batch 1, no window);
 * energy per month = the GPUs' energy (busy and idle) × PUE; cost = kWh × price; CO2 = kWh × the
   grid's intensity.
 
@@ -25,9 +29,18 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bench.workload import parse_lengths, poisson
+from .bench.workload import parse_lengths, poisson, with_tiers
+from .config import BatchingSettings
 from .profile import EnergyProfile
-from .tune.sim import BatcherRule, GateRule, Result, simulate_continuous, simulate_static
+from .tune.sim import (
+    BatcherRule,
+    Controller,
+    Policy,
+    Result,
+    SendAtOnce,
+    simulate_continuous,
+    simulate_static,
+)
 
 __all__ = [
     "ModelShape",
@@ -102,6 +115,7 @@ class PlanInput:
     price_per_kwh: float
     carbon_g_per_kwh: float
     pue: float
+    flex_share: float = 0.0
 
 
 def _sizes(profile: EnergyProfile) -> list[int]:
@@ -112,36 +126,50 @@ def _sizes(profile: EnergyProfile) -> list[int]:
 WINDOWS_MS = ((50.0, 100.0), (500.0, 500.0), (1000.0, 1000.0), (2000.0, 2000.0), (4000.0, 4000.0))
 
 
-def _simulate(
-    profile: EnergyProfile, inp: PlanInput, size: int, window_ms: tuple[float, float], gpus: int
-) -> Result:
-    """One GPU's share of the traffic, through ecobatch's rules at ``size`` and ``window_ms``."""
+Setting = Policy | BatcherRule
+
+
+def _simulate(profile: EnergyProfile, inp: PlanInput, setting: Setting, gpus: int) -> Result:
+    """One GPU's share of the traffic, through ``setting``."""
     rate = inp.rate_per_s / gpus
     duration = min(7200.0, max(60.0, 800.0 / rate))  # about 800 requests per GPU
     output = parse_lengths(inp.output_tokens, "--output-tokens")
     arrivals = poisson(rate, parse_lengths("1", "prompt"), output, duration_s=duration, count=None, seed=0)
-    lo, hi = window_ms[0] / 1000.0, window_ms[1] / 1000.0
-    if profile.kind == "continuous":
-        return simulate_continuous(profile, arrivals, GateRule(lo, hi, cap=size))
-    return simulate_static(profile, arrivals, BatcherRule(lo, hi, batch_size=size))
+    if isinstance(setting, BatcherRule):
+        return simulate_static(profile, arrivals, setting)
+    arrivals = with_tiers(arrivals, flex_share=inp.flex_share, tier="interactive", seed=0)
+    return simulate_continuous(profile, arrivals, setting)
 
 
-def _serving(
-    profile: EnergyProfile, inp: PlanInput, size: int, window_ms: tuple[float, float] = (0.0, 0.0)
-) -> dict[str, Any] | None:
-    """The fewest GPUs that keep the p99 within the SLO at ``size``, and what they cost (None: no count
-    up to 4x the throughput bound does)."""
+def _meets(result: Result, inp: PlanInput, setting: Setting) -> bool:
+    if isinstance(setting, BatcherRule) or not result.tiers:
+        return result.p99_s <= inp.slo_p99_s
+    interactive = result.tier_latencies_s("interactive")
+    flex_ok = True
+    if isinstance(setting, Controller):
+        flex_ok = result.max_wait_s("flex") <= setting.settings.flex_budget_s + 1e-6
+    p99 = statistics.quantiles(interactive, n=100, method="inclusive")[98] if len(interactive) > 1 else 0.0
+    return p99 <= inp.slo_p99_s and flex_ok
+
+
+def _serving(profile: EnergyProfile, inp: PlanInput, setting: Setting, label: str) -> dict[str, Any] | None:
+    """The fewest GPUs that keep the p99 within the SLO under ``setting``, and what they cost (None: no
+    count up to 4x the throughput bound does)."""
     mean_output = statistics.fmean(_lengths_sample(inp.output_tokens))
+    size = setting.batch_size if isinstance(setting, BatcherRule) else profile.max_size
     floor = max(1, math.ceil(inp.rate_per_s * mean_output / profile.at(size).tokens_per_s - 1e-9))
     for gpus in range(floor, 4 * floor + 2):
-        result = _simulate(profile, inp, size, window_ms, gpus)
-        if result.p99_s <= inp.slo_p99_s and result.seconds > 0:
+        result = _simulate(profile, inp, setting, gpus)
+        if _meets(result, inp, setting) and result.seconds > 0:
             power_w = result.joules / result.seconds
             joules_per_s = gpus * power_w
             kwh = joules_per_s * SECONDS_PER_MONTH / 3.6e6 * inp.pue
+            concurrency = result.sequence_seconds / result.busy_s if result.busy_s else 1.0
             return {
-                "size": size,
-                "window_ms": list(window_ms),
+                "setting": label,
+                "sequences": setting.batch_size
+                if isinstance(setting, BatcherRule)
+                else round(concurrency, 1),
                 "gpus": gpus,
                 "gpu_mean_power_w": power_w,
                 "joules_per_request": joules_per_s / inp.rate_per_s,
@@ -161,20 +189,28 @@ def _lengths_sample(spec: str) -> list[int]:
 
 
 def plan(profile: EnergyProfile, inp: PlanInput, shape: ModelShape) -> dict[str, Any]:
-    """GPUs and energy one sequence at a time (no window), and at the size (batch or in-flight cap) and
-    hold window that spend the fewest joules per request within the SLO."""
-    per_request = _serving(profile, inp, 1)
-    candidates = (_serving(profile, inp, size, window) for size in _sizes(profile) for window in WINDOWS_MS)
-    options = [o for o in candidates if o is not None]
-    best = min(options, key=lambda o: o["joules_per_request"]) if options else None
+    """GPUs and energy for the baseline (vLLM direct; static: one request at a time) and for ecobatch
+    (its controller; static: the batch size and window that spend the fewest joules within the SLO)."""
+    if profile.kind == "continuous":
+        baseline = _serving(profile, inp, SendAtOnce(), "vLLM direct (send at once)")
+        best = _serving(profile, inp, Controller(BatchingSettings()), "ecobatch (default settings)")
+    else:
+        baseline = _serving(profile, inp, BatcherRule(0.0, 0.0, 1), "one request at a time")
+        candidates = (
+            _serving(profile, inp, BatcherRule(lo / 1000, hi / 1000, size), f"batch {size}, window {hi:g} ms")
+            for size in _sizes(profile)
+            for lo, hi in WINDOWS_MS
+        )
+        options = [o for o in candidates if o is not None]
+        best = min(options, key=lambda o: o["joules_per_request"]) if options else None
     result: dict[str, Any] = {
         "modelled": True,
         "profile": {"name": profile.name, "kind": profile.kind, "source": profile.source, "gpu": profile.gpu},
         "requests_per_month": inp.rate_per_s * SECONDS_PER_MONTH,
-        "per_request_serving": per_request,
+        "baseline": baseline,
         "operating_point": best,
-        "saving_vs_per_request": (
-            1 - best["kwh_per_month"] / per_request["kwh_per_month"] if best and per_request else None
+        "saving_vs_baseline": (
+            1 - best["kwh_per_month"] / baseline["kwh_per_month"] if best and baseline else None
         ),
     }
     tokens = inp.prompt_tokens + statistics.fmean(_lengths_sample(inp.output_tokens))
@@ -187,7 +223,7 @@ def plan(profile: EnergyProfile, inp: PlanInput, shape: ModelShape) -> dict[str,
             "exact_kv_cache_gb": kv_bytes(shape, tokens, n) / 1e9,
             "exact_total_gb": (weights + kv_bytes(shape, tokens, n)) / 1e9,
         }
-        for n in sorted({1, 8, 32, 64, best["size"] if best else 1})
+        for n in sorted({1, 8, 32, 64, math.ceil(best["sequences"]) if best else 1})
     ]
     return result
 
@@ -202,6 +238,12 @@ def add_arguments(p: Any) -> None:
         "--output-tokens", default="256", help="N, uniform:A-B or choice:A,B,… (mean and p99 used)"
     )
     p.add_argument("--slo-p99-s", type=float, default=30.0, help="p99 end-to-end latency to meet")
+    p.add_argument(
+        "--flex-share",
+        type=float,
+        default=0.0,
+        help="share of requests sent with service_tier=flex (continuous engines; default 0)",
+    )
     p.add_argument("--price-per-kwh", type=float, default=0.10)
     p.add_argument("--currency", default="USD")
     p.add_argument(
@@ -234,7 +276,10 @@ def run_cli(args: Any) -> int:
         price_per_kwh=args.price_per_kwh,
         carbon_g_per_kwh=args.carbon_g_per_kwh,
         pue=args.pue,
+        flex_share=args.flex_share,
     )
+    if not 0 <= args.flex_share <= 1:
+        raise ValueError(f"--flex-share={args.flex_share} must be between 0 and 1")
     shape = ModelShape()
     if args.model_config:
         path = Path(args.model_config)
@@ -254,36 +299,32 @@ def render(plans: list[dict[str, Any]], inp: PlanInput, currency: str) -> str:
     lines = [
         f"MODELLED from energy profiles (ecobatch tune's engine model): {inp.rate_per_s:.3g} "
         f"requests/s ({inp.rate_per_s * SECONDS_PER_MONTH:,.0f}/month), {inp.prompt_tokens:g} prompt tokens, "
-        f"output tokens {inp.output_tokens}, p99 SLO {inp.slo_p99_s:g} s, PUE {inp.pue:g}, "
+        f"output tokens {inp.output_tokens}, flex share {inp.flex_share:g}, p99 SLO {inp.slo_p99_s:g} s, "
+        f"PUE {inp.pue:g}, "
         f"{inp.carbon_g_per_kwh:g} gCO2/kWh, {inp.price_per_kwh:g} {currency}/kWh",
         "",
-        f"{'profile':<40} {'serving':<22} {'GPUs':>4} {'J/req':>8} {'J/1k tok':>9} {'kWh/mo':>9} "
+        f"{'profile':<40} {'serving':<28} {'GPUs':>4} {'J/req':>8} {'J/1k tok':>9} {'kWh/mo':>9} "
         f"{'cost/mo':>9} {'kgCO2/mo':>9}",
     ]
     for p in plans:
         name = f"{p['profile']['name']} ({p['profile']['source']})"
-        rows = []
-        if p["per_request_serving"] is not None:
-            rows.append(("one sequence at a time", p["per_request_serving"]))
-        if p["operating_point"] is not None:
-            op = p["operating_point"]
-            kind = "cap" if p["profile"]["kind"] == "continuous" else "batch"
-            rows.append((f"{kind} {op['size']}, window {op['window_ms'][1]:g} ms", op))
-        for label, s in rows:
+        rows = [s for s in (p["baseline"], p["operating_point"]) if s is not None]
+        for s in rows:
             lines.append(
-                f"{name:<40} {label:<22} {s['gpus']:>4} {s['joules_per_request']:>8.1f} "
+                f"{name:<40} {s['setting']:<28} {s['gpus']:>4} {s['joules_per_request']:>8.1f} "
                 f"{s['joules_per_1k_tokens']:>9.1f} {s['kwh_per_month']:>9,.0f} {s['cost_per_month']:>9,.2f} "
                 f"{s['co2_kg_per_month']:>9,.0f}"
             )
             name = ""
-        if p["saving_vs_per_request"] is not None:
+        if p["saving_vs_baseline"] is not None:
             lines.append(
-                f"{'':<40} saves {100 * p['saving_vs_per_request']:.0f} % of the kWh of one-at-a-time"
+                f"{'':<40} saves {100 * p['saving_vs_baseline']:.0f} % of the kWh of "
+                f"{p['baseline']['setting']}"
             )
         elif p["operating_point"] is None:
-            lines.append(f"{name:<40} no size meets the SLO: loosen it or shorten the outputs")
+            lines.append(f"{name:<40} no setting meets the SLO: loosen it or shorten the outputs")
         else:
-            lines.append(f"{'':<40} one sequence at a time misses the SLO: no saving to state")
+            lines.append(f"{'':<40} the baseline misses the SLO: no saving to state")
     ranked = [p for p in plans if p["operating_point"] is not None]
     if len(plans) > 1 and ranked:
         best = min(ranked, key=lambda p: p["operating_point"]["joules_per_request"])

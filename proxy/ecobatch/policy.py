@@ -1,24 +1,20 @@
-"""Pure decisions: how big a batch, how long a window.
+"""Pure decisions for static engines: how big a batch, how long a window (continuous engines: ``release``).
 
 Nothing here does I/O or reads a clock: every input is an argument, so each rule is tested with plain
 numbers.
 
-Batch size (``choose_batch_size``): the batch for a static engine, the in-flight cap for a continuous
-one (the profile is then per concurrency, and a point's step time is the per-sequence time per token).
-    1. The candidates are 1 … min(max_batch_size, the profile's largest measured size).
+Batch size (``choose_batch_size``): the batch for a static engine (HF generate, simulated): the GPU
+batch is what the proxy sends, so the batch size sets the joules per token directly.
+    1. The candidates are 1 … min(max_batch_sequences, the profile's largest measured size).
     2. KV headroom: a sequence may grow to prompt + completion tokens; the engine's free KV tokens must
        hold the new ones (in-flight sequences already own theirs).
     3. Latency SLO: window + completion tokens × step time at that batch size must fit the SLO.
     4. Energy: among the feasible sizes, the smallest one whose J/token is within ``energy_tolerance``
        of the feasible minimum. Past the knee of the curve a larger batch buys almost nothing and costs
        latency and KV room.
-    With vLLM the chosen size is the in-flight cap: the engine runs at the curve's sweet spot without
-    KV-cache preemption.
 
-Window (``window_length_s`` and ``should_close``)
-    Static engines: every batch waits for its window. Continuous engines: a request is released at
-    once while the engine is busy (joining running steps is nearly free); only while it is idle does
-    the window hold arrivals, so that the next group starts, and ends, together.
+Window (``window_closes_at_s``, from ``window_length_s`` and ``should_close``)
+    Every batch waits for its window; the batcher and ``tune``'s engine model call the same rule.
     The window opens at the first arrival. Its length is window_min + (window_max - window_min) · u,
     with u = min(1, λ · window_max / target): at low arrival rates a longer wait gains nothing, and
     under load it lengthens toward window_max. It never runs past the latency SLO's slack. It closes
@@ -35,9 +31,9 @@ from typing import Literal
 from .domain import Demand, Headroom
 from .profile import EnergyProfile
 
-__all__ = ["Decision", "choose_batch_size", "should_close", "window_length_s"]
+__all__ = ["Decision", "choose_batch_size", "should_close", "window_closes_at_s", "window_length_s"]
 
-Limit = Literal["energy", "kv", "slo", "max_batch_size"]
+Limit = Literal["energy", "kv", "slo", "max_batch_sequences"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +55,15 @@ def choose_batch_size(
     demand: Demand,
     *,
     slo_s: float,
-    max_batch_size: int,
+    max_batch_sequences: int,
     energy_tolerance: float,
     inflight: int = 0,
     window_s: float = 0.0,
 ) -> Decision:
-    """The batch size (for vLLM: the in-flight cap) that spends the fewest joules per token within
-    the KV headroom and the latency SLO. ``inflight`` sequences already hold their KV blocks."""
-    upper = max(1, min(max_batch_size, profile.max_size))
-    limit: Limit = "max_batch_size"
+    """The batch size that spends the fewest joules per token within the KV headroom and the latency
+    SLO. ``inflight`` sequences already hold their KV blocks."""
+    upper = max(1, min(max_batch_sequences, profile.max_size))
+    limit: Limit = "max_batch_sequences"
     kv_limit: int | None = None
     if headroom.kv_free_tokens is not None:
         kv_limit = inflight + math.floor(headroom.kv_free_tokens / max(demand.tokens_per_sequence, 1.0))
@@ -114,3 +110,35 @@ def should_close(
     if collected >= target or now_s >= deadline_s:
         return True
     return arrival_rate_per_s * (deadline_s - now_s) < 1.0
+
+
+def window_closes_at_s(
+    *,
+    opened_s: float,
+    now_s: float,
+    collected: int,
+    target: int,
+    arrival_rate_per_s: float,
+    window_min_s: float,
+    window_max_s: float,
+    slo_slack_s: float = math.inf,
+) -> float:
+    """When the window that opened at ``opened_s`` closes: ``now_s`` when it should close now (target
+    reached, deadline passed, no further arrival expected), else its deadline. ``slo_slack_s``: how long
+    after ``opened_s`` the SLO still leaves before the batch must start."""
+    deadline_s = opened_s + window_length_s(
+        arrival_rate_per_s=arrival_rate_per_s,
+        target=target,
+        window_min_s=window_min_s,
+        window_max_s=window_max_s,
+        slo_slack_s=slo_slack_s,
+    )
+    if should_close(
+        now_s=now_s,
+        deadline_s=deadline_s,
+        collected=collected,
+        target=target,
+        arrival_rate_per_s=arrival_rate_per_s,
+    ):
+        return now_s
+    return deadline_s

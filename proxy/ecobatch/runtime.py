@@ -12,16 +12,13 @@ engine.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from typing import Literal
 
 from prometheus_client import CollectorRegistry
 
-from .backends.base import ContinuousEngine, StaticEngine
-from .backends.replicas import ReplicaSet
+from .backends.base import StaticEngine
 from .batcher import StaticBatcher
 from .clock import Clock
 from .config import Settings
@@ -30,16 +27,17 @@ from .energy.ledger import SettledRequest
 from .energy.meter import Meter
 from .energy.receipts import Receipts
 from .errors import ConfigError, NotReady
-from .gate import ContinuousGate, Replica
+from .gate import ContinuousGate
 from .metrics import Metrics
+from .pool import ReplicaPool
 from .profile import EnergyProfile
 
-__all__ = ["MeterFactory", "Runtime", "State"]
+__all__ = ["Engine", "Runtime", "State"]
 
 log = logging.getLogger(__name__)
 State = Literal["starting", "ready", "draining", "stopped", "failed"]
-MeterFactory = Callable[[Settings, EnergyProfile, Clock], Meter]
-Engine = StaticEngine | ContinuousEngine | ReplicaSet
+#: what the app runs requests on: a static engine, or the replicas of a continuous one
+Engine = StaticEngine | ReplicaPool
 _PROGRESS_EVERY_S = 5.0
 
 
@@ -50,7 +48,7 @@ class Runtime:
         registry: CollectorRegistry,
         profile: EnergyProfile,
         engine: Engine,
-        meter_factory: MeterFactory,
+        meters: list[Meter],
         clock: Clock,
     ) -> None:
         self.settings, self.registry, self.profile, self.engine = settings, registry, profile, engine
@@ -64,12 +62,14 @@ class Runtime:
             currency=settings.energy.currency,
         )
         self.metrics.describe_profile(profile)
-        self.meter: Meter | None = None  # the first replica's, with several
-        self.meters: list[Meter] = []
+        #: one meter per replica (the static engine's: one); the first is the one /health names
+        self.meters = meters
+        self.meter: Meter | None = meters[0] if meters else None
+        for meter in meters:
+            self._wire(meter)
         self.dispatcher: Dispatcher | None = None
         self.state: State = "starting"
         self.reason = "starting"
-        self._meter_factory = meter_factory
         self._last_progress_log_s = float("-inf")
 
     # ---- what the routes use -------------------------------------------------------------------
@@ -124,74 +124,52 @@ class Runtime:
         )
 
     async def _dispatcher(self) -> Dispatcher:
-        """The meters and the dispatcher for the engine that is up."""
+        """Start the meters, then the dispatcher for the engine that is up."""
         self.metrics.set_model(self.engine.model)
-        if isinstance(self.engine, ReplicaSet):
-            return await self._replica_gate(self.engine)
-        meter = await self._start_meter(self.settings)
-        kind = StaticBatcher if self.engine.shape == "static" else ContinuousGate
-        return kind(
-            self.engine,  # type: ignore[arg-type]
+        settings = self.settings
+        engine = self.engine
+        if isinstance(engine, ReplicaPool):
+            named = [(r.name, r.meter) for r in engine.replicas]
+
+            def check_late() -> None:  # a replica's counter became readable after start-up
+                try:
+                    _refuse_shared_gpus(named)
+                except ConfigError as exc:
+                    log.error(
+                        "%s; its energy is counted twice until this is fixed and ecobatch restarted", exc
+                    )
+
+            for replica in engine.replicas:
+                replica.meter.on_named = check_late
+            # a replica still loading its model draws more than idle: its idle power is not probed
+            await asyncio.gather(
+                *(r.meter.start(measure_idle=r.health.state != "starting") for r in engine.replicas)
+            )
+            _refuse_shared_gpus(named)
+            return ContinuousGate(
+                engine,
+                self.receipts,
+                self.metrics,
+                self.profile,
+                settings.batching,
+                request_timeout_s=settings.backend.request_timeout_s,
+                clock=self.clock,
+                routing=settings.backend.routing,
+                max_prompts_per_request=settings.server.max_prompts_per_request,
+                engine_priority=settings.backend.engine_priority,
+            )
+        (meter,) = self.meters
+        await meter.start()
+        return StaticBatcher(
+            engine,
             meter.ledger,
             self.receipts,
             self.metrics,
             self.profile,
-            self.settings.batching,
-            request_timeout_s=self.settings.backend.request_timeout_s,
+            settings.batching,
+            request_timeout_s=settings.backend.request_timeout_s,
             clock=self.clock,
-        )
-
-    def _new_meter(self, settings: Settings) -> Meter:
-        meter = self._meter_factory(settings, self.profile, self.clock)
-        self._wire(meter)
-        self.meters.append(meter)
-        self.meter = self.meter or meter
-        return meter
-
-    async def _start_meter(self, settings: Settings) -> Meter:
-        meter = self._new_meter(settings)
-        await meter.start()
-        return meter
-
-    async def _replica_gate(self, engine: ReplicaSet) -> ContinuousGate:
-        """One meter per replica (its own GPUs: NVML indices, or its dcgm series), started together,
-        and the gate that routes among them."""
-        base = self.settings
-        replicas = []
-        for name, member, spec in zip(engine.names, engine.members, base.backend.replicas, strict=True):
-            energy = spec.energy_settings(base.energy)
-            if not member.started and energy.idle_power_w is None and self.profile.idle_power_w is not None:
-                # a replica still loading its model draws more than idle: no idle probe of it
-                energy = dataclasses.replace(energy, idle_power_w=self.profile.idle_power_w)
-                log.info("energy: replica %s is not up yet; its idle power is the profile's", name)
-            backend = dataclasses.replace(base.backend, upstream=spec.url, replicas=[])
-            meter = self._new_meter(dataclasses.replace(base, energy=energy, backend=backend))
-            meter.gpu_prefix = f"{name}:"  # one series per replica's GPUs, whatever the meter calls them
-            meter.idle_fallback_w = self.profile.idle_power_w
-            replicas.append(Replica(name, member, meter.ledger))
-        named = [(r.name, m) for r, m in zip(replicas, self.meters, strict=True)]
-
-        def check_late() -> None:  # a replica's counter became readable after start-up
-            try:
-                _refuse_shared_gpus(named)
-            except ConfigError as exc:
-                log.error("%s; its energy is counted twice until this is fixed and ecobatch restarted", exc)
-
-        for meter in self.meters:
-            meter.on_named = check_late
-        await asyncio.gather(*(m.start() for m in self.meters))
-        _refuse_shared_gpus(named)
-        return ContinuousGate(
-            engine,  # type: ignore[arg-type]
-            replicas[0].ledger,
-            self.receipts,
-            self.metrics,
-            self.profile,
-            base.batching,
-            request_timeout_s=base.backend.request_timeout_s,
-            clock=self.clock,
-            replicas=replicas,
-            routing=base.backend.routing,
+            max_prompts_per_request=settings.server.max_prompts_per_request,
         )
 
     def _fail(self, reason: str) -> None:

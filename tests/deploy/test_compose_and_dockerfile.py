@@ -555,7 +555,7 @@ def test_gpu_ecobatch_fronts_vllm_and_reads_the_gpus_energy_from_dcgm_exporter()
     assert (upstream.hostname, upstream.port) == ("vllm", int(flag(vllm_args, "--port")))
     assert settings.backend.kind == "vllm-http"
     assert settings.backend.model == flag(vllm_args, "--served-model-name")
-    assert settings.batching.max_batch_size == int(flag(vllm_args, "--max-num-seqs"))
+    assert settings.batching.max_inflight_sequences == int(flag(vllm_args, "--max-num-seqs"))
     assert settings.energy.meter == "dcgm"
     assert settings.energy.dcgm_url is not None
     dcgm = urlsplit(settings.energy.dcgm_url)

@@ -426,7 +426,7 @@ def test_separate_ecobatch_routes_over_each_statefulset_pod_by_its_stable_name(t
 def test_the_in_flight_cap_fits_what_each_engine_admits(shape: str, tmp_path: Path) -> None:
     # the cap applies per engine: to the one upstream, or to each of backend.replicas
     ((_, vllm),) = containers(build(shape), "vllm")
-    assert settings(shape, tmp_path).batching.max_batch_size <= int(flag(vllm, "--max-num-seqs"))
+    assert settings(shape, tmp_path).batching.max_inflight_sequences <= int(flag(vllm, "--max-num-seqs"))
 
 
 def test_sidecar_energy_is_this_pods_gpu_from_the_nodes_dcgm_exporter(tmp_path: Path) -> None:

@@ -254,7 +254,7 @@ def test_the_dashboard_has_a_panel_for_each_thing_an_operator_asks() -> None:
         "energy by source": "sum by (source) (rate(ecobatch_energy_joules_total",
         "idle share": "ecobatch:idle_energy_share:rate5m",
         "batch size": "ecobatch_batch_size_bucket",
-        "in flight": "ecobatch_inflight_requests",
+        "in flight": "ecobatch_inflight_sequences",
         "cap": "ecobatch_policy_batch_size",
         "queue wait": "ecobatch_queue_wait_seconds_bucket",
         "window": "ecobatch_window_seconds_bucket",
@@ -431,7 +431,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 #: ecobatch's series that only a continuous engine (vllm-http) exports: this stack's engine is static
-CONTINUOUS_ONLY = ("ecobatch_replica_",)
+CONTINUOUS_ONLY = ("ecobatch_replica_", "ecobatch_release_", "ecobatch_inflight_limit_")
 
 
 def _ecobatch_only(expr: str) -> bool:

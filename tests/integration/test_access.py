@@ -49,7 +49,7 @@ async def test_admin_routes_are_disabled_without_an_admin_key(
 ) -> None:
     monkeypatch.delenv("ECOBATCH_ADMIN_KEYS", raising=False)
     client = await client_for(aiohttp_client)
-    resp = await client.put("/ecobatch/batching", json={"max_batch_size": 1})
+    resp = await client.put("/ecobatch/batching", json={"max_batch_sequences": 1})
     assert resp.status == 403
     assert "admin routes are disabled" in (await resp.json())["error"]["message"]
     assert (await client.get("/ecobatch/batching")).status == 403
@@ -62,13 +62,13 @@ async def test_admin_routes_need_the_admin_key_not_an_api_key(
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
     client = await client_for(aiohttp_client)
     as_user = await client.put(
-        "/ecobatch/batching", json={"max_batch_size": 4}, headers={"Authorization": "Bearer sk-user"}
+        "/ecobatch/batching", json={"max_batch_sequences": 4}, headers={"Authorization": "Bearer sk-user"}
     )
     assert as_user.status == 401
     as_admin = await client.put(
-        "/ecobatch/batching", json={"max_batch_size": 4}, headers={"Authorization": "Bearer sk-admin"}
+        "/ecobatch/batching", json={"max_batch_sequences": 4}, headers={"Authorization": "Bearer sk-admin"}
     )
-    assert as_admin.status == 200 and (await as_admin.json())["settings"]["max_batch_size"] == 4
+    assert as_admin.status == 200 and (await as_admin.json())["settings"]["max_batch_sequences"] == 4
 
 
 async def test_a_body_over_the_limit_is_a_413_in_the_openai_form(aiohttp_client: Any) -> None:

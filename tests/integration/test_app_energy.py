@@ -64,7 +64,7 @@ async def test_a_response_is_not_held_for_the_meter(
     """An instant engine: with the NVML meter sampling every 0.1 s the median request takes at most
     5 ms more than with the modelled meter (which has no counter to wait for), not the ~50 ms wait
     for the next sample; the receipts settle afterwards."""
-    settings = load_settings(None, {"batching.window_min_ms": 0.0, "batching.window_max_ms": 0.0})
+    settings = load_settings(None, {"batching.interactive_budget_ms": 0.0})
     modelled = await aiohttp_client(
         create_app(settings, engine=FakeContinuousEngine(instant=True), profile=continuous_profile)
     )
@@ -99,7 +99,7 @@ async def test_measured_energy_adds_up_to_the_counter_through_the_app(
     engine = FakeContinuousEngine()
     readers: list[RecordingCounters] = []
     app = create_app(
-        load_settings(None, {"batching.window_min_ms": 0.0, "batching.window_max_ms": 0.0}),
+        load_settings(None, {"batching.interactive_budget_ms": 0.0}),
         engine=engine,
         profile=continuous_profile,
         meter_factory=nvml_meter_on(gpu, readers),

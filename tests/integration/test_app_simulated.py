@@ -245,10 +245,10 @@ async def test_health_models_and_runtime_batching_settings(make_client: MakeClie
     models = await (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["mistral-7b-int8-sim"]
     resp = await client.put(
-        "/ecobatch/batching", json={"window_max_ms": 80, "max_batch_size": 8}, headers=ADMIN
+        "/ecobatch/batching", json={"window_max_ms": 80, "max_batch_sequences": 8}, headers=ADMIN
     )
     assert resp.status == 200
-    assert (await resp.json())["settings"]["max_batch_size"] == 8
+    assert (await resp.json())["settings"]["max_batch_sequences"] == 8
     resp = await client.put("/ecobatch/batching", json={"window_max_ms": 1}, headers=ADMIN)
     assert resp.status == 400
     assert (await resp.json())["error"]["param"] == "batching.window_max_ms"

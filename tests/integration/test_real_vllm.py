@@ -141,17 +141,25 @@ async def test_metrics_count_every_served_request_and_headroom_comes_from_vllm(
         )
     )
     assert all(s == 200 for s, _, _ in results)
-    await asyncio.sleep(1.5)  # one headroom poll
-    after = await get_text(f"{base}/metrics")
     count = "ecobatch_request_energy_joules_count"
+    for _ in range(100):  # every receipt settles once the meter has passed its request's end
+        after = await get_text(f"{base}/metrics")
+        if metric(after, count, source="model") - metric(before, count, source="model") == n:
+            break
+        await asyncio.sleep(0.05)
     assert metric(after, count, source="model") - metric(before, count, source="model") == n
     completion = metric(after, "ecobatch_tokens_total", kind="completion") - metric(
         before, "ecobatch_tokens_total", kind="completion"
     )
     assert completion == 2 * n
-    async with aiohttp.ClientSession() as s, s.get(f"{base}/ecobatch/batching", headers=ADMIN) as r:
-        decision = (await r.json())["last_decision"]
-    assert decision["kv_limit"] is not None, "no KV headroom was read from the engine"
+    for _ in range(100):  # the engine's figures are read every backend.headroom_poll_s
+        async with aiohttp.ClientSession() as s, s.get(f"{base}/ecobatch/batching", headers=ADMIN) as r:
+            (replica,) = (await r.json())["replicas"]
+        if replica["kv_room_tokens"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert replica["headroom"]["kv_capacity_tokens"] > 0, "no KV capacity was read from the engine"
+    assert 0 < replica["kv_room_tokens"] <= replica["headroom"]["kv_capacity_tokens"]
 
 
 @pytest.mark.parametrize("front", FRONTS)
@@ -237,7 +245,7 @@ async def test_short_requests_beside_long_ones_finish_as_fast_as_straight_to_vll
     the engine, the proxy and the client at once)."""
     from ecobatch.testing.workloads import short_beside_long
 
-    window_s = 0.1  # the proxy's default window_max_ms
+    window_s = 0.1  # the proxy's default interactive budget: the most an idle engine holds a request
     result = await short_beside_long(
         {"direct": real_engines["upstream"], "ecobatch": real_engines["vllm-http"]}, rounds=3
     )
@@ -246,12 +254,12 @@ async def test_short_requests_beside_long_ones_finish_as_fast_as_straight_to_vll
     assert proxied["long_median_s"] <= 1.5 * direct["long_median_s"] + window_s, result
 
 
-async def test_in_flight_stays_at_the_cap_under_a_burst_of_four_times_it(
+async def test_in_flight_stays_at_the_limit_under_a_burst_of_four_times_it(
     real_engines: dict[str, str],
 ) -> None:
-    """vLLM's own num_requests_running reaches the policy's cap and never exceeds it."""
+    """vLLM's own num_requests_running reaches the safety limit and never exceeds it."""
     proxy, upstream = real_engines["vllm-http"], real_engines["upstream"]
-    await put_batching(proxy, max_batch_size=4, energy_tolerance=0.0)
+    await put_batching(proxy, max_inflight_sequences=4)
     running: list[float] = []
     done = asyncio.Event()
 
@@ -270,12 +278,57 @@ async def test_in_flight_stays_at_the_cap_under_a_burst_of_four_times_it(
     finally:
         done.set()
         await poller
-        await put_batching(proxy, max_batch_size=64, energy_tolerance=0.05)
+        await put_batching(proxy, max_inflight_sequences=None)
     assert all(status == 200 for status, _, _ in results), [(st, d) for st, d, _ in results if st != 200][:2]
     assert len(running) >= 10, f"only {len(running)} samples of vLLM's gauge: the test cannot see the cap"
     assert max(running) == 4, running
     view = await get_json(f"{proxy}/ecobatch/batching")
     assert view["inflight"] == 0
+
+
+async def test_flex_requests_beside_interactive_ones_are_gathered_and_released_together(
+    real_engines: dict[str, str],
+) -> None:
+    """Interactive requests go at once (the engine is busy with them); the flex ones wait for the oldest
+    one's budget (2 s here) and go together: vLLM's own running count sees them arrive in one step, each
+    response says it was served as flex, and none waited past its budget."""
+    proxy, upstream = real_engines["vllm-http"], real_engines["upstream"]
+    await put_batching(proxy, flex_budget_ms=2000)
+    running: list[float] = []
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not done.is_set():
+                async with s.get(f"{upstream}/metrics") as r:
+                    running.append(gauge(await r.text(), "vllm:num_requests_running"))
+                await asyncio.sleep(0.01)
+
+    async def timed(body: dict[str, Any]) -> tuple[float, int, Any, dict[str, str]]:
+        t0 = asyncio.get_running_loop().time()
+        status, data, headers = await post(f"{proxy}/v1/completions", body)
+        return asyncio.get_running_loop().time() - t0, status, data, headers
+
+    interactive = {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}
+    flex = {**interactive, "max_tokens": 120, "service_tier": "flex"}
+    poller = asyncio.create_task(poll())
+    try:
+        flex_tasks = [asyncio.create_task(timed(flex)) for _ in range(4)]
+        interactive_results = await asyncio.gather(*(timed(interactive) for _ in range(4)))
+        flex_results = await asyncio.gather(*flex_tasks)
+    finally:
+        done.set()
+        await poller
+        await put_batching(proxy, flex_budget_ms=30000)
+    assert all(status == 200 for _, status, _, _ in [*interactive_results, *flex_results])
+    assert max(t for t, *_ in interactive_results) < 1.9, "interactive requests do not wait for flex"
+    waits = [float(h["X-Ecobatch-Queue-Wait-Ms"]) / 1000 for *_, h in flex_results]
+    # held (the budget less the engine's measured time to first token), never past the budget, and released
+    # in one round (they arrived within milliseconds of each other)
+    assert min(waits) >= 1.0 and max(waits) <= 2.0 + 0.1 and max(waits) - min(waits) < 0.1, waits
+    assert {d["service_tier"] for _, _, d, _ in flex_results} == {"flex"}
+    assert {d["service_tier"] for _, _, d, _ in interactive_results} == {"default"}
+    assert max(running) >= 4, f"vLLM never ran the flex group together: {running}"
 
 
 async def leave_once_running(url: str, body: dict[str, Any], engine_metrics_url: str) -> None:
@@ -338,9 +391,9 @@ async def test_a_client_that_leaves_is_aborted_in_vllm(real_engines: dict[str, s
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before_tokens
     assert generated < LONG_TOKENS / 2, f"vLLM generated {generated} of {LONG_TOKENS}: not aborted in time"
-    proxy_text = await metrics_once_idle(f"{proxy}/metrics", "ecobatch_inflight_requests")
+    proxy_text = await metrics_once_idle(f"{proxy}/metrics", "ecobatch_inflight_sequences")
     assert metric(proxy_text, "ecobatch_requests_total", status="499") == before_499 + 1
-    assert metric(proxy_text, "ecobatch_inflight_requests") == 0
+    assert metric(proxy_text, "ecobatch_inflight_sequences") == 0
 
 
 async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_engines: dict[str, str]) -> None:
@@ -350,7 +403,7 @@ async def test_a_client_that_leaves_is_aborted_in_the_in_process_engine(real_eng
     body = {"prompt": "hello", "max_tokens": LONG_TOKENS, "ignore_eos": True}
     await leave_once_running(f"{proxy}/v1/completions", body, f"{proxy}/metrics")
     text = await metrics_once_idle(
-        f"{proxy}/metrics", "vllm:num_requests_running", "ecobatch_inflight_requests"
+        f"{proxy}/metrics", "vllm:num_requests_running", "ecobatch_inflight_sequences"
     )
     assert metric(text, "vllm:num_requests_running") == 0
     generated = metric(text, "vllm:generation_tokens_total") - before
@@ -405,7 +458,7 @@ async def test_tune_live_measures_its_recommendation_through_ecobatch_in_front_o
         code = await asyncio.to_thread(
             main,
             ["tune", "--rate", "4", "--duration", "4", "--seeds", "1", "--output-tokens", "choice:4,8",
-             "--prompt-tokens", "8", "--slo-p99-s", "30", "--windows-ms", "100", "--sizes", "4",
+             "--prompt-tokens", "8", "--slo-p99-s", "30", "--budgets-ms", "100", "--quiet",
              "--live", proxy, "--admin-key", ADMIN_KEY, "--out", str(out)],
         )  # fmt: skip
     finally:

@@ -55,8 +55,7 @@ async def proxy(
             "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
             "energy.idle_power_w": 121.8,  # the profile's: no 1 s idle probe per replica
             "energy.sample_interval_s": 0.05,
-            "batching.window_min_ms": 20,
-            "batching.window_max_ms": 20,
+            "batching.interactive_budget_ms": 20,
         },
     )
     app = create_app(settings)
@@ -220,7 +219,7 @@ async def test_the_batching_view_shows_each_replica(
     view = await (await client.get("/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})).json()
     assert view["routing"] == "round-robin"
     assert [r["name"] for r in view["replicas"]] == ["r0", "r1"]
-    assert all(r["up"] and r["inflight"] == 0 and r["cap"] >= 1 for r in view["replicas"])
+    assert all(r["up"] and r["inflight"] == 0 and r["limited_by"] == "none" for r in view["replicas"])
     assert view["replicas"][0]["headroom"]["kv_capacity_tokens"] == 16384 * 16
 
 

@@ -245,7 +245,7 @@ def test_a_stuck_engine_cannot_keep_the_process_past_grace_plus_two_seconds(tmp_
 
 
 def test_an_energy_setting_that_cannot_be_met_stops_the_start_with_its_reason_and_exit_code_2() -> None:
-    """Found while bringing the engine up (after listening): still one line naming the setting."""
+    """Found while the app is built, before listening: one line naming the setting."""
     from ecobatch.energy.gpu import discover_gpus
 
     if discover_gpus():
@@ -258,5 +258,7 @@ def test_an_energy_setting_that_cannot_be_met_stops_the_start_with_its_reason_an
         timeout=60,
     )
     assert done.returncode == 2, done.stderr
-    assert "ecobatch could not start: energy.meter='nvml' but NVML found no GPU on this host" in done.stderr
+    assert (
+        "ecobatch: configuration error: energy.meter='nvml' but NVML found no GPU on this host" in done.stderr
+    )
     assert "Traceback" not in done.stderr

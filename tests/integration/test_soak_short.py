@@ -17,7 +17,7 @@ async def test_twice_the_capacity_is_served_or_shed_and_nothing_is_lost(tmp_path
     profile = load_profile(DEFAULT_PROFILES["static"])
     capacity_per_s = profile.at(64).tokens_per_s / MAX_TOKENS  # a full batch of 64, modelled
     proxy = start_proxy(
-        ["--sim-time-scale", "1", "--max-queue", "128", "--max-batch-size", "64"], tmp_path, name="soak"
+        ["--sim-time-scale", "1", "--max-queue", "128", "--max-batch-sequences", "64"], tmp_path, name="soak"
     )
     try:
         wait_healthy([proxy], timeout_s=60)

@@ -25,7 +25,7 @@ PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
     ("command", "must_mention"),
     [
         ("bench", ["--compare", "--arrivals", "--energy"]),
-        ("tune", ["--slo-p99-s", "--slo-p99-x-baseline", "--live"]),
+        ("tune", ["--slo-p99-s", "--slo-p99-x-baseline", "--live", "--flex-share", "--budgets-ms"]),
         ("plan", ["--per-month", "--carbon-g-per-kwh", "--pue"]),
     ],
 )
@@ -37,32 +37,46 @@ def test_each_command_explains_itself(command: str, must_mention: list[str]) -> 
         assert option in out, f"`ecobatch {command} --help` does not mention {option}"
 
 
-def test_tune_recommends_the_cheapest_setting_within_the_slo_and_prints_the_body_that_applies_it(
+def test_tune_sweeps_a_budget_through_the_proxys_own_controller_and_prints_the_body_that_applies_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "tune.json"
     code = main(
-        ["tune", "--rate", "4", "--duration", "60", "--seeds", "1", "--slo-p99-x-baseline", "1.8",
-         "--windows-ms", "0,500,2000", "--sizes", "16,64", "--out", str(out)]
+        ["tune", "--rate", "4", "--duration", "60", "--seeds", "1", "--slo-p99-x-baseline", "3",
+         "--budgets-ms", "0,100,1000", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     report = json.loads(out.read_text())
     best, base = report["recommended"], report["baseline"]
-    assert report["modelled"] is True
-    assert report["slo_p99_s"] == pytest.approx(1.8 * base["p99_s"])
+    assert report["modelled"] is True and report["tier"] == "interactive"
+    assert report["slo_p99_s"] == pytest.approx(3 * base["p99_s"])
+    assert [c["settings"] for c in report["candidates"]] == [
+        {"interactive_budget_ms": b} for b in (0.0, 100.0, 1000.0)
+    ]
     feasible = [c for c in report["candidates"] if c["p99_s"] <= report["slo_p99_s"]]
     assert best == min(feasible, key=lambda c: c["joules_per_request"])
-    assert best["joules_per_request"] < base["joules_per_request"], "holding while idle should save here"
+    assert best["joules_per_request"] <= base["joules_per_request"], "never worse than vLLM direct"
     printed = capsys.readouterr().out
+    assert "ecobatch's run-time controller" in printed
     body = json.loads(printed.split("-d '")[1].split("'")[0])
-    assert body == {
-        "window_min_ms": best["window_ms"],
-        "window_max_ms": best["window_ms"],
-        "max_batch_size": best["size"],
-        "energy_tolerance": 0.0,
-        "slo_ms": round(report["slo_p99_s"] * 1000.0, 1),
-    }
+    assert body == best["settings"]
     assert out.with_suffix(".png").exists() or "no plot" in printed
+
+
+def test_tune_with_flex_traffic_sweeps_the_flex_budget_and_a_longer_one_saves_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "flex.json"
+    code = main(
+        ["tune", "--rate", "4", "--duration", "120", "--seeds", "1", "--flex-share", "1",
+         "--slo-p99-s", "600", "--budgets-ms", "2000,30000", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["tier"] == "flex"
+    short, long = report["candidates"]
+    assert long["joules_per_request"] < short["joules_per_request"] < report["baseline"]["joules_per_request"]
+    assert short["flex_max_wait_s"] <= 2.0 + 1e-6 and long["flex_max_wait_s"] <= 30.0 + 1e-6
 
 
 def test_tune_says_so_when_no_setting_meets_the_slo(
@@ -70,7 +84,7 @@ def test_tune_says_so_when_no_setting_meets_the_slo(
 ) -> None:
     code = main(
         ["tune", "--rate", "4", "--duration", "30", "--seeds", "1", "--slo-p99-s", "0.01",
-         "--windows-ms", "0", "--sizes", "16", "--out", str(tmp_path / "t.json")]
+         "--budgets-ms", "0", "--out", str(tmp_path / "t.json")]
     )  # fmt: skip
     assert code == 0
     assert "no setting meets p99 <= 0.01 s" in capsys.readouterr().out
@@ -89,7 +103,7 @@ def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_th
     code = main(
         ["tune", "--profile", str(PROFILES / "a800-mistral7b-int8-reference.yaml"), "--rate", "4",
          "--duration", "8", "--seeds", "1", "--output-tokens", "choice:2,4", "--slo-p99-s", "5",
-         "--windows-ms", "100,250", "--sizes", "4,16", "--live", url, "--out", str(out)]
+         "--windows-ms", "100,250", "--sizes", "4,16", "--live", url, "--quiet", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     report: dict[str, Any] = json.loads(out.read_text())
@@ -97,8 +111,8 @@ def test_tune_live_applies_the_recommendation_and_sets_the_measurement_beside_th
     get = urllib.request.Request(f"{url}/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})
     with urllib.request.urlopen(get, timeout=5) as r:
         applied = json.load(r)["settings"]
-    assert applied["max_batch_size"] == best["size"]
-    assert applied["window_max_ms"] == best["window_ms"]
+    assert applied["max_batch_sequences"] == best["settings"]["max_batch_sequences"]
+    assert applied["window_max_ms"] == best["settings"]["window_max_ms"]
     assert applied["slo_ms"] == 5000.0, "the server keeps the SLO the setting was chosen under"
     measured = live["measured"]
     assert measured["ok"] == measured["requests"] > 10
@@ -113,7 +127,7 @@ def test_tune_live_refuses_a_wrong_admin_key_and_a_profile_of_the_other_engine_s
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
     url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
     common = ["--duration", "5", "--seeds", "1", "--output-tokens", "2", "--slo-p99-s", "60",
-              "--windows-ms", "100", "--sizes", "4", "--live", url]  # fmt: skip
+              "--windows-ms", "100", "--sizes", "4", "--budgets-ms", "100", "--live", url]  # fmt: skip
     static = str(PROFILES / "a800-mistral7b-int8-reference.yaml")
     assert main(["tune", "--profile", static, *common, "--admin-key", "wrong"]) == 2
     err = capsys.readouterr().err
@@ -136,7 +150,9 @@ def test_tune_stops_its_sizes_at_the_profiles_largest_point(capsys: pytest.Captu
     assert main(["tune", "--profile", static, "--rate", "1", "--duration", "20", "--seeds", "1",
                  "--slo-p99-s", "600", "--windows-ms", "100"]) == 0  # fmt: skip
     sizes = {
-        int(line.split()[1]) for line in capsys.readouterr().out.splitlines() if line[:9].strip() == "100"
+        int(line.split("batch ")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("window 100 ms, batch ")
     }
     assert sizes == {4, 8, 16, 32, 64}
 

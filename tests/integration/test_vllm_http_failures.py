@@ -156,8 +156,7 @@ async def test_an_upstream_that_stops_answering_opens_the_breaker_and_recovery_c
             "backend.headroom_poll_s": 0.05,
             "backend.breaker_failures": 2,
             "energy.meter": "model",
-            "batching.window_min_ms": 0.0,
-            "batching.window_max_ms": 0.0,
+            "batching.interactive_budget_ms": 0.0,
         },
     )
     client = await aiohttp_client(create_app(settings))
@@ -198,8 +197,7 @@ async def test_a_refused_connection_takes_the_upstream_down_at_once(aiohttp_clie
             "backend.breaker_failures": 3,
             "backend.headroom_poll_s": 30.0,  # no probe in this test: the request alone opens it
             "energy.meter": "model",
-            "batching.window_min_ms": 0.0,
-            "batching.window_max_ms": 0.0,
+            "batching.interactive_budget_ms": 0.0,
         },
     )
     app = create_app(settings)
@@ -207,7 +205,7 @@ async def test_a_refused_connection_takes_the_upstream_down_at_once(aiohttp_clie
     await upstream.cleanup()  # the upstream goes away after start-up
     first = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert first.status == 502 and "connection refused" in (await first.json())["error"]["message"]
-    assert app[RUNTIME].engine.health()["state"] == "down"
+    assert app[RUNTIME].engine.health().state == "down"
     second = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
     assert second.status == 503 and (await second.json())["error"]["code"] == "upstream_down"
 

@@ -1,5 +1,5 @@
-"""The queue's bookkeeping: the sequence count a window reads, withdrawn requests, and groups taken
-from the head."""
+"""The queue's bookkeeping: one line per tier, the sequence count a window reads, withdrawn requests,
+groups taken from the front (priority first), and what is predicted of each request at arrival."""
 
 from __future__ import annotations
 
@@ -9,18 +9,27 @@ from prometheus_client import CollectorRegistry
 from ecobatch.admission import Admission
 from ecobatch.clock import FakeClock
 from ecobatch.config import BatchingSettings
-from ecobatch.domain import Headroom
+from ecobatch.errors import BadRequest
+from ecobatch.load import LoadTracker
 from ecobatch.metrics import Metrics
-from ecobatch.profile import EnergyProfile
 from tests.fakes import req
 
 
-@pytest.fixture
-def admission(reference_profile: EnergyProfile) -> Admission:
+def make(settings: BatchingSettings | None = None) -> Admission:
     metrics = Metrics(CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
     return Admission(
-        BatchingSettings(), reference_profile, metrics, model="m", headroom=Headroom, clock=FakeClock()
+        settings or BatchingSettings(),
+        metrics,
+        model="m",
+        clock=FakeClock(),
+        load=LoadTracker(expected_completion_tokens=100),
+        max_prompts_per_request=64,
     )
+
+
+@pytest.fixture
+def admission() -> Admission:
+    return make()
 
 
 async def test_the_queue_counts_sequences_as_they_come_and_go(admission: Admission) -> None:
@@ -39,7 +48,7 @@ async def test_a_withdrawn_request_leaves_the_queue_and_the_count(admission: Adm
     admission.withdraw(leaving)
     assert leaving.future.cancelled()
     admission.drop_cancelled()
-    assert list(admission.queue) == [staying]
+    assert list(admission.in_order()) == [staying]
     assert admission.queued_sequences == 2
 
 
@@ -66,20 +75,47 @@ async def test_failing_the_queue_resolves_every_future_and_empties_the_count(adm
     assert admission.queued_sequences == 0
 
 
-async def test_requests_whose_clients_left_hold_no_place_in_a_full_queue(
-    reference_profile: EnergyProfile,
-) -> None:
-    metrics = Metrics(CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
-    admission = Admission(
-        BatchingSettings(max_queue=2),
-        reference_profile,
-        metrics,
-        model="m",
-        headroom=Headroom,
-        clock=FakeClock(),
-    )
+async def test_requests_whose_clients_left_hold_no_place_in_a_full_queue() -> None:
+    admission = make(BatchingSettings(max_queue=2))
     left = [admission.submit(req(p), None) for p in "ab"]
     for pending in left:
         admission.withdraw(pending)
     admission.submit(req("c"), None)  # not "queue is full: 2 requests"
-    assert [p.request.prompts for p in admission.queue] == [("c",)]
+    assert [p.request.prompts for p in admission.in_order()] == [("c",)]
+
+
+async def test_each_tier_waits_in_its_own_line_and_priority_is_taken_first(admission: Admission) -> None:
+    flex = admission.submit(req("f", service_tier="flex"), None)
+    interactive = admission.submit(req("i"), None)
+    priority = admission.submit(req("p", service_tier="priority"), None)
+    assert (flex.tier, interactive.tier, priority.tier) == ("flex", "interactive", "priority")
+    assert [list(q) for q in admission.waiting().values()] == [[priority], [interactive], [flex]]
+    assert admission.take(8) == [priority, interactive, flex]
+
+
+async def test_a_tier_the_engine_does_not_keep_is_served_as_interactive() -> None:
+    metrics = Metrics(CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+    static = Admission(
+        BatchingSettings(), metrics, model="m", clock=FakeClock(), load=LoadTracker(),
+        max_prompts_per_request=64, tiers=frozenset({"priority", "interactive"}),
+    )  # fmt: skip
+    assert static.submit(req("f", service_tier="flex"), None).tier == "interactive"
+
+
+async def test_each_request_is_predicted_from_what_recent_ones_generated(admission: Admission) -> None:
+    """Until a request has finished, one asking for max_tokens is predicted to use all of them; once
+    recent ones stop (EOS) at half their max_tokens, the next is predicted to stop at half too."""
+    first = admission.submit(req("a b c d", max_tokens=40), None)
+    assert first.output_tokens == 40
+    assert first.kv_tokens == pytest.approx(40 + 7 * 0.25)  # 7 characters at 0.25 tokens each
+    for _ in range(4):
+        admission.load.finished(
+            max_tokens=40, completion_tokens_per_sequence=20, decode_s=1.0, mean_concurrency=1
+        )
+    assert admission.submit(req("a", max_tokens=100), None).output_tokens == pytest.approx(50.0)
+
+
+async def test_more_prompts_than_one_request_may_hold_is_refused_naming_the_setting() -> None:
+    admission = make()
+    with pytest.raises(BadRequest, match=r"server.max_prompts_per_request=64"):
+        admission.submit(req([f"p{i}" for i in range(65)]), None)

@@ -174,9 +174,9 @@ async def test_reconfiguring_changes_the_next_decision(
 ) -> None:
     from ecobatch.config import BatchingSettings
 
-    batcher, _ = build(StaticBatcher, FakeStaticEngine(), reference_profile, clock, max_batch_size=64)
+    batcher, _ = build(StaticBatcher, FakeStaticEngine(), reference_profile, clock, max_batch_sequences=64)
     assert batcher.decide().batch_size > 8
-    batcher.reconfigure(BatchingSettings(max_batch_size=8, energy_tolerance=0.0))
+    batcher.reconfigure(BatchingSettings(max_batch_sequences=8, energy_tolerance=0.0))
     assert batcher.decide().batch_size == 8
     text = generate_latest(batcher._metrics.registry).decode()
     assert metric(text, "ecobatch_policy_batch_size") == 8
@@ -189,7 +189,13 @@ async def test_retry_after_follows_the_measured_drain_rate(
     gate = asyncio.Event()
     engine = FakeStaticEngine(gate=gate)
     batcher, _ = build(
-        StaticBatcher, engine, reference_profile, clock, max_batch_size=4, energy_tolerance=0.0, max_queue=24
+        StaticBatcher,
+        engine,
+        reference_profile,
+        clock,
+        max_batch_sequences=4,
+        energy_tolerance=0.0,
+        max_queue=24,
     )
     await batcher.start()
     first = [batcher.submit(req(f"w{i}")) for i in range(8)]

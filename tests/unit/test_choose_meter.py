@@ -8,14 +8,15 @@ import pytest
 
 from ecobatch.clock import FakeClock
 from ecobatch.config import load_settings
-from ecobatch.energy.choose import build_meter
+from ecobatch.energy.choose import MeterSpec, build_meter
 from ecobatch.energy.gpu import FakeGpu
 from ecobatch.errors import ConfigError
 from ecobatch.profile import EnergyProfile
 
 
 def source_for(profile: EnergyProfile, gpus: list[Any], **overrides: object) -> str:
-    meter = build_meter(load_settings(None, overrides), profile, clock=FakeClock(), find_gpus=lambda: gpus)
+    spec = MeterSpec(load_settings(None, overrides))
+    meter = build_meter(spec, profile, clock=FakeClock(), find_gpus=lambda: gpus)
     return meter.source
 
 

@@ -19,10 +19,10 @@ def test_defaults_are_the_simulated_backend_on_the_reference_profile() -> None:
 
 def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("batching:\n  window_max_ms: 80\n  max_batch_size: 16\nserver:\n  port: 9000\n")
-    s = load_settings(cfg, {"batching.max_batch_size": 8, "server.port": None})
+    cfg.write_text("batching:\n  window_max_ms: 80\n  max_batch_sequences: 16\nserver:\n  port: 9000\n")
+    s = load_settings(cfg, {"batching.max_batch_sequences": 8, "server.port": None})
     assert s.batching.window_max_ms == 80.0
-    assert s.batching.max_batch_size == 8
+    assert s.batching.max_batch_sequences == 8
     assert s.server.port == 9000
 
 
@@ -33,8 +33,19 @@ def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
             "batching:\n  window_max_ms: 10\n",
             r"batching.window_max_ms=10.0 must be >= batching.window_min_ms",
         ),
-        ("batching:\n  max_batch_size: 0\n", r"batching.max_batch_size=0 must be >= 1"),
-        ("batching:\n  max_batch_size: 2.5\n", r"batching.max_batch_size=2.5 must be an integer"),
+        ("batching:\n  max_batch_sequences: 0\n", r"batching.max_batch_sequences=0 must be >= 1"),
+        ("batching:\n  max_batch_sequences: 2.5\n", r"batching.max_batch_sequences=2.5 must be an integer"),
+        (
+            "batching:\n  max_batch_size: 8\n",
+            r"batching.max_batch_size is no longer a setting: use batching.max_batch_sequences .*"
+            r"batching.max_inflight_sequences .* or server.max_prompts_per_request",
+        ),
+        (
+            "batching:\n  flex_budget_ms: 50\n",
+            r"batching.flex_budget_ms=50.0 must be >= batching.interactive",
+        ),
+        ("batching:\n  tpot_slo_ms: 0\n", r"batching.tpot_slo_ms=0.0 must be > 0"),
+        ("server:\n  max_prompts_per_request: 0\n", r"server.max_prompts_per_request=0 must be >= 1"),
         ("batching:\n  windw_ms: 3\n", r"batching.windw_ms is not a setting"),
         ("backend:\n  kind: triton\n", r"backend.kind='triton' must be one of"),
         ("backend:\n  kind: vllm-async\n", r"backend.model=None must be a model path"),
@@ -133,14 +144,14 @@ def test_an_in_process_engine_without_its_packages_names_the_extra_to_install(
 ) -> None:
     import importlib.util
 
-    from ecobatch.backends import create_engine
+    from ecobatch.backends import create_static_engine
     from ecobatch.config import DEFAULT_PROFILES
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))
     settings = load_settings(None, {"backend.kind": "hf-bnb", "backend.model": "/m"})
     with pytest.raises(ConfigError, match=r"needs torch, not installed here: pip install 'ecobatch\[hf\]'"):
-        create_engine(settings, load_profile(DEFAULT_PROFILES["static"]))
+        create_static_engine(settings, load_profile(DEFAULT_PROFILES["static"]))
 
 
 def test_the_documented_config_lists_every_setting_at_its_default() -> None:

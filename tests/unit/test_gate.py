@@ -1,5 +1,7 @@
-"""The continuous gate on a fake clock: release at once while busy, hold while idle, never more than
-the cap in flight, each slot freed by its own request, cancellation reaching the engine."""
+"""The continuous gate on a fake clock, driven by the run-time controller: interactive requests join a busy
+engine at once and are held on an idle one only while holding pays, within their budget; priority is
+never held; flex gathers and goes together; the in-flight limit is a safety limit under which each slot
+frees with its own request; cancellation reaches the engine; every future is resolved."""
 
 from __future__ import annotations
 
@@ -8,10 +10,14 @@ import asyncio
 import pytest
 
 from ecobatch.clock import FakeClock
+from ecobatch.config import BatchingSettings
+from ecobatch.domain import Headroom
 from ecobatch.errors import BackendTimeout, BadRequest, ShuttingDown
 from ecobatch.profile import EnergyProfile
 from tests.fakes import FakeContinuousEngine, req
-from tests.unit.dispatch_helpers import ContinuousGate, build, settle
+from tests.unit.dispatch_helpers import ContinuousGate, build, build_gate, settle
+
+LONG = 512  # max_tokens of a long request: ~2.4 s alone on the H200 reference curve
 
 
 @pytest.fixture
@@ -19,31 +25,93 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def test_while_the_engine_is_idle_arrivals_are_held_and_released_together(
+async def warm(
+    gate: ContinuousGate, clock: FakeClock, engine: FakeContinuousEngine, rate: float = 40.0
+) -> None:
+    """A second of long requests at ``rate`` (an instant engine serves them): the controller's sliding
+    window (1 s in these tests) then reads ``rate``."""
+    for i in range(int(rate)):
+        gate.submit(req(f"warm{i}", max_tokens=LONG))
+        await clock.advance(1.0 / rate)
+    await clock.advance(0.2)  # the last ones go
+    engine.started.clear()
+
+
+def released(metrics: object, tier: str, reason: str) -> float:
+    value = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+        "ecobatch_release_decisions_total", {"model": "fake-model", "tier": tier, "reason": reason}
+    )
+    return value or 0.0
+
+
+# ---- interactive ---------------------------------------------------------------------------------
+async def test_on_an_idle_engine_under_steady_load_arrivals_are_held_to_their_budget_and_go_together(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
+    """40 requests a second: four more are expected within 100 ms, so holding pays; they go together at
+    the 100 ms budget (the default interactive window)."""
     engine = FakeContinuousEngine(instant=True)
-    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, load_window_s=1.0)
     await gate.start()
-    pendings = [gate.submit(req(p)) for p in ("a", "b", "c")]
+    await warm(gate, clock, engine)
+    before = released(metrics, "interactive", "budget")
+    pendings = [gate.submit(req(p, max_tokens=LONG)) for p in ("a", "b", "c")]
     await settle()
-    assert engine.started == [], "an idle engine holds the window"
-    await clock.advance(0.05)
+    assert engine.started == [], "an idle engine holds a burst"
+    await clock.advance(0.089)
     assert engine.started == []
-    await clock.advance(0.05)  # the 100 ms window closes
+    await clock.advance(0.002)  # the budget less a timer's lateness (release.RELEASE_MARGIN_S)
     await asyncio.gather(*(p.future for p in pendings))
     assert engine.started == ["a", "b", "c"]
     assert {(await p.future).group_size for p in pendings} == {3}
+    assert released(metrics, "interactive", "budget") - before == 3
     await gate.close(grace_s=0)
 
 
-async def test_while_the_engine_is_busy_a_new_request_is_released_at_once(
+async def test_a_short_request_is_held_no_longer_than_its_own_service_time(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Length-aware: two requests of 16 tokens take ~47 ms together on the reference curve, so they are
+    held that long, not the full 100 ms budget."""
+    service_s = 16 / (continuous_profile.at(2).tokens_per_s / 2)
+    assert 0.04 < service_s < 0.05
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, _ = build_gate([engine], continuous_profile, clock, load_window_s=1.0)
+    await gate.start()
+    await warm(gate, clock, engine)
+    pendings = [gate.submit(req(p, max_tokens=16)) for p in ("a", "b")]
+    await settle()
+    await clock.advance(service_s - 0.001)
+    assert engine.started == []
+    await clock.advance(0.002)
+    await asyncio.gather(*(p.future for p in pendings))
+    assert engine.started == ["a", "b"]
+    await gate.close(grace_s=0)
+
+
+async def test_a_lone_request_after_a_quiet_spell_goes_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Nothing else is expected before its budget ends: holding could save nothing."""
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    await clock.advance(60.0)
+    lone = gate.submit(req("lone", max_tokens=LONG))
+    await settle()
+    assert engine.started == ["lone"]
+    assert (await lone.future).queue_wait_s == 0.0
+    assert released(metrics, "interactive", "no_saving") == 1
+    await gate.close(grace_s=0)
+
+
+async def test_while_the_engine_is_busy_a_new_request_joins_at_once(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     engine = FakeContinuousEngine()
-    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock)
     await gate.start()
-    first = gate.submit(req("long"))
+    first = gate.submit(req("long", max_tokens=LONG))
     await clock.advance(0.1)
     assert engine.started == ["long"]
     joined = gate.submit(req("joins"))
@@ -53,24 +121,119 @@ async def test_while_the_engine_is_busy_a_new_request_is_released_at_once(
     outcome = await joined.future
     assert outcome.queue_wait_s == 0.0
     assert not first.future.done(), "a short request does not wait for its long neighbour"
+    assert released(metrics, "interactive", "busy") == 1
     engine.finish("long")
     await first.future
     await gate.close(grace_s=0)
 
 
-async def test_at_most_the_cap_is_in_flight_and_each_slot_frees_when_its_own_request_ends(
+async def test_another_clients_work_on_the_engine_counts_as_busy(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    engine.headroom_value = Headroom(running=3, waiting=0)  # vLLM's /metrics: 3 running, none ours
+    gate, _, _ = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    pendings = [gate.submit(req(p, max_tokens=LONG)) for p in ("a", "b")]
+    await settle()
+    assert engine.started == ["a", "b"], "joining another client's running batch is nearly free too"
+    await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
+
+
+# ---- priority ------------------------------------------------------------------------------------
+async def test_priority_requests_are_never_held(continuous_profile: EnergyProfile, clock: FakeClock) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, load_window_s=1.0)
+    await gate.start()
+    await warm(gate, clock, engine)
+    held = [gate.submit(req(p, max_tokens=LONG)) for p in ("i1", "i2")]
+    await settle()
+    assert engine.started == []
+    urgent = gate.submit(req("p", max_tokens=LONG, service_tier="priority"))
+    await settle()
+    assert engine.started[0] == "p", "priority goes at once, ahead of the held interactive ones"
+    assert (await urgent.future).queue_wait_s == 0.0 and (await urgent.future).tier == "priority"
+    await asyncio.gather(*(p.future for p in held))
+    assert released(metrics, "priority", "priority") == 1
+    await gate.close(grace_s=0)
+
+
+# ---- flex ----------------------------------------------------------------------------------------
+async def test_flex_requests_gather_even_while_the_engine_is_busy_and_go_together_at_the_budget(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     engine = FakeContinuousEngine()
-    gate, ledger = build(
-        ContinuousGate, engine, continuous_profile, clock, max_batch_size=4, energy_tolerance=0.0
-    )
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, flex_budget_ms=2000)
     await gate.start()
-    names = [f"r{i}" for i in range(16)]  # a burst of 4× the cap
-    pendings = {n: gate.submit(req(n)) for n in names}
+    gate.submit(req("busy", max_tokens=16, service_tier="priority"))
+    await settle()
+    flex = [gate.submit(req(f"f{i}", max_tokens=LONG, service_tier="flex")) for i in range(3)]
+    await clock.advance(0.5)
+    flex.append(gate.submit(req("f3", max_tokens=LONG, service_tier="flex")))
+    await clock.advance(1.4)
+    assert engine.started == ["busy"], "flex does not trickle into a running batch it would stretch"
+    await clock.advance(0.1)  # the oldest's 2 s budget (less a timer's lateness)
+    assert engine.started == ["busy", "f0", "f1", "f2", "f3"], "the whole group goes together"
+    assert released(metrics, "flex", "budget") == 4
+    for name in ("busy", "f0", "f1", "f2", "f3"):
+        engine.finish(name)
+    outcomes = await asyncio.gather(*(p.future for p in flex))
+    assert [o.tier for o in outcomes] == ["flex"] * 4
+    assert [round(o.queue_wait_s, 3) for o in outcomes] == [2.0, 2.0, 2.0, 1.5]  # the clock moved in 0.1 s
+    await gate.close(grace_s=0)
+
+
+async def test_a_flex_line_that_fills_half_the_queue_goes_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Interactive requests keep room in the queue: flex gathers in at most half of it."""
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, max_queue=8)
+    await gate.start()
+    group = [gate.submit(req(f"f{i}", max_tokens=LONG, service_tier="flex")) for i in range(3)]
+    await clock.advance(1.0)
+    assert engine.started == []
+    group.append(gate.submit(req("f3", max_tokens=LONG, service_tier="flex")))
+    await asyncio.gather(*(p.future for p in group))
+    assert engine.started == ["f0", "f1", "f2", "f3"]
+    assert released(metrics, "flex", "queue_full") == 4
+    await gate.close(grace_s=0)
+
+
+async def test_a_flex_request_that_ends_before_the_running_batch_joins_it_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """It adds no busy time: the GPU runs until the long request ends either way."""
+    engine = FakeContinuousEngine()
+    gate, _, metrics = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    long = gate.submit(req("long", max_tokens=LONG, service_tier="priority"))
+    await settle()
+    short = gate.submit(req("short", max_tokens=16, service_tier="flex"))
+    stretching = gate.submit(req("stretching", max_tokens=4 * LONG, service_tier="flex"))
+    await settle()
+    assert engine.started == ["long", "short"], "the short one fits inside; the longer one would stretch it"
+    assert released(metrics, "flex", "fits_busy") == 1
+    for name in ("long", "short"):
+        engine.finish(name)
+    await asyncio.gather(long.future, short.future)
+    assert not stretching.future.done()
+    await gate.close(grace_s=0)
+
+
+# ---- the safety limit ----------------------------------------------------------------------------
+async def test_at_most_the_limit_is_in_flight_and_each_slot_frees_when_its_own_request_ends(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, ledgers, metrics = build_gate([engine], continuous_profile, clock, max_inflight_sequences=4)
+    await gate.start()
+    names = [f"r{i}" for i in range(16)]  # a burst of 4x the limit
+    pendings = {n: gate.submit(req(n, max_tokens=LONG)) for n in names}
     await clock.advance(0.1)
-    assert gate.last_decision is not None and gate.last_decision.batch_size == 4
     assert engine.started == names[:4]
+    assert metrics.registry.get_sample_value("ecobatch_inflight_limit_sequences", {"replica": "r0"}) == 4
     engine.finish("r2")
     await pendings["r2"].future
     await settle()
@@ -79,15 +242,123 @@ async def test_at_most_the_cap_is_in_flight_and_each_slot_frees_when_its_own_req
         engine.finish(n)
     await asyncio.gather(*(p.future for p in pendings.values()))
     assert engine.max_running == 4
-    assert gate.inflight == 0 and ledger.inflight_sequences == 0
+    assert gate.inflight == 0 and ledgers[0].inflight_sequences == 0
     await gate.close(grace_s=0)
 
 
+async def test_a_short_request_that_fits_the_kv_cache_is_not_held_behind_a_long_one_that_does_not(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    engine.headroom_value = Headroom(kv_free_tokens=3000, kv_capacity_tokens=3000, running=0, waiting=0)
+    gate, _, _ = build_gate([engine], continuous_profile, clock, interactive_budget_ms=0)
+    await gate.start()
+    first = gate.submit(req("first", max_tokens=2000))
+    await settle()
+    assert engine.started == ["first"]
+    long = gate.submit(req("long", max_tokens=2000))  # 2,000 more tokens do not fit beside the first
+    short = gate.submit(req("short", max_tokens=16))
+    await settle()
+    assert engine.started == ["first", "short"]
+    engine.finish("short")
+    await short.future
+    engine.finish("first")
+    await first.future
+    await settle()
+    assert engine.started == ["first", "short", "long"]
+    engine.finish("long")
+    await long.future
+    await gate.close(grace_s=0)
+
+
+async def test_a_request_of_several_sequences_waits_until_they_fit_under_the_limit(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _ = build(
+        ContinuousGate, engine, continuous_profile, clock, max_inflight_sequences=4, interactive_budget_ms=0
+    )
+    await gate.start()
+    first = gate.submit(req("first", max_tokens=LONG))
+    await clock.advance(0.1)
+    wide = gate.submit(req(["wide", "b", "c", "d"], max_tokens=LONG))  # type: ignore[arg-type]
+    await settle()
+    assert engine.started == ["first"], "4 sequences do not fit beside 1 under a limit of 4"
+    engine.finish("first")
+    await first.future
+    await settle()
+    assert engine.started == ["first", "wide"]
+    engine.finish("wide")
+    await wide.future
+    assert engine.max_running == 4
+    await gate.close(grace_s=0)
+
+
+async def test_raising_the_limit_at_run_time_releases_waiting_requests_at_once(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, max_inflight_sequences=2)
+    await gate.start()
+    pendings = [gate.submit(req(f"r{i}", max_tokens=LONG)) for i in range(5)]
+    await clock.advance(0.1)
+    assert engine.started == ["r0", "r1"]
+    gate.reconfigure(BatchingSettings(max_inflight_sequences=8))
+    await settle()
+    assert engine.started == [f"r{i}" for i in range(5)]
+    for i in range(5):
+        engine.finish(f"r{i}")
+    await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
+
+
+async def test_a_request_that_waited_past_its_budget_is_counted_as_a_miss(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _, metrics = build_gate(
+        [engine], continuous_profile, clock, max_inflight_sequences=1, interactive_budget_ms=0
+    )
+    await gate.start()
+    first, second = gate.submit(req("first", max_tokens=LONG)), gate.submit(req("second", max_tokens=LONG))
+    await settle()
+    assert engine.started == ["first"]
+    await clock.advance(0.5)
+    engine.finish("first")
+    await first.future
+    await settle()
+    engine.finish("second")
+    assert (await second.future).queue_wait_s == pytest.approx(0.5)
+    misses = metrics.registry.get_sample_value(
+        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
+    )
+    assert misses == 1
+    await gate.close(grace_s=0)
+
+
+# ---- the engine's own priority -------------------------------------------------------------------
+async def test_with_engine_priority_each_tier_reaches_vllm_as_its_priority(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, _ = build_gate([engine], continuous_profile, clock, engine_priority=True, flex_budget_ms=100)
+    await gate.start()
+    pendings = [
+        gate.submit(req(p, max_tokens=16, service_tier=t))
+        for p, t in (("p", "priority"), ("i", "default"), ("f", "flex"))
+    ]
+    await clock.advance(0.1)
+    await asyncio.gather(*(p.future for p in pendings))
+    assert engine.priorities == {"p": -1, "i": 0, "f": 1}
+    await gate.close(grace_s=0)
+
+
+# ---- every future resolved -----------------------------------------------------------------------
 async def test_a_client_that_leaves_is_aborted_in_the_engine_and_frees_its_slot(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     engine = FakeContinuousEngine()
-    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=1)
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_inflight_sequences=1)
     await gate.start()
     leaving, waiting = gate.submit(req("leaving")), gate.submit(req("waiting"))
     await clock.advance(0.1)
@@ -149,7 +420,7 @@ async def test_closing_finishes_in_flight_work_within_the_grace_then_fails_the_r
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     engine = FakeContinuousEngine()
-    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=1)
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_inflight_sequences=1)
     await gate.start()
     finishing, stuck, queued = (gate.submit(req(p)) for p in ("finishing", "stuck", "queued"))
     await clock.advance(0.1)
@@ -170,54 +441,15 @@ async def test_closing_finishes_in_flight_work_within_the_grace_then_fails_the_r
     assert ledger.inflight_sequences == 0
 
 
-async def test_a_request_of_several_sequences_waits_until_they_fit_under_the_cap(
-    continuous_profile: EnergyProfile, clock: FakeClock
-) -> None:
-    engine = FakeContinuousEngine()
-    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=4, energy_tolerance=0.0)
-    await gate.start()
-    first = gate.submit(req("first"))
-    await clock.advance(0.1)
-    wide = gate.submit(req(["wide", "b", "c", "d"]))  # type: ignore[arg-type]
-    await settle()
-    assert engine.started == ["first"], "4 sequences do not fit beside 1 under a cap of 4"
-    engine.finish("first")
-    await first.future
-    await settle()
-    assert engine.started == ["first", "wide"]
-    engine.finish("wide")
-    await wide.future
-    assert engine.max_running == 4
-    await gate.close(grace_s=0)
-
-
-async def test_raising_the_cap_at_run_time_releases_waiting_requests_at_once(
-    continuous_profile: EnergyProfile, clock: FakeClock
-) -> None:
-    from ecobatch.config import BatchingSettings
-
-    engine = FakeContinuousEngine()
-    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, max_batch_size=2, energy_tolerance=0.0)
-    await gate.start()
-    pendings = [gate.submit(req(f"r{i}")) for i in range(5)]
-    await clock.advance(0.1)
-    assert engine.started == ["r0", "r1"]
-    gate.reconfigure(BatchingSettings(max_batch_size=8, energy_tolerance=0.0, window_max_ms=100.0))
-    await settle()
-    assert engine.started == [f"r{i}" for i in range(5)]
-    for i in range(5):
-        engine.finish(f"r{i}")
-    await asyncio.gather(*(p.future for p in pendings))
-    await gate.close(grace_s=0)
-
-
-async def test_closing_while_a_window_is_open_fails_what_it_held(
+async def test_closing_while_requests_are_held_fails_what_it_held(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     engine = FakeContinuousEngine(instant=True)
-    gate, _ = build(ContinuousGate, engine, continuous_profile, clock)
+    gate, _ = build(ContinuousGate, engine, continuous_profile, clock, load_window_s=1.0)
+    assert isinstance(gate, ContinuousGate)
     await gate.start()
-    held = [gate.submit(req(p)) for p in "ab"]
+    await warm(gate, clock, engine)
+    held = [gate.submit(req(p, max_tokens=LONG)) for p in "ab"]
     await settle()
     await gate.close(grace_s=0)
     for pending in held:
@@ -230,15 +462,14 @@ async def test_a_request_cancelled_before_its_task_ran_still_frees_its_slot(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
     """The race where shutdown (or a client leaving) cancels a released request before its first step."""
-    from ecobatch.admission import Pending
-
     engine = FakeContinuousEngine(instant=True)
     gate, ledger = build(ContinuousGate, engine, continuous_profile, clock)
-    pending = Pending(req("x"), asyncio.get_running_loop().create_future(), clock.now(), None)
+    assert isinstance(gate, ContinuousGate)
+    pending = gate.submit(req("x"))
     replica = gate.replicas[0]
-    replica.inflight += 1  # as the gate's routing reserves it
-    gate._release([(pending, replica)])
-    assert gate.inflight == 1
+    gate._admission.remove(pending)
+    gate._start(pending, replica, clock.now(), 1)
+    assert gate.inflight == 1 and replica.inflight == 1
     for task in list(gate._tasks):
         task.cancel()  # before it ever ran
     await settle()
@@ -255,7 +486,7 @@ async def test_a_request_that_ends_without_the_engines_count_still_carries_its_s
     """A non-streaming request whose client left after 1 s beside one that ran on: the leaver is charged
     for its prompt and the tokens the profile says it decoded, not 0 J with its neighbour paying all."""
     engine = FakeContinuousEngine()
-    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, window_min_ms=0, window_max_ms=0)
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, interactive_budget_ms=0)
     settled: dict[str, float] = {}
     ledger.on_request = lambda s: settled.__setitem__(s.request_id, s.joules)
     await gate.start()
@@ -274,3 +505,25 @@ async def test_a_request_that_ends_without_the_engines_count_still_carries_its_s
     assert joules["leaving"] > 0.25 * 400.0, joules  # its decode over the second, estimated
     assert joules["leaving"] + joules["staying"] == pytest.approx(400.0)
     await gate.close(grace_s=0)
+
+
+async def test_the_batching_view_says_why_each_request_was_released_or_held(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, _ = build_gate([engine], continuous_profile, clock, flex_budget_ms=5000)
+    await gate.start()
+    flex = gate.submit(req("f", max_tokens=LONG, service_tier="flex"))
+    urgent = gate.submit(req("p", max_tokens=16, service_tier="priority"))
+    await urgent.future
+    await settle()
+    view = gate.view()
+    assert view["engine_shape"] == "continuous"
+    assert view["tiers"]["flex"]["waiting"] == 1
+    assert [(h["tier"], h["reason"]) for h in view["holds"]] == [("flex", "gathering")]
+    assert view["recent_decisions"][-1]["reason"] == "priority"
+    assert view["replicas"][0]["limited_by"] == "none"
+    assert view["load"]["arrival_rate_per_s"]["flex"] >= 0
+    await gate.close(grace_s=0)
+    with pytest.raises(ShuttingDown):
+        await flex.future

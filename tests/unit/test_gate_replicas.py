@@ -1,4 +1,4 @@
-"""The continuous gate over several replicas, on a fake clock: pack fills one replica to its cap before
+"""The continuous gate over several replicas, on a fake clock: pack fills one replica to its limit before
 waking the next, round-robin alternates, a down replica is skipped and taken back when it recovers,
 each request's energy goes to its own replica's ledger."""
 
@@ -8,19 +8,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from ecobatch.clock import FakeClock
-from ecobatch.config import BatchingSettings
 from ecobatch.energy.ledger import Ledger
-from ecobatch.energy.receipts import Receipts
 from ecobatch.errors import UpstreamDown
-from ecobatch.gate import RECHECK_S, ContinuousGate, Replica
+from ecobatch.gate import RECHECK_S, ContinuousGate
 from ecobatch.metrics import Metrics
 from ecobatch.profile import EnergyProfile
 from ecobatch.routing import RoutingPolicy
 from tests.fakes import FakeContinuousEngine, req
-from tests.unit.dispatch_helpers import settle
+from tests.unit.dispatch_helpers import build_gate, settle
 
 
 @pytest.fixture
@@ -31,23 +28,10 @@ def clock() -> FakeClock:
 def build(
     profile: EnergyProfile, clock: FakeClock, routing: RoutingPolicy, n: int = 2, **batching: Any
 ) -> tuple[ContinuousGate, list[FakeContinuousEngine], list[Ledger], Metrics]:
-    settings = BatchingSettings(**{"window_min_ms": 100.0, "window_max_ms": 100.0, **batching})
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, model="fake-model", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+    """Two replicas; no interactive hold (budget 0) unless a test asks for one."""
     engines = [FakeContinuousEngine() for _ in range(n)]
-    ledgers = [Ledger(source="model", gpu=f"r{i}:test", prefill_weight=1.0, clock=clock) for i in range(n)]
-    replicas = [Replica(f"r{i}", e, led) for i, (e, led) in enumerate(zip(engines, ledgers, strict=True))]
-    gate = ContinuousGate(
-        engines[0],
-        ledgers[0],
-        Receipts(),
-        metrics,
-        profile,
-        settings,
-        request_timeout_s=30.0,
-        clock=clock,
-        replicas=replicas,
-        routing=routing,
+    gate, ledgers, metrics = build_gate(
+        engines, profile, clock, routing=routing, **{"interactive_budget_ms": 0, **batching}
     )
     return gate, engines, ledgers, metrics
 
@@ -59,22 +43,18 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 async def test_pack_fills_the_first_replica_to_its_cap_before_waking_the_second(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
-    gate, (a, b), _, metrics = build(
-        continuous_profile, clock, "pack", max_batch_size=3, energy_tolerance=0.0
-    )
+    gate, (a, b), _, metrics = build(continuous_profile, clock, "pack", max_inflight_sequences=3)
     await gate.start()
     first = [gate.submit(req(f"a{i}")) for i in range(2)]
-    await clock.advance(0.1)  # the idle replica's window
+    await settle()
     assert a.started == ["a0", "a1"] and b.started == []
     third = gate.submit(req("a2"))
     await settle()
     assert a.started == ["a0", "a1", "a2"], "joins the busy replica at once"
     spill = gate.submit(req("b0"))
     await settle()
-    assert b.started == [], "the second replica is idle: its window holds the arrival"
-    await clock.advance(0.1)
-    assert b.started == ["b0"], "the first is at its cap of 3: the next wakes"
-    assert value(metrics, "ecobatch_replica_inflight_requests", replica="r0") == 3
+    assert b.started == ["b0"], "the first is at its limit of 3: the next wakes"
+    assert value(metrics, "ecobatch_replica_inflight_sequences", replica="r0") == 3
     assert value(metrics, "ecobatch_replica_requests_total", replica="r1") == 1
     for name in ("a0", "a1", "a2"):
         a.finish(name)
@@ -87,7 +67,7 @@ async def test_pack_fills_the_first_replica_to_its_cap_before_waking_the_second(
 async def test_round_robin_alternates_between_replicas(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
-    gate, (a, b), _, _ = build(continuous_profile, clock, "round-robin", max_batch_size=8)
+    gate, (a, b), _, _ = build(continuous_profile, clock, "round-robin", max_inflight_sequences=8)
     await gate.start()
     pendings = [gate.submit(req(f"p{i}")) for i in range(4)]
     await clock.advance(0.1)
@@ -118,9 +98,7 @@ async def test_each_request_is_accounted_on_its_own_replicas_ledger(
 async def test_a_down_replica_is_skipped_and_taken_back_once_it_is_up(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
-    gate, (a, b), _, metrics = build(
-        continuous_profile, clock, "pack", max_batch_size=1, energy_tolerance=0.0
-    )
+    gate, (a, b), _, metrics = build(continuous_profile, clock, "pack", max_inflight_sequences=1)
     a.state = "down"
     await gate.start()
     assert value(metrics, "ecobatch_replica_up", replica="r0") == 0
@@ -129,10 +107,9 @@ async def test_a_down_replica_is_skipped_and_taken_back_once_it_is_up(
     assert a.started == [] and b.started == ["one"]
     second = gate.submit(req("two"))
     await clock.advance(0.1)
-    assert a.started == [], "r1 is at its cap of 1 and r0 is down: the request waits"
+    assert a.started == [], "r1 is at its limit of 1 and r0 is down: the request waits"
     a.state = "up"
     await clock.advance(RECHECK_S)  # nothing frees a slot: the gate looks again by itself
-    await clock.advance(0.1)  # r0 was idle: its window
     assert a.started == ["two"]
     a.finish("two")
     b.finish("one")
@@ -159,23 +136,15 @@ async def test_when_every_replica_is_down_a_queued_request_is_answered_at_once(
     await gate.close(grace_s=0)
 
 
-async def test_each_replica_has_its_own_kv_cap(continuous_profile: EnergyProfile, clock: FakeClock) -> None:
-    """r0 has KV room for 2 sequences of the expected size: it takes 2, then r1 is woken."""
+async def test_each_replica_has_its_own_kv_room(continuous_profile: EnergyProfile, clock: FakeClock) -> None:
+    """r0's KV cache holds 450 tokens: two requests of ~200 fit, the third goes to r1."""
     from ecobatch.domain import Headroom
 
-    gate, (a, b), _, _ = build(
-        continuous_profile,
-        clock,
-        "pack",
-        max_batch_size=8,
-        energy_tolerance=0.0,
-        expected_prompt_tokens=100,
-        expected_completion_tokens=100,
-    )
-    a.headroom_value = Headroom(kv_free_tokens=450)
+    gate, (a, b), _, _ = build(continuous_profile, clock, "pack")
+    a.headroom_value = Headroom(kv_free_tokens=450, kv_capacity_tokens=450)
     await gate.start()
-    pendings = [gate.submit(req(f"p{i}")) for i in range(3)]
-    await clock.advance(0.1)
+    pendings = [gate.submit(req(f"p{i}", max_tokens=200)) for i in range(3)]
+    await settle()
     assert a.started == ["p0", "p1"] and b.started == ["p2"]
     for p in ("p0", "p1"):
         a.finish(p)

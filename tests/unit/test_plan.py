@@ -1,5 +1,6 @@
-"""`ecobatch plan`: VRAM arithmetic, GPU counts that grow with the volume, the saving against one
-sequence at a time, and a comparison that names the cheaper profile (all modelled, and said so)."""
+"""`ecobatch plan`: VRAM arithmetic, GPU counts that grow with the volume, the saving against the baseline
+(vLLM direct for a continuous engine, one request at a time for a static one), and a comparison that
+names the cheaper profile (all modelled, and said so)."""
 
 from __future__ import annotations
 
@@ -38,20 +39,42 @@ def test_mistral_7b_sizes() -> None:
     assert ModelShape.from_config(config).num_key_value_heads == 2
 
 
-def test_more_traffic_needs_more_gpus_and_batching_saves_energy(continuous_profile: EnergyProfile) -> None:
+def test_more_traffic_needs_more_gpus_and_the_controller_is_never_worse_than_vllm_direct(
+    continuous_profile: EnergyProfile,
+) -> None:
     low, high = (
         plan(continuous_profile, inputs(1.0), ModelShape()),
         plan(continuous_profile, inputs(200.0), ModelShape()),
     )
     assert low["operating_point"]["gpus"] < high["operating_point"]["gpus"]
-    assert high["per_request_serving"]["gpus"] > high["operating_point"]["gpus"]
+    assert low["baseline"]["setting"] == "vLLM direct (send at once)"
+    assert 0 < low["saving_vs_baseline"] < 1, "at 1 req/s an idle GPU's holds save energy"
+    assert high["saving_vs_baseline"] > -0.01, "near saturation the controller costs nothing"
     for p in (low, high):
         assert p["modelled"] is True
-        assert 0 < p["saving_vs_per_request"] < 1
         assert p["operating_point"]["p99_s"] <= 30.0
     month = high["operating_point"]
     assert month["cost_per_month"] == pytest.approx(month["kwh_per_month"] * 0.1)
     assert month["co2_kg_per_month"] == pytest.approx(month["kwh_per_month"] * 0.475)
+
+
+def test_on_a_static_engine_batching_saves_against_one_request_at_a_time(
+    reference_profile: EnergyProfile,
+) -> None:
+    result = plan(reference_profile, inputs(1.0, slo=120.0), ModelShape())
+    assert result["baseline"]["setting"] == "one request at a time"
+    assert result["operating_point"]["setting"].startswith("batch ")
+    assert 0 < result["saving_vs_baseline"] < 1
+
+
+def test_flex_traffic_saves_more_than_interactive_traffic(continuous_profile: EnergyProfile) -> None:
+    interactive = plan(continuous_profile, inputs(4.0), ModelShape())
+    flex = PlanInput(4.0, 128, "choice:64,256", 30.0, 0.1, 475, 1.2, flex_share=1.0)
+    deferred = plan(continuous_profile, flex, ModelShape())
+    assert (
+        deferred["operating_point"]["joules_per_request"]
+        < interactive["operating_point"]["joules_per_request"]
+    )
 
 
 def test_a_tight_slo_has_no_operating_point(continuous_profile: EnergyProfile) -> None:
@@ -103,4 +126,4 @@ def test_the_measured_h200_profiles_rank_fp8_first_and_bitsandbytes_fails_the_sl
     assert run_cli(args) == 0
     text = capsys.readouterr().out
     assert "fewest joules per request: h200-vllm-mistral7b-fp8 " in text
-    assert re.search(r"^h200-vllm-mistral7b-bnb-int8 \(measured\) +no size meets the SLO", text, re.M)
+    assert re.search(r"^h200-vllm-mistral7b-bnb-int8 \(measured\) +no setting meets the SLO", text, re.M)

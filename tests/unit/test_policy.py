@@ -12,7 +12,7 @@ DEMAND = Demand(prompt_tokens=128, completion_tokens=256)
 def choose(profile: EnergyProfile, **kw: object):  # type: ignore[no-untyped-def]
     args = {
         "slo_s": 1e9,
-        "max_batch_size": 64,
+        "max_batch_sequences": 64,
         "energy_tolerance": 0.05,
         "headroom": Headroom(),
         "demand": DEMAND,
@@ -35,13 +35,13 @@ def test_unconstrained_it_picks_the_smallest_size_within_tolerance_of_the_best(
 def test_zero_tolerance_takes_the_minimum_energy_size(reference_profile: EnergyProfile) -> None:
     d = choose(reference_profile, energy_tolerance=0.0)
     assert d.batch_size == 64
-    assert d.limited_by == "max_batch_size"
+    assert d.limited_by == "max_batch_sequences"
 
 
-def test_max_batch_size_caps_the_choice(reference_profile: EnergyProfile) -> None:
-    d = choose(reference_profile, max_batch_size=8)
+def test_max_batch_sequences_caps_the_choice(reference_profile: EnergyProfile) -> None:
+    d = choose(reference_profile, max_batch_sequences=8)
     assert d.batch_size == 8
-    assert d.limited_by == "max_batch_size"
+    assert d.limited_by == "max_batch_sequences"
 
 
 def test_kv_headroom_caps_the_batch(reference_profile: EnergyProfile) -> None:
@@ -109,15 +109,15 @@ def test_for_a_continuous_engine_it_chooses_an_in_flight_cap_on_the_per_concurre
     """On the H200 vLLM curve J/token keeps falling to 256 in flight; a 20 s SLO for 256-token answers
     and the KV cache bound the cap instead."""
     assert continuous_profile.kind == "continuous"
-    d = choose(continuous_profile, max_batch_size=256, energy_tolerance=0.0)
-    assert (d.batch_size, d.limited_by) == (256, "max_batch_size")
-    slo = choose(continuous_profile, max_batch_size=256, energy_tolerance=0.0, slo_s=2.0)
+    d = choose(continuous_profile, max_batch_sequences=256, energy_tolerance=0.0)
+    assert (d.batch_size, d.limited_by) == (256, "max_batch_sequences")
+    slo = choose(continuous_profile, max_batch_sequences=256, energy_tolerance=0.0, slo_s=2.0)
     # per-sequence time per token = C / tok/s(C): 256 tokens within 2 s needs <= 7.8 ms a token
     assert slo.limited_by == "slo" and slo.expected_latency_s <= 2.0
     assert continuous_profile.at(slo.batch_size + 1).step_s * 256 > 2.0
     kv = choose(
         continuous_profile,
-        max_batch_size=256,
+        max_batch_sequences=256,
         energy_tolerance=0.0,
         headroom=Headroom(kv_free_tokens=384 * 40),
         inflight=8,

@@ -8,10 +8,11 @@ import statistics
 import pytest
 
 from ecobatch.bench.workload import Arrival, parse_lengths, poisson
+from ecobatch.config import BatchingSettings
 from ecobatch.profile import EnergyProfile, profile_from_mapping
 from ecobatch.tune.sim import (
     BatcherRule,
-    GateRule,
+    Controller,
     HoldWhileIdle,
     SendAtOnce,
     simulate_continuous,
@@ -66,13 +67,16 @@ def test_one_request_alone_decodes_at_the_single_sequence_rate_and_power() -> No
     assert (result.busy_s, result.sequence_seconds) == pytest.approx((5.0, 5.0))
 
 
-def test_the_gate_holds_only_while_idle_and_never_exceeds_its_cap() -> None:
-    """Per-sequence speed: 10 tok/s alone, 12.5 with two in flight (25 tok/s between the points, log2)."""
+def test_the_controller_releases_while_busy_and_never_exceeds_its_limit() -> None:
+    """Per-sequence speed: 10 tok/s alone, 12.5 with two in flight (25 tok/s between the points, log2).
+    No budget to hold with (0 ms), a hard limit of 2 in flight."""
     arrivals = [Arrival(0.0, 1, 100), Arrival(0.1, 1, 10), Arrival(0.2, 1, 10), Arrival(0.3, 1, 10)]
-    result = simulate_continuous(FLAT, arrivals, GateRule(0.0, 0.0, cap=2))
+    settings = BatchingSettings(interactive_budget_ms=0, max_inflight_sequences=2)
+    result = simulate_continuous(FLAT, arrivals, Controller(settings))
     # A starts at once; B joins it (busy: at once) and ends at 0.9; C waits for B's slot (0.9 -> 1.7),
     # D for C's (1.7 -> 2.5); A, 31 tokens in by then, finishes its 69 alone by 9.4
-    assert result.latencies_s == pytest.approx((0.8, 1.5, 2.2, 9.4))
+    assert result.latencies_s == pytest.approx((9.4, 0.8, 1.5, 2.2))
+    assert result.waits_s == pytest.approx((0.0, 0.0, 0.7, 1.4))
     assert result.sequence_seconds == pytest.approx(9.4 + 0.8 * 3)  # A 9.4 s in flight, B, C, D 0.8 s each
 
 

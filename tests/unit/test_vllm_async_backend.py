@@ -37,9 +37,13 @@ class ScriptedAsyncLLM:
     def __init__(self) -> None:
         self.running: set[str] = set()
         self.aborted: list[str] = []
+        self.priorities: list[int] = []
 
-    async def generate(self, prompt: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[_Output]:
+    async def generate(
+        self, prompt: dict[str, Any], params: Any, request_id: str, priority: int = 0
+    ) -> AsyncIterator[_Output]:
         self.running.add(request_id)
+        self.priorities.append(priority)
         try:
             for _ in range(10_000):
                 await asyncio.sleep(0.002)
@@ -77,11 +81,36 @@ async def test_a_cancelled_call_aborts_every_sequence() -> None:
     engine = ScriptedAsyncLLM()
     request = dataclasses.replace(req(["a", "b"], max_tokens=100), engine_input=[[1], [2]])  # type: ignore[arg-type]
     tokens: list[int] = []
-    task = asyncio.create_task(backend_with(engine).generate(Job(request, progress=tokens.append)))
-    while len(tokens) < 4:
-        await asyncio.sleep(0.002)
+    decoding = asyncio.Event()
+
+    def progress(n: int) -> None:
+        tokens.append(n)
+        if len(tokens) >= 4:
+            decoding.set()
+
+    task = asyncio.create_task(backend_with(engine).generate(Job(request, progress=progress)))
+    async with asyncio.timeout(5):  # both sequences are decoding
+        await decoding.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert engine.running == set()
     assert sorted(engine.aborted) == [f"{request.id}-0", f"{request.id}-1"]
+
+
+async def test_the_tier_reaches_the_engine_as_its_priority() -> None:
+    """With backend.engine_priority the gate writes the tier's priority into the body; vLLM's in-process
+    engine gets it as ``priority`` (lower runs first)."""
+    engine = ScriptedAsyncLLM()
+    request = dataclasses.replace(
+        req("a", max_tokens=100, priority=1),  # type: ignore[arg-type]
+        engine_input=[[1]],
+    )
+    task = asyncio.create_task(backend_with(engine).generate(Job(request)))
+    async with asyncio.timeout(5):
+        while not engine.priorities:
+            await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.priorities == [1]

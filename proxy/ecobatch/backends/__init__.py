@@ -12,9 +12,8 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..profile import EnergyProfile
     from .base import ContinuousEngine, StaticEngine
-    from .replicas import ReplicaSet
 
-__all__ = ["create_engine"]
+__all__ = ["create_continuous_engine", "create_static_engine"]
 
 #: what each in-process engine imports, and the extra that installs it
 _NEEDS = {
@@ -34,10 +33,17 @@ def _check_installed(kind: str) -> None:
         )
 
 
-def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | ContinuousEngine | ReplicaSet:
-    """Build the configured engine. Engine imports happen here, so a proxy that fronts a remote vLLM
-    needs neither torch nor vllm installed; an in-process engine whose packages are missing is refused
-    with the extra that installs them."""
+def _missing(kind: str, exc: ImportError) -> ConfigError:
+    return ConfigError(
+        f"backend.kind={kind!r} needs {exc.name or 'a package'} that is not installed: "
+        f"pip install '{_NEEDS[kind][1] if kind in _NEEDS else 'ecobatch'}'",
+        field="backend.kind",
+    )
+
+
+def create_static_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine:
+    """The configured static engine (``simulated``, ``hf-bnb``). Engine imports happen here, so a proxy
+    that fronts a remote vLLM needs neither torch nor vllm installed."""
     kind = settings.backend.kind
     _check_installed(kind)
     try:
@@ -45,10 +51,21 @@ def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | 
             from .simulated import SimulatedBackend
 
             return SimulatedBackend(profile, settings.backend, settings.batching)
-        if kind == "vllm-http" and settings.backend.replicas:
-            from .replicas import ReplicaSet
+        if kind == "hf-bnb":
+            from .hf_bnb import HfBnbBackend
 
-            return ReplicaSet(settings.backend)
+            return HfBnbBackend(settings.backend, settings.batching)
+    except ImportError as exc:
+        raise _missing(kind, exc) from None
+    raise ConfigError(f"backend.kind={kind!r} is not a static engine", field="backend.kind")
+
+
+def create_continuous_engine(settings: Settings) -> ContinuousEngine:
+    """The configured continuous engine (``vllm-http`` on ``backend.upstream``, ``vllm-async``); an
+    in-process engine whose packages are missing is refused with the extra that installs them."""
+    kind = settings.backend.kind
+    _check_installed(kind)
+    try:
         if kind == "vllm-http":
             from .vllm_http import VllmHttpBackend
 
@@ -57,14 +74,6 @@ def create_engine(settings: Settings, profile: EnergyProfile) -> StaticEngine | 
             from .vllm_async import VllmAsyncBackend
 
             return VllmAsyncBackend(settings.backend)
-        if kind == "hf-bnb":
-            from .hf_bnb import HfBnbBackend
-
-            return HfBnbBackend(settings.backend, settings.batching)
     except ImportError as exc:
-        raise ConfigError(
-            f"backend.kind={kind!r} needs {exc.name or 'a package'} that is not installed: "
-            f"pip install '{_NEEDS[kind][1] if kind in _NEEDS else 'ecobatch'}'",
-            field="backend.kind",
-        ) from None
-    raise ConfigError(f"backend.kind={kind!r} is not available in this build", field="backend.kind")
+        raise _missing(kind, exc) from None
+    raise ConfigError(f"backend.kind={kind!r} is not a continuous engine", field="backend.kind")

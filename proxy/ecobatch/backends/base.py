@@ -21,18 +21,55 @@ has gone: stop its work at the next chance).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
 from ..domain import GenerationRequest, GenerationResult, Headroom
 
-__all__ = ["ContinuousEngine", "Emit", "Engine", "EngineShape", "Job", "Progress", "StaticEngine"]
+__all__ = [
+    "UP",
+    "ContinuousEngine",
+    "Emit",
+    "Engine",
+    "EngineHealth",
+    "EngineShape",
+    "HealthState",
+    "Job",
+    "Progress",
+    "StaticEngine",
+]
 
 Emit = Callable[[dict[str, Any]], None]
 Progress = Callable[[str], None]
 EngineShape = Literal["static", "continuous"]
+HealthState = Literal["starting", "up", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """An engine's state for /health and for routing (cheap to read: no I/O).
+
+    ``down``: a remote engine whose circuit breaker is open (``failures_in_a_row`` failed requests or
+    probes, the last one ``last_error``, for ``down_for_s``); ``starting``: not answered yet."""
+
+    state: HealthState
+    last_error: str | None = None
+    upstream: str | None = None
+    down_for_s: float | None = None
+    failures_in_a_row: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: the health of an engine with nothing that can fail apart from itself (in-process, simulated)
+UP = EngineHealth("up")
 
 
 def _ignore_progress(tokens: int) -> None:
@@ -74,8 +111,8 @@ class Engine(Protocol):
         """The latest known KV headroom (cheap: polled in the background where it costs I/O)."""
         ...
 
-    def health(self) -> dict[str, Any]:
-        """The engine's state for /health: ``{"state": "up" | "down", …}`` (cheap, no I/O)."""
+    def health(self) -> EngineHealth:
+        """The engine's state (cheap, no I/O)."""
         ...
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -84,6 +121,7 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
 class StaticEngine(Engine, Protocol):
     def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
         """Whether these prepared requests can run as one padded batch (context length)."""
@@ -92,5 +130,6 @@ class StaticEngine(Engine, Protocol):
     async def run_batch(self, jobs: Sequence[Job]) -> list[GenerationResult | BaseException]: ...
 
 
+@runtime_checkable
 class ContinuousEngine(Engine, Protocol):
     async def generate(self, job: Job) -> GenerationResult: ...

@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ..errors import UpstreamDown
+from .base import EngineHealth
 
 __all__ = ["Breaker"]
 
@@ -60,12 +60,12 @@ class Breaker:
                 retry_after_s=5.0,
             )
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> EngineHealth:
         down = self._down_since_s
-        return {
-            "upstream": self.upstream,
-            "state": "down" if down is not None else "up",
-            "down_for_s": None if down is None else round(self._clock() - down, 1),
-            "failures_in_a_row": self._failures,
-            "last_error": self.last_error,
-        }
+        return EngineHealth(
+            "down" if down is not None else "up",
+            last_error=self.last_error,
+            upstream=self.upstream,
+            down_for_s=None if down is None else round(self._clock() - down, 1),
+            failures_in_a_row=self._failures,
+        )

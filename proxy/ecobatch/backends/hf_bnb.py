@@ -41,7 +41,7 @@ from ..config import BackendSettings, BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BadRequest, ConfigError
 from ..fields import BASIC_FIELDS, check_fields
-from .base import EngineShape, Job, Progress
+from .base import UP, EngineHealth, EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
 
@@ -343,8 +343,8 @@ class HfBnbBackend:
             kv_free_tokens=free_bytes // self._kv_bytes, kv_capacity_tokens=total_bytes // self._kv_bytes
         )
 
-    def health(self) -> dict[str, Any]:
-        return {"state": "up"}
+    def health(self) -> EngineHealth:
+        return UP
 
     def headroom(self) -> Headroom:
         return self._headroom

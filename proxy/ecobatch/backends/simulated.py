@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +21,7 @@ from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..fields import BASIC_FIELDS, check_fields
 from ..openai_api import message_text
 from ..profile import EnergyProfile
-from .base import EngineShape, Job, Progress
+from .base import UP, EngineHealth, EngineShape, Job, Progress
 from .engine_output import RequestOutput
 from .limits import fit_to_context
 
@@ -127,8 +127,8 @@ class SimulatedBackend:
     async def close(self) -> None:
         return None
 
-    def health(self) -> dict[str, Any]:
-        return {"state": "up"}
+    def health(self) -> EngineHealth:
+        return UP
 
     def headroom(self) -> Headroom:
         return Headroom()

@@ -25,7 +25,7 @@ from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BackendFailed, BadRequest
 from ..fields import BASIC_FIELDS, check_fields
-from .base import EngineShape, Job, Progress
+from .base import UP, EngineHealth, EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
 
@@ -48,7 +48,7 @@ _SAMPLING_EXTRAS = (
     "include_stop_str_in_output",
     "spaces_between_special_tokens",
 )
-SUPPORTED = BASIC_FIELDS | frozenset(_SAMPLING_EXTRAS)
+SUPPORTED = BASIC_FIELDS | frozenset(_SAMPLING_EXTRAS) | {"priority"}
 
 
 class _HeadroomSink:
@@ -128,8 +128,8 @@ class VllmAsyncBackend:
             self._engine = None
         await asyncio.to_thread(self._tokenizer_worker.shutdown, True)
 
-    def health(self) -> dict[str, Any]:
-        return {"state": "up"}
+    def health(self) -> EngineHealth:
+        return UP
 
     def headroom(self) -> Headroom:
         return self._sink.headroom
@@ -190,7 +190,9 @@ class VllmAsyncBackend:
         request_id = f"{output.job.request.id}-{index}"
         finished = False
         try:
-            async with contextlib.aclosing(self._engine.generate(prompt, params, request_id)) as stream:
+            priority = int(output.job.request.body.get("priority") or 0)  # the tier (engine_priority)
+            generation = self._engine.generate(prompt, params, request_id, priority=priority)
+            async with contextlib.aclosing(generation) as stream:
                 async for out in stream:
                     if out.prompt_token_ids is not None:
                         output.prompt_tokens[index] = len(out.prompt_token_ids)

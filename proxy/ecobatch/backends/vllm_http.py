@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -33,7 +34,7 @@ from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
 from ..fields import check_fields
-from .base import EngineShape, Job, Progress
+from .base import EngineHealth, EngineShape, Job, Progress
 from .breaker import Breaker
 from .limits import check_max_tokens
 from .vllm_metrics import headroom_from_metrics
@@ -191,10 +192,9 @@ class VllmHttpBackend:
     def headroom(self) -> Headroom:
         return self._headroom
 
-    def health(self) -> dict[str, Any]:
-        if not self.started:
-            return {**self.breaker.state(), "state": "starting"}
-        return self.breaker.state()
+    def health(self) -> EngineHealth:
+        state = self.breaker.state()
+        return state if self.started else dataclasses.replace(state, state="starting")
 
     async def _watch(self) -> None:
         """Read the upstream's /metrics every ``headroom_poll_s``: KV headroom, and a health probe that

@@ -2,25 +2,35 @@
 
 The same seeded arrival sequence (``workload``) goes to each target in turn (``--url``, then
 ``--compare``), open loop (``client``); energy is read for each phase (``energy``); the report gives
-throughput, latency, TTFT and inter-token latency, errors by status, J/request and J/1k tokens
-(``report``), as a table, a JSON file and a PNG.
+throughput, latency, TTFT and inter-token latency (overall and per tier), errors by status, J/request
+and J/1k tokens (``report``), as a table, a JSON file and a PNG.
+
+For comparisons that hold up: ``--window-s`` reads every target's energy over the same wall-clock
+window from its first arrival (idle included: a target that answers sooner idles the rest of it);
+``--repeats N`` runs the targets N times, the order reversed every other round; each target's prompts
+start with a word of its own (no target reuses another's cached prefixes in vLLM); ``--records``
+writes one JSON line per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from ..domain import Tier
 from ..energy.counters import CounterDeltas, CounterReader
 from .client import Outcome, run_arrivals
 from .energy import counter_for, ecobatch_energy, is_ecobatch
 from .report import plot, summarise, table
-from .workload import Arrival, bursty, parse_lengths, poisson, read_trace
+from .workload import Arrival, bursty, parse_lengths, poisson, read_trace, with_tiers
 
 __all__ = ["add_arguments", "bench", "build_arrivals", "run_cli"]
 
@@ -48,6 +58,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, help="number of requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--flex-share",
+        type=float,
+        default=0.0,
+        help="share of requests sent with service_tier=flex (drawn with the seed; default 0)",
+    )
+    p.add_argument(
+        "--service-tier",
+        choices=["default", "priority"],
+        default="default",
+        help="the tier of the other requests (default: none sent, the API's default)",
+    )
+    p.add_argument(
+        "--window-s",
+        type=float,
+        help="read each target's energy over this many seconds from its first arrival (the same window "
+        "for every target; it must outlast the last answer)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds over the targets, the order reversed every other one"
+    )
+    p.add_argument("--records", type=Path, help="write one JSON line per request here")
+    p.add_argument(
         "--no-ignore-eos", action="store_true", help="let the model stop early (default: ignore EOS)"
     )
     p.add_argument(
@@ -65,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_arrivals(args: argparse.Namespace) -> list[Arrival]:
+    arrivals = _timed_arrivals(args)
+    tier: Tier = "priority" if getattr(args, "service_tier", "default") == "priority" else "interactive"
+    return with_tiers(arrivals, flex_share=getattr(args, "flex_share", 0.0), tier=tier, seed=args.seed)
+
+
+def _timed_arrivals(args: argparse.Namespace) -> list[Arrival]:
     if args.arrivals == "trace":
         if args.trace is None:
             raise ValueError("--arrivals trace needs --trace FILE")
@@ -107,8 +145,10 @@ async def _read(reader: CounterReader | None, deltas: CounterDeltas) -> float | 
 async def bench(
     targets: list[tuple[str, str]], arrivals: list[Arrival], args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[list[Outcome]]]:
+    """One phase per target in the order given; each target's prompts start with a word of its own."""
     reader, source = counter_for(args.energy)
     summaries, all_outcomes = [], []
+    window_s = getattr(args, "window_s", None)
     try:
         for n, (label, url) in enumerate(targets):
             if n:
@@ -130,8 +170,13 @@ async def bench(
                 seed=args.seed,
                 label=label,
                 progress=not args.quiet,
+                salt=f"t{_salt(label)}",
             )
             energy: dict[str, Any] = {"source": source}
+            if window_s is not None:  # the same window for every target, idle included
+                energy["window_s"] = window_s
+                energy["window_outlasted"] = end - start <= window_s
+                await asyncio.sleep(max(0.0, start + window_s - time.monotonic()))
             joules = await _read(reader, deltas)
             if joules is not None:
                 energy["joules"] = joules
@@ -150,13 +195,67 @@ async def bench(
     return summaries, all_outcomes
 
 
+def _salt(label: str) -> str:
+    return hashlib.sha1(label.encode()).hexdigest()[:6]
+
+
+def _rounds(targets: list[tuple[str, str]], repeats: int) -> list[list[tuple[str, str]]]:
+    """``repeats`` rounds over the targets, the order reversed every other round."""
+    return [targets if r % 2 == 0 else targets[::-1] for r in range(repeats)]
+
+
+def _ratio_interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and a 95 % confidence interval (Student's t) of per-round ratios."""
+    t95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95_low": None, "ci95_high": None}
+    half = t95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def _write_records(
+    path: Path, rounds: list[list[dict[str, Any]]], outcomes: list[list[list[Outcome]]]
+) -> None:
+    with path.open("w") as f:
+        for r, (summaries, phase_outcomes) in enumerate(zip(rounds, outcomes, strict=True)):
+            for summary, outs in zip(summaries, phase_outcomes, strict=True):
+                for o in outs:
+                    record = {
+                        "round": r,
+                        "target": summary["label"],
+                        "arrival_s": round(o.sent_s, 4),
+                        "tier": o.tier,
+                        "served_tier": o.served_tier,
+                        "status": o.status,
+                        "prompt_tokens": o.prompt_tokens,
+                        "completion_tokens": o.completion_tokens,
+                        "latency_s": round(o.latency_s, 4),
+                        "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 4),
+                        "request_id": o.request_id,
+                        "error": o.error,
+                    }
+                    f.write(json.dumps(record) + "\n")
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats} must be >= 1")
     arrivals = build_arrivals(args)
     urls = [args.url.rstrip("/"), *(u.rstrip("/") for u in args.compare)]
     labels = args.label + [f"target {i + 1}" for i in range(len(args.label), len(urls))]
-    summaries, outcomes = asyncio.run(bench(list(zip(labels, urls, strict=True)), arrivals, args))
-    report = {
-        "command": args.command_line,
+    targets = list(zip(labels, urls, strict=True))
+    rounds: list[list[dict[str, Any]]] = []
+    round_outcomes: list[list[list[Outcome]]] = []
+    for order in _rounds(targets, args.repeats):
+        summaries, outcomes = asyncio.run(bench(order, arrivals, args))
+        by_label = {s["label"]: (s, o) for s, o in zip(summaries, outcomes, strict=True)}
+        rounds.append([by_label[label][0] for label, _ in targets])
+        round_outcomes.append([by_label[label][1] for label, _ in targets])
+        if len(rounds) < args.repeats:
+            time.sleep(args.cooldown_s)
+    report: dict[str, Any] = {
+        "command": getattr(args, "command_line", None),
         "workload": {
             "arrivals": args.arrivals,
             "rate_per_s": args.rate if args.arrivals != "trace" else None,
@@ -164,18 +263,56 @@ def run_cli(args: argparse.Namespace) -> int:
             "span_s": arrivals[-1].at_s if arrivals else 0.0,
             "prompt_tokens": args.prompt_tokens if args.arrivals != "trace" else "trace",
             "output_tokens": args.output_tokens if args.arrivals != "trace" else "trace",
+            "flex_share": args.flex_share,
+            "service_tier": args.service_tier,
             "api": args.api,
             "stream": args.stream,
             "seed": args.seed,
+            "window_s": args.window_s,
+            "repeats": args.repeats,
+            "orders": [[label for label, _ in order] for order in _rounds(targets, args.repeats)],
         },
-        "targets": summaries,
+        "targets": rounds[0],
     }
+    if args.repeats > 1:
+        report["rounds"] = rounds
+        report["joules_per_request_vs_first"] = _versus_first(rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(table(summaries))
+    if args.records is not None:
+        _write_records(args.records, rounds, round_outcomes)
+        print(f"wrote {args.records}")
+    for r, summaries in enumerate(rounds):
+        if args.repeats > 1:
+            print(f"round {r + 1} (order: {', '.join(report['workload']['orders'][r])})")
+        print(table(summaries))
+    if args.repeats > 1:
+        for label, interval in report["joules_per_request_vs_first"].items():
+            print(f"J/request of {label} / {labels[0]}: {_fmt_interval(interval)}")
     print(f"wrote {args.out}")
     try:
-        print(f"wrote {plot(summaries, outcomes, args.out.with_suffix('.png'))}")
+        print(f"wrote {plot(rounds[0], round_outcomes[0], args.out.with_suffix('.png'))}")
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'ecobatch[bench]')")
     return 0
+
+
+def _versus_first(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """Each target's J/request over the first target's, round by round: mean and 95 % interval."""
+    out: dict[str, dict[str, float | None]] = {}
+    for k in range(1, len(rounds[0])):
+        ratios = []
+        for summaries in rounds:
+            first, other = (summaries[0]["energy"].get("joules_per_request"),
+                            summaries[k]["energy"].get("joules_per_request"))  # fmt: skip
+            if first and other is not None:
+                ratios.append(other / first)
+        if ratios:
+            out[rounds[0][k]["label"]] = {**_ratio_interval(ratios), "rounds": len(ratios)}
+    return out
+
+
+def _fmt_interval(interval: dict[str, float | None]) -> str:
+    low, high = interval["ci95_low"], interval["ci95_high"]
+    text = f"{interval['mean']:.3f}"
+    return text if low is None or high is None else f"{text} (95 % CI {low:.3f}-{high:.3f})"

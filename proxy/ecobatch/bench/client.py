@@ -25,19 +25,31 @@ __all__ = ["Outcome", "run_arrivals"]
 class Outcome:
     sent_s: float
     status: int  # HTTP status; 0 = no answer (connection failed or timed out)
+    tier: str = "interactive"
     latency_s: float = 0.0
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    #: the proxy's request id (X-Ecobatch-Request-Id; else the response's id) and the tier it served
+    request_id: str | None = None
+    served_tier: str | None = None
+
+
+#: the ``service_tier`` sent for each tier (interactive: none, the API's default)
+SERVICE_TIER = {"flex": "flex", "priority": "priority"}
 
 
 def _body(
-    arrival: Arrival, model: str, api: str, stream: bool, ignore_eos: bool, rng: random.Random
+    arrival: Arrival, model: str, api: str, stream: bool, ignore_eos: bool, rng: random.Random, salt: str
 ) -> dict[str, Any]:
     text = prompt_text(arrival.prompt_tokens, rng)
+    if salt:  # this target's own first word: no engine reuses another target's cached prefixes
+        text = f"{salt} {text}"
     body: dict[str, Any] = {"model": model, "max_tokens": arrival.output_tokens, "temperature": 0}
+    if arrival.tier in SERVICE_TIER:
+        body["service_tier"] = SERVICE_TIER[arrival.tier]
     if ignore_eos:
         body["ignore_eos"] = True
     if api == "chat":
@@ -55,9 +67,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], o
     try:
         async with session.post(url, json=body) as resp:
             outcome.status = resp.status
+            outcome.request_id = resp.headers.get("X-Ecobatch-Request-Id")
             if not body.get("stream") or resp.status != 200:
                 data = await resp.json(content_type=None)
                 if resp.status == 200:
+                    outcome.request_id = outcome.request_id or data.get("id")
+                    outcome.served_tier = data.get("service_tier")
                     usage = data.get("usage") or {}
                     outcome.prompt_tokens = int(usage.get("prompt_tokens", 0))
                     outcome.completion_tokens = int(usage.get("completion_tokens", 0))
@@ -71,6 +86,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], o
                         continue
                     chunk = json.loads(line[5:])
                     now = time.monotonic()
+                    outcome.served_tier = outcome.served_tier or chunk.get("service_tier")
+                    outcome.request_id = outcome.request_id or chunk.get("id")
                     if chunk.get("error"):
                         outcome.status, outcome.error = 502, str(chunk["error"].get("message"))[:200]
                     if any(
@@ -103,14 +120,15 @@ async def run_arrivals(
     seed: int,
     label: str,
     progress: bool = True,
+    salt: str = "",
 ) -> tuple[list[Outcome], float, float]:
     """Send every arrival at its time; return the outcomes and the phase's (start, end) on the monotonic
-    clock (end = the last answer)."""
+    clock (end = the last answer). ``salt``: a word every prompt of this phase starts with."""
     rng = random.Random(seed)
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    bodies = [_body(a, model, api, stream, ignore_eos, rng) for a in arrivals]
-    outcomes = [Outcome(a.at_s, 0) for a in arrivals]
+    bodies = [_body(a, model, api, stream, ignore_eos, rng, salt) for a in arrivals]
+    outcomes = [Outcome(a.at_s, 0, a.tier) for a in arrivals]
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:

@@ -45,13 +45,24 @@ def summarise(
         "latency_s": _quantiles([o.latency_s for o in ok]),
         "ttft_s": _quantiles([o.ttft_s for o in ok if o.ttft_s is not None]),
         "itl_s": _quantiles([gap for o in ok for gap in o.itl_s]),
+        "by_tier": {
+            tier: {
+                "requests": sum(1 for o in outcomes if o.tier == tier),
+                "ok": sum(1 for o in ok if o.tier == tier),
+                "latency_s": _quantiles([o.latency_s for o in ok if o.tier == tier]),
+                "ttft_s": _quantiles([o.ttft_s for o in ok if o.tier == tier and o.ttft_s is not None]),
+                "max_latency_s": max((o.latency_s for o in ok if o.tier == tier), default=None),
+            }
+            for tier in sorted({o.tier for o in outcomes})
+        },
         "energy": energy,
     }
     joules = energy.get("joules")
+    window = energy.get("window_s") or seconds
     if joules is not None and ok:
         energy["joules_per_request"] = joules / len(ok)
         energy["joules_per_1k_tokens"] = 1000 * joules / completion if completion else None
-        energy["mean_power_w"] = joules / seconds if seconds > 0 else None
+        energy["mean_power_w"] = joules / window if window > 0 else None
     reported = energy.get("ecobatch")
     if reported and ok:
         reported["attributed_joules_per_request"] = reported["attributed_joules"] / len(ok)
@@ -75,6 +86,7 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
             lambda s: " / ".join(_fmt(s["latency_s"][k]) for k in ("p50", "p95", "p99")),
         ),
         ("TTFT p50 / p99 s", lambda s: " / ".join(_fmt(s["ttft_s"][k]) for k in ("p50", "p99"))),
+        ("by tier: latency p50 / p99 s", _tiers),
         (
             "inter-token p50 / p99 ms",
             lambda s: " / ".join(_fmt(s["itl_s"][k], 1000, 1) for k in ("p50", "p99")),
@@ -92,6 +104,17 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|---" * (len(summaries) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fn(s) for s in summaries) + " |" for name, fn in rows]
     return "\n".join(lines)
+
+
+def _tiers(summary: dict[str, Any]) -> str:
+    """Each tier's latency, where more than one tier was sent: "interactive 0.31 / 2.40; flex 17.2 / 31.0"."""
+    tiers = summary.get("by_tier") or {}
+    if len(tiers) < 2:
+        return "—"
+    return "; ".join(
+        f"{t} " + " / ".join(_fmt(v["latency_s"][k], digits=2) for k in ("p50", "p99"))
+        for t, v in tiers.items()
+    )
 
 
 def _attributed(reported: dict[str, Any]) -> str:

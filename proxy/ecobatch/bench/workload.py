@@ -11,17 +11,32 @@ Arrivals (``--arrivals``):
 Lengths (``--prompt-tokens``, ``--output-tokens``): ``N`` (fixed), ``uniform:A-B`` (integers),
 ``choice:A,B,C`` (equally likely). A prompt of N tokens is N random words (about one token each with
 a BPE tokenizer; the engine's own count is what the report uses).
+
+Tiers (``--flex-share``, ``--service-tier``): each arrival's ``service_tier``, drawn with its own seed so
+that the same arrivals keep the same times and lengths whatever share of them is flex.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Arrival", "Lengths", "bursty", "parse_lengths", "poisson", "prompt_text", "read_trace"]
+from ..domain import Tier
+
+__all__ = [
+    "Arrival",
+    "Lengths",
+    "bursty",
+    "parse_lengths",
+    "poisson",
+    "prompt_text",
+    "read_trace",
+    "with_tiers",
+]
 
 _WORDS = (
     "energy", "batch", "token", "window", "curve", "power", "joule", "queue", "engine", "latency",
@@ -34,6 +49,15 @@ class Arrival:
     at_s: float
     prompt_tokens: int
     output_tokens: int
+    tier: Tier = "interactive"
+
+
+def with_tiers(arrivals: Sequence[Arrival], *, flex_share: float, tier: Tier, seed: int) -> list[Arrival]:
+    """The same arrivals, each ``flex`` with probability ``flex_share`` and ``tier`` otherwise."""
+    if not 0.0 <= flex_share <= 1.0:
+        raise ValueError(f"--flex-share={flex_share} must be between 0 and 1")
+    rng = random.Random(f"tiers-{seed}")
+    return [dataclasses.replace(a, tier="flex" if rng.random() < flex_share else tier) for a in arrivals]
 
 
 Lengths = Callable[[random.Random], int]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from ..clock import Clock
@@ -29,9 +30,20 @@ from .ledger import Ledger
 from .meter import Meter
 from .model import ProfileModel
 
-__all__ = ["build_meter", "engine_is_local"]
+__all__ = ["MeterSpec", "build_meter", "engine_is_local"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSpec:
+    """What one meter measures: the settings as its engine sees them (a replica's own GPUs and upstream),
+    the prefix of its ``gpu`` label (a replica's name), and the idle power to charge where it cannot be
+    measured at start-up (the profile's)."""
+
+    settings: Settings
+    gpu_prefix: str = ""
+    idle_fallback_w: float | None = None
 
 
 def engine_is_local(settings: Settings) -> bool:
@@ -80,13 +92,14 @@ def _choose(settings: Settings, find_gpus: Callable[[], Sequence[Gpu]]) -> tuple
 
 
 def build_meter(
-    settings: Settings,
+    spec: MeterSpec,
     profile: EnergyProfile,
     *,
     clock: Clock,
     find_gpus: Callable[[], Sequence[Gpu]] | None = None,
 ) -> Meter:
-    """The ledger and its meter for these settings (not started), with the choice logged."""
+    """The ledger and its meter for ``spec`` (not started), with the choice logged."""
+    settings = spec.settings
     energy = settings.energy
     reader, why = _choose(settings, find_gpus or (lambda: discover_gpus(energy.gpu_indices)))
     if reader is None:
@@ -105,7 +118,7 @@ def build_meter(
             profile.source,
             why,
         )
-        return Meter(ledger, None, sample_interval_s=energy.sample_interval_s)
+        return Meter(ledger, None, sample_interval_s=energy.sample_interval_s, gpu_prefix=spec.gpu_prefix)
     ledger = Ledger(
         source=reader.source,
         gpu=reader.gpu,
@@ -120,4 +133,6 @@ def build_meter(
         sample_interval_s=energy.sample_interval_s,
         idle_power_w=energy.idle_power_w,
         max_stale_s=60.0,
+        gpu_prefix=spec.gpu_prefix,
+        idle_fallback_w=spec.idle_fallback_w,
     )

@@ -69,6 +69,7 @@ class SettledRequest:
     #: False when the counter could not be read for part of the request's life: ``joules`` is then
     #: what was measured, an underestimate
     complete: bool = True
+    tier: str = "interactive"
 
 
 @dataclass(slots=True)
@@ -109,6 +110,7 @@ class _Record:
     cursor: int = 0
     joules: float = 0.0
     complete: bool = True
+    tier: str = "interactive"
 
     def close(self, end_s: float, usage: Usage | None) -> None:
         self.end_s = end_s
@@ -137,6 +139,7 @@ class _Record:
             self.start_s,
             self.end_s,
             self.complete,
+            self.tier,
         )
 
     def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
@@ -223,10 +226,10 @@ class _Requests:
         self._seq_seconds_at_s = now
         return now
 
-    def begin(self, request_id: str, sequences: int) -> _Record:
+    def begin(self, request_id: str, sequences: int, tier: str) -> _Record:
         now = self._advance()
         self.inflight_sequences += sequences
-        record = _Record(request_id, max(1, sequences), now, self._seq_seconds)
+        record = _Record(request_id, max(1, sequences), now, self._seq_seconds, tier=tier)
         self.live.append(record)
         self._count += 1
         heapq.heappush(self._open, (now, self._count, record))
@@ -302,8 +305,8 @@ class Ledger:
         self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
 
     # ---- request events ------------------------------------------------------------------------
-    def begin(self, request_id: str, sequences: int = 1) -> Span:
-        return Span(self, self._requests.begin(request_id, sequences))
+    def begin(self, request_id: str, sequences: int = 1, tier: str = "interactive") -> Span:
+        return Span(self, self._requests.begin(request_id, sequences, tier))
 
     def _end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
         if record.end_s is not None:

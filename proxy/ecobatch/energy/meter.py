@@ -44,6 +44,8 @@ class Meter:
         idle_power_w: float | None = None,
         idle_probe_s: float = 1.0,
         max_stale_s: float = 60.0,
+        gpu_prefix: str = "",
+        idle_fallback_w: float | None = None,
     ) -> None:
         if sample_interval_s <= 0:
             raise ValueError(f"{sample_interval_s=} must be > 0")
@@ -61,10 +63,10 @@ class Meter:
         self._failing = False
         self._named = False  # the GPUs have been named and their power limit read (first reading)
         #: put before the GPUs' name in the ``gpu`` label (a replica's name: "r1:")
-        self.gpu_prefix = ""
-        #: idle power to charge when the counter cannot be read at start-up (a replica still loading):
-        #: the profile's, announced; None: 0 W until restarted
-        self.idle_fallback_w: float | None = None
+        self.gpu_prefix = gpu_prefix
+        #: idle power to charge when it cannot be measured at start-up (a replica still loading, or a
+        #: counter that cannot be read): the profile's, announced; None: 0 W until restarted
+        self.idle_fallback_w = idle_fallback_w
         #: called once the GPUs are named after a start-up without a counter (a late replica's check)
         self.on_named: Callable[[], None] | None = None
 
@@ -81,8 +83,15 @@ class Meter:
     def gpu(self) -> str:
         return self.ledger.gpu
 
-    async def start(self) -> None:
+    async def start(self, *, measure_idle: bool = True) -> None:
+        """Start sampling. ``measure_idle=False``: the engine is still loading (it draws more than idle),
+        so the idle power is not probed: the configured one, else ``idle_fallback_w``."""
         self.ledger.gpu = self.gpu_prefix + self.ledger.gpu  # until the reader names its GPUs
+        if not measure_idle and self._idle_power_w is None and self.idle_fallback_w is not None:
+            self._idle_power_w = self.idle_fallback_w
+            log.info(
+                "energy: %s is not up yet; its idle power is the profile's", self.gpu_prefix or "the engine"
+            )
         if self.reader is not None:
             try:
                 if self._idle_power_w is None:

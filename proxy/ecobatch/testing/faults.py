@@ -93,7 +93,7 @@ async def fault_suite(
             f"backend:\n  kind: vllm-http\n  upstream: {server.url}\n"
             f"  request_timeout_s: {request_timeout_s}\n  headroom_poll_s: 0.5\n"
             "  probe_timeout_s: 1.0\n  breaker_failures: 2\n"
-            "batching:\n  window_min_ms: 0\n  window_max_ms: 0\n"
+            "batching:\n  interactive_budget_ms: 0\n"
         )
         proxy = start_proxy(["--config", str(cfg)], log_dir, name="ecobatch-faults", env=engine_env())
         procs.append(proxy)

@@ -1,15 +1,19 @@
-"""``ecobatch tune``: recommend batching settings for a workload, from a simulation (a **model**).
+"""``ecobatch tune``: what a setting buys for a workload, from a simulation (a **model**).
 
-For a profile and a workload (an arrival rate and length distributions, or a JSONL trace), sweep the
-hold window and the in-flight cap (continuous engines) or the window and the batch size (static
-engines) through ``sim``, keep the settings whose p99 latency meets the SLO, and recommend the one
-that spends the fewest joules per request. Prints a table and the ``PUT /ecobatch/batching`` body (and
-YAML) that applies it; writes JSON and a PNG. ``--live URL`` then applies the recommendation to a
-running ecobatch (``PUT /ecobatch/batching``), sends it the first seed's arrivals with ``ecobatch bench``
-and reports the model's error on them.
+Continuous engines (vLLM): ecobatch's run-time controller needs no offline tuning (its defaults, with a
+calibrated profile, are the recommended production setting). ``tune`` is the what-if tool: it runs the
+**same** controller (``release.plan_releases``) in ``sim``'s engine model over a sweep of one tier's
+budget (``--tier interactive``: ``batching.interactive_budget_ms``; ``--tier flex``:
+``batching.flex_budget_ms``) for a workload (``--rate``, lengths, ``--flex-share``) and shows J/request
+and latency against vLLM direct (everything sent at once).
 
-The SLO is absolute (``--slo-p99-s``) or relative to the baseline's modelled p99
-(``--slo-p99-x-baseline 1.8``: at most 1.8 times the p99 of sending everything at once).
+Static engines (HF, simulated): it sweeps the window and the batch size through the batcher's own rule.
+
+The recommendation is the setting that spends the fewest joules per request while the p99 latency of
+the interactive requests meets the SLO (``--slo-p99-s``, or ``--slo-p99-x-baseline``: a multiple of the
+baseline's modelled p99). It prints a table, the ``PUT /ecobatch/batching`` body (and YAML) that applies
+it, and writes JSON and a PNG. ``--live URL`` then applies it to a running ecobatch, sends it the first
+seed's arrivals with ``ecobatch bench`` and reports the model's error on them.
 """
 
 from __future__ import annotations
@@ -19,70 +23,121 @@ import asyncio
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bench.workload import Arrival, parse_lengths, poisson, read_trace
-from ..config import DEFAULT_PROFILES
+from ..bench.workload import Arrival, parse_lengths, poisson, read_trace, with_tiers
+from ..config import DEFAULT_PROFILES, BatchingSettings
 from ..profile import EnergyProfile, load_profile
-from .sim import BatcherRule, GateRule, Result, SendAtOnce, simulate_continuous, simulate_static
+from .sim import (
+    BatcherRule,
+    Controller,
+    Result,
+    SendAtOnce,
+    same_window,
+    simulate_continuous,
+    simulate_static,
+)
 
 __all__ = ["Candidate", "add_arguments", "run_cli", "sweep"]
+
+#: budgets tried per tier when --budgets-ms is not given
+DEFAULT_BUDGETS_MS = {
+    "interactive": "0,50,100,250,500,1000,2000,4000",
+    "flex": "0,2000,5000,10000,15000,30000,60000",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    window_ms: float
-    size: int  # in-flight cap (continuous) or batch size (static)
+    #: the batching settings it stands for (the PUT /ecobatch/batching body, without the SLO)
+    settings: dict[str, Any]
+    label: str
     joules_per_request: float
     p50_s: float
+    #: the p99 end-to-end latency of the interactive (and priority) requests
     p99_s: float
+    #: flex requests: the longest wait before release (0: none was flex)
+    flex_max_wait_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def settings(self, slo_p99_s: float) -> dict[str, Any]:
-        """The batching settings that apply this candidate (energy_tolerance 0: take the size as is),
-        with the SLO it was chosen under as the server's latency objective."""
-        return {
-            "window_min_ms": self.window_ms,
-            "window_max_ms": self.window_ms,
-            "max_batch_size": self.size,
-            "energy_tolerance": 0.0,
-            "slo_ms": round(slo_p99_s * 1000.0, 1),
-        }
+    def body(self, slo_p99_s: float) -> dict[str, Any]:
+        """The batching settings that apply this candidate; a static one carries the SLO it was chosen
+        under as the server's latency objective."""
+        if "window_max_ms" in self.settings:
+            return {**self.settings, "slo_ms": round(slo_p99_s * 1000.0, 1)}
+        return dict(self.settings)
 
 
-def _mean(results: list[Result], window_ms: float, size: int) -> Candidate:
+def _interactive_p99(result: Result) -> float:
+    latencies = [x for x, t in zip(result.latencies_s, result.tiers, strict=True) if t != "flex"]
+    latencies = latencies or list(result.latencies_s)
+    if len(latencies) < 2:
+        return latencies[0] if latencies else 0.0
+    return statistics.quantiles(latencies, n=100, method="inclusive")[98]
+
+
+def _summarise(
+    results: list[Result], joules_per_request: list[float], settings: dict[str, Any], label: str
+) -> Candidate:
     return Candidate(
-        window_ms,
-        size,
-        statistics.fmean(r.joules_per_request for r in results),
+        settings,
+        label,
+        statistics.fmean(joules_per_request),
         statistics.fmean(r.p50_s for r in results),
-        statistics.fmean(r.p99_s for r in results),
+        statistics.fmean(_interactive_p99(r) if r.tiers else r.p99_s for r in results),
+        max((r.max_wait_s("flex") for r in results if r.tiers), default=0.0),
     )
 
 
 def sweep(
-    profile: EnergyProfile, workloads: list[list[Arrival]], windows_ms: list[float], sizes: list[int]
+    profile: EnergyProfile,
+    workloads: list[list[Arrival]],
+    *,
+    tier: str = "interactive",
+    budgets_ms: list[float] | None = None,
+    windows_ms: list[float] | None = None,
+    sizes: list[int] | None = None,
 ) -> tuple[list[Candidate], Candidate]:
-    """Every (window, size) over the workloads (seeds), and the baseline: continuous engines without
-    ecobatch (everything sent at once), static ones per request (batches of 1, no window)."""
-    candidates = []
-    for window_ms in windows_ms:
-        for size in sizes:
-            if profile.kind == "continuous":
-                rule: Any = GateRule(window_ms / 1000.0, window_ms / 1000.0, size)
-                results = [simulate_continuous(profile, w, rule) for w in workloads]
-            else:
-                results = [
-                    simulate_static(profile, w, BatcherRule(window_ms / 1000.0, window_ms / 1000.0, size))
-                    for w in workloads
-                ]
-            candidates.append(_mean(results, window_ms, size))
+    """Every setting over the workloads (seeds), and the baseline: continuous engines without ecobatch
+    (everything sent at once), static ones per request (batches of 1, no window). On each workload every
+    run's joules are counted over the same wall-clock window (until the latest one ends)."""
+    settings: list[tuple[dict[str, Any], str, Any]] = []
     if profile.kind == "continuous":
-        baseline = _mean([simulate_continuous(profile, w, SendAtOnce()) for w in workloads], 0.0, 0)
+        for budget in budgets_ms or []:
+            overrides: dict[str, Any] = {f"{tier}_budget_ms": budget}
+            if tier == "interactive" and budget > BatchingSettings().flex_budget_ms:
+                overrides["flex_budget_ms"] = budget
+            settings.append(
+                (overrides, f"{tier} budget {budget:g} ms", Controller(BatchingSettings(**overrides)))
+            )
+        base: tuple[dict[str, Any], str, Any] = ({}, "vLLM direct", SendAtOnce())
     else:
-        baseline = _mean([simulate_static(profile, w, BatcherRule(0.0, 0.0, 1)) for w in workloads], 0.0, 1)
-    return candidates, baseline
+        for window_ms in windows_ms or []:
+            for size in sizes or []:
+                body = {
+                    "window_min_ms": window_ms,
+                    "window_max_ms": window_ms,
+                    "max_batch_sequences": size,
+                    "energy_tolerance": 0.0,
+                }
+                rule = BatcherRule(window_ms / 1000.0, window_ms / 1000.0, size)
+                settings.append((body, f"window {window_ms:g} ms, batch {size}", rule))
+        base = ({}, "batch 1, no window", BatcherRule(0.0, 0.0, 1))
+    runs = [[_run(profile, w, policy) for w in workloads] for _, _, policy in [base, *settings]]
+    per_workload = [same_window([run[i] for run in runs]) for i in range(len(workloads))]
+    summaries = [
+        _summarise(results, [jpr[k] for jpr in per_workload], body, label)
+        for k, ((body, label, _), results) in enumerate(zip([base, *settings], runs, strict=True))
+    ]
+    return summaries[1:], summaries[0]
+
+
+def _run(profile: EnergyProfile, workload: list[Arrival], policy: Any) -> Result:
+    if isinstance(policy, BatcherRule):
+        return simulate_static(profile, workload, policy)
+    return simulate_continuous(profile, workload, policy)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,7 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seeds", type=int, default=3, help="workloads drawn per setting (their mean is reported)"
     )
     slo = p.add_mutually_exclusive_group(required=True)
-    slo.add_argument("--slo-p99-s", type=float, help="the p99 end-to-end latency to meet, in seconds")
+    slo.add_argument(
+        "--slo-p99-s", type=float, help="the p99 end-to-end latency of interactive requests, in seconds"
+    )
     slo.add_argument(
         "--slo-p99-x-baseline",
         type=float,
@@ -105,6 +162,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prompt-tokens", default="64", help="prompt lengths (the model ignores prefill; --live sends them)"
+    )
+    p.add_argument(
+        "--tier",
+        choices=["interactive", "flex"],
+        help="continuous engines: whose budget to sweep (default: flex with --flex-share > 0, else "
+        "interactive)",
+    )
+    p.add_argument("--flex-share", type=float, default=0.0, help="share of requests sent as flex (0-1)")
+    p.add_argument(
+        "--budgets-ms",
+        help="continuous engines: the budgets to try (default: "
+        + "; ".join(f"{k}: {v}" for k, v in DEFAULT_BUDGETS_MS.items())
+        + ")",
     )
     p.add_argument(
         "--live",
@@ -119,11 +189,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--api-key", default=os.environ.get("ECOBATCH_API_KEY"), help="--live: an API key")
     p.add_argument("--energy", default="none", help="--live: none, nvml or dcgm=URL (as in bench)")
-    p.add_argument("--windows-ms", default="0,100,250,500,1000,2000,4000")
+    p.add_argument(
+        "--windows-ms", default="0,100,250,500,1000,2000,4000", help="static engines: windows to try"
+    )
     p.add_argument(
         "--sizes",
-        help="in-flight caps or batch sizes to try (default: 4,8,…,256 up to the profile's largest point)",
+        help="static engines: batch sizes to try (default: 4,8,…,256 up to the profile's largest point)",
     )
+    p.add_argument("--quiet", action="store_true", help="--live: no progress bar")
     p.add_argument("--out", type=Path, help="write a JSON report here (and a PNG beside it)")
 
 
@@ -144,26 +217,28 @@ def _sizes(arg: str | None, profile: EnergyProfile) -> list[int]:
 
 def _workloads(args: argparse.Namespace) -> list[list[Arrival]]:
     if args.trace is not None:
-        return [read_trace(args.trace)]
-    output = parse_lengths(args.output_tokens, "--output-tokens")
-    prompt = parse_lengths(args.prompt_tokens, "--prompt-tokens")
-    return [
-        poisson(args.rate, prompt, output, duration_s=args.duration, count=None, seed=s)
-        for s in range(args.seeds)
-    ]
+        base = [read_trace(args.trace)]
+    else:
+        output = parse_lengths(args.output_tokens, "--output-tokens")
+        prompt = parse_lengths(args.prompt_tokens, "--prompt-tokens")
+        base = [
+            poisson(args.rate, prompt, output, duration_s=args.duration, count=None, seed=s)
+            for s in range(args.seeds)
+        ]
+    return [with_tiers(w, flex_share=args.flex_share, tier="interactive", seed=i) for i, w in enumerate(base)]
 
 
-def _table(candidates: list[Candidate], baseline: Candidate, slo_s: float, kind: str) -> str:
-    size = "cap" if kind == "continuous" else "batch"
+def _table(candidates: list[Candidate], baseline: Candidate, slo_s: float) -> str:
     lines = [
-        f"{'window ms':>9} {size:>6} {'J/request':>10} {'vs base':>8} {'p50 s':>7} {'p99 s':>7}  meets SLO"
+        f"{'setting':<32} {'J/request':>10} {'vs base':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'flex wait':>9}  meets SLO"
     ]
     for c in sorted(candidates, key=lambda c: c.joules_per_request):
         ok = "yes" if c.p99_s <= slo_s else "no"
         ratio = c.joules_per_request / baseline.joules_per_request
         lines.append(
-            f"{c.window_ms:>9g} {c.size:>6} {c.joules_per_request:>10.1f} "
-            f"{ratio:>8.2f} {c.p50_s:>7.2f} {c.p99_s:>7.2f}  {ok}"
+            f"{c.label:<32} {c.joules_per_request:>10.1f} {ratio:>8.2f} {c.p50_s:>7.2f} {c.p99_s:>7.2f} "
+            f"{c.flex_max_wait_s:>8.1f}s  {ok}"
         )
     return "\n".join(lines)
 
@@ -200,12 +275,30 @@ def _plot(
     return path
 
 
+def _candidate_model(profile: EnergyProfile, candidate: Candidate, arrivals: list[Arrival]) -> Result:
+    """The engine model of ``candidate`` on ``arrivals`` (for --live's comparison)."""
+    if profile.kind == "continuous":
+        return simulate_continuous(profile, arrivals, Controller(BatchingSettings(**candidate.settings)))
+    s = candidate.settings
+    rule = BatcherRule(s["window_min_ms"] / 1000.0, s["window_max_ms"] / 1000.0, s["max_batch_sequences"])
+    return simulate_static(profile, arrivals, rule)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile or DEFAULT_PROFILES["continuous"])
-    windows = [float(x) for x in args.windows_ms.split(",")]
-    sizes = _sizes(args.sizes, profile)
+    if not 0 <= args.flex_share <= 1:
+        raise ValueError(f"--flex-share={args.flex_share} must be between 0 and 1")
+    tier = args.tier or ("flex" if args.flex_share > 0 else "interactive")
+    budgets = [float(x) for x in (args.budgets_ms or DEFAULT_BUDGETS_MS[tier]).split(",")]
     workloads = _workloads(args)
-    candidates, baseline = sweep(profile, workloads, windows, sizes)
+    candidates, baseline = sweep(
+        profile,
+        workloads,
+        tier=tier,
+        budgets_ms=budgets,
+        windows_ms=[float(x) for x in args.windows_ms.split(",")],
+        sizes=_sizes(args.sizes, profile),
+    )
     if args.slo_p99_s is None:
         args.slo_p99_s = args.slo_p99_x_baseline * baseline.p99_s
         print(
@@ -219,11 +312,18 @@ def run_cli(args: argparse.Namespace) -> int:
         f"{'everything sent at once (vLLM direct)' if profile.kind == 'continuous' else 'batch 1, no window'}"
         f" = {baseline.joules_per_request:.1f} J/request, p99 {baseline.p99_s:.2f} s"
     )
-    print(_table(candidates, baseline, args.slo_p99_s, profile.kind))
+    if profile.kind == "continuous":
+        print(
+            f"ecobatch's run-time controller (the proxy's own decision code), {tier} budget swept; "
+            f"flex share {args.flex_share:g}"
+        )
+    print(_table(candidates, baseline, args.slo_p99_s))
     report: dict[str, Any] = {
         "modelled": True,
         "profile": {"name": profile.name, "kind": profile.kind, "source": profile.source},
-        "command": args.command_line,
+        "command": getattr(args, "command_line", None),
+        "tier": tier if profile.kind == "continuous" else None,
+        "flex_share": args.flex_share,
         "slo_p99_s": args.slo_p99_s,
         "baseline": asdict(baseline),
         "candidates": [asdict(c) for c in candidates],
@@ -232,14 +332,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if best is None:
         print(f"no setting meets p99 <= {args.slo_p99_s} s; loosen the SLO or add capacity (ecobatch plan)")
     else:
-        size = "cap" if profile.kind == "continuous" else "batch"
         ratio = best.joules_per_request / baseline.joules_per_request
         print(
-            f"\nrecommended: window {best.window_ms:g} ms, {size} {best.size}: "
-            f"{best.joules_per_request:.1f} J/request ({ratio:.2f}x the baseline), p99 {best.p99_s:.2f} s "
-            "(modelled)"
+            f"\nrecommended: {best.label}: {best.joules_per_request:.1f} J/request ({ratio:.2f}x the "
+            f"baseline), p99 {best.p99_s:.2f} s (modelled)"
         )
-        body = best.settings(args.slo_p99_s)
+        body = best.body(args.slo_p99_s)
         print(
             "apply it at run time (ECOBATCH_ADMIN_KEY: one of the server's admin keys):\n"
             "  curl -X PUT http://HOST:PORT/ecobatch/batching "
@@ -298,7 +396,7 @@ async def _live(
             async with s.get(f"{url}/health") as r:
                 health = await r.json(content_type=None)
             _check_same_engine(url, health, profile)
-            async with s.put(f"{url}/ecobatch/batching", json=best.settings(args.slo_p99_s)) as r:
+            async with s.put(f"{url}/ecobatch/batching", json=best.body(args.slo_p99_s)) as r:
                 if r.status != 200:
                     raise ValueError(
                         f"--live: PUT {url}/ecobatch/batching answered {r.status}: {(await r.text())[:200]}"
@@ -306,23 +404,20 @@ async def _live(
                     )
     except aiohttp.ClientError as exc:
         raise ValueError(f"--live {url}: cannot reach it ({exc})") from None
-    applied = best.settings(args.slo_p99_s)
+    applied = best.body(args.slo_p99_s)
     print(f"--live: {url} now runs {applied} (it keeps them: PUT others to change them back)")
     bench_args = argparse.Namespace(
         model=None, api="chat", stream=False, no_ignore_eos=False, api_key=args.api_key, timeout_s=600.0,
-        seed=0, quiet=False, energy=args.energy, cooldown_s=0.0,
+        seed=0, quiet=args.quiet, energy=args.energy, cooldown_s=0.0, records=None,
     )  # fmt: skip
-    print(f"\n--live: measuring the recommendation on {url} ({len(arrivals)} requests, seed 0)")
+    duration_s = arrivals[-1].at_s if arrivals else 0.0
+    print(
+        f"\n--live: measuring the recommendation on {url} ({len(arrivals)} requests over {duration_s:.0f} s)"
+    )
     summaries, _ = await bench([("recommended (live)", url)], arrivals, bench_args)
     print(table(summaries))
     measured = summaries[0]
-    if profile.kind == "continuous":
-        rule: Any = GateRule(best.window_ms / 1000.0, best.window_ms / 1000.0, best.size)
-        model = simulate_continuous(profile, arrivals, rule)
-    else:
-        model = simulate_static(
-            profile, arrivals, BatcherRule(best.window_ms / 1000.0, best.window_ms / 1000.0, best.size)
-        )
+    model = _candidate_model(profile, best, arrivals)
     energy = measured["energy"]
     reported = energy.get("ecobatch") or {}
     measured_jpr = energy.get("joules_per_request", reported.get("joules_per_request_with_idle"))

@@ -1,6 +1,9 @@
-"""The policy against the oracle: the batch size / in-flight cap that ``policy.choose_batch_size``
-picks for a workload, against the best one a sweep finds, both run through the engine model (``sim``)
-with the same window and the same arrivals (a **model**, on the profile)."""
+"""The policy against the oracle (static engines): the batch size that ``policy.choose_batch_size`` picks
+for a workload, against the best one a sweep finds, both run through the engine model (``sim``) with the
+same window and the same arrivals (a **model**, on the profile).
+
+Continuous engines have no such choice to check: on them the in-flight limit is a safety limit (KV
+room, an inter-token objective), never an energy choice (the curve falls all the way to saturation)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from ..bench.workload import parse_lengths, poisson
 from ..domain import Demand, Headroom
 from ..policy import choose_batch_size
 from ..profile import EnergyProfile
-from .sim import BatcherRule, GateRule, simulate_continuous, simulate_static
+from .sim import BatcherRule, simulate_static
 
 __all__ = ["policy_vs_oracle"]
 
@@ -29,6 +32,11 @@ def policy_vs_oracle(
     duration_s: float = 300.0,
     seeds: int = 1,
 ) -> dict[str, Any]:
+    if profile.kind != "static":
+        raise ValueError(
+            f"profile {profile.name} is continuous: its in-flight limit is a safety limit, not a size to "
+            "choose from the curve (nothing to compare with an oracle)"
+        )
     lengths = parse_lengths(output_tokens, "output_tokens")
     one = parse_lengths("1", "prompt")
     workloads = [
@@ -40,17 +48,12 @@ def policy_vs_oracle(
         Headroom(),
         Demand(prompt_tokens, mean_output),
         slo_s=slo_s,
-        max_batch_size=max(SIZES),
+        max_batch_sequences=max(SIZES),
         energy_tolerance=0.05,
     )
 
     def joules_per_request(size: int) -> float:
-        if profile.kind == "continuous":
-            results = [simulate_continuous(profile, w, GateRule(*window_s, cap=size)) for w in workloads]
-        else:
-            results = [
-                simulate_static(profile, w, BatcherRule(*window_s, batch_size=size)) for w in workloads
-            ]
+        results = [simulate_static(profile, w, BatcherRule(*window_s, batch_size=size)) for w in workloads]
         return statistics.fmean(r.joules_per_request for r in results)
 
     swept = {size: joules_per_request(size) for size in SIZES if size <= profile.max_size}

@@ -1,0 +1,308 @@
+"""The replicas of a continuous engine, each one unit: its engine, its energy account and its load.
+
+A ``Replica`` holds everything about one engine behind the gate: the engine (a vLLM OpenAI server, or
+vLLM in-process), its typed health, its meter and ledger (the joules of its own GPUs), and what
+ecobatch runs on it (``Occupancy``: sequences in flight, KV tokens promised to them, when they are
+predicted to end). ``build_pool`` makes every replica, meter included, in one place; one engine is a
+pool of one.
+
+``ReplicaPool`` is what the app sees as the engine: one model name, one ``prepare``, one health view.
+Start-up: the pool is ready as soon as **one** replica answers; the others are waited for in the
+background and take requests once they answer. Replicas must serve the same model: one that serves
+another is a configuration error. A request is refused at once (503 ``upstream_down``) only when no
+replica is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from prometheus_client import CollectorRegistry
+
+from .backends.base import ContinuousEngine, EngineHealth, EngineShape, Progress
+from .backends.vllm_http import VllmHttpBackend
+from .clock import Clock
+from .config import Settings
+from .domain import GenerationRequest, Headroom
+from .energy.choose import MeterSpec
+from .energy.ledger import Ledger
+from .energy.meter import Meter
+from .errors import ConfigError, UpstreamDown
+from .profile import EnergyProfile
+
+__all__ = ["MeterFactory", "Occupancy", "PoolHealth", "Replica", "ReplicaPool", "build_pool"]
+
+log = logging.getLogger(__name__)
+MeterFactory = Callable[[MeterSpec, EnergyProfile, Clock], Meter]
+#: how often a replica still starting after the pool is ready says what it waits for
+_LATE_LOG_EVERY_S = 30.0
+
+
+@dataclass(slots=True)
+class _Running:
+    sequences: int
+    kv_tokens: float
+    ends_s: float
+
+
+class Occupancy:
+    """ecobatch's requests running on one replica: their sequences, the KV tokens they will hold at their
+    predicted end, and when they are predicted to end (a heap: the latest end in O(log n))."""
+
+    def __init__(self) -> None:
+        self.sequences = 0
+        self.kv_tokens = 0.0
+        self._running: dict[int, _Running] = {}
+        self._ends: list[tuple[float, int]] = []  # (-ends_s, key), stale entries dropped lazily
+
+    def add(self, key: int, sequences: int, kv_tokens: float, ends_s: float) -> None:
+        self._running[key] = _Running(sequences, kv_tokens, ends_s)
+        self.sequences += sequences
+        self.kv_tokens += kv_tokens
+        heapq.heappush(self._ends, (-ends_s, key))
+
+    def remove(self, key: int) -> None:
+        running = self._running.pop(key, None)
+        if running is not None:
+            self.sequences -= running.sequences
+            self.kv_tokens -= running.kv_tokens
+
+    def busy_until_s(self) -> float | None:
+        """When the last of them is predicted to end (None: none runs)."""
+        ends = self._ends
+        while ends and ends[0][1] not in self._running:
+            heapq.heappop(ends)
+        return -ends[0][0] if ends else None
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._running
+
+
+class Replica:
+    """One engine behind the gate, its energy account and its load."""
+
+    def __init__(self, name: str, engine: ContinuousEngine, meter: Meter) -> None:
+        self.name, self.engine, self.meter = name, engine, meter
+        self.occupancy = Occupancy()
+        self._polled: Headroom | None = None
+        self._ours_at_poll = 0
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.meter.ledger
+
+    @property
+    def health(self) -> EngineHealth:
+        return self.engine.health()
+
+    @property
+    def up(self) -> bool:
+        return self.engine.health().up
+
+    @property
+    def inflight(self) -> int:
+        return self.occupancy.sequences
+
+    def other_running(self) -> int:
+        """Requests other clients run on the engine: its running and waiting count beyond ecobatch's own
+        (as they stood when the engine's figures were read; 0 where the engine does not say)."""
+        headroom = self.engine.headroom()
+        if headroom is not self._polled:  # a fresh reading of the engine: what was ours then
+            self._polled, self._ours_at_poll = headroom, self.occupancy.sequences
+        engine = (headroom.running or 0) + (headroom.waiting or 0)
+        return max(0, engine - self._ours_at_poll)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolHealth:
+    """The pool's state: up while one replica is up; each replica's own health."""
+
+    state: str
+    replicas: tuple[tuple[str, EngineHealth], ...]
+    last_error: str | None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+
+class ReplicaPool:
+    shape: ClassVar[EngineShape] = "continuous"
+
+    def __init__(self, replicas: Sequence[Replica]) -> None:
+        if not replicas:
+            raise ValueError("a pool needs at least one replica")
+        self.replicas = list(replicas)
+        self.name = self.replicas[0].engine.name
+        self._waiting: dict[str, str] = {}  # replica name -> what its start waits for
+        self._starts: list[asyncio.Task[None]] = []
+        self._ready = False
+        self._last_late_log_s = float("-inf")
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """An in-process engine's own registry (vllm-async's vLLM series, known once it has started),
+        served beside ecobatch's."""
+        return self.replicas[0].engine.metrics_registry if len(self.replicas) == 1 else None
+
+    @property
+    def model(self) -> str:
+        """The served name: the first replica up's (they all serve the same model)."""
+        started = [r.engine for r in self.replicas if r.up]
+        return (started or [r.engine for r in self.replicas])[0].model
+
+    # ---- life ------------------------------------------------------------------------------------
+    async def start(self, progress: Progress) -> None:
+        """Start every replica; return once one of them is up (the rest come up in the background)."""
+        if len(self.replicas) == 1:
+            await self.replicas[0].engine.start(progress)
+            self._ready = True
+            return
+
+        def reporter(name: str) -> Progress:
+            def report(message: str) -> None:
+                self._waiting[name] = message
+                if not self._ready:
+                    progress("; ".join(f"{n}: {m}" for n, m in sorted(self._waiting.items())))
+                elif time.monotonic() - self._last_late_log_s >= _LATE_LOG_EVERY_S:
+                    self._last_late_log_s = time.monotonic()
+                    log.warning("replica %s is not up yet: %s", name, message)
+
+            return report
+
+        self._starts = [
+            asyncio.create_task(r.engine.start(reporter(r.name)), name=f"ecobatch-start-{r.name}")
+            for r in self.replicas
+        ]
+        for replica, task in zip(self.replicas, self._starts, strict=True):
+            task.add_done_callback(self._started(replica))
+        pending: set[asyncio.Task[None]] = set(self._starts)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a replica serving another model: a configuration error, stop here
+                started = [r for r in self.replicas if r.health.state != "starting"]
+                if started:
+                    self._agree_on_model(started)
+                    self._ready = True
+                    return
+        except BaseException:  # a configuration error, or start-up timed out: the others stop too
+            for task in self._starts:
+                task.cancel()
+            await asyncio.gather(*self._starts, return_exceptions=True)
+            raise
+
+    def _agree_on_model(self, started: list[Replica]) -> None:
+        """Every replica must serve the model the first one serves: those still starting are held to it;
+        two that answered together with different models stop the start-up."""
+        https = [r.engine for r in started if isinstance(r.engine, VllmHttpBackend)]
+        if not https:
+            return
+        model = https[0].upstream_model
+        others = sorted({str(e.upstream_model) for e in https} - {str(model)})
+        if others:
+            names = ", ".join(repr(m) for m in [model, *others])
+            raise ConfigError(
+                f"backend.replicas serve different models ({names}); set backend.model to the one to serve",
+                field="backend.replicas",
+            )
+        for replica in self.replicas:
+            if isinstance(replica.engine, VllmHttpBackend):
+                replica.engine.require_model(model)
+
+    def _started(self, replica: Replica) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._waiting.pop(replica.name, None)
+            if not task.cancelled() and task.exception() is None:
+                log.info("replica %s is up: %s", replica.name, replica.health.upstream or replica.engine.name)
+            elif self._ready and not task.cancelled():
+                log.error("replica %s cannot serve: %s", replica.name, task.exception())
+                self._waiting[replica.name] = str(task.exception())
+
+        return done
+
+    async def close(self) -> None:
+        for task in self._starts:
+            task.cancel()
+        for task in self._starts:
+            with contextlib.suppress(BaseException):
+                await task
+        await asyncio.gather(*(r.engine.close() for r in self.replicas))
+
+    # ---- what the app reads --------------------------------------------------------------------------
+    def headroom(self) -> Headroom:
+        """The replicas' headroom summed (each replica's own is what the gate uses)."""
+        return _summed([r.engine.headroom() for r in self.replicas])
+
+    def health(self) -> PoolHealth:
+        states = []
+        for replica in self.replicas:
+            state = replica.health
+            waiting = self._waiting.get(replica.name)
+            if waiting is not None and not state.last_error:
+                state = dataclasses.replace(state, last_error=waiting)
+            states.append((replica.name, state))
+        up = any(s.up for _, s in states)
+        reasons = "; ".join(f"{n}: {s.last_error or s.state}" for n, s in states)
+        if len(states) == 1:
+            reasons = states[0][1].last_error or ""
+        return PoolHealth("up" if up else "down", tuple(states), None if up else reasons or None)
+
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Checked against a replica that is up (they serve the same model with the same limits)."""
+        for replica in self.replicas:
+            if replica.up:
+                return await replica.engine.prepare(request)
+        if len(self.replicas) == 1:
+            return await self.replicas[0].engine.prepare(request)  # its own error says why
+        reasons = "; ".join(f"{r.name}: {r.health.last_error or r.health.state}" for r in self.replicas)
+        raise UpstreamDown(f"no vLLM replica is up ({reasons}); retry later", retry_after_s=5.0)
+
+
+def _summed(rooms: Sequence[Headroom]) -> Headroom:
+    def total(values: list[int | None]) -> int | None:
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+    return Headroom(
+        kv_free_tokens=total([h.kv_free_tokens for h in rooms]),
+        kv_capacity_tokens=total([h.kv_capacity_tokens for h in rooms]),
+        running=total([h.running for h in rooms]),
+        waiting=total([h.waiting for h in rooms]),
+    )
+
+
+def build_pool(
+    settings: Settings,
+    profile: EnergyProfile,
+    clock: Clock,
+    meter_factory: MeterFactory,
+    engine: ContinuousEngine | None = None,
+) -> ReplicaPool:
+    """Every replica with its engine and its meter: ``backend.replicas`` (a ``vllm-http`` engine each,
+    its own GPUs measured), else the one engine (``engine``, or the configured one)."""
+    backend = settings.backend
+    if engine is not None or not backend.replicas:
+        if engine is None:
+            from .backends import create_continuous_engine
+
+            engine = create_continuous_engine(settings)
+        meter = meter_factory(MeterSpec(settings), profile, clock)
+        return ReplicaPool([Replica("r0", engine, meter)])
+    replicas = []
+    for index, name in enumerate(backend.replica_names):
+        own = settings.for_replica(index)
+        meter = meter_factory(
+            MeterSpec(own, gpu_prefix=f"{name}:", idle_fallback_w=profile.idle_power_w), profile, clock
+        )
+        replicas.append(Replica(name, VllmHttpBackend(own.backend), meter))
+    return ReplicaPool(replicas)
