@@ -110,7 +110,8 @@ def main() -> None:
         "",
         "Made by `python benchmarks/controller_model.py`: `ecobatch tune`'s engine model on the H200",
         "vLLM bf16 reference curve, running the proxy's own decision code (`release.plan_releases`) with",
-        f"the default settings, against vLLM direct on the same arrivals: 300 s, {SEEDS} seeds, `max_tokens` {LENGTHS}.",
+        f"the default settings, against vLLM direct on the same arrivals: 300 s, {SEEDS} seeds,",
+        f"`max_tokens` {LENGTHS}.",
         "J/request over the same wall-clock window. Not a measurement.",
         "",
         "| load | req/s | tier | J/request vs direct | interactive p50 / p99 vs direct | flex longest wait "
