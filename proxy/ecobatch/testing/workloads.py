@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from ..backends.vllm_http import KEEPALIVE_S
+
 __all__ = ["short_beside_long"]
 
 
@@ -48,7 +50,9 @@ async def short_beside_long(
     sends ``n_short`` requests of ``short_tokens`` and ``n_long`` of ``long_tokens`` at once, to each
     target in turn."""
     latencies: dict[str, dict[str, list[float]]] = {name: {"short": [], "long": []} for name in targets}
-    async with aiohttp.ClientSession() as session:
+    # idle connections are dropped before vLLM's server closes them (see vllm_http.KEEPALIVE_S)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
+    async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(rounds):
             for name, url in targets.items():
                 results = await asyncio.gather(
