@@ -221,10 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_bench_arguments(bench)
     tune = sub.add_parser(
         "tune",
-        help="recommend window and cap for a workload under a p99 SLO (a simulation on the profile)",
-        description="Sweep the hold window and the in-flight cap (or batch size) in a model of the engine "
-        "built on the energy profile; recommend the setting with the fewest J/request that meets the p99 "
-        "SLO.",
+        help="what-if: a tier's budget (vLLM) or window and batch size (static) under a p99 SLO (modelled)",
+        description="Continuous engines (vLLM): run the proxy's own controller over a sweep of one tier's "
+        "budget (batching.interactive_budget_ms or batching.flex_budget_ms) in a model of the engine built "
+        "on the energy profile, against vLLM direct; the defaults need no tuning, this shows what another "
+        "budget would buy. Static engines: sweep the window and the batch size. Recommends the setting with "
+        "the fewest J/request whose interactive p99 meets the SLO (all figures modelled).",
     )
     from .tune import add_arguments as add_tune_arguments
 

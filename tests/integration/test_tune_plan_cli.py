@@ -79,6 +79,19 @@ def test_tune_with_flex_traffic_sweeps_the_flex_budget_and_a_longer_one_saves_mo
     assert short["flex_max_wait_s"] <= 2.0 + 1e-6 and long["flex_max_wait_s"] <= 30.0 + 1e-6
 
 
+def test_a_flex_budget_below_the_interactive_one_lowers_both_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "flex0.json"
+    code = main(
+        ["tune", "--rate", "4", "--duration", "30", "--seeds", "1", "--flex-share", "1",
+         "--slo-p99-s", "600", "--budgets-ms", "0,2000", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    zero, two = json.loads(out.read_text())["candidates"]
+    assert zero["settings"] == {"flex_budget_ms": 0.0, "interactive_budget_ms": 0.0}
+    assert zero["label"] == "flex budget 0 ms (interactive too)"
+    assert two["settings"] == {"flex_budget_ms": 2000.0}
+
+
 def test_tune_says_so_when_no_setting_meets_the_slo(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

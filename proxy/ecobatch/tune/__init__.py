@@ -107,11 +107,15 @@ def sweep(
     if profile.kind == "continuous":
         for budget in budgets_ms or []:
             overrides: dict[str, Any] = {f"{tier}_budget_ms": budget}
-            if tier == "interactive" and budget > BatchingSettings().flex_budget_ms:
-                overrides["flex_budget_ms"] = budget
-            settings.append(
-                (overrides, f"{tier} budget {budget:g} ms", Controller(BatchingSettings(**overrides)))
-            )
+            label = f"{tier} budget {budget:g} ms"
+            defaults = BatchingSettings()
+            if tier == "interactive" and budget > defaults.flex_budget_ms:
+                overrides["flex_budget_ms"] = budget  # flex never waits less than interactive
+                label += " (flex too)"
+            if tier == "flex" and budget < defaults.interactive_budget_ms:
+                overrides["interactive_budget_ms"] = budget
+                label += " (interactive too)"
+            settings.append((overrides, label, Controller(BatchingSettings(**overrides))))
         base: tuple[dict[str, Any], str, Any] = ({}, "vLLM direct", SendAtOnce())
     else:
         for window_ms in windows_ms or []:
@@ -230,14 +234,14 @@ def _workloads(args: argparse.Namespace) -> list[list[Arrival]]:
 
 def _table(candidates: list[Candidate], baseline: Candidate, slo_s: float) -> str:
     lines = [
-        f"{'setting':<32} {'J/request':>10} {'vs base':>8} {'p50 s':>7} {'p99 s':>7} "
+        f"{'setting':<40} {'J/request':>10} {'vs base':>8} {'p50 s':>7} {'p99 s':>7} "
         f"{'flex wait':>9}  meets SLO"
     ]
     for c in sorted(candidates, key=lambda c: c.joules_per_request):
         ok = "yes" if c.p99_s <= slo_s else "no"
         ratio = c.joules_per_request / baseline.joules_per_request
         lines.append(
-            f"{c.label:<32} {c.joules_per_request:>10.1f} {ratio:>8.2f} {c.p50_s:>7.2f} {c.p99_s:>7.2f} "
+            f"{c.label:<40} {c.joules_per_request:>10.1f} {ratio:>8.2f} {c.p50_s:>7.2f} {c.p99_s:>7.2f} "
             f"{c.flex_max_wait_s:>8.1f}s  {ok}"
         )
     return "\n".join(lines)
