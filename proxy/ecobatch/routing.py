@@ -4,18 +4,20 @@ Power is concave in concurrency (on the H200 reference curve: 122 W idle, 494 W 
 flight, 663 W with 64), so two requests decoding together on one GPU cost far fewer joules than the
 same two on two GPUs. With several replicas ecobatch therefore **packs**:
 
-* a replica takes sequences up to its **cap**, the policy's in-flight choice on the energy curve under
-  its own KV headroom and the latency SLO (``policy.choose_batch_size``): its sweet spot;
+* a replica takes sequences up to its **limit**, a safety limit and never an energy choice (the
+  measured J/token falls with concurrency all the way to saturation): what its KV cache can hold,
+  what keeps a decode step under ``batching.tpot_slo_ms`` and ``batching.max_inflight_sequences``
+  (``release.inflight_limit``);
 * the next request goes to the **fullest replica that still has room**, so the first replicas run
-  near their sweet spot and the last ones stay idle (their idle power is measured and reported, not
-  hidden); only when every awake replica is at its cap is the next one woken;
+  full and the last ones stay idle (their idle power is measured and reported, not hidden); only when
+  every awake replica is at its limit is the next one woken;
 * ``round-robin`` is the comparison: the next replica in turn that has room (what a plain load
-  balancer in front of the replicas does, within the same caps);
+  balancer in front of the replicas does, within the same limits);
 * a replica that is **down** (its circuit breaker is open: failed requests or probes) takes nothing
   while another is up; when every replica is down, requests still go to one, where they fail at once
   (503 ``upstream_down``) instead of waiting in the queue;
 * a replica with nothing in flight takes the head request whatever its size (a request larger than
-  the cap must still run somewhere).
+  the limit must still run somewhere).
 
 Nothing here does I/O or reads a clock: ``choose_replica`` is tested with plain numbers.
 """
@@ -34,7 +36,7 @@ ROUTING_POLICIES: tuple[str, ...] = get_args(RoutingPolicy)
 
 @dataclass(frozen=True, slots=True)
 class ReplicaLoad:
-    """One replica as the router sees it: sequences in flight, its cap now, whether it is up."""
+    """One replica as the router sees it: sequences in flight, its limit now (``cap``), whether it is up."""
 
     inflight: int
     cap: int
