@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint typecheck pytest setup-dev clean
+.PHONY: serve test test-unit lint typecheck pytest setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,17 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[cpu,dev,speed]'
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	bash scripts/install-prometheus.sh
-	touch $(VENV)/.base $@
+	touch $(VENV)/.base $(VENV)/.unit $@
 
 setup-dev: $(VENV)/.dev
+
+# the unit layer alone: no vLLM, torch, GPU or Prometheus needed (fake clocks, plain numbers); ~30 s
+$(VENV)/.unit: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+test-unit: $(VENV)/.unit
+	bash scripts/pytest.sh $(BIN)/python -m pytest tests/unit $(ARGS)
 
 serve: $(VENV)/.base
 	$(BIN)/ecobatch serve $(ARGS)

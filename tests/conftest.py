@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import EnergyProfile, load_profile
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """The suite leaves no server behind: every vLLM server and proxy a test started (with its
+    engine-core processes) must be stopped by the test that started it."""
+    yield
+    from ecobatch.testing.servers import left_running
+
+    left = left_running()
+    for proc in left:
+        proc.stop()
+    assert not left, f"processes left running by the tests (now stopped): {[p.name for p in left]}"
 
 
 @pytest.fixture(scope="session")

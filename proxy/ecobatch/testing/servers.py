@@ -18,6 +18,7 @@ __all__ = [
     "Proc",
     "engine_env",
     "free_port",
+    "left_running",
     "start_prometheus",
     "start_proxy",
     "start_vllm_server",
@@ -49,7 +50,7 @@ def engine_env(**extra: str) -> dict[str, str]:
 
 
 class Proc:
-    """A child process with its log in a file and a /health URL."""
+    """A child process with its log in a file and a /health URL, in a process group of its own."""
 
     def __init__(self, name: str, args: Sequence[str], env: dict[str, str], log_dir: Path, port: int) -> None:
         self.name, self.port = name, port
@@ -59,6 +60,12 @@ class Proc:
             list(args), env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )
         self.url = f"http://127.0.0.1:{port}"
+        _STARTED.append(self)
+
+    def group_alive(self) -> bool:
+        """Whether any process of its group still runs (zombies, its own once reaped, do not count)."""
+        self.proc.poll()
+        return bool(_running_in_group(self.proc.pid))
 
     def healthy(self) -> bool:
         if self.proc.poll() is not None:
@@ -76,7 +83,8 @@ class Proc:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group, SIGKILL after 30 s; children left behind are killed too."""
+        """SIGTERM to the whole process group, SIGKILL after 30 s; children left behind are killed too.
+        Also where the process itself is gone (killed by a test): its children may not be."""
         self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
@@ -84,10 +92,37 @@ class Proc:
             self._signal_group(signal.SIGKILL)
             self.proc.wait()
         self._signal_group(signal.SIGKILL)  # an engine process that outlived its parent
+        deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: wait until it took
+        while _running_in_group(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: process group {self.proc.pid} survived SIGKILL")
+            time.sleep(0.01)
 
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+
+_STARTED: list[Proc] = []
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """The pids of the live (not zombie) processes of a process group, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in ("Z", "X"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def left_running() -> list[Proc]:
+    """Every Proc started in this interpreter whose process group still runs."""
+    return [p for p in _STARTED if p.group_alive()]
 
 
 def wait_healthy(procs: Sequence[Proc], timeout_s: float = 420.0) -> None:

@@ -1,5 +1,8 @@
 """vllm-async's per-request contract against a scripted AsyncLLM: a sequence that fails takes its
-siblings down with it (they are aborted in the engine), and a cancelled call aborts every sequence."""
+siblings down with it (they are aborted in the engine), and a cancelled call aborts every sequence.
+
+The engine is scripted, but the backend builds vLLM's own ``SamplingParams``: vLLM must be installed
+(importing it takes ~10 s, which is why this is not in the unit layer)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from ecobatch.backends.vllm_async import VllmAsyncBackend
 from ecobatch.config import load_settings
 from ecobatch.errors import BadRequest
 from tests.fakes import req
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 
 @dataclasses.dataclass
