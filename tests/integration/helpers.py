@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +19,22 @@ def metric(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10.0) -> Any:
+    """Await ``check()`` every 10 ms until it returns something truthy, and return that; fail naming
+    ``what`` after ``timeout_s`` (a bound, not a pace: the usual wait is milliseconds)."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := await check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.01)
+    return result
+
+
+async def metric_of(client: Any, name: str, **labels: str) -> float:
+    """``metric`` on the app's /metrics now."""
+    return metric(await (await client.get("/metrics")).text(), name, **labels)
 
 
 def serve_in_thread(app: Any) -> str:

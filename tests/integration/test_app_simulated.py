@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ecobatch.app import create_app
 from ecobatch.config import load_settings
-from tests.integration.helpers import metric, sse_events
+from tests.integration.helpers import eventually, metric, metric_of, sse_events
 
 Client = TestClient[web.Request, web.Application]
 ADMIN_KEY = "test-admin-key"
@@ -200,9 +200,17 @@ async def test_a_full_queue_answers_429_with_retry_after(make_client: MakeClient
     client = await make_client(**{"backend.sim_time_scale": 1.0, "batching.max_queue": 1})
     body = {"prompt": "x", "max_tokens": 10}
     first = asyncio.ensure_future(client.post("/v1/completions", json=body))
-    await asyncio.sleep(0.2)  # first is on the simulated GPU (~0.55 s)
+
+    async def running() -> bool:  # the first is on the simulated GPU (~0.55 s)
+        return await metric_of(client, "ecobatch_inflight_sequences") == 1
+
+    await eventually(running, "the first request on the engine")
     second = asyncio.ensure_future(client.post("/v1/completions", json=body))
-    await asyncio.sleep(0.05)  # second waits in the queue
+
+    async def queued() -> bool:
+        return await metric_of(client, "ecobatch_queue_depth") == 1
+
+    await eventually(queued, "the second request in the queue")
     third = await client.post("/v1/completions", json=body)
     assert third.status == 429
     assert int(third.headers["Retry-After"]) >= 1
@@ -218,18 +226,30 @@ async def test_a_client_that_disconnects_leaves_its_batch(aiohttp_server: Any) -
     server: TestServer = await aiohttp_server(create_app(settings))  # handler_cancellation=True, as in serve
     url = str(server.make_url("/v1/completions"))
     async with aiohttp.ClientSession() as session:
+
+        async def now(name: str, **labels: str) -> float:
+            text = await (await session.get(str(server.make_url("/metrics")))).text()
+            return metric(text, name, **labels)
+
+        async def running() -> bool:
+            return await now("ecobatch_inflight_sequences") == 1
+
         busy = asyncio.ensure_future(session.post(url, json={"prompt": "x", "max_tokens": 10}))
-        await asyncio.sleep(0.2)
-        with pytest.raises(asyncio.TimeoutError):
+        await eventually(running, "the first request on the engine")
+        with pytest.raises(asyncio.TimeoutError):  # it waits behind the first, then its client leaves
             await session.post(
                 url, json={"prompt": "leaves", "max_tokens": 10}, timeout=aiohttp.ClientTimeout(total=0.1)
             )
         assert (await busy).status == 200
-        await asyncio.sleep(0.7)
-        text = await (await session.get(str(server.make_url("/metrics")))).text()
-    assert metric(text, "ecobatch_requests_total", status="200") == 1
-    assert metric(text, "ecobatch_requests_total", status="499") == 1
-    assert metric(text, "ecobatch_batch_size_sum") == 1, "the request that left was dispatched"
+
+        async def settled() -> bool:  # the one that left is counted, and nothing waits or runs
+            left = await now("ecobatch_requests_total", status="499") == 1
+            idle = await now("ecobatch_queue_depth") == 0 and await now("ecobatch_inflight_sequences") == 0
+            return left and idle
+
+        await eventually(settled, "the request that left counted and the engine idle")
+        assert await now("ecobatch_requests_total", status="200") == 1
+        assert await now("ecobatch_batch_size_sum") == 1, "the request that left was dispatched"
 
 
 async def test_health_models_and_runtime_batching_settings(make_client: MakeClient) -> None:

@@ -18,6 +18,7 @@ from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
+from tests.integration.helpers import eventually
 
 Sims = tuple[list[SimVllm], list[web.AppRunner], list[int], int]
 
@@ -96,8 +97,12 @@ async def test_pack_runs_a_burst_on_one_replica_and_reports_the_idle_ones_joules
     assert servers[0].served == 6 and servers[1].served == 0, "all six fit under r0's cap"
     assert await metric(client, "ecobatch_replica_requests_total", replica="r0") == 6
     runtime = client.app[RUNTIME]
-    await asyncio.sleep(0.3)  # the meters' next intervals
     ledgers = {m.ledger.gpu: m.ledger for m in runtime.meters}
+
+    async def metered() -> bool:  # the meters' next intervals: r0's work settled, r1's idle counted
+        return ledgers["r0:sim/0"].totals.attributed_joules > 0 and ledgers["r1:sim/1"].totals.idle_joules > 0
+
+    await eventually(metered, "both replicas' meters past the burst")
     assert set(ledgers) == {"r0:sim/0", "r1:sim/1"}
     assert ledgers["r0:sim/0"].totals.attributed_joules > 0
     assert ledgers["r1:sim/1"].totals.attributed_joules == 0, "nothing ran on r1"
@@ -202,7 +207,12 @@ async def test_while_no_replica_has_answered_yet_it_is_not_ready_and_says_why(ai
         },
     )
     client = await aiohttp_client(create_app(settings, start_in_background=True))
-    await asyncio.sleep(0.3)
+
+    async def both_tried() -> bool:  # the bring-up has tried each replica once
+        reason = str((await (await client.get("/health")).json())["reason"])
+        return "r0: waiting for upstream" in reason and "r1: waiting for upstream" in reason
+
+    await eventually(both_tried, "both replicas tried")
     resp = await client.post("/v1/completions", json={"prompt": "x"})
     assert resp.status == 503
     message = (await resp.json())["error"]["message"]
@@ -215,8 +225,14 @@ async def test_the_batching_view_shows_each_replica(
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
     _, _, ports, dcgm_port = sims
     client = await proxy(aiohttp_client, ports, dcgm_port, routing="round-robin")
-    await asyncio.sleep(0.2)  # a headroom poll
-    view = await (await client.get("/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})).json()
+
+    async def polled() -> Any:  # each replica's first headroom poll has answered
+        view = await (
+            await client.get("/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})
+        ).json()
+        return view if all(r.get("headroom") for r in view["replicas"]) else None
+
+    view = await eventually(polled, "a headroom poll of each replica")
     assert view["routing"] == "round-robin"
     assert [r["name"] for r in view["replicas"]] == ["r0", "r1"]
     assert all(r["up"] and r["inflight"] == 0 and r["limited_by"] == "none" for r in view["replicas"])
