@@ -76,6 +76,10 @@ def _error_response(exc: EcobatchError) -> web.Response:
     return web.json_response(exc.to_body(), status=exc.status, headers=headers)
 
 
+#: the OpenAI-style ``code`` of aiohttp's own errors (OpenAI's API answers unknown routes with a null code)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 @web.middleware
 async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as an OpenAI error body, 404s, 405s and 413s included; nothing leaks as a
@@ -89,7 +93,8 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         error_type = "invalid_request_error" if exc.status < 500 else "internal_error"
         message = exc.text if exc.status == 413 and exc.text else exc.reason
-        body = {"error": {"message": message, "type": error_type, "param": None, "code": exc.status}}
+        code = _HTTP_CODES.get(exc.status)  # a string or null, as in every other error body
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
         return web.json_response(body, status=exc.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from . import __version__
 from .config import BACKEND_KINDS, METER_KINDS, Settings, load_settings
@@ -91,7 +92,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--dcgm-url", help="dcgm-exporter /metrics URL on the engine's GPU host")
     p.add_argument("--sim-time-scale", type=float, help="simulated backend: 1 = real time, 0 = instant")
     p.add_argument("--request-timeout-s", type=float)
-    p.add_argument("--engine-args", type=json.loads, help='JSON object, e.g. \'{"dtype": "int8"}\'')
+    p.add_argument("--engine-args", type=_json_object, help='JSON object, e.g. \'{"dtype": "int8"}\'')
     p.add_argument("--log-level", default="INFO", help="DEBUG also prints tracebacks of start-up errors")
 
 
@@ -184,6 +185,17 @@ def _bad_value_is_2(command: str, run: Callable[[argparse.Namespace], int], args
     except ValueError as exc:
         print(f"ecobatch {command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--engine-args``: a JSON object, or an error that says what is wrong with it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'must be a JSON object like \'{{"dtype": "int8"}}\', got {text!r}')
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .bench.workload import parse_lengths, poisson, with_tiers
-from .config import BatchingSettings
+from .config import BatchingSettings, EnergySettings
 from .profile import EnergyProfile
 from .tune.sim import (
     BatcherRule,
@@ -244,13 +244,20 @@ def add_arguments(p: Any) -> None:
         default=0.0,
         help="share of requests sent with service_tier=flex (continuous engines; default 0)",
     )
-    p.add_argument("--price-per-kwh", type=float, default=0.10)
-    p.add_argument("--currency", default="USD")
+    energy = EnergySettings()  # the same defaults as serve's energy.* settings, one meaning each
+    p.add_argument(
+        "--price-per-kwh",
+        type=float,
+        default=energy.price_per_kwh,
+        help=f"tariff (default {energy.price_per_kwh:g}, serve's energy.price_per_kwh: the seed table's)",
+    )
+    p.add_argument("--currency", default=energy.currency)
     p.add_argument(
         "--carbon-g-per-kwh",
         type=float,
-        default=475.0,
-        help="grid intensity (default 475: a world average; China's grid ~537-582)",
+        default=energy.carbon_g_per_kwh,
+        help=f"grid intensity (default {energy.carbon_g_per_kwh:g}, serve's energy.carbon_g_per_kwh: the "
+        "seed table's China grid; a world average is ~475)",
     )
     p.add_argument("--pue", type=float, default=1.2, help="data-centre power usage effectiveness")
     p.add_argument("--model-config", help="the model's config.json (default: Mistral-7B's shape)")

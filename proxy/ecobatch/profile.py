@@ -293,4 +293,7 @@ def load_profile(path: str | Path) -> EnergyProfile:
         raise ConfigError(f"energy.profile={str(p)!r}: no such file") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return profile_from_mapping(data, where=str(p))
+    try:
+        return profile_from_mapping(data)
+    except ConfigError as exc:  # "FILE: profile.points[2].power_w=…": the file, then the field in it
+        raise ConfigError(f"{p}: {exc}", field=exc.field) from None

@@ -78,6 +78,7 @@ async def test_a_body_over_the_limit_is_a_413_in_the_openai_form(aiohttp_client:
     assert resp.status == 413
     error = (await resp.json())["error"]
     assert error["type"] == "invalid_request_error" and "2048" in error["message"]
+    assert error["code"] == "request_too_large"
 
 
 async def test_metrics_can_move_to_their_own_port(aiohttp_client: Any) -> None:

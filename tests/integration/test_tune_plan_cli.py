@@ -177,3 +177,16 @@ def test_plan_writes_a_modelled_plan(tmp_path: Path, capsys: pytest.CaptureFixtu
     printed = capsys.readouterr().out
     assert "modelled" in printed.lower()
     assert json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("{bad json", "not JSON (Expecting property name"), ("[1]", "must be a JSON object")],
+)
+def test_engine_args_that_are_not_a_json_object_are_refused_saying_why(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--engine-args", value])
+    assert exited.value.code == 2
+    assert f"argument --engine-args: {says}" in capsys.readouterr().err

@@ -109,3 +109,11 @@ def test_every_shipped_profile_loads_and_the_embedded_copies_match_configs() -> 
         assert load_profile(path).points
     for embedded in (root / "proxy" / "ecobatch" / "data").glob("*.yaml"):
         assert embedded.read_text() == (root / "configs" / "profiles" / embedded.name).read_text()
+
+
+def test_an_error_in_a_profile_file_names_the_file_then_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("kind: continuous\nname: mine\nsource: measured\npoints: []\n")
+    with pytest.raises(ConfigError) as caught:
+        load_profile(path)
+    assert str(caught.value) == f"{path}: profile.points must be a non-empty list"
