@@ -57,6 +57,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=argparse.SUPPRESS,  # renamed: refused with the replacement's name (see config.RENAMED)
     )
     p.add_argument("--max-queue", type=int)
+    p.add_argument(
+        "--max-prompts-per-request", type=int, help="most prompts (or n choices) in one request (default 64)"
+    )
     p.add_argument("--slo-ms", type=float, help="static engines: end-to-end latency objective per request")
     p.add_argument(
         "--interactive-budget-ms",
@@ -97,6 +100,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.max_batch_size is not None:
+        raise ConfigError(
+            "--max-batch-size is no longer a flag: use --max-batch-sequences (static engines: sequences in "
+            "one batch), --max-inflight-sequences (continuous engines: a hard limit on sequences in flight) "
+            "or --max-prompts-per-request (prompts or n choices in one request)",
+            field="--max-batch-size",
+        )
     window_min = args.window_min_ms
     if args.window_ms is not None and window_min is None:
         window_min = min(args.window_ms, 50.0)
@@ -114,8 +124,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "server.port": args.port,
         "batching.window_min_ms": window_min,
         "batching.window_max_ms": args.window_ms,
-        "batching.max_batch_size": args.max_batch_size,  # refused, naming its replacements
         "batching.max_batch_sequences": args.max_batch_sequences,
+        "server.max_prompts_per_request": args.max_prompts_per_request,
         "batching.max_queue": args.max_queue,
         "batching.slo_ms": args.slo_ms,
         "batching.interactive_budget_ms": args.interactive_budget_ms,

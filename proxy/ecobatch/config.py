@@ -54,6 +54,10 @@ DEFAULT_PROFILES: dict[str, Path] = {
 }
 
 
+#: the longest a tier's budget may be: a request waiting in the queue must have a bound (NaN and inf fail)
+MAX_BUDGET_MS = 3_600_000.0
+
+
 def _require(ok: bool, name: str, value: object, limit: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} must be {limit}", field=name)
@@ -308,16 +312,22 @@ class BatchingSettings:
             ">= 0",
         )
         _require(
-            self.interactive_budget_ms >= 0,
+            0 <= self.interactive_budget_ms <= MAX_BUDGET_MS,
             "batching.interactive_budget_ms",
             self.interactive_budget_ms,
-            ">= 0",
+            f"between 0 and {MAX_BUDGET_MS:.0f} (an hour)",
         )
         _require(
             self.flex_budget_ms >= self.interactive_budget_ms,
             "batching.flex_budget_ms",
             self.flex_budget_ms,
             f">= batching.interactive_budget_ms ({self.interactive_budget_ms:g}): flex may wait longer",
+        )
+        _require(
+            self.flex_budget_ms <= MAX_BUDGET_MS,
+            "batching.flex_budget_ms",
+            self.flex_budget_ms,
+            f"<= {MAX_BUDGET_MS:.0f} (an hour: a queued request needs a bound)",
         )
         _require(
             self.tpot_slo_ms is None or self.tpot_slo_ms > 0, "batching.tpot_slo_ms", self.tpot_slo_ms, "> 0"

@@ -94,6 +94,7 @@ class ContinuousGate(Dispatcher):
             metrics.child(metrics.replica_inflight, replica.name).set(0)
             metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
             metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
+            metrics.child(metrics.inflight_limit, replica.name).set(math.inf)  # none until one binds
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -219,7 +220,7 @@ class ContinuousGate(Dispatcher):
         concurrency = replica.occupancy.sequences + n
         rate = self._profile.at(concurrency).tokens_per_s / concurrency * self.load.speed_factor
         ends_s = now_s + (pending.output_tokens / n) / max(rate, 1e-9)
-        replica.occupancy.add(id(pending), n, pending.kv_tokens, ends_s)
+        replica.start(id(pending), n, pending.kv_tokens, ends_s)
         self._set_inflight(n)
         metrics = self._metrics
         metrics.child(metrics.replica_requests, replica.name).inc()
@@ -248,7 +249,7 @@ class ContinuousGate(Dispatcher):
         return finished
 
     def _leave(self, pending: Pending, replica: Replica) -> None:
-        replica.occupancy.remove(id(pending))
+        replica.finish(id(pending))
         self._metrics.child(self._metrics.replica_inflight, replica.name).set(replica.occupancy.sequences)
 
     def _failover(self, pending: Pending, tried: set[str]) -> Replica | None:
@@ -314,9 +315,9 @@ class ContinuousGate(Dispatcher):
 
     def _move(self, pending: Pending, source: Replica, target: Replica) -> None:
         """The request's slot leaves ``source`` for ``target`` (a failover)."""
-        running_until = source.occupancy.busy_until_s() or self._clock.now()
+        ends_s = source.occupancy.ends_s(id(pending)) or self._clock.now()  # its own predicted end
         self._leave(pending, source)
-        target.occupancy.add(id(pending), pending.sequences, pending.kv_tokens, running_until)
+        target.start(id(pending), pending.sequences, pending.kv_tokens, ends_s)
         metrics = self._metrics
         metrics.child(metrics.replica_inflight, target.name).set(target.occupancy.sequences)
         metrics.child(metrics.replica_requests, target.name).inc()

@@ -13,6 +13,7 @@ waits are recorded by the dispatchers as they happen.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -116,7 +117,8 @@ class Metrics:
         )
         self.budget_misses = Counter(
             "ecobatch_budget_misses",
-            "Requests that waited in ecobatch longer than their tier's budget (batching.*_budget_ms).",
+            "Requests whose first token came later than their tier's budget (batching.*_budget_ms) after "
+            "arrival: measured on streams; otherwise the wait plus the engine's measured first-token time.",
             ["model", "tier"],
             registry=r,
         )
@@ -239,9 +241,11 @@ class Metrics:
                 self._children.pop((id(m), (previous,)), None)
             m.labels(model=model).set(0)
         for tier in TIERS:
-            if previous != model:
-                self.queue_depth.remove(previous, tier)
-                self._children.pop((id(self.queue_depth), (previous, tier)), None)
+            if previous != model:  # before the engine answered nothing ran: these series are empty
+                for per_tier in (self.queue_depth, self.budget_misses):
+                    with contextlib.suppress(KeyError):
+                        per_tier.remove(previous, tier)
+                    self._children.pop((id(per_tier), (previous, tier)), None)
             self.queue_depth.labels(model=model, tier=tier).set(0)
             self.budget_misses.labels(model=model, tier=tier).inc(0)  # a series from the start
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -51,23 +52,34 @@ class _Running:
     sequences: int
     kv_tokens: float
     ends_s: float
+    entry: int  # which heap entry is this request's (an earlier request's key may be reused)
 
 
 class Occupancy:
     """ecobatch's requests running on one replica: their sequences, the KV tokens they will hold at their
-    predicted end, and when they are predicted to end (a heap: the latest end in O(log n))."""
+    predicted end, and when they are predicted to end (a heap: the latest end in O(log n)).
+
+    A request's key is only unique while it runs (``id()`` of its pending entry is reused once that is
+    freed): a heap entry counts only while it is the running request's own, and the heap is rebuilt from
+    the running requests when stale entries outnumber them (under steady load they never reach the top)."""
 
     def __init__(self) -> None:
         self.sequences = 0
         self.kv_tokens = 0.0
         self._running: dict[int, _Running] = {}
-        self._ends: list[tuple[float, int]] = []  # (-ends_s, key), stale entries dropped lazily
+        self._ends: list[tuple[float, int, int]] = []  # (-ends_s, entry, key)
+        self._entries = itertools.count()
 
     def add(self, key: int, sequences: int, kv_tokens: float, ends_s: float) -> None:
-        self._running[key] = _Running(sequences, kv_tokens, ends_s)
+        self.remove(key)
+        entry = next(self._entries)
+        self._running[key] = _Running(sequences, kv_tokens, ends_s, entry)
         self.sequences += sequences
         self.kv_tokens += kv_tokens
-        heapq.heappush(self._ends, (-ends_s, key))
+        heapq.heappush(self._ends, (-ends_s, entry, key))
+        if len(self._ends) > 2 * len(self._running) + 32:
+            self._ends = [(-r.ends_s, r.entry, k) for k, r in self._running.items()]
+            heapq.heapify(self._ends)
 
     def remove(self, key: int) -> None:
         running = self._running.pop(key, None)
@@ -75,15 +87,27 @@ class Occupancy:
             self.sequences -= running.sequences
             self.kv_tokens -= running.kv_tokens
 
+    def ends_s(self, key: int) -> float | None:
+        """When that request is predicted to end (None: it does not run here)."""
+        running = self._running.get(key)
+        return None if running is None else running.ends_s
+
     def busy_until_s(self) -> float | None:
         """When the last of them is predicted to end (None: none runs)."""
         ends = self._ends
-        while ends and ends[0][1] not in self._running:
+        while ends and not self._live(ends[0][1], ends[0][2]):
             heapq.heappop(ends)
         return -ends[0][0] if ends else None
 
+    def _live(self, entry: int, key: int) -> bool:
+        running = self._running.get(key)
+        return running is not None and running.entry == entry
+
     def __contains__(self, key: int) -> bool:
         return key in self._running
+
+    def __len__(self) -> int:
+        return len(self._running)
 
 
 class Replica:
@@ -111,14 +135,31 @@ class Replica:
     def inflight(self) -> int:
         return self.occupancy.sequences
 
+    def start(self, key: int, sequences: int, kv_tokens: float, ends_s: float) -> None:
+        """One of ecobatch's requests starts here."""
+        self._observe()
+        self.occupancy.add(key, sequences, kv_tokens, ends_s)
+
+    def finish(self, key: int) -> None:
+        """One of ecobatch's requests is done here (or moved away)."""
+        self._observe()
+        self.occupancy.remove(key)
+
     def other_running(self) -> int:
         """Requests other clients run on the engine: its running and waiting count beyond ecobatch's own
-        (as they stood when the engine's figures were read; 0 where the engine does not say)."""
-        headroom = self.engine.headroom()
-        if headroom is not self._polled:  # a fresh reading of the engine: what was ours then
-            self._polled, self._ours_at_poll = headroom, self.occupancy.sequences
+        as they stood when the engine's figures were read (0 where the engine does not say)."""
+        headroom = self._observe()
         engine = (headroom.running or 0) + (headroom.waiting or 0)
         return max(0, engine - self._ours_at_poll)
+
+    def _observe(self) -> Headroom:
+        """Note what was ours when the engine's latest figures were read. Ours changes only through
+        ``start`` and ``finish``, which look first: a reading not seen before was taken since the last
+        change, while ours was what it is now."""
+        headroom = self.engine.headroom()
+        if headroom is not self._polled:
+            self._polled, self._ours_at_poll = headroom, self.occupancy.sequences
+        return headroom
 
 
 @dataclass(frozen=True, slots=True)

@@ -372,16 +372,29 @@ def plan_releases(
     if held:
         holds.append(Hold("priority", held, None, "limit"))
     # 2. interactive, then 3. flex
-    queue = waiting.get("interactive", ())
-    if queue and blocked:
-        holds.append(Hold("interactive", len(queue), None, "limit"))
-    elif queue:
-        blocked = _interactive(now_s, queue, replicas, load, profile, settings, room, release, holds, wakes)
+    interactive = waiting.get("interactive", ())
+    saving_hold: Hold | None = None  # interactive held on an idle replica for a predicted saving
+    if interactive and blocked:
+        holds.append(Hold("interactive", len(interactive), None, "limit"))
+    elif interactive:
+        blocked = _interactive(
+            now_s, interactive, replicas, load, profile, settings, room, release, holds, wakes
+        )
+        if holds and holds[-1].tier == "interactive" and holds[-1].reason == "hold_saving":
+            saving_hold = holds[-1]
     queue = waiting.get("flex", ())
     if queue and blocked:
         holds.append(Hold("flex", len(queue), None, "limit"))
     elif queue:
+        flex_from = len(releases)
         _flex(now_s, queue, replicas, load, profile, settings, room, release, holds, wakes)
+        if saving_hold is not None and len(releases) > flex_from:
+            # a flex group goes this round: the replica the hold waited on may be busy now, and an
+            # interactive request joins a busy replica at once (decided again on the room left)
+            holds.remove(saving_hold)
+            if saving_hold.until_s is not None:
+                wakes.remove(saving_hold.until_s)
+            _interactive(now_s, interactive, replicas, load, profile, settings, room, release, holds, wakes)
     return Plan(tuple(releases), tuple(holds), min(wakes) if wakes else None)
 
 
@@ -488,12 +501,14 @@ def _engine_starts(
     """(free slots, sequences started a second when full) of the replicas that are up: a replica holds
     as many as its limit, at most its largest measured concurrency; each slot frees after the group's
     mean predicted length at that concurrency's per-sequence speed."""
-    size = profile.max_size
     up = [i for i, u in enumerate(room.up) if u] or list(range(len(room.up)))
-    free = sum(max(0, min(room.limits[i], size) - room.inflight[i]) for i in up)
     tokens = sum(r.output_tokens for r in queue) / max(sum(r.sequences for r in queue), 1)
-    per_replica = size * _rate_tok_s(profile, size, load.speed_factor) / max(tokens, 1.0)
-    return free, per_replica * len(up)
+    free, starts_per_s = 0, 0.0
+    for i in up:
+        full = max(1, min(room.limits[i], profile.max_size))  # what this replica runs when full
+        free += max(0, full - room.inflight[i])
+        starts_per_s += full * _rate_tok_s(profile, full, load.speed_factor) / max(tokens, 1.0)
+    return free, starts_per_s
 
 
 def _flex(

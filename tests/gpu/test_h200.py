@@ -43,7 +43,7 @@ async def test_hf_bnb_serves_openai_client_and_attributed_energy_adds_up(aiohttp
             "backend.model": MODEL,
             "backend.served_model_name": "mistral-7b",
             "backend.engine_args": {"dtype": DTYPE, "device": "cuda"},
-            "batching.max_batch_size": 32,
+            "batching.max_batch_sequences": 32,
             "energy.meter": "nvml",
             "energy.sample_interval_s": 0.1,
         },

@@ -190,3 +190,12 @@ def test_engine_args_that_are_not_a_json_object_are_refused_saying_why(
         main(["serve", "--engine-args", value])
     assert exited.value.code == 2
     assert f"argument --engine-args: {says}" in capsys.readouterr().err
+
+
+def test_the_old_max_batch_size_flag_is_refused_naming_the_three_that_replace_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--max-batch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    for flag in ("--max-batch-sequences", "--max-inflight-sequences", "--max-prompts-per-request"):
+        assert flag in err, err

@@ -44,6 +44,11 @@ def test_yaml_is_read_and_flags_override_it(tmp_path: Path) -> None:
             "batching:\n  flex_budget_ms: 50\n",
             r"batching.flex_budget_ms=50.0 must be >= batching.interactive",
         ),
+        ("batching:\n  flex_budget_ms: .inf\n", r"batching.flex_budget_ms=inf must be <= 3600000 \(an hour"),
+        (
+            "batching:\n  interactive_budget_ms: .nan\n",
+            r"batching.interactive_budget_ms=nan must be between 0",
+        ),
         ("batching:\n  tpot_slo_ms: 0\n", r"batching.tpot_slo_ms=0.0 must be > 0"),
         ("server:\n  max_prompts_per_request: 0\n", r"server.max_prompts_per_request=0 must be >= 1"),
         ("batching:\n  windw_ms: 3\n", r"batching.windw_ms is not a setting"),

@@ -6,6 +6,8 @@ frees with its own request; cancellation reaches the engine; every future is res
 from __future__ import annotations
 
 import asyncio
+import math
+from typing import Any
 
 import pytest
 
@@ -130,14 +132,46 @@ async def test_while_the_engine_is_busy_a_new_request_joins_at_once(
 async def test_another_clients_work_on_the_engine_counts_as_busy(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
+    """Under a load that would hold arrivals on an idle engine (as the first test shows), another
+    client's work running on it makes it busy: ours join at once."""
     engine = FakeContinuousEngine(instant=True)
-    engine.headroom_value = Headroom(running=3, waiting=0)  # vLLM's /metrics: 3 running, none ours
-    gate, _, _ = build_gate([engine], continuous_profile, clock)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, load_window_s=1.0)
     await gate.start()
+    await warm(gate, clock, engine)
+    engine.headroom_value = Headroom(running=3, waiting=0)  # vLLM's /metrics: 3 running, none ours
+    before = released(metrics, "interactive", "busy")
     pendings = [gate.submit(req(p, max_tokens=LONG)) for p in ("a", "b")]
     await settle()
     assert engine.started == ["a", "b"], "joining another client's running batch is nearly free too"
+    assert released(metrics, "interactive", "busy") == before + 2
     await asyncio.gather(*(p.future for p in pendings))
+    await gate.close(grace_s=0)
+
+
+async def test_a_first_token_later_than_the_budget_is_a_budget_miss(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Budgets are to the first token: a stream released at once whose first token comes 0.3 s after
+    its arrival missed its 100 ms budget; one whose first token comes in time did not."""
+    engine = FakeContinuousEngine()
+    gate, _, metrics = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    chunks: list[dict[str, Any]] = []
+    late = gate.submit(req("late", max_tokens=LONG), emit=chunks.append)
+    await settle()
+    assert engine.started == ["late"]
+    await clock.advance(0.3)
+    engine.finish("late")
+    await late.future
+    on_time = gate.submit(req("on-time", max_tokens=LONG), emit=chunks.append)
+    await settle()
+    engine.finish("on-time")
+    await on_time.future
+    assert len(chunks) == 2
+    misses = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
+    )
+    assert misses == 1
     await gate.close(grace_s=0)
 
 
@@ -228,6 +262,9 @@ async def test_at_most_the_limit_is_in_flight_and_each_slot_frees_when_its_own_r
 ) -> None:
     engine = FakeContinuousEngine()
     gate, ledgers, metrics = build_gate([engine], continuous_profile, clock, max_inflight_sequences=4)
+    _, _, unlimited_metrics = build_gate([FakeContinuousEngine()], continuous_profile, clock)
+    limit_of = unlimited_metrics.registry.get_sample_value  # type: ignore[attr-defined]
+    assert limit_of("ecobatch_inflight_limit_sequences", {"replica": "r0"}) == math.inf  # +Inf: none
     await gate.start()
     names = [f"r{i}" for i in range(16)]  # a burst of 4x the limit
     pendings = {n: gate.submit(req(n, max_tokens=LONG)) for n in names}
@@ -523,7 +560,7 @@ async def test_the_batching_view_says_why_each_request_was_released_or_held(
     assert [(h["tier"], h["reason"]) for h in view["holds"]] == [("flex", "gathering")]
     assert view["recent_decisions"][-1]["reason"] == "priority"
     assert view["replicas"][0]["limited_by"] == "none"
-    assert view["load"]["arrival_rate_per_s"]["flex"] >= 0
+    assert view["load"]["arrival_rate_per_s"]["flex"] > 0  # the one flex arrival in the window
     await gate.close(grace_s=0)
     with pytest.raises(ShuttingDown):
         await flex.future

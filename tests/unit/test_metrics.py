@@ -19,3 +19,9 @@ def test_the_model_gauges_move_to_the_engines_name_and_leave_none_behind() -> No
     assert registry.get_sample_value("ecobatch_queue_depth", flex) is None
     for name in ("ecobatch_inflight_sequences", "ecobatch_policy_batch_size"):
         assert registry.get_sample_value(name, {"model": "unknown"}) is None, name
+    for name in ("ecobatch_budget_misses_total", "ecobatch_queue_depth"):
+        assert registry.get_sample_value(name, flex) is None, name
+    assert (
+        registry.get_sample_value("ecobatch_budget_misses_total", {"model": "mistral-7b", "tier": "flex"})
+        == 0
+    )

@@ -94,6 +94,24 @@ def test_on_an_idle_replica_a_hold_that_pays_lasts_until_the_budget(
     assert result.wake_at_s == pytest.approx(budget_end)
 
 
+def test_a_flex_group_going_now_ends_the_interactive_hold_on_that_replica(
+    continuous_profile: EnergyProfile,
+) -> None:
+    """The same round releases a due flex group onto the idle replica the interactive request was to be
+    held on: that replica is busy now, so the interactive request joins it at once."""
+    waiting = W("interactive", 30.0, output_tokens=512)
+    due = W("flex", 0.0, output_tokens=512)
+    result = plan(
+        continuous_profile,
+        {"interactive": [waiting], "flex": [due]},
+        [idle()],
+        now_s=30.0,
+        load=LoadEstimate(40.0, (512,) * 6),  # alone, the interactive one would be held (test above)
+    )
+    assert [(r.request, r.reason) for r in result.releases] == [(due, "budget"), (waiting, "busy")]
+    assert result.holds == () and result.wake_at_s is None
+
+
 def test_at_its_budget_the_held_group_goes(continuous_profile: EnergyProfile) -> None:
     group = [W("interactive", 0.0, 512), W("interactive", 0.05, 512)]
     result = plan(continuous_profile, {"interactive": group}, [idle()], now_s=0.1)
@@ -193,6 +211,19 @@ def test_past_saturation_the_flex_group_goes_before_a_later_member_would_miss_it
     assert due_few == (30.0 - RELEASE_MARGIN_S, True)
 
 
+def test_a_replica_limited_below_its_curve_starts_a_flex_group_sooner(
+    continuous_profile: EnergyProfile,
+) -> None:
+    """The rate at which a full engine starts sequences is the rate at its limit, not at its largest
+    measured concurrency: 400 flex requests behind a limit of 8 must start long before the oldest
+    budget runs out, while without a limit they can still wait."""
+    group = [W("flex", i * 0.05, output_tokens=512) for i in range(400)]
+    unlimited = plan(continuous_profile, {"flex": group}, [idle()], now_s=20.0)
+    assert unlimited.releases == ()
+    limited = plan(continuous_profile, {"flex": group}, [idle(limit=8)], now_s=20.0)
+    assert [r.reason for r in limited.releases] == ["group_full"] * 8  # as many as the limit takes
+
+
 def test_a_flex_line_that_fills_half_the_queue_goes(continuous_profile: EnergyProfile) -> None:
     settings = ReleaseSettings(0.1, 30.0, 0.02, flex_queue_limit=4)
     group = [W("flex", 0.0) for _ in range(4)]
@@ -246,9 +277,14 @@ def test_pack_fills_the_fullest_replica_with_room_and_round_robin_alternates(
     replicas = [busy(inflight=1, limit=3), busy(inflight=0, limit=3)]
     packed = plan(continuous_profile, waiting, replicas)
     assert [r.replica for r in packed.releases] == [0, 0, 1]
-    spread = plan(
-        continuous_profile, waiting, replicas, settings=ReleaseSettings(0.1, 30.0, 0.05, 0.02, "round-robin")
+    round_robin = ReleaseSettings(
+        interactive_budget_s=0.1,
+        flex_budget_s=30.0,
+        min_saving_fraction=0.02,
+        flex_queue_limit=512,
+        routing="round-robin",
     )
+    spread = plan(continuous_profile, waiting, replicas, settings=round_robin)
     assert [r.replica for r in spread.releases] == [0, 1, 0]
 
 
