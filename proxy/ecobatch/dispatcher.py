@@ -33,6 +33,8 @@ __all__ = ["Dispatcher", "as_error"]
 
 #: how long a closing dispatcher waits for cancelled work to stop before answering its requests anyway
 STOP_WAIT_S = 1.0
+#: rounds in a row that fail at once before what waits in the queue is answered with the error
+LOOP_FAILURES_BEFORE_FAILING_QUEUE = 3
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +139,23 @@ class Dispatcher:
 
     # ---- for the two shapes --------------------------------------------------------------------
     async def _loop(self) -> None:
+        failed_in_a_row = 0
         while True:
+            started_s = self._clock.now()
             try:
                 await self._run()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let one bad round kill the loop
+            except Exception as exc:  # never let one bad round kill the loop
                 log.exception("dispatch loop failed; restarting it")
+                # failing again at once: a bug that every round meets. The queue would never move, so
+                # what waits in it is answered (500) rather than left to its client's time-out
+                failed_in_a_row = failed_in_a_row + 1 if self._clock.now() - started_s < 1.0 else 1
+                if failed_in_a_row >= LOOP_FAILURES_BEFORE_FAILING_QUEUE:
+                    self._admission.fail_queued(
+                        EcobatchError(f"ecobatch's dispatch loop fails on every round: {exc!r}")
+                    )
+                    failed_in_a_row = 0
                 await asyncio.sleep(0.01)
 
     async def _run(self) -> None:

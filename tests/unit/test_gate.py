@@ -564,3 +564,26 @@ async def test_the_batching_view_says_why_each_request_was_released_or_held(
     await gate.close(grace_s=0)
     with pytest.raises(ShuttingDown):
         await flex.future
+
+
+async def test_a_round_that_fails_every_time_answers_what_waits_instead_of_leaving_it(
+    continuous_profile: EnergyProfile, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that every round meets would leave the queue standing still: after three rounds in a row
+    fail at once, the waiting requests are answered with the error."""
+    import ecobatch.gate as gate_module
+    from ecobatch.errors import EcobatchError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the plan")
+
+    monkeypatch.setattr(gate_module, "plan_releases", broken)
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, _ = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    pending = gate.submit(req("a", max_tokens=LONG))
+    async with asyncio.timeout(5):
+        with pytest.raises(EcobatchError, match="dispatch loop fails on every round: RuntimeError"):
+            await pending.future
+    assert engine.started == []
+    await gate.close(grace_s=0)
