@@ -38,7 +38,7 @@ from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
 from .backends import create_static_engine
 from .backends.base import ContinuousEngine, StaticEngine
 from .clock import Clock, MonotonicClock
-from .config import BACKEND_SHAPES, BatchingSettings, Settings, build_section
+from .config import BACKEND_SHAPES, SHAPE_ONLY_SETTINGS, BatchingSettings, Settings, build_section
 from .dispatcher import Dispatcher
 from .domain import GenerationRequest, Tier
 from .energy.choose import MeterSpec, build_meter
@@ -298,7 +298,15 @@ async def _put_batching(request: web.Request) -> web.Response:
     changes = await _read_json(request)
     if not isinstance(changes, dict):
         raise BadRequest("the body must be a JSON object of batching settings")
-    merged = {**dataclasses.asdict(dispatcher.settings), **changes}
+    current = dataclasses.asdict(dispatcher.settings)
+    for key, value in changes.items():  # a change this engine would never read is refused, not ignored
+        only = SHAPE_ONLY_SETTINGS.get(key)
+        if only is not None and only != dispatcher.shape and value != current.get(key):
+            raise BadRequest(
+                f"batching.{key} applies to {only} engines; this one is {dispatcher.shape}",
+                param=f"batching.{key}",
+            )
+    merged = {**current, **changes}
     try:
         settings: BatchingSettings = build_section(BatchingSettings, merged, "batching")
     except ConfigError as exc:

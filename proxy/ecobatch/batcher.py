@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from .admission import Pending
-from .backends.base import StaticEngine
+from .backends.base import EngineShape, StaticEngine
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher, as_error
@@ -57,6 +57,8 @@ class _Demand:
 
 
 class StaticBatcher(Dispatcher):
+    shape: ClassVar[EngineShape] = "static"
+
     def __init__(
         self,
         engine: StaticEngine,

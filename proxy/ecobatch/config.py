@@ -54,6 +54,20 @@ DEFAULT_PROFILES: dict[str, Path] = {
 }
 
 
+#: batching settings that only one engine shape reads: set for the other, they would do nothing
+SHAPE_ONLY_SETTINGS: dict[str, str] = {
+    "window_min_ms": "static",
+    "window_max_ms": "static",
+    "max_batch_sequences": "static",
+    "slo_ms": "static",
+    "energy_tolerance": "static",
+    "interactive_budget_ms": "continuous",
+    "flex_budget_ms": "continuous",
+    "tpot_slo_ms": "continuous",
+    "max_inflight_sequences": "continuous",
+    "min_saving_fraction": "continuous",
+}
+
 #: the longest a tier's budget may be: a request waiting in the queue must have a bound (NaN and inf fail)
 MAX_BUDGET_MS = 3_600_000.0
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from .admission import Admission, Outcome, Pending
-from .backends.base import Emit, Job
+from .backends.base import Emit, EngineShape, Job
 from .clock import Clock, MonotonicClock
 from .config import BatchingSettings
 from .domain import TIERS, GenerationRequest, GenerationResult, Tier, Usage
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class Dispatcher:
+    #: which engines it drives: the settings that apply (config.SHAPE_ONLY_SETTINGS)
+    shape: ClassVar[EngineShape]
+
     def __init__(
         self,
         receipts: Receipts,

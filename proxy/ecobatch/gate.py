@@ -19,9 +19,10 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from .admission import Outcome, Pending
+from .backends.base import EngineShape
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 
 
 class ContinuousGate(Dispatcher):
+    shape: ClassVar[EngineShape] = "continuous"
+
     def __init__(
         self,
         pool: ReplicaPool,

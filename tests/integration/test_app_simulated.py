@@ -274,6 +274,12 @@ async def test_health_models_and_runtime_batching_settings(make_client: MakeClie
     assert (await resp.json())["error"]["param"] == "batching.window_max_ms"
     current = await (await client.get("/ecobatch/batching", headers=ADMIN)).json()
     assert current["settings"]["window_max_ms"] == 80
+    resp = await client.put("/ecobatch/batching", json={"interactive_budget_ms": 200}, headers=ADMIN)
+    assert resp.status == 400, "a setting only continuous engines read is refused, not ignored"
+    error = (await resp.json())["error"]
+    assert error["param"] == "batching.interactive_budget_ms" and "this one is static" in error["message"]
+    resp = await client.put("/ecobatch/batching", json=current["settings"], headers=ADMIN)
+    assert resp.status == 200, "every setting as it stands can be put back (nothing changes)"
 
 
 async def test_the_official_openai_client_works_unchanged(aiohttp_server: Any) -> None:
