@@ -94,7 +94,7 @@ class FakeStaticEngine(_Base):
                     out.append(BadRequest("bad prompt", param="prompt"))
                     continue
                 result = answer(job.request)
-                job.progress(result.usage.completion_tokens)
+                job.generated(result.usage.completion_tokens)
                 out.append(result)
             return out
         except asyncio.CancelledError:
@@ -141,7 +141,7 @@ class FakeContinuousEngine(_Base):
             result = answer(job.request)
             if job.emit is not None:  # a stream: its one chunk comes when it finishes
                 job.emit({"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
-            job.progress(result.usage.completion_tokens)
+            job.generated(result.usage.completion_tokens)
             return result
         except asyncio.CancelledError:
             self.aborted.append(prompt)
@@ -199,7 +199,7 @@ class BurningGpu:
 
         from ecobatch.energy.gpu import GpuFacts
 
-        self.facts = GpuFacts(index, "Burning Fake GPU", 80 * 2**30, "test", 700.0)
+        self.facts = GpuFacts(index, "Burning Fake GPU", "test", 700.0)
         self.power_w = power_w
         self._clock = time.monotonic
         self._t0 = self._clock()

@@ -48,15 +48,12 @@ from .errors import (
     ConfigError,
     EcobatchError,
     NotFound,
-    NotReady,
-    Overloaded,
-    ShuttingDown,
-    UpstreamDown,
+    Retryable,
 )
 from .openai_api import SERVICE_TIER_NAMES, models_response, parse_chat, parse_completion
 from .pool import MeterFactory, PoolHealth, ReplicaPool, build_pool
 from .profile import EnergyProfile, load_profile
-from .runtime import Engine, Runtime
+from .runtime import Backend, Runtime
 
 __all__ = ["RUNTIME", "create_app", "metrics_app"]
 
@@ -71,7 +68,7 @@ BRING_UP = web.AppKey("bring_up", asyncio.Task)
 
 def _error_response(exc: EcobatchError) -> web.Response:
     headers = {}
-    if isinstance(exc, Overloaded | NotReady | UpstreamDown | ShuttingDown):
+    if isinstance(exc, Retryable):
         headers["Retry-After"] = str(max(1, int(exc.retry_after_s)))
     return web.json_response(exc.to_body(), status=exc.status, headers=headers)
 
@@ -362,7 +359,7 @@ def create_app(
     keys = load_keys(settings.server)
     clock = clock or MonotonicClock()
     meter_factory = meter_factory or _default_meter
-    served: Engine
+    served: Backend
     meters: list[Meter]
     if isinstance(engine, StaticEngine):
         served, meters = engine, [meter_factory(MeterSpec(settings), profile, clock)]

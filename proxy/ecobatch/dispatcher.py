@@ -215,7 +215,7 @@ class Dispatcher:
     def _job(self, pending: Pending, ledger: Ledger, emit: Emit | None = None) -> tuple[Span, Job]:
         """The request's energy span, on the ledger of the GPUs that run it, and its engine job."""
         span = ledger.begin(pending.request.id, pending.sequences, tier=pending.tier)
-        job = Job(pending.request, emit or pending.emit, span.progress, pending.future.cancelled)
+        job = Job(pending.request, emit or pending.emit, span.generated, pending.future.cancelled)
         return span, job
 
     def _timeout(self) -> BackendTimeout:

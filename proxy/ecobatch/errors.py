@@ -28,6 +28,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Overloaded",
+    "Retryable",
     "ShuttingDown",
     "UpstreamDown",
 ]
@@ -80,14 +81,21 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class Overloaded(EcobatchError):
+class Retryable(EcobatchError):
+    """An error the client may retry: ``retry_after_s`` goes out as the Retry-After header."""
+
+    retry_after_s: float = 5.0
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+class Overloaded(Retryable):
     status = 429
     error_type = "rate_limit_exceeded"
     code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class BackendFailed(EcobatchError):
@@ -104,28 +112,21 @@ class BackendTimeout(EcobatchError):
     error_type = "upstream_timeout"
 
 
-class ShuttingDown(EcobatchError):
+class ShuttingDown(Retryable):
+    """Another replica, or this one once restarted."""
+
     status = 503
     error_type = "service_unavailable"
     code = "shutting_down"
-    retry_after_s = 5.0  # another replica, or this one once restarted
 
 
-class NotReady(EcobatchError):
+class NotReady(Retryable):
     status = 503
     error_type = "service_unavailable"
     code = "not_ready"
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
-
-class UpstreamDown(EcobatchError):
+class UpstreamDown(Retryable):
     status = 503
     error_type = "service_unavailable"
     code = "upstream_down"
-
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s

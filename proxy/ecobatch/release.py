@@ -7,9 +7,10 @@ to which replica, and why; and when to look again. Nothing here reads a clock, a
 gate (``gate``) and the engine model of ``tune`` (``tune.sim``) call the same function with their
 own state.
 
-The physics it respects (measured on an H200 with vLLM, Mistral-7B shape; see the README): on a
-continuous engine joules per token fall monotonically with concurrency and power is concave in it
-(~122 W idle, ~494 W with one sequence, ~663 W with 64), so the energy is in **busy time**, not in steps.
+The physics it respects (measured on an H200 with vLLM, Mistral-7B shape: the profiles in
+``configs/profiles/``, the comparisons in ``benchmarks/results/``): on a continuous engine joules per
+token fall monotonically with concurrency and power is concave in it, so the energy is in **busy
+time**, not in steps.
 An in-flight cap below what the load needs is never an energy lever. The lever is time:
 
 * **priority** requests are never held: they go first, at once;

@@ -32,12 +32,12 @@ from .metrics import Metrics
 from .pool import ReplicaPool
 from .profile import EnergyProfile
 
-__all__ = ["Engine", "Runtime", "State"]
+__all__ = ["Backend", "Runtime", "State"]
 
 log = logging.getLogger(__name__)
 State = Literal["starting", "ready", "draining", "stopped", "failed"]
-#: what the app runs requests on: a static engine, or the replicas of a continuous one
-Engine = StaticEngine | ReplicaPool
+#: what the app runs requests on (``backend.*``): a static engine, or the replicas of a continuous one
+Backend = StaticEngine | ReplicaPool
 _PROGRESS_EVERY_S = 5.0
 
 
@@ -47,7 +47,7 @@ class Runtime:
         settings: Settings,
         registry: CollectorRegistry,
         profile: EnergyProfile,
-        engine: Engine,
+        engine: Backend,
         meters: list[Meter],
         clock: Clock,
     ) -> None:

@@ -6,8 +6,9 @@
    if it is not ready within ``backend.startup_timeout_s``: one line, exit code 1.
 3. On SIGTERM or SIGINT: **drain**. The socket stays open and new requests get 503 with
    ``Retry-After``; queued and in-flight requests get ``server.shutdown_grace_s`` to finish, the rest are
-   answered 503. Then the meter and the engine close. The process is gone within grace + 2 s even if
-   the engine is stuck (the caller exits hard when ``stuck`` comes back true).
+   answered 503. Then the meter and the engine close. The process is gone within grace + 3 s even if
+   the engine is stuck (``_DRAIN_EXTRA_S`` past the grace for the drain to end, ``_CLEANUP_S`` for the
+   engine and the meter to close; the caller exits hard when ``stuck`` comes back true).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from .app import BRING_UP, RUNTIME, create_app, metrics_app
 from .config import Settings
 from .errors import ConfigError
 
-__all__ = ["ApiRunner", "Exit", "StartupError", "serve"]
+__all__ = ["EXIT_AFTER_GRACE_S", "ApiRunner", "Exit", "StartupError", "serve"]
 
 log = logging.getLogger(__name__)
 _CLEANUP_S = 2.0
+_DRAIN_EXTRA_S = 1.0
+#: after SIGTERM the process is gone within server.shutdown_grace_s plus this, even with a stuck engine
+EXIT_AFTER_GRACE_S = _DRAIN_EXTRA_S + _CLEANUP_S
 
 
 class StartupError(Exception):
@@ -159,7 +163,7 @@ async def serve(settings: Settings) -> Exit:
     stuck = False
     grace = server.shutdown_grace_s
     try:
-        await asyncio.wait_for(runtime.drain(grace), timeout=grace + 1.0)
+        await asyncio.wait_for(runtime.drain(grace), timeout=grace + _DRAIN_EXTRA_S)
     except TimeoutError:
         log.error("the drain did not end within the grace (%.0f s): stopping anyway", grace)
         stuck = True

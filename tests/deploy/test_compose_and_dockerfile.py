@@ -46,6 +46,7 @@ from ecobatch.cli import _serve_parser, settings_from_args
 from ecobatch.config import BACKEND_SHAPES, Settings, load_settings
 from ecobatch.energy.dcgm import DCGM_ENERGY_METRIC, DCGM_POWER_LIMIT_METRIC, DCGM_POWER_METRIC
 from ecobatch.profile import load_profile
+from ecobatch.server import EXIT_AFTER_GRACE_S
 from ecobatch.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -597,7 +598,7 @@ def test_ecobatch_services_build_the_repositorys_dockerfile_and_wait_out_the_dra
     assert set(extras_named(build["args"]["EXTRAS"])) <= set(pyproject()["project"]["optional-dependencies"])
     grace = container_config(service).server.shutdown_grace_s
     stop = svc["stop_grace_period"]
-    assert stop.endswith("s") and float(stop[:-1]) >= grace + 2, "ecobatch exits within its grace + 2 s"
+    assert stop.endswith("s") and float(stop[:-1]) >= grace + EXIT_AFTER_GRACE_S, "it waits out the drain"
 
 
 # ---- compose.yaml: Prometheus and Grafana ----------------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from ecobatch.config import Settings, load_settings
+from ecobatch.server import EXIT_AFTER_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -587,7 +588,7 @@ def test_ecobatch_runs_as_non_root_without_a_gpu_within_its_resources(shape: str
 
 
 def test_sidecar_vllm_outlives_ecobatchs_drain_and_the_pod_outlives_both(tmp_path: Path) -> None:
-    drain_s = settings("sidecar", tmp_path).server.shutdown_grace_s + 2  # README: exits within grace + 2 s
+    drain_s = settings("sidecar", tmp_path).server.shutdown_grace_s + EXIT_AFTER_GRACE_S
     ((template, vllm),) = containers(build("sidecar"), "vllm")
     sleep, seconds = vllm["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep == "sleep" and float(seconds) > drain_s
@@ -595,7 +596,7 @@ def test_sidecar_vllm_outlives_ecobatchs_drain_and_the_pod_outlives_both(tmp_pat
 
 
 def test_separate_ecobatch_pod_outlives_its_drain(tmp_path: Path) -> None:
-    drain_s = settings("separate", tmp_path).server.shutdown_grace_s + 2
+    drain_s = settings("separate", tmp_path).server.shutdown_grace_s + EXIT_AFTER_GRACE_S
     ((template, _),) = containers(build("separate"), "ecobatch")
     assert template["spec"]["terminationGracePeriodSeconds"] > drain_s
 

@@ -208,7 +208,7 @@ async def test_a_client_that_leaves_mid_batch_stops_only_its_own_sequence(backen
             gone.set()
 
     left, stayed = await backend.run_batch(
-        [Job(leaving, progress=progress, cancelled=gone.is_set), Job(staying)]
+        [Job(leaving, generated=progress, cancelled=gone.is_set), Job(staying)]
     )
     assert isinstance(left, GenerationResult) and isinstance(stayed, GenerationResult)
     assert left.body is not None and left.body["choices"][0]["finish_reason"] == "abort"

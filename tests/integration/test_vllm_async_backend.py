@@ -94,7 +94,7 @@ async def test_a_cancelled_call_aborts_every_sequence() -> None:
         if len(tokens) >= 4:
             decoding.set()
 
-    task = asyncio.create_task(backend_with(engine).generate(Job(request, progress=progress)))
+    task = asyncio.create_task(backend_with(engine).generate(Job(request, generated=progress)))
     async with asyncio.timeout(5):  # both sequences are decoding
         await decoding.wait()
     task.cancel()

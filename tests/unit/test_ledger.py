@@ -56,7 +56,7 @@ async def test_equal_work_gets_equal_joules_whatever_else_is_in_flight() -> None
             if tick == start:
                 spans[name] = ledger.begin(name)
             elif span is not None and start < tick < end:
-                span.progress(per_tick)  # type: ignore[attr-defined]
+                span.generated(per_tick)  # type: ignore[attr-defined]
                 work = per_tick + (0.5 * 10 if tick == start + 1 else 0.0)  # the 10-token prefill first
                 energy += joules_per_token * work
                 expected[name] += joules_per_token * work
@@ -109,7 +109,7 @@ async def test_overlapping_requests_conserve_the_counter_with_failures_and_idle(
         for span in list(open_spans):
             roll = rng.random()
             if roll < 0.3:
-                span.progress(rng.randrange(1, 5))
+                span.generated(rng.randrange(1, 5))
             elif roll < 0.36:
                 outcome = rng.choice(["ok", "failed", "left"])
                 usage = Usage(rng.randrange(50), rng.randrange(200)) if outcome != "failed" else None
@@ -140,7 +140,7 @@ async def test_a_failed_request_leaves_no_open_span_and_idle_keeps_counting() ->
     ledger = ledger_on(clock, idle_power_w=100.0)
     settled, _ = collect(ledger)
     span = ledger.begin("fails")
-    span.progress(3)
+    span.generated(3)
     await clock.advance(0.5)
     span.end(None, delivered=False)  # the engine failed: usage unknown
     span.end(Usage(1, 1))  # a second end (a finally block) changes nothing

@@ -41,7 +41,7 @@ async def overlapping_traffic(
             spans.append(meter.ledger.begin(f"r{step}"))
         for span in list(spans):
             if rng.random() < 0.5:
-                span.progress(1)
+                span.generated(1)
             if rng.random() < 0.05:
                 span.end(Usage(rng.randrange(100), rng.randrange(1, 300)) if rng.random() < 0.8 else None)
                 spans.remove(span)

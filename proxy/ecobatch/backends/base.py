@@ -13,7 +13,7 @@ Both share ``prepare``: validate a request against the engine's limits (context 
 it, off the event loop, before it is queued, so a request that cannot run is answered 400 at once and
 never joins, or delays, a batch.
 
-A ``Job`` carries a request with its callbacks: ``emit`` (stream chunks), ``progress`` (n generated
+A ``Job`` carries a request with its callbacks: ``emit`` (stream chunks), ``generated`` (n generated
 tokens came out now: the energy ledger's clock of the request's work) and ``cancelled`` (its client
 has gone: stop its work at the next chance).
 """
@@ -72,7 +72,7 @@ class EngineHealth:
 UP = EngineHealth("up")
 
 
-def _ignore_progress(tokens: int) -> None:
+def _ignore_tokens(tokens: int) -> None:
     return None
 
 
@@ -84,7 +84,7 @@ def _never() -> bool:
 class Job:
     request: GenerationRequest
     emit: Emit | None = None
-    progress: Callable[[int], None] = field(default=_ignore_progress)
+    generated: Callable[[int], None] = field(default=_ignore_tokens)
     cancelled: Callable[[], bool] = field(default=_never)
 
 

@@ -18,9 +18,9 @@ really stopped. Tokenization and chat templates run in their own worker thread, 
 (``prepare``), where each request is checked against the model's context; the batcher only groups
 requests whose longest prompt plus largest ``max_tokens`` fit it (``batch_fits``).
 
-cuDNN's SDPA builds a plan on first sight of each KV length, which made first runs 2–3× slower on
-the H200 (measured by the ecobatch developers); it is disabled by default (``cudnn_sdpa: false``) so
-every run is warm.
+cuDNN's SDPA builds a plan on first sight of each KV length, which made first runs slower on the H200
+(``benchmarks/results/README.md``); it is disabled by default (``cudnn_sdpa: false``) so every run is
+warm.
 """
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ class HfBnbBackend:
         specs = []
 
         def on_token() -> None:
-            loop.call_soon_threadsafe(job.progress, 1)
+            loop.call_soon_threadsafe(job.generated, 1)
 
         for index, ids in enumerate(prompts):
             output.prompt_tokens[index] = len(ids)

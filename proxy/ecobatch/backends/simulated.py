@@ -76,7 +76,7 @@ class _Sequence:
         word = self.words.next()
         text = word if self.generated == 0 else " " + word
         self.generated += 1
-        self.output.job.progress(1)
+        self.output.job.generated(1)
         request = self.output.job.request
         current = self.output.texts[self.index] + text
         for stop in request.stop:
@@ -93,7 +93,7 @@ class _Sequence:
         """All tokens at once (instant time, nobody streaming, no stop string): the same text as stepping."""
         words = [self.words.next() for _ in range(self.max_tokens)]
         self.generated = self.max_tokens
-        self.output.job.progress(self.max_tokens)
+        self.output.job.generated(self.max_tokens)
         self._finish(" ".join(words), "length")
 
     def _finish(self, text: str, reason: str) -> None:

@@ -199,7 +199,7 @@ class VllmAsyncBackend:
                     completion = out.outputs[0]
                     tokens = len(completion.token_ids)
                     output.completion_tokens[index] += tokens
-                    output.job.progress(tokens)
+                    output.job.generated(tokens)
                     finished = out.finished
                     output.add(index, completion.text, completion.finish_reason if finished else None)
         finally:

@@ -309,7 +309,7 @@ async def _relay(lines: AsyncIterable[bytes], job: Job, served_model: str) -> Us
             raise BackendFailed(f"the upstream stream sent a non-object: {payload[:200]!r}")
         if "error" in chunk:
             raise _upstream_error(502, json.dumps(chunk))
-        job.progress(_generated_pieces(chunk))
+        job.generated(_generated_pieces(chunk))
         if chunk.get("usage"):
             usage = _usage(chunk["usage"])
             if not request.include_usage:

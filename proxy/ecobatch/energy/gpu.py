@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 class GpuFacts:
     index: int
     name: str
-    memory_total_bytes: int
     driver: str
     power_limit_w: float | None
 
@@ -61,7 +60,6 @@ class NvmlGpu:
         self.facts = GpuFacts(
             index=index,
             name=name.decode() if isinstance(name, bytes) else str(name),
-            memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(self._handle).total),
             driver=driver.decode() if isinstance(driver, bytes) else str(driver),
             power_limit_w=limit_w,
         )
@@ -87,7 +85,7 @@ class FakeGpu:
     """A scripted GPU: tests set ``energy_mj`` / ``power`` and advance them."""
 
     def __init__(self, index: int = 0, *, energy_mj: int | None = 0, power_w: float = 100.0) -> None:
-        self.facts = GpuFacts(index, "Fake GPU", 80 * 2**30, "test", 700.0)
+        self.facts = GpuFacts(index, "Fake GPU", "test", 700.0)
         self.energy_mj = energy_mj
         self.power_w = power_w
         self.util_pct = 0.0

@@ -1,7 +1,7 @@
 """The energy ledger: splits each metered interval's joules among the requests in flight in it.
 
 Off the request path: dispatchers report "request started / made progress / ended" (``begin``,
-``Span.progress``, ``Span.end``) and the meter reports intervals of the energy counter
+``Span.generated``, ``Span.end``) and the meter reports intervals of the energy counter
 (``add_interval``). Nothing here awaits anything, and a response never waits for the ledger.
 
 Attribution rule, for one interval [t0, t1) holding ``joules``:
@@ -182,7 +182,7 @@ class Span:
         """Where its ledger's joules come from (``nvml``, ``dcgm``, ``model``)."""
         return self._ledger.source
 
-    def progress(self, tokens: int) -> None:
+    def generated(self, tokens: int) -> None:
         """``tokens`` generated tokens came out now."""
         if self._record.end_s is None and tokens > 0:
             self._record.events.append((self._ledger.clock.now(), tokens))
@@ -198,12 +198,8 @@ class Span:
         self._ledger._abandon(self._record)
 
     @property
-    def ended(self) -> bool:
-        return self._record.end_s is not None
-
-    @property
     def tokens_seen(self) -> int:
-        """Generated tokens reported by ``progress`` so far (a stream's chunks)."""
+        """Generated tokens reported by ``generated`` so far (a stream's chunks)."""
         return sum(n for _, n in self._record.events)
 
 

@@ -24,6 +24,3 @@ class ProfileModel:
         if generated_tokens <= 0:
             return 0.0
         return self.profile.at(max(concurrency, 1.0)).joules_per_token * generated_tokens
-
-    def joules_per_token(self, concurrency: float) -> float:
-        return self.profile.at(max(concurrency, 1.0)).joules_per_token

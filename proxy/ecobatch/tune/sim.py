@@ -196,10 +196,10 @@ def simulate_continuous(
     engine_max = max_num_seqs or profile.max_size
     queues: dict[Tier, deque[_Waiting]] = {t: deque() for t in TIERS}
     fifo: deque[_Waiting] = deque()  # the reference policies see one line
-    running: list[tuple[float, int, float]] = []  # heap of (progress at which it ends, index, arrival)
+    running: list[tuple[float, int, float]] = []  # heap of (tokens decoded when it ends, index, arrival)
     engine_queue: deque[_Waiting] = deque()  # released, waiting for one of the engine's slots
-    max_end = 0.0  # the progress at which the last running request ends
-    progress = 0.0  # tokens every running sequence has decoded since t = 0 (they all decode alike)
+    max_end = 0.0  # tokens decoded when the last running request ends
+    decoded = 0.0  # tokens every running sequence has decoded since t = 0 (they all decode alike)
     latencies: list[float] = [math.nan] * len(arrivals)
     waits: list[float] = [math.nan] * len(arrivals)
     starts: list[float] = [math.nan] * len(arrivals)
@@ -219,7 +219,7 @@ def simulate_continuous(
     def run(w: _Waiting) -> None:
         nonlocal max_end
         starts[w.index] = now - w.arrival_s
-        end = progress + w.actual_tokens
+        end = decoded + w.actual_tokens
         max_end = max(max_end, end) if running else end
         heapq.heappush(running, (end, w.index, w.arrival_s))
 
@@ -251,7 +251,7 @@ def simulate_continuous(
             tpot_slo_s=None if s.tpot_slo_ms is None else s.tpot_slo_ms / 1000.0,
             max_inflight=s.max_inflight_sequences,
         )
-        busy_until = now + (max_end - progress) / rate(len(running)) if running else None
+        busy_until = now + (max_end - decoded) / rate(len(running)) if running else None
         state = ReplicaState(up=True, inflight=c, other_running=0, busy_until_s=busy_until, limit=limit)
         settings = ReleaseSettings.of(s, idle_power_w=idle_w)
         decided = plan_releases(now, queues, [state], estimate, profile, settings)
@@ -269,7 +269,7 @@ def simulate_continuous(
         if i < n:
             candidates.append(arrivals[i].at_s)
         if running:
-            candidates.append(now + (running[0][0] - progress) / per_seq_tps)
+            candidates.append(now + (running[0][0] - decoded) / per_seq_tps)
         if wake is not None and wake > now:
             candidates.append(wake)
         if not candidates:  # held with nothing to wait for: a bug in a policy, not a hang
@@ -281,9 +281,9 @@ def simulate_continuous(
         joules += (profile.at(c).power_w if c else idle_w) * dt
         busy_s += dt if c else 0.0
         sequence_seconds += c * dt
-        progress += per_seq_tps * dt
+        decoded += per_seq_tps * dt
         now = t_next
-        while running and running[0][0] <= progress + 1e-9:
+        while running and running[0][0] <= decoded + 1e-9:
             _, index, arrived = heapq.heappop(running)
             latencies[index] = now - arrived
             if engine_queue:  # a slot freed: the engine's own queue moves
