@@ -332,6 +332,21 @@ class _Room:
         self.last = index
 
 
+@dataclass(slots=True)
+class _Round:
+    """One call of ``plan_releases``: what each tier's rule reads, and what it adds to the plan."""
+
+    now_s: float
+    replicas: Sequence[ReplicaState]
+    load: LoadEstimate
+    profile: EnergyProfile
+    settings: ReleaseSettings
+    room: _Room
+    release: _ReleaseFn
+    holds: list[Hold]
+    wakes: list[float]
+
+
 def plan_releases(
     now_s: float,
     waiting: Mapping[Tier, Sequence[Waiting]],
@@ -373,14 +388,13 @@ def plan_releases(
     if held:
         holds.append(Hold("priority", held, None, "limit"))
     # 2. interactive, then 3. flex
+    this_round = _Round(now_s, replicas, load, profile, settings, room, release, holds, wakes)
     interactive = waiting.get("interactive", ())
     saving_hold: Hold | None = None  # interactive held on an idle replica for a predicted saving
     if interactive and blocked:
         holds.append(Hold("interactive", len(interactive), None, "limit"))
     elif interactive:
-        blocked = _interactive(
-            now_s, interactive, replicas, load, profile, settings, room, release, holds, wakes
-        )
+        blocked = _interactive(this_round, interactive)
         if holds and holds[-1].tier == "interactive" and holds[-1].reason == "hold_saving":
             saving_hold = holds[-1]
     queue = waiting.get("flex", ())
@@ -388,14 +402,14 @@ def plan_releases(
         holds.append(Hold("flex", len(queue), None, "limit"))
     elif queue:
         flex_from = len(releases)
-        _flex(now_s, queue, replicas, load, profile, settings, room, release, holds, wakes)
+        _flex(this_round, queue)
         if saving_hold is not None and len(releases) > flex_from:
             # a flex group goes this round: the replica the hold waited on may be busy now, and an
             # interactive request joins a busy replica at once (decided again on the room left)
             holds.remove(saving_hold)
             if saving_hold.until_s is not None:
                 wakes.remove(saving_hold.until_s)
-            _interactive(now_s, interactive, replicas, load, profile, settings, room, release, holds, wakes)
+            _interactive(this_round, interactive)
     return Plan(tuple(releases), tuple(holds), min(wakes) if wakes else None)
 
 
@@ -412,19 +426,10 @@ def _service_s(profile: EnergyProfile, tokens: float, concurrency: float, load: 
     return tokens / _rate_tok_s(profile, concurrency, load.speed_factor)
 
 
-def _interactive(
-    now_s: float,
-    queue: Sequence[Waiting],
-    replicas: Sequence[ReplicaState],
-    load: LoadEstimate,
-    profile: EnergyProfile,
-    settings: ReleaseSettings,
-    room: _Room,
-    release: _ReleaseFn,
-    holds: list[Hold],
-    wakes: list[float],
-) -> bool:
+def _interactive(r: _Round, queue: Sequence[Waiting]) -> bool:
     """Release or hold the interactive queue; True when a request past its budget found no room."""
+    now_s, replicas, load, profile, settings = r.now_s, r.replicas, r.load, r.profile, r.settings
+    room, release, holds, wakes = r.room, r.release, r.holds, r.wakes
     # Where would the head go, and is that replica busy? (pack routing: the fullest replica with room)
     head_index = room.choose(queue[0], settings.routing)
     idle_target = head_index is not None and not replicas[head_index].busy and room.inflight[head_index] == 0
@@ -512,20 +517,11 @@ def _engine_starts(
     return free, starts_per_s
 
 
-def _flex(
-    now_s: float,
-    queue: Sequence[Waiting],
-    replicas: Sequence[ReplicaState],
-    load: LoadEstimate,
-    profile: EnergyProfile,
-    settings: ReleaseSettings,
-    room: _Room,
-    release: _ReleaseFn,
-    holds: list[Hold],
-    wakes: list[float],
-) -> None:
+def _flex(r: _Round, queue: Sequence[Waiting]) -> None:
     """Gather the flex line; release it together when it is due (or when it fills half the queue); let
     a request that adds no busy time join a running batch."""
+    now_s, replicas, load, profile, settings = r.now_s, r.replicas, r.load, r.profile, r.settings
+    room, release, holds, wakes = r.room, r.release, r.holds, r.wakes
     free, starts_per_s = _engine_starts(profile, queue, load, room)
     due_s, oldest_sets_it = group_due_s(queue, settings, load, free_slots=free, starts_per_s=starts_per_s)
     reason: Reason | None = None
