@@ -258,6 +258,12 @@ async def _health(request: web.Request) -> web.Response:
         "backend": runtime.engine.name,
         "engine_shape": runtime.engine.shape,
         "model": runtime.engine.model,
+        # the simulated engine's clock: 1 is real time
+        **(
+            {"sim_time_scale": runtime.settings.backend.sim_time_scale}
+            if runtime.engine.name == "simulated"
+            else {}
+        ),
         "energy_source": meter.source if meter else None,
         "energy_counter_readable": all(m.readable for m in runtime.meters) if meter else None,
         "profile": {

@@ -138,7 +138,7 @@ def test_tune_live_refuses_a_wrong_admin_key_and_a_profile_of_the_other_engine_s
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("ECOBATCH_ADMIN_KEYS", "sk-admin")
-    url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
+    url = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 1.0})))  # real time
     common = ["--duration", "5", "--seeds", "1", "--output-tokens", "2", "--slo-p99-s", "60",
               "--windows-ms", "100", "--sizes", "4", "--budgets-ms", "100", "--live", url]  # fmt: skip
     static = str(PROFILES / "a800-mistral7b-int8-reference.yaml")
@@ -149,6 +149,11 @@ def test_tune_live_refuses_a_wrong_admin_key_and_a_profile_of_the_other_engine_s
     assert main(["tune", "--profile", continuous, *common, "--admin-key", "sk-admin"]) == 2
     err = capsys.readouterr().err
     assert "runs a static engine" in err and "is continuous" in err
+    fast = serve_in_thread(create_app(load_settings(None, {"backend.sim_time_scale": 0.05})))
+    common[-1] = fast
+    assert main(["tune", "--profile", static, *common, "--admin-key", "sk-admin"]) == 2
+    err = capsys.readouterr().err
+    assert "runs at --sim-time-scale 0.05, not in real time" in err, err
 
 
 def test_bench_against_nothing_listening_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,3 +204,15 @@ def test_the_old_max_batch_size_flag_is_refused_naming_the_three_that_replace_it
     err = capsys.readouterr().err
     for flag in ("--max-batch-sequences", "--max-inflight-sequences", "--max-prompts-per-request"):
         assert flag in err, err
+
+
+def test_a_multiple_of_a_baseline_that_cannot_keep_up_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """One request at a time on the A800 seed profile cannot serve 4 req/s of 256-token answers: its p99
+    grows with the run, so "1.5 x the baseline" would be an SLO of hours."""
+    static = str(PROFILES / "a800-mistral7b-int8-reference.yaml")
+    code = main(
+        ["tune", "--profile", static, "--rate", "4", "--duration", "60", "--seeds", "1",
+         "--output-tokens", "256", "--slo-p99-x-baseline", "1.5", "--windows-ms", "100", "--sizes", "4"]
+    )  # fmt: skip
+    assert code == 2
+    assert "the baseline cannot keep up with this load" in capsys.readouterr().err

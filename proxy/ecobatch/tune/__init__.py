@@ -304,6 +304,13 @@ def run_cli(args: argparse.Namespace) -> int:
         sizes=_sizes(args.sizes, profile),
     )
     if args.slo_p99_s is None:
+        span_s = max((w[-1].at_s for w in workloads if w), default=0.0)
+        if baseline.p99_s > span_s:  # it fell further behind all along: its p99 is the run's length
+            raise ValueError(
+                f"--slo-p99-x-baseline: the baseline cannot keep up with this load (its modelled p99, "
+                f"{baseline.p99_s:.0f} s, outgrows the {span_s:.0f} s of traffic), so a multiple of it "
+                "means nothing: give --slo-p99-s"
+            )
         args.slo_p99_s = args.slo_p99_x_baseline * baseline.p99_s
         print(
             f"p99 SLO: {args.slo_p99_x_baseline:g} x the baseline's {baseline.p99_s:.2f} s "
@@ -372,6 +379,12 @@ def _check_same_engine(url: str, health: Any, profile: EnergyProfile) -> None:
     """Refuse to measure a proxy whose engine is not the kind the model ran (a static recommendation on
     a continuous engine, or the reverse, compares nothing); warn when the profiles differ."""
     health = health if isinstance(health, dict) else {}
+    scale = health.get("sim_time_scale")
+    if scale is not None and scale != 1.0:
+        raise ValueError(
+            f"--live {url}: that proxy's simulated engine runs at --sim-time-scale {scale:g}, not in real "
+            "time, so its latencies and the model's would not compare: start it at --sim-time-scale 1"
+        )
     shape = health.get("engine_shape")
     if shape is not None and shape != profile.kind:
         raise ValueError(
