@@ -1,8 +1,8 @@
 """Which vLLM replica runs the next request: a pure rule, and the per-replica state it reads.
 
-Power is concave in concurrency (the measured curves are in ``configs/profiles/``; the README quotes
-them), so two requests decoding together on one GPU cost far fewer joules than the same two on two
-GPUs. With several replicas ecobatch therefore **packs**:
+Power is concave in concurrency (the measured curves are in ``configs/profiles/``, quoted in
+``docs/how-it-decides.md``), so two requests decoding together on one GPU cost far fewer joules than
+the same two on two GPUs. With several replicas ecobatch therefore **packs**:
 
 * a replica takes sequences up to its **limit**, a safety limit and never an energy choice (the
   measured J/token falls with concurrency all the way to saturation): what its KV cache can hold,

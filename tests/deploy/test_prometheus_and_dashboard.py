@@ -1,7 +1,7 @@
 """Prometheus and Grafana for ecobatch (``deploy/prometheus``, ``deploy/grafana``).
 
 The configs and rules pass promtool; every alert fires and stays silent as its promtool unit tests say;
-a real Prometheus scraping a running ecobatch answers every query that the README, the rules and the
+a real Prometheus scraping a running ecobatch answers every query that the metrics doc, the rules and the
 dashboard make; and every metric they name is one that ecobatch, vLLM or dcgm-exporter exports.
 """
 
@@ -41,7 +41,7 @@ GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "ecobatch.json"
 DATASOURCE = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDER = GRAFANA_DIR / "provisioning" / "dashboards" / "ecobatch.yaml"
-README = ROOT / "README.md"
+METRICS_DOC = ROOT / "docs" / "metrics.md"  # the PromQL users copy
 
 CONFIGS = {"gpu": PROMETHEUS_DIR / "prometheus.yml", "cpu": PROMETHEUS_DIR / "prometheus-cpu.yml"}
 RULE_GLOB_IN_CONTAINER = "/etc/prometheus/rules/*.rules.yml"
@@ -93,9 +93,9 @@ def dashboard_exprs() -> dict[str, str]:
 
 
 def readme_promql() -> list[tuple[str, str]]:
-    """(comment, expression) for each expression in the README's ```promql block: comment lines start
+    """(comment, expression) for each expression in the metrics doc's ```promql block: comment lines start
     with #, an expression runs over the lines that follow up to the next comment."""
-    text = README.read_text()
+    text = METRICS_DOC.read_text()
     block = text.split("```promql\n", 1)[1].split("```", 1)[0]
     found: list[tuple[str, str]] = []
     comment, expr = "", ""
@@ -227,7 +227,7 @@ def test_every_recording_rule_has_a_promtool_unit_test() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Grafana provisioning and the README
+# Grafana provisioning and the metrics doc
 
 
 def test_grafana_reads_the_stacks_prometheus_and_the_dashboard_directory() -> None:
@@ -273,7 +273,7 @@ def test_the_dashboard_has_a_panel_for_each_thing_an_operator_asks() -> None:
             assert "MODELLED" in panel["description"], panel["title"]
 
 
-def test_the_readmes_promql_is_what_the_recording_rules_record() -> None:
+def test_the_documented_promql_is_what_the_recording_rules_record() -> None:
     records = recording_rules()
     named = 0
     for comment, expr in readme_promql():
@@ -282,9 +282,9 @@ def test_the_readmes_promql_is_what_the_recording_rules_record() -> None:
             named += 1
             assert squash(expr) == squash(records[match.group(1)]), comment
         for also in re.findall(r"ecobatch:[a-z0-9_:]+[a-z0-9]", comment):
-            assert also in records, f"the README names {also}, which no rule records"
+            assert also in records, f"the metrics doc names {also}, which no rule records"
     assert named >= 4
-    assert "deploy/prometheus.yml" not in README.read_text()
+    assert "deploy/prometheus.yml" not in METRICS_DOC.read_text()
 
 
 def test_metric_names_are_read_from_promql() -> None:
@@ -443,7 +443,7 @@ def _ecobatch_only(expr: str) -> bool:
 
 
 def test_prometheus_answers_every_readme_rule_and_dashboard_query_with_ecobatch_data(stack: Stack) -> None:
-    queries = {f"README: {comment.strip()}": expr for comment, expr in readme_promql()}
+    queries = {f"docs/metrics.md: {comment.strip()}": expr for comment, expr in readme_promql()}
     queries |= {f"recording rule {name}": expr for name, expr in recording_rules().items()}
     queries |= {f"recorded series {name}": name for name in recording_rules()}
     queries |= {f"alert {name}": expr for name, expr in alert_rules().items()}
@@ -480,7 +480,7 @@ def test_every_metric_the_dashboard_rules_and_readme_name_is_exported(stack: Sta
     ecobatch = exported_names(stack.metrics_text)
     assert {"ecobatch_energy_joules_total", "ecobatch_request_energy_joules_bucket"} <= ecobatch
     known = ecobatch | set(recording_rules()) | VLLM_METRICS | DCGM_METRICS | PROMETHEUS_METRICS
-    sources = {f"README: {c.strip()}": e for c, e in readme_promql()}
+    sources = {f"docs/metrics.md: {c.strip()}": e for c, e in readme_promql()}
     sources |= {f"rule {name}": e for name, e in (recording_rules() | alert_rules()).items()}
     sources |= {f"dashboard {where}": grafana_to_promql(e) for where, e in dashboard_exprs().items()}
     named = {what: metric_names(expr) for what, expr in sources.items()}
