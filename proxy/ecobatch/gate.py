@@ -42,6 +42,7 @@ from .release import (
     inflight_limit,
     plan_releases,
     release_by_s,
+    replicas_needed,
 )
 from .routing import ReplicaLoad, RoutingPolicy, choose_replica
 
@@ -98,6 +99,7 @@ class ContinuousGate(Dispatcher):
             metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
             metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
             metrics.child(metrics.inflight_limit, replica.name).set(math.inf)  # none until one binds
+        metrics.child(metrics.replicas_needed, self._model).set_function(self.scale_signal)
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -116,6 +118,21 @@ class ContinuousGate(Dispatcher):
                 await wake.wait()
             else:
                 await clock.wait(wake, until)
+
+    def scale_signal(self) -> float:
+        """The scale signal (``release.replicas_needed``) from the live load, now: arrivals of every tier,
+        their predicted length, the replicas' tightest limit and the engine's measured speed."""
+        now = self._clock.now()
+        sample = self.load.estimate(now).output_tokens_sample
+        tokens = sum(sample) / len(sample) if sample else float(self.settings.expected_completion_tokens)
+        limits = [limit.sequences for limit, r in zip(self.limits, self.replicas, strict=True) if r.up]
+        return replicas_needed(
+            self._profile,
+            arrival_rate_per_s=self.load.rate_per_s(now),
+            output_tokens_per_request=tokens,
+            limit_sequences=min(limits, default=UNLIMITED),
+            speed_factor=self.load.speed_factor,
+        )
 
     def plan(self, now_s: float) -> Plan:
         """One call of the controller on the state now (no side effects but the limits shown)."""

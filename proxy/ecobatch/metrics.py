@@ -135,6 +135,14 @@ class Metrics:
             ["replica"],
             registry=r,
         )
+        self.replicas_needed = Gauge(
+            "ecobatch_replicas_needed",
+            "Replicas' worth of work in the live load, packed (continuous engines): the sequences it keeps "
+            "in flight with each replica full, over what one replica holds at its limit. Fractional: sum it "
+            "over ecobatch pods and round up to scale the engines (fewest replicas, fewest joules).",
+            ["model"],
+            registry=r,
+        )
         self.window = Histogram(
             "ecobatch_window_seconds",
             "How long each batching window stayed open.",

@@ -65,6 +65,7 @@ __all__ = [
     "hold_saving_j",
     "inflight_limit",
     "plan_releases",
+    "replicas_needed",
 ]
 
 #: the safety limit when nothing limits (sequences)
@@ -266,6 +267,26 @@ def _rate_tok_s(profile: EnergyProfile, concurrency: float, speed_factor: float)
     """Per-sequence decode speed at ``concurrency``, tokens per second."""
     c = max(concurrency, 1.0)
     return profile.at(c).tokens_per_s / c * speed_factor
+
+
+def replicas_needed(
+    profile: EnergyProfile,
+    *,
+    arrival_rate_per_s: float,
+    output_tokens_per_request: float,
+    limit_sequences: int,
+    speed_factor: float = 1.0,
+) -> float:
+    """How many replicas' worth of work the load is, packed: the sequences it keeps in flight when each
+    replica runs full (Little's law: arrivals a second × a request's time in the engine at full
+    concurrency) over what one replica holds when full (its safety limit, at most the profile's largest
+    measured concurrency). Fractional, so that per-pod values add up; an autoscaler rounds up.
+
+    J/token falls with concurrency all the way to saturation, so the fewest replicas that carry the load
+    at their limit spend the fewest joules: the energy-aware scale signal."""
+    full = max(1, min(limit_sequences, profile.max_size))
+    seconds_in_engine = output_tokens_per_request / _rate_tok_s(profile, full, speed_factor)
+    return max(0.0, arrival_rate_per_s) * seconds_in_engine / full
 
 
 def hold_saving_j(

@@ -31,7 +31,11 @@ from ecobatch.server import EXIT_AFTER_GRACE_S
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "ecobatch.rules.yml"
-SHAPES = {"sidecar": K8S / "base", "separate": K8S / "overlays" / "separate"}
+SHAPES = {
+    "sidecar": K8S / "base",
+    "separate": K8S / "overlays" / "separate",
+    "autoscaled": K8S / "overlays" / "autoscaled",  # the sidecar shape with a HorizontalPodAutoscaler
+}
 KUBERNETES_VERSION = "1.30.0"
 SECRET = "ecobatch-keys"
 MODEL_DIR = "/models/mistral-7b-int8"
@@ -180,6 +184,7 @@ def test_each_shape_builds_the_expected_objects(shape: str) -> None:
     workloads = {
         "sidecar": {("Deployment", "ecobatch-vllm")},
         "separate": {("Deployment", "ecobatch"), ("StatefulSet", "vllm"), ("NetworkPolicy", "vllm")},
+        "autoscaled": {("Deployment", "ecobatch-vllm"), ("HorizontalPodAutoscaler", "ecobatch-vllm")},
     }[shape]
     assert {_key(obj) for obj in build(shape)} == common | workloads
 
@@ -685,3 +690,26 @@ def test_the_alerts_cover_energy_regressions_saturation_shedding_the_upstream_an
 def test_render_rules_check_says_whether_the_manifest_is_current(capsys: pytest.CaptureFixture[str]) -> None:
     assert render_rules().main(["--check"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_the_autoscaler_scales_the_engines_on_the_signal_ecobatch_exports() -> None:
+    """The HPA targets the sidecar Deployment (each pod one engine and its ecobatch) and reads
+    ecobatch_replicas_needed, a gauge ecobatch exports, as an external metric: the pods' sum."""
+    from prometheus_client import CollectorRegistry
+
+    from ecobatch.metrics import Metrics
+
+    objects = build("autoscaled")
+    hpa = the(objects, "HorizontalPodAutoscaler", "ecobatch-vllm")
+    target = hpa["spec"]["scaleTargetRef"]
+    workload = the(objects, target["kind"], target["name"])
+    assert workload["apiVersion"] == target["apiVersion"]
+    assert {c["name"] for c in workload["spec"]["template"]["spec"]["containers"]} >= {"vllm", "ecobatch"}
+    ((metric,),) = [[m for m in hpa["spec"]["metrics"] if m["type"] == "External"]]
+    name = metric["external"]["metric"]["name"]
+    registry = CollectorRegistry()
+    Metrics(registry, model="m", carbon_g_per_kwh=1, price_per_kwh=1, currency="USD")
+    exported = {family.name for family in registry.collect()}
+    assert name in exported, f"{name} is not a series ecobatch exports"
+    assert metric["external"]["target"]["type"] == "AverageValue"  # desired = ceil(sum / averageValue)
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]

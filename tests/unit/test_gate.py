@@ -587,3 +587,33 @@ async def test_a_round_that_fails_every_time_answers_what_waits_instead_of_leavi
             await pending.future
     assert engine.started == []
     await gate.close(grace_s=0)
+
+
+async def test_the_scale_signal_follows_the_live_load_and_falls_to_zero_when_it_stops(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, load_window_s=1.0)
+    await gate.start()
+
+    def signal() -> float:
+        value = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+            "ecobatch_replicas_needed", {"model": "fake-model"}
+        )
+        assert value is not None
+        return float(value)
+
+    async def stream(rate: float, name: str) -> float:
+        """Arrivals at ``rate`` for 2 s; the signal read as the last one arrives."""
+        for i in range(int(2 * rate)):
+            gate.submit(req(f"{name}{i}", max_tokens=LONG))
+            await clock.advance(1.0 / rate)
+        return signal()
+
+    assert signal() == 0.0
+    at_20 = await stream(20.0, "a")
+    await clock.advance(5.0)  # the window empties
+    assert signal() == 0.0
+    at_40 = await stream(40.0, "b")
+    assert at_20 > 0 and at_40 == pytest.approx(2 * at_20, rel=0.1)
+    await gate.close(grace_s=0)

@@ -22,6 +22,7 @@ from ecobatch.release import (
     hold_saving_j,
     inflight_limit,
     plan_releases,
+    replicas_needed,
 )
 
 
@@ -353,3 +354,26 @@ def test_the_limit_is_a_safety_limit_never_an_energy_choice(continuous_profile: 
     )  # fmt: skip
     assert (kv.sequences, kv.limited_by, kv.kv_room_tokens) == (64, "max_inflight", 6_000)
     assert Limit(64, "none", 100.0).binding(300.0) == "kv"
+
+
+# ---- the scale signal -------------------------------------------------------------------------------------
+def test_the_replicas_a_load_needs_grow_with_the_load_and_shrink_with_what_a_replica_holds(
+    continuous_profile: EnergyProfile,
+) -> None:
+    def needed(rate: float, limit: int = UNLIMITED, tokens: float = 256.0) -> float:
+        return replicas_needed(
+            continuous_profile,
+            arrival_rate_per_s=rate,
+            output_tokens_per_request=tokens,
+            limit_sequences=limit,
+        )
+
+    assert needed(0.0) == 0.0
+    assert needed(20.0) == pytest.approx(2 * needed(10.0))
+    assert needed(10.0, tokens=512) == pytest.approx(2 * needed(10.0))
+    # a replica limited to 8 sequences holds far fewer than one running full: more of them are needed
+    assert needed(10.0, limit=8) > 10 * needed(10.0)
+    # on the H200 curve a replica full at 256 sequences decodes at most profile.at(256) tokens a second
+    full = continuous_profile.max_size
+    capacity_per_s = continuous_profile.at(full).tokens_per_s / 256.0  # 256-token requests a second
+    assert needed(capacity_per_s) == pytest.approx(1.0)
