@@ -55,6 +55,8 @@ class Pending:
     kv_tokens: float
     prompt_chars: int
     released_s: float | None = None
+    #: a stream's first token came (its budget was checked then)
+    first_token_seen: bool = False
 
 
 def prompt_characters(request: GenerationRequest) -> int:

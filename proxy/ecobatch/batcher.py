@@ -93,6 +93,7 @@ class StaticBatcher(Dispatcher):
         while True:
             await admission.wait_for_work()
             decision = self.decide()
+            self._round_done()
             if not await self._collect(decision):
                 continue
             batch = admission.take(decision.batch_size, fits=self._engine.batch_fits)

@@ -33,7 +33,7 @@ __all__ = ["Dispatcher", "as_error"]
 
 #: how long a closing dispatcher waits for cancelled work to stop before answering its requests anyway
 STOP_WAIT_S = 1.0
-#: rounds in a row that fail at once before what waits in the queue is answered with the error
+#: rounds in a row that fail, none done between, before what waits in the queue is answered with the error
 LOOP_FAILURES_BEFORE_FAILING_QUEUE = 3
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Dispatcher:
             tiers=tiers,
         )
         self._inflight = 0
+        self._failed_rounds = 0  # rounds of the loop that failed, none done between
         self._room = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # requests running on their own (continuous)
@@ -142,24 +143,26 @@ class Dispatcher:
 
     # ---- for the two shapes --------------------------------------------------------------------
     async def _loop(self) -> None:
-        failed_in_a_row = 0
         while True:
-            started_s = self._clock.now()
             try:
                 await self._run()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let one bad round kill the loop
                 log.exception("dispatch loop failed; restarting it")
-                # failing again at once: a bug that every round meets. The queue would never move, so
-                # what waits in it is answered (500) rather than left to its client's time-out
-                failed_in_a_row = failed_in_a_row + 1 if self._clock.now() - started_s < 1.0 else 1
-                if failed_in_a_row >= LOOP_FAILURES_BEFORE_FAILING_QUEUE:
+                # failing round after round, with none done between: a bug every round meets. The queue
+                # would never move, so what waits in it is answered (500) rather than left to time out
+                self._failed_rounds += 1
+                if self._failed_rounds >= LOOP_FAILURES_BEFORE_FAILING_QUEUE:
                     self._admission.fail_queued(
                         EcobatchError(f"ecobatch's dispatch loop fails on every round: {exc!r}")
                     )
-                    failed_in_a_row = 0
+                    self._failed_rounds = 0
                 await asyncio.sleep(0.01)
+
+    def _round_done(self) -> None:
+        """A round of the loop went through: failures since are counted afresh."""
+        self._failed_rounds = 0
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -200,6 +203,7 @@ class Dispatcher:
         def timed(chunk: dict[str, Any]) -> None:
             if first[0]:
                 first[0] = False
+                pending.first_token_seen = True
                 now = clock.now()
                 ttft_s = now - pending.arrival_s
                 metrics.child(metrics.ttft, self._model, pending.tier).observe(ttft_s)
@@ -234,6 +238,11 @@ class Dispatcher:
         ``in_flight``: the sequences on the request's engine (its replica), for an estimate."""
         self._running.pop(id(pending), None)
         self._admission.observe_done()
+        budget_s = self._budget_s(pending.tier)
+        stream_without_token = pending.emit is not None and not pending.first_token_seen
+        # a stream that ended without a first token: a miss if its budget ran out meanwhile
+        if stream_without_token and budget_s is not None and self._clock.now() - pending.arrival_s > budget_s:
+            self._metrics.child(self._metrics.budget_misses, self._model, pending.tier).inc()
         delivered = not pending.future.done()
         answer: Outcome | EcobatchError
         if isinstance(result, GenerationResult):

@@ -111,6 +111,7 @@ class ContinuousGate(Dispatcher):
             now = clock.now()
             plan = self.plan(now)
             self._apply(plan, now)
+            self._round_done()
             until = plan.wake_at_s
             if len(self.replicas) > 1 and not all(r.up for r in self.replicas):
                 until = min(until if until is not None else math.inf, now + RECHECK_S)

@@ -526,13 +526,19 @@ def _engine_starts(
     profile: EnergyProfile, queue: Sequence[Waiting], load: LoadEstimate, room: _Room
 ) -> tuple[int, float]:
     """(free slots, sequences started a second when full) of the replicas that are up: a replica holds
-    as many as its limit, at most its largest measured concurrency; each slot frees after the group's
-    mean predicted length at that concurrency's per-sequence speed."""
+    as many as its limit and its KV room allow (of the group's mean size), at most its largest measured
+    concurrency; each slot frees after the group's mean predicted length at that concurrency's speed."""
     up = [i for i, u in enumerate(room.up) if u] or list(range(len(room.up)))
-    tokens = sum(r.output_tokens for r in queue) / max(sum(r.sequences for r in queue), 1)
+    sequences = max(sum(r.sequences for r in queue), 1)
+    tokens = sum(r.output_tokens for r in queue) / sequences
+    kv_per_sequence = sum(r.kv_tokens for r in queue) / sequences
     free, starts_per_s = 0, 0.0
     for i in up:
-        full = max(1, min(room.limits[i], profile.max_size))  # what this replica runs when full
+        full = min(room.limits[i], profile.max_size)  # what this replica runs when full
+        kv_room = room.kv_room[i]
+        if kv_room is not None and kv_per_sequence > 0:
+            full = min(full, room.inflight[i] + int(max(0.0, kv_room) // kv_per_sequence))
+        full = max(1, full)
         free += max(0, full - room.inflight[i])
         starts_per_s += full * _rate_tok_s(profile, full, load.speed_factor) / max(tokens, 1.0)
     return free, starts_per_s

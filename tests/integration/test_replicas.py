@@ -230,7 +230,8 @@ async def test_the_batching_view_shows_each_replica(
         view = await (
             await client.get("/ecobatch/batching", headers={"Authorization": "Bearer sk-admin"})
         ).json()
-        return view if all(r.get("headroom") for r in view["replicas"]) else None
+        polled = all(r["headroom"]["kv_capacity_tokens"] is not None for r in view["replicas"])
+        return view if polled else None
 
     view = await eventually(polled, "a headroom poll of each replica")
     assert view["routing"] == "round-robin"

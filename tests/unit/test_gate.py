@@ -617,3 +617,53 @@ async def test_the_scale_signal_follows_the_live_load_and_falls_to_zero_when_it_
     at_40 = await stream(40.0, "b")
     assert at_20 > 0 and at_40 == pytest.approx(2 * at_20, rel=0.1)
     await gate.close(grace_s=0)
+
+
+async def test_a_round_that_fails_now_and_then_leaves_the_queue_alone(
+    continuous_profile: EnergyProfile, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failures with good rounds between them are not a loop stuck on a bug: what waits stays queued."""
+    import ecobatch.gate as gate_module
+
+    real, calls = gate_module.plan_releases, [0]
+
+    def every_other_fails(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] % 2 == 0:
+            raise RuntimeError(f"a bug met now and then (#{calls[0]})")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate_module, "plan_releases", every_other_fails)
+    engine = FakeContinuousEngine(instant=True)
+    gate, _, _ = build_gate([engine], continuous_profile, clock)
+    await gate.start()
+    flex = gate.submit(req("flex", max_tokens=LONG, service_tier="flex"))  # gathers for 30 s
+    for name in ("i1", "i2", "i3", "i4"):
+        done = gate.submit(req(name, max_tokens=16, service_tier="priority"))
+        async with asyncio.timeout(5):
+            await done.future
+    assert calls[0] >= 6, "rounds failed between the good ones"
+    assert not flex.future.done(), "a flex request still within its budget was answered with the error"
+    await gate.close(grace_s=0)
+
+
+async def test_a_stream_that_waited_past_its_budget_and_failed_before_any_token_is_a_miss(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = FakeContinuousEngine()
+    gate, _, metrics = build_gate([engine], continuous_profile, clock, max_inflight_sequences=1)
+    await gate.start()
+    busy = gate.submit(req("busy", max_tokens=LONG))
+    await settle()
+    stream = gate.submit(req("poison-stream", max_tokens=LONG), emit=lambda chunk: None)  # no room
+    await settle()
+    await clock.advance(0.5)  # five times its 100 ms budget
+    engine.finish("busy")
+    await busy.future
+    with pytest.raises(BadRequest):  # the engine fails it before its first token
+        await stream.future
+    misses = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
+        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
+    )
+    assert misses == 1
+    await gate.close(grace_s=0)

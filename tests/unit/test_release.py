@@ -223,6 +223,9 @@ def test_a_replica_limited_below_its_curve_starts_a_flex_group_sooner(
     assert unlimited.releases == ()
     limited = plan(continuous_profile, {"flex": group}, [idle(limit=8)], now_s=20.0)
     assert [r.reason for r in limited.releases] == ["group_full"] * 8  # as many as the limit takes
+    kv_for_8 = idle(kv_room=8 * 320.0 + 1)  # KV room for 8 of these (320 tokens each), no other limit
+    by_kv = plan(continuous_profile, {"flex": group}, [kv_for_8], now_s=20.0)
+    assert {r.reason for r in by_kv.releases} == {"group_full"} and len(by_kv.releases) == 8
 
 
 def test_a_flex_line_that_fills_half_the_queue_goes(continuous_profile: EnergyProfile) -> None:
