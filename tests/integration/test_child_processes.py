@@ -28,3 +28,23 @@ def test_a_killed_server_s_child_is_stopped_with_its_group(tmp_path: Path) -> No
     proc.stop()
     assert not proc.group_alive()
     assert proc not in left_running()
+
+
+def test_a_stopped_servers_group_number_is_never_signalled_again(tmp_path: Path) -> None:
+    """Once its group is gone the number may go to another session: a second stop, or the suite's
+    check at the end, must not touch it."""
+    proc = Proc(
+        "short", [sys.executable, "-c", "import time; time.sleep(300)"], dict(os.environ), tmp_path, 0
+    )
+    proc.stop()
+    assert not proc.group_alive() and proc not in left_running()
+    other = Proc(
+        "other", [sys.executable, "-c", "import time; time.sleep(300)"], dict(os.environ), tmp_path, 0
+    )
+    try:
+        proc.proc.pid = other.proc.pid  # as if the number had been reused by another session's leader
+        proc.stop()  # does nothing
+        assert other.proc.poll() is None, "a stopped server's stop signalled another process group"
+        assert proc not in left_running()
+    finally:
+        other.stop()

@@ -60,11 +60,19 @@ class Proc:
             list(args), env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )
         self.url = f"http://127.0.0.1:{port}"
+        self._started_at = _start_time(self.proc.pid)  # tells this group from a later one of the same id
         _STARTED.append(self)
 
     def group_alive(self) -> bool:
-        """Whether any process of its group still runs (zombies, its own once reaped, do not count)."""
+        """Whether any process of its group still runs (zombies, its own once reaped, do not count).
+        Linux keeps a group's number from being reused while the group has members; once it has none,
+        the number may go to another session, whose leader started later: not ours."""
         self.proc.poll()
+        if self not in _STARTED:  # stopped, and seen gone
+            return False
+        leader = _start_time(self.proc.pid)
+        if leader is not None and leader != self._started_at:
+            return False
         return bool(_running_in_group(self.proc.pid))
 
     def healthy(self) -> bool:
@@ -84,7 +92,10 @@ class Proc:
 
     def stop(self) -> None:
         """SIGTERM to the whole process group, SIGKILL after 30 s; children left behind are killed too.
-        Also where the process itself is gone (killed by a test): its children may not be."""
+        Also where the process itself is gone (killed by a test): its children may not be. Once
+        stopped, a second call does nothing."""
+        if self not in _STARTED:
+            return
         self._signal_group(signal.SIGTERM)
         try:
             self.proc.wait(timeout=30)
@@ -97,13 +108,25 @@ class Proc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: process group {self.proc.pid} survived SIGKILL")
             time.sleep(0.01)
+        if self in _STARTED:  # gone: its number may be reused, never signal that group again
+            _STARTED.remove(self)
 
     def _signal_group(self, sig: int) -> None:
+        if self not in _STARTED:  # stopped before: the number may be another session's now
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
 
 _STARTED: list[Proc] = []
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc's field 22); None where it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _running_in_group(pgid: int) -> list[int]:
