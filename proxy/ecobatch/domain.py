@@ -98,6 +98,9 @@ class Headroom:
     kv_capacity_tokens: int | None = None
     running: int | None = None
     waiting: int | None = None
+    #: when the engine's figures were asked for (``time.monotonic()``; None: unknown): the running and
+    #: waiting counts are as they stood at some moment between then and when this value was made
+    read_at_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,6 +44,8 @@ __all__ = ["MeterFactory", "Occupancy", "PoolHealth", "Replica", "ReplicaPool", 
 
 log = logging.getLogger(__name__)
 MeterFactory = Callable[[MeterSpec, EnergyProfile, Clock], Meter]
+#: how many changes of our in-flight count a replica remembers (to read an engine's counts against)
+_OURS_KEPT = 4096
 #: how often a replica still starting after the pool is ready says what it waits for
 _LATE_LOG_EVERY_S = 30.0
 
@@ -118,6 +121,8 @@ class Replica:
         self.occupancy = Occupancy()
         self._polled: Headroom | None = None
         self._ours_at_poll = 0
+        #: (time.monotonic(), our sequences from then on): to know ours when the engine was read
+        self._ours_since: deque[tuple[float, int]] = deque([(float("-inf"), 0)], maxlen=_OURS_KEPT)
 
     @property
     def ledger(self) -> Ledger:
@@ -139,11 +144,13 @@ class Replica:
         """One of ecobatch's requests starts here."""
         self._observe()
         self.occupancy.add(key, sequences, kv_tokens, ends_s)
+        self._ours_since.append((time.monotonic(), self.occupancy.sequences))
 
     def finish(self, key: int) -> None:
         """One of ecobatch's requests is done here (or moved away)."""
         self._observe()
         self.occupancy.remove(key)
+        self._ours_since.append((time.monotonic(), self.occupancy.sequences))
 
     def other_running(self) -> int:
         """Requests other clients run on the engine: its running and waiting count beyond ecobatch's own
@@ -153,13 +160,25 @@ class Replica:
         return max(0, engine - self._ours_at_poll)
 
     def _observe(self) -> Headroom:
-        """Note what was ours when the engine's latest figures were read. Ours changes only through
-        ``start`` and ``finish``, which look first: a reading not seen before was taken since the last
-        change, while ours was what it is now."""
+        """Note what was ours when the engine's latest figures were read. A reading that says when it was
+        asked for: the most of ours at any moment from then on (the engine counted at one of them; a
+        request of ours that ended meanwhile is never taken for another client's). One that does not
+        say: ours now, since ``start`` and ``finish`` look first, so it came after the last change."""
         headroom = self.engine.headroom()
         if headroom is not self._polled:
-            self._polled, self._ours_at_poll = headroom, self.occupancy.sequences
+            ours = self.occupancy.sequences
+            if headroom.read_at_s is not None:
+                ours = self._most_ours_since(headroom.read_at_s)
+            self._polled, self._ours_at_poll = headroom, ours
         return headroom
+
+    def _most_ours_since(self, since_s: float) -> int:
+        most = 0
+        for at_s, ours in reversed(self._ours_since):
+            most = max(most, ours)
+            if at_s < since_s:  # the value in effect at since_s: nothing earlier counts
+                break
+        return most
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,3 +58,24 @@ def test_other_clients_work_is_the_engines_count_beyond_ours_when_it_was_read() 
     assert replica.other_running() == 3
     replica.start(2, 1, 100.0, 5.0)  # ours starts after that reading: it was not in it
     assert replica.other_running() == 3
+
+
+def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_another_clients() -> None:
+    """The scrape was sent while one of ours ran; ours ended before the answer came: the engine's one
+    running request may have been ours, so no other client's work is assumed."""
+    import time
+
+    from ecobatch.domain import Headroom
+    from ecobatch.pool import Replica
+    from tests.fakes import FakeContinuousEngine
+
+    engine = FakeContinuousEngine()
+    replica = Replica("r0", engine, meter=None)  # type: ignore[arg-type]
+    replica.start(1, 1, 100.0, 5.0)
+    asked_s = time.monotonic()  # the scrape goes out ...
+    replica.finish(1)  # ... ours ends ...
+    engine.headroom_value = Headroom(running=1, waiting=0, read_at_s=asked_s)  # ... the answer comes
+    assert replica.other_running() == 0
+    later = time.monotonic()
+    engine.headroom_value = Headroom(running=2, waiting=0, read_at_s=later)  # asked while none ran
+    assert replica.other_running() == 2

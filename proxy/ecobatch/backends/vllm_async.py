@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -82,6 +83,7 @@ def _logger_factory(sink: _HeadroomSink) -> Any:
                 kv_capacity_tokens=capacity,
                 running=scheduler_stats.num_running_reqs,
                 waiting=scheduler_stats.num_waiting_reqs,
+                read_at_s=time.monotonic(),  # the engine's step just ended; its stats are from it
             )
 
         def log_engine_initialized(self) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterable, Mapping
 from typing import Any, ClassVar
 
@@ -202,9 +203,11 @@ class VllmHttpBackend:
         probe = aiohttp.ClientTimeout(total=self._settings.probe_timeout_s)
         while True:
             try:
+                asked_s = time.monotonic()
                 async with self._http.get(f"{self._base}/metrics", timeout=probe) as resp:
                     resp.raise_for_status()
-                    self._headroom = headroom_from_metrics(await resp.text())
+                    read = headroom_from_metrics(await resp.text())
+                    self._headroom = dataclasses.replace(read, read_at_s=asked_s)
                 self.breaker.success()
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 self.breaker.failure(f"health probe: {_why(exc)}")
