@@ -259,8 +259,8 @@ class BackendSettings:
 class BatchingSettings:
     # ---- both engine shapes
     max_queue: int = 1024
-    # Pick the smallest batch (static) or flex group (continuous) whose J/token is within this fraction
-    # of the best the curve offers.
+    # Static engines: pick the smallest batch whose J/token is within this fraction of the best the curve
+    # offers.
     energy_tolerance: float = 0.05
     # Completion length planned for until real ones are observed (requests without max_tokens).
     expected_completion_tokens: int = 256
