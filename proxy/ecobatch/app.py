@@ -38,7 +38,14 @@ from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
 from .backends import create_static_engine
 from .backends.base import ContinuousEngine, StaticEngine
 from .clock import Clock, MonotonicClock
-from .config import BACKEND_SHAPES, SHAPE_ONLY_SETTINGS, BatchingSettings, Settings, build_section
+from .config import (
+    BACKEND_SHAPES,
+    SHAPE_ONLY_SETTINGS,
+    BatchingSettings,
+    ReplicaSettings,
+    Settings,
+    build_section,
+)
 from .dispatcher import Dispatcher
 from .domain import GenerationRequest, Tier
 from .energy.choose import MeterSpec, build_meter
@@ -51,7 +58,7 @@ from .errors import (
     Retryable,
 )
 from .openai_api import SERVICE_TIER_NAMES, models_response, parse_chat, parse_completion
-from .pool import MeterFactory, PoolHealth, ReplicaPool, build_pool
+from .pool import MeterFactory, PoolHealth, Replica, ReplicaPool, build_pool, make_replica
 from .profile import EnergyProfile, load_profile
 from .runtime import Backend, Runtime
 
@@ -378,7 +385,13 @@ def create_app(
     else:
         served = build_pool(settings, profile, clock, meter_factory)
         meters = [r.meter for r in served.replicas]
-    runtime = Runtime(settings, registry or CollectorRegistry(), profile, served, meters, clock)
+    factory = None
+    if settings.backend.replicas_file:  # replicas that come and go: each built as the listed ones were
+
+        def factory(listed: ReplicaSettings) -> Replica:
+            return make_replica(settings, listed, profile, clock, meter_factory)
+
+    runtime = Runtime(settings, registry or CollectorRegistry(), profile, served, meters, clock, factory)
     app = web.Application(
         middlewares=[_openai_errors, _access], client_max_size=settings.server.max_body_bytes
     )

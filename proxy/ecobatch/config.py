@@ -157,7 +157,7 @@ class ReplicaSettings:
 _DEFAULT_UPSTREAM = "http://127.0.0.1:8000"
 
 
-def _url_key(url: str) -> str:
+def url_key(url: str) -> str:
     """A URL as a server sees it: scheme and host in any case, a trailing slash or not."""
     parts = urlsplit(url.rstrip("/"))
     return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
@@ -194,6 +194,12 @@ class BackendSettings:
     # vllm-http: several vLLM replicas of the same model instead of `upstream` (see `routing`), each
     # with its own in-flight cap, KV headroom, circuit breaker and energy meter.
     replicas: list[ReplicaSettings] = field(default_factory=list)
+    # vllm-http: the replicas listed in a YAML file instead (the same fields as `replicas`, or plain
+    # URLs), read again every replicas_refresh_s once it changes: a replica added joins without a
+    # restart, one removed takes no new request and leaves once its requests have ended, each with its
+    # meter. A Kubernetes ConfigMap mounted as a file is kept current by the kubelet.
+    replicas_file: str | None = None
+    replicas_refresh_s: float = 5.0
     # pack: fill the fullest replica with room (under its safety limit) before waking the next;
     # round-robin: the next replica in turn with room.
     routing: RoutingPolicy = "pack"
@@ -220,6 +226,7 @@ class BackendSettings:
         _require(self.startup_timeout_s >= 0, "backend.startup_timeout_s", self.startup_timeout_s, ">= 0")
         _require(self.sim_time_scale >= 0, "backend.sim_time_scale", self.sim_time_scale, ">= 0")
         _require(self.headroom_poll_s > 0, "backend.headroom_poll_s", self.headroom_poll_s, "> 0")
+        _require(self.replicas_refresh_s > 0, "backend.replicas_refresh_s", self.replicas_refresh_s, "> 0")
         _require(self.breaker_failures >= 1, "backend.breaker_failures", self.breaker_failures, ">= 1")
         _require(self.probe_timeout_s > 0, "backend.probe_timeout_s", self.probe_timeout_s, "> 0")
         _require(
@@ -228,7 +235,7 @@ class BackendSettings:
             self.context_length,
             ">= 2",
         )
-        urls = [_url_key(r.url) for r in self.replicas]
+        urls = [url_key(r.url) for r in self.replicas]
         _require(
             not self.replicas or self.kind == "vllm-http",
             "backend.replicas",
@@ -462,7 +469,10 @@ class Settings:
     def for_replica(self, index: int) -> Settings:
         """The settings as replica ``index`` sees them: its upstream, and its own GPUs (its energy
         selectors over the energy section's)."""
-        replica = self.backend.replicas[index]
+        return self.as_replica(self.backend.replicas[index])
+
+    def as_replica(self, replica: ReplicaSettings) -> Settings:
+        """The settings as ``replica`` sees them (one listed, or one a replicas file adds later)."""
         backend = dataclasses.replace(self.backend, upstream=replica.url, replicas=[])
         return dataclasses.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
 
@@ -578,6 +588,7 @@ _SECTIONS: dict[str, type[Any]] = {
 
 #: settings that name files: a relative path in a config file is relative to that file
 _PATH_FIELDS = (
+    ("backend", "replicas_file"),
     ("energy", "profile"),
     ("server", "api_keys_file"),
     ("server", "admin_keys_file"),
@@ -625,5 +636,40 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
                 f"override {dotted!r} must be 'section.field' with a section in {sorted(_SECTIONS)}"
             )
         raw[section][key] = value
+    replicas_file = raw["backend"].get("replicas_file")
+    if replicas_file is not None:
+        if raw["backend"].get("replicas"):
+            raise ConfigError(
+                "backend.replicas_file and backend.replicas are both set: list the replicas in one place",
+                field="backend.replicas_file",
+            )
+        raw["backend"]["replicas"] = [dataclasses.asdict(r) for r in read_replicas_file(str(replicas_file))]
     built = {name: build_section(cls, raw[name], name) for name, cls in _SECTIONS.items()}
     return Settings(**built)
+
+
+def read_replicas_file(path: str) -> list[ReplicaSettings]:
+    """The replicas a ``backend.replicas_file`` lists: a YAML list of URLs or of ``backend.replicas``
+    entries. One without a name is named by its host and port (stable while the file changes)."""
+    where, field_name = f"backend.replicas_file={path!r}", "backend.replicas_file"
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or exc})", field=field_name) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}", field=field_name) from None
+    if not isinstance(loaded, list) or not loaded:
+        raise ConfigError(f"{where}: must be a non-empty YAML list of replicas", field=field_name)
+    replicas = []
+    for i, entry in enumerate(loaded):
+        body = {"url": entry} if isinstance(entry, str) else entry
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: entry {i} must be a URL or a mapping", field=field_name)
+        try:
+            replica = build_section(ReplicaSettings, body, "backend.replicas[]")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: entry {i}: {exc}", field=field_name) from None
+        if replica.name is None:
+            replica = dataclasses.replace(replica, name=urlsplit(replica.url).netloc)
+        replicas.append(replica)
+    return replicas

@@ -14,6 +14,7 @@ for the next event or the plan's wake-up time. The plan's reasons are counted
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -91,15 +92,56 @@ class ContinuousGate(Dispatcher):
         self.routing: RoutingPolicy = routing
         self.engine_priority = engine_priority
         self.last_plan: Plan | None = None
-        self.limits: list[Limit] = [Limit(UNLIMITED, "none") for _ in self.replicas]
+        self.limits: dict[str, Limit] = {}  # each replica's safety limit as last computed, by name
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         self._last_choice = -1
+        #: called with a leaving replica once nothing of ours runs on it (the runtime closes it then)
+        self.on_drained: Callable[[Replica], None] | None = None
         for replica in self.replicas:
-            metrics.child(metrics.replica_inflight, replica.name).set(0)
-            metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
-            metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
-            metrics.child(metrics.inflight_limit, replica.name).set(math.inf)  # none until one binds
+            self._track(replica)
         metrics.child(metrics.replicas_needed, self._model).set_function(self.scale_signal)
+
+    # ---- replicas that come and go ---------------------------------------------------------------------
+    def _track(self, replica: Replica) -> None:
+        metrics = self._metrics
+        metrics.child(metrics.replica_inflight, replica.name).set(0)
+        metrics.child(metrics.replica_requests, replica.name).inc(0)  # a series from the start
+        metrics.child(metrics.replica_up, replica.name).set_function(_up_value(replica))
+        metrics.child(metrics.inflight_limit, replica.name).set(math.inf)  # none until one binds
+        self.limits[replica.name] = Limit(UNLIMITED, "none")
+
+    def join(self, replica: Replica) -> None:
+        """A replica (started, serving the pool's model) takes requests from the next round on."""
+        self.pool.add(replica)
+        self._track(replica)
+        self._last_choice = -1
+        self._admission.arrived.set()  # news for the loop: room for what waits
+
+    def begin_leaving(self, replica: Replica) -> bool:
+        """The replica takes no new request; True when nothing of ours runs on it (it can go now),
+        else ``on_drained`` is called once its last request ends."""
+        replica.leaving = True
+        self._last_choice = -1
+        return replica.occupancy.sequences == 0
+
+    def forget(self, replica: Replica) -> None:
+        """A replica that has left: out of the pool, its series gone."""
+        self.pool.remove(replica)
+        self.limits.pop(replica.name, None)
+        self._last_choice = -1
+        metrics = self._metrics
+        for family in (
+            metrics.replica_inflight,
+            metrics.replica_requests,
+            metrics.replica_up,
+            metrics.inflight_limit,
+        ):
+            with contextlib.suppress(KeyError):
+                family.remove(replica.name)
+            metrics.forget_child(family, (replica.name,))
+
+    def _limit(self, replica: Replica) -> Limit:
+        return self.limits.get(replica.name) or Limit(UNLIMITED, "none")
 
     # ---- the loop ----------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -126,7 +168,7 @@ class ContinuousGate(Dispatcher):
         now = self._clock.now()
         sample = self.load.estimate(now).output_tokens_sample
         tokens = sum(sample) / len(sample) if sample else float(self.settings.expected_completion_tokens)
-        limits = [limit.sequences for limit, r in zip(self.limits, self.replicas, strict=True) if r.up]
+        limits = [self._limit(r).sequences for r in self.replicas if r.taking]
         return replicas_needed(
             self._profile,
             arrival_rate_per_s=self.load.rate_per_s(now),
@@ -161,7 +203,7 @@ class ContinuousGate(Dispatcher):
         s = self.settings
         states = []
         tokens_per_sequence = self.load.kv_tokens_per_sequence
-        for i, replica in enumerate(self.replicas):
+        for replica in self.replicas:
             occupancy = replica.occupancy
             other = replica.other_running()
             limit = inflight_limit(
@@ -174,13 +216,13 @@ class ContinuousGate(Dispatcher):
                 max_inflight=s.max_inflight_sequences,
                 speed_factor=load.speed_factor,
             )
-            if limit.sequences != self.limits[i].sequences:
+            if limit.sequences != self._limit(replica).sequences:
                 value = math.inf if limit.sequences >= UNLIMITED else limit.sequences
                 self._metrics.child(self._metrics.inflight_limit, replica.name).set(value)
-            self.limits[i] = limit
+            self.limits[replica.name] = limit
             states.append(
                 ReplicaState(
-                    up=replica.up,
+                    up=replica.taking,
                     inflight=occupancy.sequences,
                     other_running=other,
                     busy_until_s=occupancy.busy_until_s(),
@@ -264,6 +306,9 @@ class ContinuousGate(Dispatcher):
             self._running.pop(id(pending), None)  # a task cancelled before it ran never resolved it
             self._leave(pending, where[0])
             self._set_inflight(-pending.sequences)
+            replica = where[0]
+            if replica.leaving and replica.occupancy.sequences == 0 and self.on_drained is not None:
+                self.on_drained(replica)
             if not pending.future.done():  # cancelled (shutdown) before it started
                 pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
 
@@ -276,12 +321,12 @@ class ContinuousGate(Dispatcher):
     def _failover(self, pending: Pending, tried: set[str]) -> Replica | None:
         """Another replica, up and not tried yet, for a request whose connection was refused (it never
         reached an engine): as the routing would choose, else the least loaded one (it must run)."""
-        others = [r for r in self.replicas if r.up and r.name not in tried]
+        others = [r for r in self.replicas if r.taking and r.name not in tried]
         if not others:
             return None
         loads = [
-            ReplicaLoad(r.inflight, limit.sequences, r.up and r.name not in tried)
-            for r, limit in zip(self.replicas, self.limits, strict=True)
+            ReplicaLoad(r.inflight, self._limit(r).sequences, r.taking and r.name not in tried)
+            for r in self.replicas
         ]
         chosen = choose_replica(loads, pending.sequences, self.routing, after=self._last_choice)
         return self.replicas[chosen] if chosen is not None else min(others, key=lambda r: r.inflight)
@@ -402,8 +447,9 @@ class ContinuousGate(Dispatcher):
                     "other_running": r.other_running(),
                     "busy_for_s": _busy_for(r, now),
                     "headroom": dataclasses.asdict(r.engine.headroom()),
+                    "leaving": r.leaving,
                 }
-                for r, limit in zip(self.replicas, self.limits, strict=True)
+                for r, limit in ((r, self._limit(r)) for r in self.replicas)
             ],
             "recent_decisions": list(self.recent),
         }

@@ -236,6 +236,11 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def forget_child(self, metric: Any, values: tuple[str, ...]) -> None:
+        """A labelled series removed from ``metric``: its cached child goes too (a new one is made if
+        the same labels come back)."""
+        self._children.pop((id(metric), values), None)
+
     def observe_request(self, status: str, stream: str, seconds: float) -> None:
         self.child(self.requests, self._model, status).inc()
         self.child(self.request_duration, self._model, stream).observe(seconds)

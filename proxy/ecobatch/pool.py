@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from .backends.base import ContinuousEngine, EngineHealth, EngineShape, Progress
 from .backends.vllm_http import VllmHttpBackend
 from .clock import Clock
-from .config import Settings
+from .config import ReplicaSettings, Settings
 from .domain import GenerationRequest, Headroom
 from .energy.choose import MeterSpec
 from .energy.ledger import Ledger
@@ -40,7 +40,7 @@ from .energy.meter import Meter
 from .errors import ConfigError, UpstreamDown
 from .profile import EnergyProfile
 
-__all__ = ["MeterFactory", "Occupancy", "PoolHealth", "Replica", "ReplicaPool", "build_pool"]
+__all__ = ["MeterFactory", "Occupancy", "PoolHealth", "Replica", "ReplicaPool", "build_pool", "make_replica"]
 
 log = logging.getLogger(__name__)
 MeterFactory = Callable[[MeterSpec, EnergyProfile, Clock], Meter]
@@ -116,8 +116,12 @@ class Occupancy:
 class Replica:
     """One engine behind the gate, its energy account and its load."""
 
-    def __init__(self, name: str, engine: ContinuousEngine, meter: Meter) -> None:
+    def __init__(self, name: str, engine: ContinuousEngine, meter: Meter, url: str | None = None) -> None:
         self.name, self.engine, self.meter = name, engine, meter
+        #: where it is (vllm-http), to tell it in a replicas file
+        self.url = url
+        #: removed from the replicas file: it takes no new request and goes once its requests end
+        self.leaving = False
         self.occupancy = Occupancy()
         self._polled: Headroom | None = None
         self._ours_at_poll = 0
@@ -139,6 +143,11 @@ class Replica:
     @property
     def inflight(self) -> int:
         return self.occupancy.sequences
+
+    @property
+    def taking(self) -> bool:
+        """Up and not leaving: new requests may go to it."""
+        return self.up and not self.leaving
 
     def start(self, key: int, sequences: int, kv_tokens: float, ends_s: float) -> None:
         """One of ecobatch's requests starts here."""
@@ -298,6 +307,18 @@ class ReplicaPool:
                 await task
         await asyncio.gather(*(r.engine.close() for r in self.replicas))
 
+    # ---- replicas that come and go (backend.replicas_file) ------------------------------------------------
+    def add(self, replica: Replica) -> None:
+        """A replica that has started serving the pool's model joins (the gate reads the same list)."""
+        if any(r.name == replica.name for r in self.replicas):
+            raise ValueError(f"a replica named {replica.name!r} is in the pool already")
+        self.replicas.append(replica)
+
+    def remove(self, replica: Replica) -> None:
+        """A replica that has left (nothing of ours runs on it) goes; the last one never does."""
+        if len(self.replicas) > 1 and replica in self.replicas:
+            self.replicas.remove(replica)
+
     # ---- what the app reads --------------------------------------------------------------------------
     def headroom(self) -> Headroom:
         """The replicas' headroom summed (each replica's own is what the gate uses)."""
@@ -358,11 +379,22 @@ def build_pool(
             engine = create_continuous_engine(settings)
         meter = meter_factory(MeterSpec(settings), profile, clock)
         return ReplicaPool([Replica("r0", engine, meter)])
-    replicas = []
-    for index, name in enumerate(backend.replica_names):
-        own = settings.for_replica(index)
-        meter = meter_factory(
-            MeterSpec(own, gpu_prefix=f"{name}:", idle_fallback_w=profile.idle_power_w), profile, clock
-        )
-        replicas.append(Replica(name, VllmHttpBackend(own.backend), meter))
+    replicas = [
+        make_replica(settings, dataclasses.replace(listed, name=name), profile, clock, meter_factory)
+        for listed, name in zip(backend.replicas, backend.replica_names, strict=True)
+    ]
     return ReplicaPool(replicas)
+
+
+def make_replica(
+    settings: Settings,
+    listed: ReplicaSettings,
+    profile: EnergyProfile,
+    clock: Clock,
+    meter_factory: MeterFactory,
+) -> Replica:
+    """One vllm-http replica with its meter (its own GPUs, series named ``NAME:…``)."""
+    name = listed.name or listed.url
+    own = settings.as_replica(listed)
+    spec = MeterSpec(own, gpu_prefix=f"{name}:", idle_fallback_w=profile.idle_power_w)
+    return Replica(name, VllmHttpBackend(own.backend), meter_factory(spec, profile, clock), url=listed.url)

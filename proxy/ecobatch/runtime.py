@@ -12,6 +12,7 @@ engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Literal
@@ -28,6 +29,7 @@ from .energy.meter import Meter
 from .energy.receipts import Receipts
 from .errors import ConfigError, NotReady
 from .gate import ContinuousGate
+from .membership import ReplicaFactory, ReplicaMembership
 from .metrics import Metrics
 from .pool import ReplicaPool
 from .profile import EnergyProfile
@@ -50,6 +52,7 @@ class Runtime:
         engine: Backend,
         meters: list[Meter],
         clock: Clock,
+        replica_factory: ReplicaFactory | None = None,
     ) -> None:
         self.settings, self.registry, self.profile, self.engine = settings, registry, profile, engine
         self.clock = clock
@@ -68,6 +71,9 @@ class Runtime:
         for meter in meters:
             self._wire(meter)
         self.dispatcher: Dispatcher | None = None
+        #: backend.replicas_file: builds a replica the file adds (None: the replicas are fixed)
+        self.replica_factory = replica_factory
+        self._membership: asyncio.Task[None] | None = None
         self.state: State = "starting"
         self.reason = "starting"
         self._last_progress_log_s = float("-inf")
@@ -112,6 +118,21 @@ class Runtime:
         await dispatcher.start()
         self.dispatcher = dispatcher
         self.state, self.reason = "ready", "ready"
+        backend = self.settings.backend
+        if backend.replicas_file and self.replica_factory and isinstance(dispatcher, ContinuousGate):
+            assert isinstance(self.engine, ReplicaPool)
+            membership = ReplicaMembership(
+                backend.replicas_file,
+                backend.replicas_refresh_s,
+                backend.startup_timeout_s,
+                self.engine,
+                dispatcher,
+                self.replica_factory,
+                self.meters,
+                on_meter=self._wire,
+                check_gpus=_refuse_shared_gpus,
+            )
+            self._membership = asyncio.create_task(membership.run(), name="ecobatch-replicas-file")
         log.info(
             "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",
             self.engine.name,
@@ -214,6 +235,10 @@ class Runtime:
     async def close(self) -> None:
         """Release the meter (its last interval settles every request) and the engine."""
         self.state = "stopped"
+        if self._membership is not None:
+            self._membership.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._membership
         try:
             for meter in self.meters:
                 await meter.close()

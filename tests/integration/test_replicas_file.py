@@ -1,0 +1,167 @@
+"""Replicas that come and go: ``backend.replicas_file`` changed while the proxy runs, in front of two
+modelled vLLM servers (``ecobatch.testing.sim_vllm``) and their modelled dcgm-exporter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from ecobatch.app import RUNTIME, create_app
+from ecobatch.config import DEFAULT_PROFILES, load_settings
+from ecobatch.errors import ConfigError
+from ecobatch.profile import load_profile
+from ecobatch.testing.servers import free_port
+from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
+from tests.integration.helpers import eventually, metric_of
+
+Sims = tuple[list[SimVllm], list[web.AppRunner], list[int], int]
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Sims]:
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    ports, dcgm_port = [free_port(), free_port()], free_port()
+    servers, runners = await serve_replicas(profile, ports, dcgm_port, served_model_name="sim")
+    yield servers, runners, ports, dcgm_port
+    for runner in runners:
+        await runner.cleanup()
+
+
+def listing(path: Path, ports: list[int], names: str) -> None:
+    """The replicas file: of replica ``a`` (GPU 0, the first port) and ``b`` (GPU 1, the second), those
+    named in ``names``."""
+    chosen = [
+        {"url": f"http://127.0.0.1:{port}", "name": name, "dcgm_labels": {"gpu": str(i)}}
+        for i, (name, port) in enumerate(zip("ab", ports, strict=True))
+        if name in names
+    ]
+    path.write_text(yaml.safe_dump(chosen))
+
+
+async def complete(client: Any, n: int) -> list[int]:
+    async def one() -> int:
+        resp = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
+        await resp.read()
+        return int(resp.status)
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_a_restart(
+    sims: Sims, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    servers, _, ports, dcgm_port = sims
+    replicas_file = tmp_path / "replicas.yaml"
+    listing(replicas_file, ports, "a")
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas_file": str(replicas_file),
+            "backend.replicas_refresh_s": 0.05,
+            "backend.routing": "round-robin",
+            "backend.headroom_poll_s": 0.1,
+            "backend.startup_timeout_s": 30,
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+            "energy.sample_interval_s": 0.05,
+            "batching.interactive_budget_ms": 0,
+        },
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    assert [r.name for r in runtime.engine.replicas] == ["a"]
+    assert await complete(client, 4) == [200] * 4
+    assert (servers[0].served, servers[1].served) == (4, 0)
+
+    listing(replicas_file, ports, "ab")  # b is added
+
+    async def b_joined() -> bool:
+        return [r.name for r in runtime.engine.replicas] == ["a", "b"]
+
+    await eventually(b_joined, "replica b joined")
+    assert {m.ledger.gpu for m in runtime.meters} == {"a:sim/0", "b:sim/1"}
+    assert await complete(client, 4) == [200] * 4
+    assert servers[1].served > 0, "round-robin sends the joined replica its share"
+
+    listing(replicas_file, ports, "b")  # a is removed
+
+    async def a_left() -> bool:
+        return [r.name for r in runtime.engine.replicas] == ["b"]
+
+    await eventually(a_left, "replica a left")
+    served_by_a = servers[0].served
+    assert await complete(client, 4) == [200] * 4
+    assert servers[0].served == served_by_a, "a replica that left takes no request"
+    assert {m.ledger.gpu for m in runtime.meters} == {"b:sim/1"}
+    assert await metric_of(client, "ecobatch_replica_requests_total", replica="a") == 0  # its series went
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "ok" and health["engine"].get("replicas") is None  # one replica now
+
+
+async def test_a_replica_still_running_a_request_leaves_once_it_ends(
+    sims: Sims, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    servers, _, ports, dcgm_port = sims
+    replicas_file = tmp_path / "replicas.yaml"
+    listing(replicas_file, ports, "ab")
+    settings = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas_file": str(replicas_file),
+            "backend.replicas_refresh_s": 0.05,
+            "backend.startup_timeout_s": 30,
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+            "batching.interactive_budget_ms": 0,
+        },
+    )
+    app = create_app(settings)
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    long = asyncio.ensure_future(
+        client.post("/v1/completions", json={"prompt": "long", "max_tokens": 400})  # ~2 s on the curve
+    )
+
+    async def running_on_a() -> bool:
+        return runtime.engine.replicas[0].inflight == 1  # pack: the first replica takes it
+
+    await eventually(running_on_a, "the long request running on a")
+    listing(replicas_file, ports, "b")  # a is removed while it runs
+
+    async def leaving() -> bool:
+        return runtime.engine.replicas[0].leaving
+
+    await eventually(leaving, "a leaving")
+    assert [r.name for r in runtime.engine.replicas] == ["a", "b"], "a stays while its request runs"
+    assert await complete(client, 2) == [200] * 2
+    assert servers[0].served == 0 and servers[1].served == 2, "no new request goes to a leaving replica"
+    assert (await long).status == 200
+
+    async def a_left() -> bool:
+        return [r.name for r in runtime.engine.replicas] == ["b"]
+
+    await eventually(a_left, "a left once its request ended")
+
+
+def test_a_replicas_file_names_the_file_and_the_entry_in_its_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("- {url: 'ftp://nowhere'}\n")
+    with pytest.raises(
+        ConfigError, match=r"r\.yaml': entry 0: backend\.replicas\[\]\.url='ftp://nowhere' must be"
+    ):
+        load_settings(None, {"backend.kind": "vllm-http", "backend.replicas_file": str(bad)})
+    bad.write_text("[]\n")
+    with pytest.raises(ConfigError, match="must be a non-empty YAML list of replicas"):
+        load_settings(None, {"backend.kind": "vllm-http", "backend.replicas_file": str(bad)})
+    both = {"backend.replicas": [{"url": "http://x:1"}], "backend.replicas_file": str(bad)}
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings(None, {"backend.kind": "vllm-http", **both})
