@@ -672,4 +672,8 @@ def read_replicas_file(path: str) -> list[ReplicaSettings]:
         if replica.name is None:
             replica = dataclasses.replace(replica, name=urlsplit(replica.url).netloc)
         replicas.append(replica)
+    for what, values in (("name", [r.name for r in replicas]), ("URL", [url_key(r.url) for r in replicas])):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ConfigError(f"{where}: two replicas with the same {what}: {twice}", field=field_name)
     return replicas

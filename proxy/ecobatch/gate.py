@@ -117,6 +117,12 @@ class ContinuousGate(Dispatcher):
         self._last_choice = -1
         self._admission.arrived.set()  # news for the loop: room for what waits
 
+    def stay(self, replica: Replica) -> None:
+        """A leaving replica is listed again: it takes requests again from the next round."""
+        replica.leaving = False
+        self._last_choice = -1
+        self._admission.arrived.set()
+
     def begin_leaving(self, replica: Replica) -> bool:
         """The replica takes no new request; True when nothing of ours runs on it (it can go now),
         else ``on_drained`` is called once its last request ends."""
@@ -306,17 +312,17 @@ class ContinuousGate(Dispatcher):
             self._running.pop(id(pending), None)  # a task cancelled before it ran never resolved it
             self._leave(pending, where[0])
             self._set_inflight(-pending.sequences)
-            replica = where[0]
-            if replica.leaving and replica.occupancy.sequences == 0 and self.on_drained is not None:
-                self.on_drained(replica)
             if not pending.future.done():  # cancelled (shutdown) before it started
                 pending.future.set_exception(ShuttingDown("ecobatch shut down before this request ran"))
 
         return finished
 
     def _leave(self, pending: Pending, replica: Replica) -> None:
+        """The request's slot on ``replica`` frees (it ended, or a failover moved it)."""
         replica.finish(id(pending))
         self._metrics.child(self._metrics.replica_inflight, replica.name).set(replica.occupancy.sequences)
+        if replica.leaving and replica.occupancy.sequences == 0 and self.on_drained is not None:
+            self.on_drained(replica)
 
     def _failover(self, pending: Pending, tried: set[str]) -> Replica | None:
         """Another replica, up and not tried yet, for a request whose connection was refused (it never

@@ -48,53 +48,67 @@ class ReplicaMembership:
         meters: list[Meter],
         *,
         on_meter: Callable[[Meter], None],
+        on_meter_gone: Callable[[Meter], None],
         check_gpus: Callable[[list[tuple[str, Meter]]], None],
     ) -> None:
         self.path, self.refresh_s, self.startup_timeout_s = path, refresh_s, startup_timeout_s
         self.pool, self.gate, self._make, self._meters = pool, gate, make, meters
-        self._on_meter, self._check_gpus = on_meter, check_gpus
-        self._stamp = _stamp(path)
-        self._wanted: list[ReplicaSettings] | None = None  # None: as the pool started
+        self._on_meter, self._on_meter_gone, self._check_gpus = on_meter, on_meter_gone, check_gpus
+        self._stamp: tuple[int, int] | None = None  # the first pass compares the file with the pool
+        self._wanted: list[ReplicaSettings] | None = None
         self._joining: dict[str, asyncio.Task[None]] = {}  # by URL key
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._joining_names: set[str] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         gate.on_drained = self._drained
 
     async def run(self) -> None:
-        """Reconcile every ``refresh_s`` until cancelled."""
+        """Reconcile every ``refresh_s`` until cancelled; then stop joins and let retires finish."""
         try:
             while True:
-                await asyncio.sleep(self.refresh_s)
                 self.reconcile()
+                await asyncio.sleep(self.refresh_s)
         finally:
-            for task in [*self._joining.values(), *self._tasks]:
+            self.gate.on_drained = None
+            for task in self._joining.values():
                 task.cancel()
-            for task in [*self._joining.values(), *self._tasks]:
-                with contextlib.suppress(BaseException):
-                    await task
+            pending = [*self._joining.values(), *self._retiring]
+            if pending:  # a retire closes a meter and an engine: let it (bounded by their own close)
+                await asyncio.wait(pending, timeout=_STOP_WAIT_S)
 
     def reconcile(self) -> None:
-        """One pass: read the file if it changed, start joins, begin leaves."""
+        """One pass: read the file if it changed, start joins, begin leaves. Whatever goes wrong is
+        logged and the replicas stay as they are."""
+        try:
+            self._reconcile()
+        except Exception:
+            log.exception("%s: reconciling the replicas failed; they stay as they are", self.path)
+
+    def _reconcile(self) -> None:
         stamp = _stamp(self.path)
         if stamp != self._stamp:
             try:
                 self._wanted = read_replicas_file(self.path)
-                self._stamp = stamp
-            except ConfigError as exc:
+            except (ConfigError, ValueError, UnicodeError) as exc:
                 log.error("%s; the replicas stay as they are", exc)
+                self._stamp = stamp  # said once per change of the file
                 return
+            self._stamp = stamp
         if self._wanted is None:
             return
         wanted = {url_key(w.url): w for w in self._wanted}
         present = {url_key(r.url): r for r in self.pool.replicas if r.url is not None}
+        names = {r.name for r in self.pool.replicas}
         for key, listed in wanted.items():
             replica = present.get(key)
             if replica is not None and replica.leaving:
-                replica.leaving = False
+                self.gate.stay(replica)
                 log.info("replica %s is listed again: it stays", replica.name)
-            elif replica is None and key not in self._joining:
+            elif replica is None and key not in self._joining and listed.name not in names:
+                # (a listed name still taken by one that leaves: it joins once that one has gone)
                 task = asyncio.create_task(self._join(listed), name=f"ecobatch-join-{listed.name}")
                 self._joining[key] = task
-                task.add_done_callback(self._joined(key))
+                self._joining_names.add(str(listed.name))
+                task.add_done_callback(self._joined(key, str(listed.name)))
         for key, replica in present.items():
             if key in wanted or replica.leaving:
                 continue
@@ -110,55 +124,69 @@ class ReplicaMembership:
             if self.gate.begin_leaving(replica):
                 self._drained(replica)
 
-    def _joined(self, key: str) -> Callable[[asyncio.Task[None]], None]:
-        def done(_: asyncio.Task[None]) -> None:
+    def _joined(self, key: str, name: str) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
             self._joining.pop(key, None)
+            self._joining_names.discard(name)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("replica %s could not join: %r", name, task.exception())
 
         return done
 
     async def _join(self, listed: ReplicaSettings) -> None:
         replica = self._make(listed)
-        if any(r.name == replica.name for r in self.pool.replicas):
-            log.error("%s: a replica named %s is in the pool already; not added", self.path, replica.name)
-            return
-        started = False
+        meter_started = False
         try:
+            # a replica serves the pool's model: the one the replicas up serve (backend.model, or asked)
+            served = [
+                r.engine.upstream_model
+                for r in self.pool.replicas
+                if isinstance(r.engine, VllmHttpBackend) and r.engine.upstream_model
+            ]
+            if served and isinstance(replica.engine, VllmHttpBackend):
+                replica.engine.require_model(served[0])
             async with asyncio.timeout(self.startup_timeout_s):
                 await replica.engine.start(lambda message: log.info("replica %s: %s", replica.name, message))
-            if isinstance(replica.engine, VllmHttpBackend):
-                replica.engine.require_model(self.pool.model)
+            meter_started = True
             await replica.meter.start(measure_idle=True)
-            started = True
             self._check_gpus([(r.name, r.meter) for r in [*self.pool.replicas, replica]])
-        except (ConfigError, TimeoutError, OSError, ValueError) as exc:
-            why = "it did not answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            self.gate.join(replica)  # refuses a name in the pool already
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await _close(replica, meter_started=meter_started)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (shutdown): closed, and gone
+            why = "it did not answer in time" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             log.error("replica %s (%s) cannot join: %s", replica.name, listed.url, why)
-            await _close(replica, meter_started=started)
             return
         self._on_meter(replica.meter)
         self._meters.append(replica.meter)
-        self.gate.join(replica)
         log.info("replica %s (%s) joined", replica.name, listed.url)
 
     def _drained(self, replica: Replica) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(replica))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, replica: Replica) -> None:
-        if not replica.leaving or replica.occupancy.sequences:  # listed again, or busy again
-            return
+        if not replica.leaving or replica.occupancy.sequences or replica not in self.pool.replicas:
+            return  # listed again, busy again, or gone already
         self.gate.forget(replica)
-        if replica.meter in self._meters:
-            self._meters.remove(replica.meter)
-        await _close(replica, meter_started=True)
+        try:
+            await _close(replica, meter_started=True)  # its meter's last interval settles its requests
+        finally:
+            if replica.meter in self._meters:
+                self._meters.remove(replica.meter)
+            self._on_meter_gone(replica.meter)
         log.info("replica %s left", replica.name)
 
 
 async def _close(replica: Replica, *, meter_started: bool) -> None:
-    if meter_started:
-        await replica.meter.close()  # its last interval settles its requests
-    await replica.engine.close()
+    try:
+        if meter_started:
+            await replica.meter.close()
+    finally:
+        await replica.engine.close()
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
@@ -167,3 +195,7 @@ def _stamp(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
+
+
+#: how long a stopping membership waits for its retires (each closes a meter and an engine)
+_STOP_WAIT_S = 5.0

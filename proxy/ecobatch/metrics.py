@@ -236,6 +236,11 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def forget_gpu(self, meter: Any) -> None:
+        """A replica's meter has closed for good: its power gauge goes (its counters stay, as totals)."""
+        with contextlib.suppress(KeyError):
+            self.power.remove(meter.source, meter.gpu)
+
     def forget_child(self, metric: Any, values: tuple[str, ...]) -> None:
         """A labelled series removed from ``metric``: its cached child goes too (a new one is made if
         the same labels come back)."""

@@ -130,6 +130,7 @@ class Runtime:
                 self.replica_factory,
                 self.meters,
                 on_meter=self._wire,
+                on_meter_gone=self.metrics.forget_gpu,
                 check_gpus=_refuse_shared_gpus,
             )
             self._membership = asyncio.create_task(membership.run(), name="ecobatch-replicas-file")
@@ -237,10 +238,10 @@ class Runtime:
         self.state = "stopped"
         if self._membership is not None:
             self._membership.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._membership
         try:
-            for meter in self.meters:
+            for meter in list(self.meters):
                 await meter.close()
         finally:
             await self.engine.close()

@@ -45,12 +45,36 @@ def listing(path: Path, ports: list[int], names: str) -> None:
 
 
 async def complete(client: Any, n: int) -> list[int]:
-    async def one() -> int:
+    return [status for status, _ in await sent(client, n)]
+
+
+async def sent(client: Any, n: int) -> list[tuple[int, str]]:
+    """(status, request id) of ``n`` requests sent at once."""
+
+    async def one() -> tuple[int, str]:
         resp = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
         await resp.read()
-        return int(resp.status)
+        return int(resp.status), resp.headers["X-Ecobatch-Request-Id"]
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def settings_over(replicas_file: Path, dcgm_port: int, **more: object) -> Any:
+    return load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas_file": str(replicas_file),
+            "backend.replicas_refresh_s": 0.05,
+            "backend.headroom_poll_s": 0.1,
+            "backend.startup_timeout_s": 30,
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+            "energy.sample_interval_s": 0.05,
+            "batching.interactive_budget_ms": 0,
+            **more,
+        },
+    )
 
 
 async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_a_restart(
@@ -59,26 +83,12 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
     servers, _, ports, dcgm_port = sims
     replicas_file = tmp_path / "replicas.yaml"
     listing(replicas_file, ports, "a")
-    settings = load_settings(
-        None,
-        {
-            "backend.kind": "vllm-http",
-            "backend.replicas_file": str(replicas_file),
-            "backend.replicas_refresh_s": 0.05,
-            "backend.routing": "round-robin",
-            "backend.headroom_poll_s": 0.1,
-            "backend.startup_timeout_s": 30,
-            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
-            "energy.idle_power_w": 121.8,
-            "energy.sample_interval_s": 0.05,
-            "batching.interactive_budget_ms": 0,
-        },
-    )
-    app = create_app(settings)
+    app = create_app(settings_over(replicas_file, dcgm_port, **{"backend.routing": "round-robin"}))
     client = await aiohttp_client(app)
     runtime = app[RUNTIME]
     assert [r.name for r in runtime.engine.replicas] == ["a"]
-    assert await complete(client, 4) == [200] * 4
+    on_a = await sent(client, 4)
+    assert [status for status, _ in on_a] == [200] * 4
     assert (servers[0].served, servers[1].served) == (4, 0)
 
     listing(replicas_file, ports, "ab")  # b is added
@@ -93,8 +103,8 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
 
     listing(replicas_file, ports, "b")  # a is removed
 
-    async def a_left() -> bool:
-        return [r.name for r in runtime.engine.replicas] == ["b"]
+    async def a_left() -> bool:  # out of the pool, its meter closed and out of the runtime's
+        return [r.name for r in runtime.engine.replicas] == ["b"] and len(runtime.meters) == 1
 
     await eventually(a_left, "replica a left")
     served_by_a = servers[0].served
@@ -102,6 +112,9 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
     assert servers[0].served == served_by_a, "a replica that left takes no request"
     assert {m.ledger.gpu for m in runtime.meters} == {"b:sim/1"}
     assert await metric_of(client, "ecobatch_replica_requests_total", replica="a") == 0  # its series went
+    assert await metric_of(client, "ecobatch_gpu_power_watts", gpu="a:sim/0") == 0
+    receipts = [runtime.receipts.get(request_id) for _, request_id in on_a]
+    assert all(r is not None and r["status"] == "settled" for r in receipts), "a's meter settled its requests"
     health = await (await client.get("/health")).json()
     assert health["status"] == "ok" and health["engine"].get("replicas") is None  # one replica now
 
@@ -109,47 +122,80 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
 async def test_a_replica_still_running_a_request_leaves_once_it_ends(
     sims: Sims, aiohttp_client: Any, tmp_path: Path
 ) -> None:
-    servers, _, ports, dcgm_port = sims
+    _, _, ports, dcgm_port = sims
     replicas_file = tmp_path / "replicas.yaml"
     listing(replicas_file, ports, "ab")
-    settings = load_settings(
-        None,
-        {
-            "backend.kind": "vllm-http",
-            "backend.replicas_file": str(replicas_file),
-            "backend.replicas_refresh_s": 0.05,
-            "backend.startup_timeout_s": 30,
-            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
-            "energy.idle_power_w": 121.8,
-            "batching.interactive_budget_ms": 0,
-        },
-    )
-    app = create_app(settings)
+    app = create_app(settings_over(replicas_file, dcgm_port))
     client = await aiohttp_client(app)
     runtime = app[RUNTIME]
+    a, b = runtime.engine.replicas
     long = asyncio.ensure_future(
         client.post("/v1/completions", json={"prompt": "long", "max_tokens": 400})  # ~2 s on the curve
     )
 
     async def running_on_a() -> bool:
-        return runtime.engine.replicas[0].inflight == 1  # pack: the first replica takes it
+        return a.inflight == 1  # pack: the first replica takes it
 
     await eventually(running_on_a, "the long request running on a")
     listing(replicas_file, ports, "b")  # a is removed while it runs
 
     async def leaving() -> bool:
-        return runtime.engine.replicas[0].leaving
+        return a.leaving
 
     await eventually(leaving, "a leaving")
-    assert [r.name for r in runtime.engine.replicas] == ["a", "b"], "a stays while its request runs"
     assert await complete(client, 2) == [200] * 2
-    assert servers[0].served == 0 and servers[1].served == 2, "no new request goes to a leaving replica"
+    assert await metric_of(client, "ecobatch_replica_requests_total", replica="b") == 2
     assert (await long).status == 200
 
-    async def a_left() -> bool:
-        return [r.name for r in runtime.engine.replicas] == ["b"]
+    async def a_left() -> bool:  # out of the pool, its meter closed and out of the runtime's
+        return runtime.engine.replicas == [b] and a.meter not in runtime.meters
 
     await eventually(a_left, "a left once its request ended")
+
+
+async def test_a_replica_serving_another_model_or_an_unreadable_file_changes_nothing(
+    sims: Sims, aiohttp_client: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, ports, dcgm_port = sims
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    other_port = free_port()
+    _, other_runners = await serve_replicas(profile, [other_port], free_port(), served_model_name="other")
+    try:
+        replicas_file = tmp_path / "replicas.yaml"
+        listing(replicas_file, ports, "a")
+        app = create_app(settings_over(replicas_file, dcgm_port))
+        client = await aiohttp_client(app)
+        runtime = app[RUNTIME]
+        entries = yaml.safe_load(replicas_file.read_text())
+        entries.append({"url": f"http://127.0.0.1:{other_port}", "name": "c", "dcgm_labels": {"gpu": "1"}})
+        replicas_file.write_text(yaml.safe_dump(entries))
+
+        async def refused() -> bool:
+            return any(
+                "replica c" in r.getMessage() and "cannot join" in r.getMessage() for r in caplog.records
+            )
+
+        await eventually(refused, "the replica serving another model refused")
+        assert "is not served upstream" in caplog.text
+        assert [r.name for r in runtime.engine.replicas] == ["a"]
+
+        replicas_file.write_bytes(b"\xff\xfe not yaml: [")
+
+        async def said() -> bool:
+            return "the replicas stay as they are" in caplog.text
+
+        await eventually(said, "the unreadable file logged")
+        assert [r.name for r in runtime.engine.replicas] == ["a"]
+        listing(replicas_file, ports, "ab")  # a good file again: b joins
+
+        async def b_joined() -> bool:
+            return [r.name for r in runtime.engine.replicas] == ["a", "b"]
+
+        await eventually(b_joined, "b joined after the file was fixed")
+        assert await complete(client, 2) == [200] * 2
+    finally:
+        for runner in other_runners:
+            await runner.cleanup()
 
 
 def test_a_replicas_file_names_the_file_and_the_entry_in_its_errors(tmp_path: Path) -> None:
@@ -161,6 +207,9 @@ def test_a_replicas_file_names_the_file_and_the_entry_in_its_errors(tmp_path: Pa
         load_settings(None, {"backend.kind": "vllm-http", "backend.replicas_file": str(bad)})
     bad.write_text("[]\n")
     with pytest.raises(ConfigError, match="must be a non-empty YAML list of replicas"):
+        load_settings(None, {"backend.kind": "vllm-http", "backend.replicas_file": str(bad)})
+    bad.write_text("- http://h:1/a\n- http://h:1/b\n")  # both named h:1
+    with pytest.raises(ConfigError, match=r"two replicas with the same name: \['h:1'\]"):
         load_settings(None, {"backend.kind": "vllm-http", "backend.replicas_file": str(bad)})
     both = {"backend.replicas": [{"url": "http://x:1"}], "backend.replicas_file": str(bad)}
     with pytest.raises(ConfigError, match="both set"):
