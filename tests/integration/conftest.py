@@ -4,12 +4,16 @@ engine in-process (``vllm-async``). Started once per session, concurrently (~1 m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from ecobatch.testing.servers import engine_env, start_proxy, start_vllm_server, wait_healthy
+from ecobatch.config import DEFAULT_PROFILES
+from ecobatch.profile import load_profile
+from ecobatch.testing.servers import engine_env, free_port, start_proxy, start_vllm_server, wait_healthy
+from ecobatch.testing.sim_vllm import serve_replicas
+from tests.integration.helpers import Sims
 
 ADMIN_KEY = "integration-admin-key"  # the proxies below accept it on /ecobatch/batching
 
@@ -50,3 +54,14 @@ def real_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         for p in procs:
             p.stop()
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Sims]:
+    """Two modelled vLLM servers (the H200 reference curve) and their modelled dcgm-exporter."""
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    ports, dcgm_port = [free_port(), free_port()], free_port()
+    servers, runners = await serve_replicas(profile, ports, dcgm_port, served_model_name="sim")
+    yield servers, runners, ports, dcgm_port
+    for runner in runners:
+        await runner.cleanup()

@@ -8,7 +8,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+
+from ecobatch.testing.sim_vllm import SimVllm
+
+#: modelled vLLM replicas (the ``sims`` fixture): their servers, runners, ports and the dcgm port
+Sims = tuple[list[SimVllm], list[web.AppRunner], list[int], int]
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -7,7 +7,6 @@ missing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,19 +17,7 @@ from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
-from tests.integration.helpers import eventually
-
-Sims = tuple[list[SimVllm], list[web.AppRunner], list[int], int]
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Sims]:
-    profile = load_profile(DEFAULT_PROFILES["continuous"])
-    ports, dcgm_port = [free_port(), free_port()], free_port()
-    servers, runners = await serve_replicas(profile, ports, dcgm_port, served_model_name="sim")
-    yield servers, runners, ports, dcgm_port
-    for runner in runners:
-        await runner.cleanup()
+from tests.integration.helpers import Sims, eventually
 
 
 async def proxy(

@@ -4,33 +4,19 @@ modelled vLLM servers (``ecobatch.testing.sim_vllm``) and their modelled dcgm-ex
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 
 from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.errors import ConfigError
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
-from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
-from tests.integration.helpers import eventually, metric_of
-
-Sims = tuple[list[SimVllm], list[web.AppRunner], list[int], int]
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Sims]:
-    profile = load_profile(DEFAULT_PROFILES["continuous"])
-    ports, dcgm_port = [free_port(), free_port()], free_port()
-    servers, runners = await serve_replicas(profile, ports, dcgm_port, served_model_name="sim")
-    yield servers, runners, ports, dcgm_port
-    for runner in runners:
-        await runner.cleanup()
+from ecobatch.testing.sim_vllm import serve_replicas
+from tests.integration.helpers import Sims, eventually, metric_of
 
 
 def listing(path: Path, ports: list[int], names: str) -> None:
