@@ -41,7 +41,17 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-BODY = '{"prompt": "hello world", "max_tokens": 4}'
+#: what wrk posts: (path, body) per --api
+REQUESTS = {
+    "completions": ("/v1/completions", '{"prompt": "hello world", "max_tokens": 4}'),
+    "chat": (
+        "/v1/chat/completions",
+        '{"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4}',
+    ),
+}
+PATH, BODY = REQUESTS["completions"]
+#: one core for the server, the other for wrk (--unpinned: both share both cores, as in production)
+PIN = True
 PERCENTILES = (50, 90, 99, 99.9)
 SCENARIOS = {  # name: (connections, delay between a connection's requests in ms)
     "saturation": (256, 0),
@@ -93,6 +103,7 @@ def run_floor_server(port: int) -> None:
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", completions)  # the same-sized answer: only HTTP counts
     app.router.add_get("/health", health)
     loop_factory = None
     try:
@@ -107,8 +118,8 @@ def run_floor_server(port: int) -> None:
 
 # ---- measuring -----------------------------------------------------------------------------------
 def _pinned(args: list[str], cpu: int) -> list[str]:
-    """``args`` run on core ``cpu`` where taskset and a second core exist."""
-    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+    """``args`` run on core ``cpu`` where taskset and a second core exist (and PIN is on)."""
+    if not PIN or shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
         return args
     return ["taskset", "-c", str(cpu), *args]
 
@@ -123,7 +134,7 @@ def wrk(url: str, connections: int, delay_ms: int, duration_s: float, lua_dir: P
             "percentiles": ", ".join(str(p) for p in PERCENTILES),
         }
     )
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "-s", str(script), f"{url}/v1/completions"]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s:g}s", "-s", str(script), f"{url}{PATH}"]
     out = subprocess.run(_pinned(cmd, 1), capture_output=True, text=True, check=True).stdout
     match = re.search(r"^WRK_JSON (.*)$", out, re.M)
     if match is None:
@@ -152,7 +163,7 @@ def profile(pid: int, url: str, duration_s: float, lua_dir: Path) -> dict[str, f
                 f"-d{duration_s + 2:g}s",
                 "-s",
                 str(lua_dir / "post-0.lua"),
-                f"{url}/v1/completions",
+                f"{url}{PATH}",
             ],
             1,
         ),
@@ -272,8 +283,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Proxy overhead ({report['date']}, {report['machine']})",
         "",
         f"Command: `{report['command']}`. Load: wrk, {report['duration_s']:g} s per run, median of "
-        f"{report['repeats']} runs per row, body `{BODY}`; each "
-        "server one process pinned to one core, wrk on the other.",
+        f"{report['repeats']} runs per row, body `{report.get('body', BODY)}`; each server one process, "
+        + (
+            "pinned to one core, wrk on the other."
+            if report.get("pinned", True)
+            else "not pinned: it and wrk share both cores, as a user's machine would."
+        ),
         "",
         "| target | scenario | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -345,9 +360,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     parser.add_argument("--profile", action="store_true", help="also profile ecobatch with py-spy")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="no taskset: server and wrk share both cores, as in production",
+    )
+    parser.add_argument("--api", choices=sorted(REQUESTS), default="completions", help="what wrk posts")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PIN, PATH, BODY
+    PIN = not args.unpinned
+    PATH, BODY = REQUESTS[args.api]
     if args.floor_server:
         run_floor_server(args.port)
         return
@@ -360,6 +384,9 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
         "command": "python benchmarks/overhead.py"
         + (" --profile" if args.profile else "")
+        + (" --unpinned" if args.unpinned else "")
+        + (f" --api {args.api}" if args.api != "completions" else "")
+        + (f" --out {args.out}" if args.out != RESULTS / "overhead.json" else "")
         + (
             ""
             if args.repeats == 3 and args.duration_s == 10
@@ -367,6 +394,8 @@ def main() -> None:
         ),
         "duration_s": args.duration_s,
         "repeats": args.repeats,
+        "pinned": PIN,
+        "body": BODY,
         **measure(args.duration_s, args.repeats, args.profile),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
