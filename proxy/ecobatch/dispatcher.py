@@ -180,16 +180,22 @@ class Dispatcher:
         pending.released_s = now_s
         wait_s = now_s - pending.arrival_s
         metrics.child(metrics.queue_wait, self._model, pending.tier).observe(wait_s)
-        budget_s = self._budget_s(pending.tier)
-        # budgets are to the first token: a stream's is timed when it comes (``_timed_emit``); for any
-        # other request it is its wait plus the engine's measured time to first token (an estimate)
-        if budget_s is not None and pending.emit is None and wait_s + self.load.ttft_s > budget_s:
-            metrics.child(metrics.budget_misses, self._model, pending.tier).inc()
+        # budgets are to the first token: a stream's is timed when it comes (``_timed_emit``, or
+        # ``_resolve`` for one that ends without any); for any other request it is its wait plus the
+        # engine's measured time to first token (an estimate)
+        if pending.emit is None:
+            self._count_if_late(pending, wait_s + self.load.ttft_s)
         self._running[id(pending)] = pending
 
     def _budget_s(self, tier: Tier) -> float | None:
         """The wait a tier allows (None: no budget is kept on this shape)."""
         return None
+
+    def _count_if_late(self, pending: Pending, first_token_after_s: float) -> None:
+        """A budget miss when the first token came (or would come) later than the tier's budget."""
+        budget_s = self._budget_s(pending.tier)
+        if budget_s is not None and first_token_after_s > budget_s:
+            self._metrics.child(self._metrics.budget_misses, self._model, pending.tier).inc()
 
     def _timed_emit(self, pending: Pending) -> Emit | None:
         """The stream's emit, timing its first token: the tier's time to first token (from arrival) and
@@ -207,9 +213,7 @@ class Dispatcher:
                 now = clock.now()
                 ttft_s = now - pending.arrival_s
                 metrics.child(metrics.ttft, self._model, pending.tier).observe(ttft_s)
-                budget_s = self._budget_s(pending.tier)
-                if budget_s is not None and ttft_s > budget_s:
-                    metrics.child(metrics.budget_misses, self._model, pending.tier).inc()
+                self._count_if_late(pending, ttft_s)
                 if pending.released_s is not None:
                     load.first_token(now - pending.released_s)
             emit(chunk)
@@ -238,11 +242,9 @@ class Dispatcher:
         ``in_flight``: the sequences on the request's engine (its replica), for an estimate."""
         self._running.pop(id(pending), None)
         self._admission.observe_done()
-        budget_s = self._budget_s(pending.tier)
-        stream_without_token = pending.emit is not None and not pending.first_token_seen
-        # a stream that ended without a first token: a miss if its budget ran out meanwhile
-        if stream_without_token and budget_s is not None and self._clock.now() - pending.arrival_s > budget_s:
-            self._metrics.child(self._metrics.budget_misses, self._model, pending.tier).inc()
+        if pending.emit is not None and not pending.first_token_seen:
+            # a stream that ended without a first token: a miss if its budget ran out meanwhile
+            self._count_if_late(pending, self._clock.now() - pending.arrival_s)
         delivered = not pending.future.done()
         answer: Outcome | EcobatchError
         if isinstance(result, GenerationResult):

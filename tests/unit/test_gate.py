@@ -39,11 +39,19 @@ async def warm(
     engine.started.clear()
 
 
+def sample(metrics: object, name: str, **labels: str) -> float | None:
+    """One series of the gate's metrics now (None: no such series)."""
+    value = metrics.registry.get_sample_value(name, labels)  # type: ignore[attr-defined]
+    return None if value is None else float(value)
+
+
 def released(metrics: object, tier: str, reason: str) -> float:
-    value = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
-        "ecobatch_release_decisions_total", {"model": "fake-model", "tier": tier, "reason": reason}
-    )
-    return value or 0.0
+    labels = {"model": "fake-model", "tier": tier, "reason": reason}
+    return sample(metrics, "ecobatch_release_decisions_total", **labels) or 0.0
+
+
+def interactive_misses(metrics: object) -> float | None:
+    return sample(metrics, "ecobatch_budget_misses_total", model="fake-model", tier="interactive")
 
 
 # ---- interactive ---------------------------------------------------------------------------------
@@ -168,10 +176,7 @@ async def test_a_first_token_later_than_the_budget_is_a_budget_miss(
     engine.finish("on-time")
     await on_time.future
     assert len(chunks) == 2
-    misses = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
-        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
-    )
-    assert misses == 1
+    assert interactive_misses(metrics) == 1
     await gate.close(grace_s=0)
 
 
@@ -263,14 +268,13 @@ async def test_at_most_the_limit_is_in_flight_and_each_slot_frees_when_its_own_r
     engine = FakeContinuousEngine()
     gate, ledgers, metrics = build_gate([engine], continuous_profile, clock, max_inflight_sequences=4)
     _, _, unlimited_metrics = build_gate([FakeContinuousEngine()], continuous_profile, clock)
-    limit_of = unlimited_metrics.registry.get_sample_value  # type: ignore[attr-defined]
-    assert limit_of("ecobatch_inflight_limit_sequences", {"replica": "r0"}) == math.inf  # +Inf: none
+    assert sample(unlimited_metrics, "ecobatch_inflight_limit_sequences", replica="r0") == math.inf  # none
     await gate.start()
     names = [f"r{i}" for i in range(16)]  # a burst of 4x the limit
     pendings = {n: gate.submit(req(n, max_tokens=LONG)) for n in names}
     await clock.advance(0.1)
     assert engine.started == names[:4]
-    assert metrics.registry.get_sample_value("ecobatch_inflight_limit_sequences", {"replica": "r0"}) == 4
+    assert sample(metrics, "ecobatch_inflight_limit_sequences", replica="r0") == 4
     engine.finish("r2")
     await pendings["r2"].future
     await settle()
@@ -366,10 +370,7 @@ async def test_a_request_that_waited_past_its_budget_is_counted_as_a_miss(
     await settle()
     engine.finish("second")
     assert (await second.future).queue_wait_s == pytest.approx(0.5)
-    misses = metrics.registry.get_sample_value(
-        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
-    )
-    assert misses == 1
+    assert interactive_misses(metrics) == 1
     await gate.close(grace_s=0)
 
 
@@ -597,11 +598,9 @@ async def test_the_scale_signal_follows_the_live_load_and_falls_to_zero_when_it_
     await gate.start()
 
     def signal() -> float:
-        value = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
-            "ecobatch_replicas_needed", {"model": "fake-model"}
-        )
+        value = sample(metrics, "ecobatch_replicas_needed", model="fake-model")
         assert value is not None
-        return float(value)
+        return value
 
     async def stream(rate: float, name: str) -> float:
         """Arrivals at ``rate`` for 2 s; the signal read as the last one arrives."""
@@ -662,8 +661,5 @@ async def test_a_stream_that_waited_past_its_budget_and_failed_before_any_token_
     await busy.future
     with pytest.raises(BadRequest):  # the engine fails it before its first token
         await stream.future
-    misses = metrics.registry.get_sample_value(  # type: ignore[attr-defined]
-        "ecobatch_budget_misses_total", {"model": "fake-model", "tier": "interactive"}
-    )
-    assert misses == 1
+    assert interactive_misses(metrics) == 1
     await gate.close(grace_s=0)
