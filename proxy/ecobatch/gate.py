@@ -14,7 +14,6 @@ for the next event or the plan's wake-up time. The plan's reasons are counted
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -142,9 +141,7 @@ class ContinuousGate(Dispatcher):
             metrics.replica_up,
             metrics.inflight_limit,
         ):
-            with contextlib.suppress(KeyError):
-                family.remove(replica.name)
-            metrics.forget_child(family, (replica.name,))
+            metrics.drop(family, replica.name)
 
     def _limit(self, replica: Replica) -> Limit:
         return self.limits.get(replica.name) or Limit(UNLIMITED, "none")

@@ -236,15 +236,16 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def drop(self, metric: Any, *values: str) -> None:
+        """A labelled series removed from ``metric`` (where it exists), its cached child with it (a new
+        one is made if the same labels come back)."""
+        with contextlib.suppress(KeyError):
+            metric.remove(*values)
+        self._children.pop((id(metric), values), None)
+
     def forget_gpu(self, meter: Any) -> None:
         """A replica's meter has closed for good: its power gauge goes (its counters stay, as totals)."""
-        with contextlib.suppress(KeyError):
-            self.power.remove(meter.source, meter.gpu)
-
-    def forget_child(self, metric: Any, values: tuple[str, ...]) -> None:
-        """A labelled series removed from ``metric``: its cached child goes too (a new one is made if
-        the same labels come back)."""
-        self._children.pop((id(metric), values), None)
+        self.drop(self.power, meter.source, meter.gpu)
 
     def observe_request(self, status: str, stream: str, seconds: float) -> None:
         self.child(self.requests, self._model, status).inc()
@@ -255,15 +256,12 @@ class Metrics:
         previous, self._model = self._model, model
         for m in (self.inflight, self.policy_batch_size):
             if previous != model:  # no gauge left behind at 0 under the old name
-                m.remove(previous)
-                self._children.pop((id(m), (previous,)), None)
+                self.drop(m, previous)
             m.labels(model=model).set(0)
         for tier in TIERS:
             if previous != model:  # before the engine answered nothing ran: these series are empty
-                for per_tier in (self.queue_depth, self.budget_misses):
-                    with contextlib.suppress(KeyError):
-                        per_tier.remove(previous, tier)
-                    self._children.pop((id(per_tier), (previous, tier)), None)
+                self.drop(self.queue_depth, previous, tier)
+                self.drop(self.budget_misses, previous, tier)
             self.queue_depth.labels(model=model, tier=tier).set(0)
             self.budget_misses.labels(model=model, tier=tier).inc(0)  # a series from the start
 
