@@ -63,15 +63,24 @@ def settings_over(replicas_file: Path, dcgm_port: int, **more: object) -> Any:
     )
 
 
+async def proxy_over(
+    aiohttp_client: Any, tmp_path: Path, ports: list[int], dcgm_port: int, names: str, **more: object
+) -> tuple[Path, Any, Any]:
+    """(the replicas file listing ``names``, a client of ecobatch over it, its runtime)."""
+    replicas_file = tmp_path / "replicas.yaml"
+    listing(replicas_file, ports, names)
+    app = create_app(settings_over(replicas_file, dcgm_port, **more))
+    return replicas_file, await aiohttp_client(app), app[RUNTIME]
+
+
 async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_a_restart(
     sims: Sims, aiohttp_client: Any, tmp_path: Path
 ) -> None:
     servers, _, ports, dcgm_port = sims
-    replicas_file = tmp_path / "replicas.yaml"
-    listing(replicas_file, ports, "a")
-    app = create_app(settings_over(replicas_file, dcgm_port, **{"backend.routing": "round-robin"}))
-    client = await aiohttp_client(app)
-    runtime = app[RUNTIME]
+    round_robin = {"backend.routing": "round-robin"}
+    replicas_file, client, runtime = await proxy_over(
+        aiohttp_client, tmp_path, ports, dcgm_port, "a", **round_robin
+    )
     assert [r.name for r in runtime.engine.replicas] == ["a"]
     on_a = await sent(client, 4)
     assert [status for status, _ in on_a] == [200] * 4
@@ -109,11 +118,7 @@ async def test_a_replica_still_running_a_request_leaves_once_it_ends(
     sims: Sims, aiohttp_client: Any, tmp_path: Path
 ) -> None:
     _, _, ports, dcgm_port = sims
-    replicas_file = tmp_path / "replicas.yaml"
-    listing(replicas_file, ports, "ab")
-    app = create_app(settings_over(replicas_file, dcgm_port))
-    client = await aiohttp_client(app)
-    runtime = app[RUNTIME]
+    replicas_file, client, runtime = await proxy_over(aiohttp_client, tmp_path, ports, dcgm_port, "ab")
     a, b = runtime.engine.replicas
     long = asyncio.ensure_future(
         client.post("/v1/completions", json={"prompt": "long", "max_tokens": 400})  # ~2 s on the curve
@@ -147,11 +152,7 @@ async def test_a_replica_serving_another_model_or_an_unreadable_file_changes_not
     other_port = free_port()
     _, other_runners = await serve_replicas(profile, [other_port], free_port(), served_model_name="other")
     try:
-        replicas_file = tmp_path / "replicas.yaml"
-        listing(replicas_file, ports, "a")
-        app = create_app(settings_over(replicas_file, dcgm_port))
-        client = await aiohttp_client(app)
-        runtime = app[RUNTIME]
+        replicas_file, client, runtime = await proxy_over(aiohttp_client, tmp_path, ports, dcgm_port, "a")
         entries = yaml.safe_load(replicas_file.read_text())
         entries.append({"url": f"http://127.0.0.1:{other_port}", "name": "c", "dcgm_labels": {"gpu": "1"}})
         replicas_file.write_text(yaml.safe_dump(entries))
