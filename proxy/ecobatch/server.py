@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpProcessingError
+from aiohttp.http_exceptions import LineTooLong
 
 from .app import BRING_UP, RUNTIME, create_app, metrics_app
 from .config import Settings
@@ -36,6 +37,9 @@ _DRAIN_EXTRA_S = 1.0
 #: after SIGTERM the process is gone within server.shutdown_grace_s plus this, even with a stuck engine
 EXIT_AFTER_GRACE_S = _DRAIN_EXTRA_S + _CLEANUP_S
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+RequestFactory = Callable[..., web.BaseRequest]
+
 
 class StartupError(Exception):
     """A start-up failure the user can fix; its message is one line saying how."""
@@ -48,11 +52,44 @@ class Exit:
     stuck: bool = False
 
 
-class _OpenAIErrorsHandler(RequestHandler):
+# How the API's parser errors reach the OpenAI form, through aiohttp's public names only.
+#
+# A request the HTTP parser refuses never reaches the application (no middleware, no signal sees it):
+# aiohttp answers it on the connection, by calling ``RequestHandler.handle_error(request, 400, exc)``
+# with the parser's exception. No documented hook changes that answer, so the connection handler is
+# replaced, using only names aiohttp exports without an underscore (checked from 3.8 to 3.14):
+# ``web.RequestHandler`` (exported in ``web.__all__``) with its ``handle_error`` overridden;
+# ``web.Server`` (documented as the protocol factory for ``loop.create_server``) whose ``__call__``
+# makes that handler; ``web.ServerRunner`` to serve it; the application's own handler and request
+# factory read from the ``web.AppRunner``'s server (``request_handler``, ``request_factory``); the
+# exception classes from ``aiohttp.http`` and ``aiohttp.http_exceptions``. None of this is documented
+# as an extension point, so tests/integration/test_http_limits.py checks each name and signature, and
+# the answers themselves: an aiohttp that changes them fails there, loudly.
+
+
+def _parser_refusal(exc: BaseException, max_header_bytes: int) -> tuple[str, str]:
+    """The OpenAI error (message, code) for a request the HTTP parser refused. Never the parser's own
+    message: it quotes the refused bytes, and a header that is too long may be a credential."""
+    if isinstance(exc, LineTooLong):
+        message = (
+            "a request header line (or the request line) is longer than "
+            f"server.max_header_bytes={max_header_bytes} bytes"
+        )
+        return message, "header_too_large"
+    return f"malformed HTTP request ({type(exc).__name__})", "bad_request"
+
+
+class _OpenAIErrorsHandler(web.RequestHandler):
     """aiohttp's connection handler, whose own error answers (a request the HTTP parser refused: a
-    header line over ``max_field_size``, a malformed request line) leave in the OpenAI error form like
-    every other error, instead of aiohttp's plain text. They never echo what the client sent: a header
-    that is too long may be a credential."""
+    header line over ``max_field_size``, a malformed request line; a handler's error or time-out that
+    escaped the app) leave in the OpenAI error form like every other error, instead of aiohttp's plain
+    text. They never echo nor log what the client sent."""
+
+    def __init__(
+        self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, max_header_bytes: int, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self.max_header_bytes = max_header_bytes
 
     def handle_error(
         self,
@@ -61,30 +98,19 @@ class _OpenAIErrorsHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if not isinstance(exc, BadHttpMessage):  # a handler's error (504: its time-out): aiohttp's answer
-            default = super().handle_error(request, status, exc, message)
-            what = "the request timed out" if status == 504 else "internal error"
-            return _error(
-                default.status, what, "internal_error", "timeout" if status == 504 else "internal_error"
-            )
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already sent, cannot send another one")
+        if not isinstance(exc, HttpProcessingError):  # a handler's error (504: its time-out)
+            default = super().handle_error(request, status, exc, message)  # logs it; refuses a 2nd answer
+            if default.status == 504:
+                return _error(504, "the request timed out", "internal_error", "timeout")
+            return _error(default.status, "internal error", "internal_error", "internal_error")
         # logged without aiohttp's message: it quotes the refused bytes, which may be a credential
         log.info(
             "refused a request from %s that the HTTP parser could not read: %s",
             request.remote,
             type(exc).__name__,
         )
-        if isinstance(exc, LineTooLong):
-            limit = exc.args[1] if len(exc.args) > 1 else "?"
-            text = (
-                "a request header line (or the request line) is longer than "
-                f"server.max_header_bytes={limit} bytes"
-            )
-            return _error(status, text, "invalid_request_error", "header_too_large")
-        return _error(
-            status, f"malformed HTTP request ({type(exc).__name__})", "invalid_request_error", "bad_request"
-        )
+        text, code = _parser_refusal(exc, self.max_header_bytes)
+        return _error(status, text, "invalid_request_error", code)
 
 
 def _error(status: int, message: str, error_type: str, code: str) -> web.Response:
@@ -95,20 +121,77 @@ def _error(status: int, message: str, error_type: str, code: str) -> web.Respons
 
 
 class _OpenAIErrorsServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _OpenAIErrorsHandler(self, loop=self._loop, **self._kwargs)
+    """aiohttp's low-level server (the protocol factory) whose connections are ``_OpenAIErrorsHandler``s
+    with the API's header limit."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        request_factory: RequestFactory,
+        handler_cancellation: bool,
+        max_header_bytes: int,
+    ) -> None:
+        super().__init__(
+            handler,
+            request_factory=request_factory,
+            handler_cancellation=handler_cancellation,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
+        )
+        self.max_header_bytes = max_header_bytes
+        self.event_loop = asyncio.get_running_loop()
+
+    def __call__(self) -> web.RequestHandler:
+        limit = self.max_header_bytes
+        return _OpenAIErrorsHandler(
+            self, loop=self.event_loop, max_header_bytes=limit, max_line_size=limit, max_field_size=limit
+        )
 
 
-class ApiRunner(web.AppRunner):
-    """An ``AppRunner`` with the API's header limit whose parser errors answer in the OpenAI form."""
+class ApiRunner:
+    """The API application served with the API's header limit, its parser errors answered in the
+    OpenAI form.
 
-    def __init__(self, app: web.Application, *, max_header_bytes: int, **kwargs: Any) -> None:
-        super().__init__(app, max_line_size=max_header_bytes, max_field_size=max_header_bytes, **kwargs)
+    A ``web.AppRunner`` runs the application's life (``setup``: its startup; ``cleanup``: its
+    shutdown and cleanup); its server gives the application's handler and request factory, which an
+    ``_OpenAIErrorsServer`` serves through a ``web.ServerRunner``: ``setup`` returns that runner, for
+    the sites."""
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _OpenAIErrorsServer  # the same server; only its connections' handler differs
-        return server
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        max_header_bytes: int,
+        handler_cancellation: bool = False,
+        shutdown_timeout: float = 60.0,
+    ) -> None:
+        self.app_runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+        self.max_header_bytes = max_header_bytes
+        self.handler_cancellation = handler_cancellation
+        self.shutdown_timeout = shutdown_timeout
+        self.runner: web.ServerRunner | None = None
+
+    async def setup(self) -> web.ServerRunner:
+        await self.app_runner.setup()
+        app_server = self.app_runner.server
+        assert app_server is not None  # set by setup
+        server = _OpenAIErrorsServer(
+            app_server.request_handler,
+            request_factory=app_server.request_factory,
+            handler_cancellation=self.handler_cancellation,
+            max_header_bytes=self.max_header_bytes,
+        )
+        self.runner = web.ServerRunner(server, shutdown_timeout=self.shutdown_timeout)
+        await self.runner.setup()
+        return self.runner
+
+    async def cleanup(self) -> None:
+        """Stop listening and close the connections (in-flight ones get ``shutdown_timeout``), then the
+        application's shutdown and cleanup."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.app_runner.cleanup()
 
 
 # Pending connections the kernel queues before accept (capped by net.core.somaxconn): a burst of
@@ -116,7 +199,7 @@ class ApiRunner(web.AppRunner):
 LISTEN_BACKLOG = 1024
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> None:
+async def _listen(runner: web.BaseRunner, host: str, port: int, what: str) -> None:
     try:
         await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
     except OSError as exc:
@@ -129,22 +212,22 @@ async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> Non
 async def serve(settings: Settings) -> Exit:
     server = settings.server
     app = create_app(settings, start_in_background=True)
-    runners: list[web.AppRunner] = [
-        ApiRunner(
-            app, handler_cancellation=True, shutdown_timeout=1.0, max_header_bytes=server.max_header_bytes
-        )
-    ]
+    api = ApiRunner(
+        app, handler_cancellation=True, shutdown_timeout=1.0, max_header_bytes=server.max_header_bytes
+    )
+    serving = await api.setup()
+    metrics: web.AppRunner | None = None
     if server.metrics_port is not None:
-        runners.append(web.AppRunner(metrics_app(app), shutdown_timeout=1.0))
-    for runner in runners:
-        await runner.setup()
+        metrics = web.AppRunner(metrics_app(app), shutdown_timeout=1.0)
+        await metrics.setup()
     try:
-        await _listen(runners[0], server.host, server.port, "the API")
-        if server.metrics_port is not None:
-            await _listen(runners[1], server.host, server.metrics_port, "/metrics")
+        await _listen(serving, server.host, server.port, "the API")
+        if metrics is not None and server.metrics_port is not None:
+            await _listen(metrics, server.host, server.metrics_port, "/metrics")
     except StartupError:
-        for runner in runners:
-            await runner.cleanup()
+        if metrics is not None:
+            await metrics.cleanup()
+        await api.cleanup()
         raise
     runtime = app[RUNTIME]
     log.info(
@@ -169,8 +252,9 @@ async def serve(settings: Settings) -> Exit:
         stuck = True
     try:
         async with asyncio.timeout(_CLEANUP_S):
-            for runner in reversed(runners):
-                await runner.cleanup()
+            if metrics is not None:
+                await metrics.cleanup()
+            await api.cleanup()
     except TimeoutError:
         log.error("the engine or the meter did not close within %.0f s: exiting anyway", _CLEANUP_S)
         stuck = True
