@@ -1,7 +1,8 @@
 """Running the proxy as a process: listen first, bring the engine up, drain on SIGTERM, exit.
 
-1. The app is built (a bad setting stops here: exit code 2) and the server **listens** (a port in use
-   stops here: exit code 2); ``/health`` answers 503 with the reason until the engine is ready.
+1. The app is built (a bad setting stops here: exit code 2) and its ports are bound (a port in use stops
+   here: exit code 2, before the engine starts and before anything is logged as listening or ready);
+   then the server **listens**, and ``/health`` answers 503 with the reason until the engine is ready.
 2. The runtime brings the engine up in the background, logging what it waits for every few seconds;
    if it is not ready within ``backend.startup_timeout_s``: one line, exit code 1.
 3. On SIGTERM or SIGINT: **drain**. The socket stays open and new requests get 503 with
@@ -16,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -199,36 +202,53 @@ class ApiRunner:
 LISTEN_BACKLOG = 1024
 
 
-async def _listen(runner: web.BaseRunner, host: str, port: int, what: str) -> None:
+def _bind(host: str, port: int, what: str) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as ``web.TCPSite`` would bind them),
+    made before anything else starts: a port in use stops the start here."""
+    sockets: list[socket.socket] = []
     try:
-        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            sockets.append(socket.create_server(address, family=family, backlog=LISTEN_BACKLOG))
     except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        where = f"cannot listen on {host}:{port} for {what}"
+        if isinstance(exc, socket.gaierror):
+            raise StartupError(f"{where}: server.host={host!r} cannot be resolved ({exc.strerror})") from None
         raise StartupError(
-            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}; is another process using it? "
+            f"{where}: {os.strerror(exc.errno) if exc.errno else exc}; is another process using it? "
             "choose another port (--port / server.port / server.metrics_port)"
         ) from None
+    return sockets
 
 
 async def serve(settings: Settings) -> Exit:
     server = settings.server
     app = create_app(settings, start_in_background=True)
+    # The ports are bound before the app starts: a port in use stops here, before the engine is started
+    # and before anything says it listens.
+    api_sockets = _bind(server.host, server.port, "the API")
+    metrics_sockets: list[socket.socket] = []
+    if server.metrics_port is not None:
+        try:
+            metrics_sockets = _bind(server.host, server.metrics_port, "/metrics")
+        except StartupError:
+            for sock in api_sockets:
+                sock.close()
+            raise
     api = ApiRunner(
         app, handler_cancellation=True, shutdown_timeout=1.0, max_header_bytes=server.max_header_bytes
     )
-    serving = await api.setup()
+    serving = await api.setup()  # the app starts: the engine comes up in the background
+    sites = [web.SockSite(serving, sock, backlog=LISTEN_BACKLOG) for sock in api_sockets]
     metrics: web.AppRunner | None = None
-    if server.metrics_port is not None:
+    if metrics_sockets:
         metrics = web.AppRunner(metrics_app(app), shutdown_timeout=1.0)
         await metrics.setup()
-    try:
-        await _listen(serving, server.host, server.port, "the API")
-        if metrics is not None and server.metrics_port is not None:
-            await _listen(metrics, server.host, server.metrics_port, "/metrics")
-    except StartupError:
-        if metrics is not None:
-            await metrics.cleanup()
-        await api.cleanup()
-        raise
+        sites += [web.SockSite(metrics, sock, backlog=LISTEN_BACKLOG) for sock in metrics_sockets]
+    for site in sites:
+        await site.start()
     runtime = app[RUNTIME]
     log.info(
         "listening on http://%s:%d (backend=%s); /health answers 503 until the engine is ready",

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -148,9 +149,7 @@ def test_start_up_errors_are_one_line_with_exit_code_2(args: list[str], message:
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_a_port_in_use_is_one_line_with_exit_code_2() -> None:
-    import socket
-
+def test_a_port_in_use_is_one_line_with_exit_code_2_and_nothing_said_ready_or_listening() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -160,7 +159,56 @@ def test_a_port_in_use_is_one_line_with_exit_code_2() -> None:
         )
     assert done.returncode == 2, done.stderr
     assert f"ecobatch: cannot start: cannot listen on 127.0.0.1:{port} for the API" in done.stderr
+    assert "address already in use" in done.stderr.lower()
     assert "Traceback" not in done.stderr
+    said = (done.stdout + done.stderr).lower()
+    for word in ("ready", "listening", "draining"):  # the engine (simulated: ready at once) never started
+        assert not re.search(rf"\b{word}\b", said), said
+
+
+@pytest.mark.parametrize("taken_port", ["server.port", "server.metrics_port"])
+def test_a_port_in_use_stops_the_start_before_the_engine_starts(tmp_path: Path, taken_port: str) -> None:
+    """A vllm-http engine's first act is to ask its upstream for the model: an upstream that no
+    connection reached is an engine that never started."""
+    with socket.socket() as taken, socket.socket() as upstream:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen()
+        upstream.setblocking(False)
+        ports = {"server.port": free_port(), "server.metrics_port": free_port()}
+        ports[taken_port] = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"server:\n  port: {ports['server.port']}\n  metrics_port: {ports['server.metrics_port']}\n"
+            f"backend:\n  kind: vllm-http\n  upstream: http://127.0.0.1:{upstream.getsockname()[1]}\n"
+        )
+        done = subprocess.run([*ECOBATCH, "serve", "--config", str(cfg)], capture_output=True, timeout=60)
+        with pytest.raises(BlockingIOError):  # the process has exited: any connection it made is queued
+            upstream.accept()
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{ports[taken_port]}".encode() in done.stderr
+    said = (done.stdout + done.stderr).lower()
+    for word in (b"starting:", b"listening", b"waiting for upstream"):
+        assert word not in said, said
+
+
+def test_metrics_on_their_own_port_are_served_beside_the_api(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"server:\n  port: {port}\n  metrics_port: {metrics_port}\n")
+    proc = start("serve", "--config", str(cfg))
+    try:
+        wait_listening(port, proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"ecobatch_" in r.read()
+        assert http("GET", f"http://127.0.0.1:{port}/metrics")[0] == 404  # not on the API's port
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert f"listening on http://127.0.0.1:{port}" in output
 
 
 def test_sigterm_drains_with_503s_and_finishes_in_flight_work_within_the_grace() -> None:
