@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test test-unit lint typecheck pytest setup-dev clean
+.PHONY: serve test test-unit test-aiohttp-range lint typecheck pytest setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(VENV)/.unit: pyproject.toml | $(BIN)/python
 
 test-unit: $(VENV)/.unit
 	bash scripts/pytest.sh $(BIN)/python -m pytest tests/unit $(ARGS)
+
+# the declared aiohttp range (floor and newest), each in a throwaway venv: ~90 s, so not part of `make test`
+test-aiohttp-range:
+	PYTHON=$(PYTHON) bash scripts/test-aiohttp-range.sh $(ARGS)
 
 serve: $(VENV)/.base
 	$(BIN)/ecobatch serve $(ARGS)
