@@ -150,3 +150,32 @@ def test_the_aiohttp_names_the_api_server_relies_on_are_still_there() -> None:
     )
     assert "HttpProcessingError" in aiohttp.http.__all__
     assert issubclass(aiohttp.http_exceptions.LineTooLong, aiohttp.http.HttpProcessingError)
+
+
+async def test_the_api_runner_cancels_the_handler_of_a_client_that_left() -> None:
+    """``serve`` runs the API with ``handler_cancellation``: a client that leaves stops its request."""
+    started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def waits(_: web.Request) -> web.Response:
+        started.set_result(None)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set_result(None)
+            raise
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/waits", waits)
+    api = ApiRunner(app, max_header_bytes=2048, handler_cancellation=True)
+    runner = await api.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET /waits HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(started, timeout=10)
+        writer.close()
+        await asyncio.wait_for(cancelled, timeout=10)
+    finally:
+        await api.cleanup()
