@@ -319,7 +319,7 @@ async def _put_batching(request: web.Request) -> web.Response:
             )
     merged = {**current, **changes}
     try:
-        settings: BatchingSettings = build_section(BatchingSettings, merged, "batching")
+        settings = build_section(BatchingSettings, merged, "batching")
     except ConfigError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
     dispatcher.reconfigure(settings)

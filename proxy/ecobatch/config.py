@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -384,6 +384,9 @@ RENAMED: dict[str, str] = {
 }
 
 
+_S = TypeVar("_S", bound=Struct)
+
+
 def _labels_as_strings(data: Mapping[str, Any]) -> Mapping[str, Any]:
     """``dcgm_labels`` with number values as strings: YAML reads ``{gpu: 0}`` as a number, Prometheus
     labels are strings."""
@@ -397,7 +400,7 @@ def _labels_as_strings(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**data, "dcgm_labels": as_text}
 
 
-def build_section(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+def build_section(cls: type[_S], data: Mapping[str, Any], prefix: str) -> _S:
     """A settings section from its keys (YAML, flags, a PUT), each checked against the schema; a
     ``ConfigError`` names the first bad key in full (``backend.replicas[1].url``) and its limit."""
     if not isinstance(data, Mapping):
@@ -532,7 +535,8 @@ def read_replicas_file(path: str) -> list[ReplicaSettings]:
         if replica.name is None:
             replica = msgspec.structs.replace(replica, name=urlsplit(replica.url).netloc)
         replicas.append(replica)
-    for what, values in (("name", [r.name for r in replicas]), ("URL", [url_key(r.url) for r in replicas])):
+    names = [r.name for r in replicas if r.name is not None]  # each has one by now
+    for what, values in (("name", names), ("URL", [url_key(r.url) for r in replicas])):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise ConfigError(f"{where}: two replicas with the same {what}: {twice}", field=field_name)
