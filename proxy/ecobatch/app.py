@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -128,10 +127,11 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
+    return web.Response(body=_encode(body), status=status, headers=headers, content_type="application/json")
 
 
 def _with_tier(body: dict[str, Any], tier: Tier) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, s
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"data: " + _encode(payload) + b"\n\n"
 
 
 async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse:
