@@ -80,7 +80,7 @@ end
 def run_floor_server(port: int) -> None:
     import asyncio
 
-    import orjson
+    import msgspec
     from aiohttp import web
 
     answer = {
@@ -95,8 +95,8 @@ def run_floor_server(port: int) -> None:
     }
 
     async def completions(request: web.Request) -> web.Response:
-        orjson.loads(await request.read())
-        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+        msgspec.json.decode(await request.read())
+        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -121,16 +120,18 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _read_json(request: web.Request) -> Any:
+    """The body, decoded once; the routes check it against their schema (``openai_api``, ``config``)."""
     try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
+        return msgspec.json.decode(await request.read())
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # ValidationError: a number past float
         raise BadRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
+    return web.Response(body=_encode(body), status=status, headers=headers, content_type="application/json")
 
 
 def _with_tier(body: dict[str, Any], tier: Tier) -> dict[str, Any]:
@@ -151,7 +152,7 @@ def _energy_headers(request: GenerationRequest, outcome: Outcome) -> dict[str, s
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+    return b"data: " + _encode(payload) + b"\n\n"
 
 
 async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse:
@@ -308,7 +309,7 @@ async def _put_batching(request: web.Request) -> web.Response:
     changes = await _read_json(request)
     if not isinstance(changes, dict):
         raise BadRequest("the body must be a JSON object of batching settings")
-    current = dataclasses.asdict(dispatcher.settings)
+    current = msgspec.structs.asdict(dispatcher.settings)
     for key, value in changes.items():  # a change this engine would never read is refused, not ignored
         only = SHAPE_ONLY_SETTINGS.get(key)
         if only is not None and only != dispatcher.shape and value != current.get(key):
@@ -318,7 +319,7 @@ async def _put_batching(request: web.Request) -> web.Response:
             )
     merged = {**current, **changes}
     try:
-        settings: BatchingSettings = build_section(BatchingSettings, merged, "batching")
+        settings = build_section(BatchingSettings, merged, "batching")
     except ConfigError as exc:
         raise BadRequest(str(exc), param=exc.field) from None
     dispatcher.reconfigure(settings)

@@ -23,6 +23,8 @@ import asyncio
 import dataclasses
 from typing import Any, ClassVar
 
+import msgspec
+
 from .admission import Pending
 from .backends.base import EngineShape, StaticEngine
 from .clock import Clock
@@ -151,7 +153,7 @@ class StaticBatcher(Dispatcher):
         decision = self.last_decision
         return {
             "engine_shape": "static",
-            "settings": dataclasses.asdict(self.settings),
+            "settings": msgspec.structs.asdict(self.settings),
             "last_decision": dataclasses.asdict(decision) if decision else None,
             "inflight": self.inflight,
             "queue_depth": self.queue_depth,

@@ -1,25 +1,27 @@
 """Typed settings, loaded from YAML and overridden by CLI flags.
 
-Every section is a frozen dataclass that validates itself on construction; an unknown key, a wrong type
-or a value out of range raises ``ConfigError`` naming the field (``batching.window_max_ms``), the value
-and the limit. Nothing falls back silently.
+Every section is a frozen msgspec ``Struct``: each field's type and limits are declared once, on the
+field (``Annotated[float, Meta(ge=0)]``), and checked when a section is built from YAML, flags or a PUT
+(``build_section``: ``msgspec.convert``); the limits between fields are checked in ``__post_init__``. An
+unknown key, a wrong type or a value out of range raises ``ConfigError`` naming the full dotted key
+(``batching.window_max_ms``), the value and the limit. Nothing falls back silently. A section
+constructed in code (``BatchingSettings(max_queue=8)``) runs only its ``__post_init__`` checks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
+import msgspec
 import yaml
+from msgspec import Meta, Struct, field
 
 from .errors import ConfigError
-from .routing import ROUTING_POLICIES, RoutingPolicy
+from .routing import RoutingPolicy
+from .validation import MISSING, explain, value_at
 
 __all__ = [
     "BACKEND_KINDS",
@@ -35,6 +37,7 @@ __all__ = [
     "Settings",
     "build_section",
     "load_settings",
+    "read_replicas_file",
 ]
 
 BackendKind = Literal["simulated", "vllm-http", "vllm-async", "hf-bnb"]
@@ -71,18 +74,28 @@ SHAPE_ONLY_SETTINGS: dict[str, str] = {
 #: the longest a tier's budget may be: a request waiting in the queue must have a bound (NaN and inf fail)
 MAX_BUDGET_MS = 3_600_000.0
 
+# ---- limits more than one field shares
+_Port = Annotated[int, Meta(ge=0, le=65535)]
+_HttpUrl = Annotated[str, Meta(pattern="^https?://", description="an http:// or https:// URL")]
+_Positive = Annotated[float, Meta(gt=0)]
+_NonNegative = Annotated[float, Meta(ge=0)]
+_AtLeastOne = Annotated[int, Meta(ge=1)]
+_Fraction = Annotated[float, Meta(ge=0, lt=1)]
+_Budget = Annotated[
+    float, Meta(ge=0, le=MAX_BUDGET_MS, description="an hour at most: a queued request needs a bound")
+]
+
 
 def _require(ok: bool, name: str, value: object, limit: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} must be {limit}", field=name)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
+class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: _Port = 8080
     # On SIGTERM: new requests get 503; queued and in-flight ones get this long to finish.
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: _NonNegative = 30.0
     # Bearer keys for /v1 and /ecobatch/energy: a file (one per line) and/or an environment variable
     # (comma-separated). None configured: those routes are open (a warning at start-up).
     api_keys_file: str | None = None
@@ -91,66 +104,33 @@ class ServerSettings:
     admin_keys_file: str | None = None
     admin_keys_env: str | None = "ECOBATCH_ADMIN_KEYS"
     # Serve /metrics on its own port (and not on the main one); None: on the main port.
-    metrics_port: int | None = None
+    metrics_port: _Port | None = None
     # Request limits: a larger body is a 413, larger header lines a 400, more prompts in one
     # /v1/completions request (a list prompt) a 400.
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_header_bytes: int = 8190
-    max_prompts_per_request: int = 64
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.port <= 65535, "server.port", self.port, "in 0..65535")
-        _require(self.shutdown_grace_s >= 0, "server.shutdown_grace_s", self.shutdown_grace_s, ">= 0")
-        _require(
-            self.metrics_port is None or 0 <= self.metrics_port <= 65535,
-            "server.metrics_port",
-            self.metrics_port,
-            "in 0..65535",
-        )
-        _require(self.max_body_bytes >= 1024, "server.max_body_bytes", self.max_body_bytes, ">= 1024")
-        _require(self.max_header_bytes >= 1024, "server.max_header_bytes", self.max_header_bytes, ">= 1024")
-        _require(
-            self.max_prompts_per_request >= 1,
-            "server.max_prompts_per_request",
-            self.max_prompts_per_request,
-            ">= 1",
-        )
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 8190
+    max_prompts_per_request: _AtLeastOne = 64
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaSettings:
+class ReplicaSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """One vLLM replica behind a ``vllm-http`` backend, and where its GPU's energy is read."""
 
-    url: str
+    url: _HttpUrl
     # A name for metrics, logs and /health (None: "r0", "r1", … in the order listed).
     name: str | None = None
     # This replica's GPUs: NVML indices on this host, or dcgm-exporter's `gpu` label values.
     gpu_indices: list[int] | None = None
     # dcgm-exporter beside this replica's GPU (None: energy.dcgm_url, with dcgm_labels to pick its series).
-    dcgm_url: str | None = None
-    dcgm_labels: dict[str, str] = field(default_factory=dict)
+    dcgm_url: _HttpUrl | None = None
+    dcgm_labels: dict[str, str] = {}
 
     def energy_settings(self, base: EnergySettings) -> EnergySettings:
         """``base`` (the energy section) with this replica's GPUs: its own selectors where it has them."""
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             base,
             gpu_indices=base.gpu_indices if self.gpu_indices is None else self.gpu_indices,
             dcgm_url=self.dcgm_url or base.dcgm_url,
             dcgm_labels={**base.dcgm_labels, **self.dcgm_labels},
-        )
-
-    def __post_init__(self) -> None:
-        _require(
-            self.url.startswith(("http://", "https://")),
-            "backend.replicas[].url",
-            self.url,
-            "an http:// or https:// URL",
-        )
-        _require(
-            self.dcgm_url is None or self.dcgm_url.startswith(("http://", "https://")),
-            "backend.replicas[].dcgm_url",
-            self.dcgm_url,
-            "an http:// or https:// URL",
         )
 
 
@@ -163,43 +143,42 @@ def url_key(url: str) -> str:
     return parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()).geturl()
 
 
-@dataclass(frozen=True, slots=True)
-class BackendSettings:
+class BackendSettings(Struct, frozen=True, forbid_unknown_fields=True):
     kind: BackendKind = "simulated"
-    upstream: str = _DEFAULT_UPSTREAM
+    upstream: _HttpUrl = _DEFAULT_UPSTREAM
     # vllm-http: the upstream's model name (None: ask its /v1/models). vllm-async / hf-bnb: a path or name.
     model: str | None = None
     # The name clients use; None: the model's own name (simulated: "mistral-7b-int8-sim").
     served_model_name: str | None = None
-    request_timeout_s: float = 600.0
-    connect_timeout_s: float = 10.0
+    request_timeout_s: _Positive = 600.0
+    connect_timeout_s: _Positive = 10.0
     # vllm-http: how long start-up waits for the upstream to answer /v1/models.
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: _NonNegative = 600.0
     # Simulated backend: 1.0 = real time from the profile, 0 = instant.
-    sim_time_scale: float = 1.0
+    sim_time_scale: _NonNegative = 1.0
     # Simulated backend: prompt + max_tokens limit (None: the profile's meta.max_model_len, else 4096).
     # The other backends read it from the engine.
-    context_length: int | None = None
+    context_length: Annotated[int, Meta(ge=2)] | None = None
     # How often a remote engine's /metrics is read: KV headroom, and a health probe.
-    headroom_poll_s: float = 1.0
+    headroom_poll_s: _Positive = 1.0
     # vllm-http: that many failures in a row (probes or requests) and the upstream is taken to be down:
     # requests get 503 at once until a probe succeeds. A probe waits at most probe_timeout_s.
-    breaker_failures: int = 3
-    probe_timeout_s: float = 2.0
+    breaker_failures: _AtLeastOne = 3
+    probe_timeout_s: _Positive = 2.0
     # vllm-http: pass request fields that neither OpenAI's API nor vLLM's extensions define to vLLM
     # (which may ignore them) instead of refusing them with a 400.
     pass_unknown_fields: bool = False
     # vllm-async: extra AsyncEngineArgs fields, e.g. {max_model_len: 4096, enforce_eager: true}.
-    engine_args: dict[str, Any] = field(default_factory=dict)
+    engine_args: dict[str, Any] = {}
     # vllm-http: several vLLM replicas of the same model instead of `upstream` (see `routing`), each
     # with its own in-flight cap, KV headroom, circuit breaker and energy meter.
-    replicas: list[ReplicaSettings] = field(default_factory=list)
+    replicas: list[ReplicaSettings] = []
     # vllm-http: the replicas listed in a YAML file instead (the same fields as `replicas`, or plain
     # URLs), read again every replicas_refresh_s once it changes: a replica added joins without a
     # restart, one removed takes no new request and leaves once its requests have ended, each with its
     # meter. A Kubernetes ConfigMap mounted as a file is kept current by the kubelet.
     replicas_file: str | None = None
-    replicas_refresh_s: float = 5.0
+    replicas_refresh_s: _Positive = 5.0
     # pack: fill the fullest replica with room (under its safety limit) before waking the next;
     # round-robin: the next replica in turn with room.
     routing: RoutingPolicy = "pack"
@@ -214,27 +193,6 @@ class BackendSettings:
         return [r.name or f"r{i}" for i, r in enumerate(self.replicas)]
 
     def __post_init__(self) -> None:
-        _require(self.kind in BACKEND_KINDS, "backend.kind", self.kind, f"one of {BACKEND_KINDS}")
-        _require(
-            self.upstream.startswith(("http://", "https://")),
-            "backend.upstream",
-            self.upstream,
-            "an http:// or https:// URL",
-        )
-        _require(self.request_timeout_s > 0, "backend.request_timeout_s", self.request_timeout_s, "> 0")
-        _require(self.connect_timeout_s > 0, "backend.connect_timeout_s", self.connect_timeout_s, "> 0")
-        _require(self.startup_timeout_s >= 0, "backend.startup_timeout_s", self.startup_timeout_s, ">= 0")
-        _require(self.sim_time_scale >= 0, "backend.sim_time_scale", self.sim_time_scale, ">= 0")
-        _require(self.headroom_poll_s > 0, "backend.headroom_poll_s", self.headroom_poll_s, "> 0")
-        _require(self.replicas_refresh_s > 0, "backend.replicas_refresh_s", self.replicas_refresh_s, "> 0")
-        _require(self.breaker_failures >= 1, "backend.breaker_failures", self.breaker_failures, ">= 1")
-        _require(self.probe_timeout_s > 0, "backend.probe_timeout_s", self.probe_timeout_s, "> 0")
-        _require(
-            self.context_length is None or self.context_length >= 2,
-            "backend.context_length",
-            self.context_length,
-            ">= 2",
-        )
         urls = [url_key(r.url) for r in self.replicas]
         _require(
             not self.replicas or self.kind == "vllm-http",
@@ -252,9 +210,6 @@ class BackendSettings:
         _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
         _require(len(set(urls)) == len(urls), "backend.replicas[].url", urls, "unique")
         _require(
-            self.routing in ROUTING_POLICIES, "backend.routing", self.routing, f"one of {ROUTING_POLICIES}"
-        )
-        _require(
             self.kind not in ("vllm-async", "hf-bnb") or bool(self.model),
             "backend.model",
             self.model,
@@ -262,39 +217,38 @@ class BackendSettings:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class BatchingSettings:
+class BatchingSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # ---- both engine shapes
-    max_queue: int = 1024
+    max_queue: _AtLeastOne = 1024
     # Static engines: pick the smallest batch whose J/token is within this fraction of the best the curve
     # offers.
-    energy_tolerance: float = 0.05
+    energy_tolerance: _Fraction = 0.05
     # Completion length planned for until real ones are observed (requests without max_tokens).
-    expected_completion_tokens: int = 256
-    expected_prompt_tokens: int = 128
+    expected_completion_tokens: _AtLeastOne = 256
+    expected_prompt_tokens: Annotated[int, Meta(ge=0)] = 128
     # ---- static engines (hf-bnb, simulated): the adaptive window and the batch
-    window_min_ms: float = 50.0
+    window_min_ms: _NonNegative = 50.0
     window_max_ms: float = 100.0
     # The most sequences one GPU batch holds.
-    max_batch_sequences: int = 64
+    max_batch_sequences: _AtLeastOne = 64
     # Latency objective for one request, end to end (queue + window + generation).
-    slo_ms: float = 30_000.0
+    slo_ms: _Positive = 30_000.0
     # ---- continuous engines (vllm-http, vllm-async): the run-time release controller
     # Time to first token each tier allows (service_tier auto/default: interactive; flex; priority is
     # never held). A request is released by its budget minus the engine's measured time to first token.
-    interactive_budget_ms: float = 100.0
-    flex_budget_ms: float = 30_000.0
+    interactive_budget_ms: _Budget = 100.0
+    flex_budget_ms: _Budget = 30_000.0
     # Inter-token latency objective: at most as many sequences in flight per replica as keep one decode
     # step (the profile's, at the engine's measured speed) under it. None: no such limit.
-    tpot_slo_ms: float | None = None
+    tpot_slo_ms: _Positive | None = None
     # Hard limit on sequences in flight per replica (e.g. vLLM's --max-num-seqs, beyond which requests
     # queue inside vLLM). None: KV room and tpot_slo_ms alone limit it.
-    max_inflight_sequences: int | None = None
+    max_inflight_sequences: _AtLeastOne | None = None
     # Hold an idle engine's interactive arrivals only if the predicted saving is at least this share of
     # the energy their release would start.
-    min_saving_fraction: float = 0.02
+    min_saving_fraction: _Fraction = 0.02
     # The sliding window of the live estimates (arrival rate, length mix).
-    load_window_s: float = 10.0
+    load_window_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
 
     @property
     def interactive_budget_s(self) -> float:
@@ -305,7 +259,6 @@ class BatchingSettings:
         return self.flex_budget_ms / 1000.0
 
     def __post_init__(self) -> None:
-        _require(self.window_min_ms >= 0, "batching.window_min_ms", self.window_min_ms, ">= 0")
         _require(
             self.window_max_ms >= self.window_min_ms,
             "batching.window_max_ms",
@@ -313,129 +266,51 @@ class BatchingSettings:
             f">= batching.window_min_ms ({self.window_min_ms})",
         )
         _require(
-            self.max_batch_sequences >= 1, "batching.max_batch_sequences", self.max_batch_sequences, ">= 1"
-        )
-        _require(self.max_queue >= 1, "batching.max_queue", self.max_queue, ">= 1")
-        _require(self.slo_ms > 0, "batching.slo_ms", self.slo_ms, "> 0")
-        _require(
-            0 <= self.energy_tolerance < 1, "batching.energy_tolerance", self.energy_tolerance, "in [0, 1)"
-        )
-        _require(
-            self.expected_completion_tokens >= 1,
-            "batching.expected_completion_tokens",
-            self.expected_completion_tokens,
-            ">= 1",
-        )
-        _require(
-            self.expected_prompt_tokens >= 0,
-            "batching.expected_prompt_tokens",
-            self.expected_prompt_tokens,
-            ">= 0",
-        )
-        _require(
-            0 <= self.interactive_budget_ms <= MAX_BUDGET_MS,
-            "batching.interactive_budget_ms",
-            self.interactive_budget_ms,
-            f"between 0 and {MAX_BUDGET_MS:.0f} (an hour)",
-        )
-        _require(
             self.flex_budget_ms >= self.interactive_budget_ms,
             "batching.flex_budget_ms",
             self.flex_budget_ms,
             f">= batching.interactive_budget_ms ({self.interactive_budget_ms:g}): flex may wait longer",
         )
-        _require(
-            self.flex_budget_ms <= MAX_BUDGET_MS,
-            "batching.flex_budget_ms",
-            self.flex_budget_ms,
-            f"<= {MAX_BUDGET_MS:.0f} (an hour: a queued request needs a bound)",
-        )
-        _require(
-            self.tpot_slo_ms is None or self.tpot_slo_ms > 0, "batching.tpot_slo_ms", self.tpot_slo_ms, "> 0"
-        )
-        _require(
-            self.max_inflight_sequences is None or self.max_inflight_sequences >= 1,
-            "batching.max_inflight_sequences",
-            self.max_inflight_sequences,
-            ">= 1",
-        )
-        _require(
-            0 <= self.min_saving_fraction < 1,
-            "batching.min_saving_fraction",
-            self.min_saving_fraction,
-            "in [0, 1)",
-        )
-        _require(0 < self.load_window_s <= 600, "batching.load_window_s", self.load_window_s, "in (0, 600]")
 
 
 MeterKind = Literal["auto", "nvml", "dcgm", "model"]
 METER_KINDS: tuple[str, ...] = get_args(MeterKind)
 
 
-@dataclass(frozen=True, slots=True)
-class EnergySettings:
+class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     # auto: dcgm where dcgm_url is set; else NVML where the engine runs on this host and a GPU is found;
     # else modelled (announced). Never this host's GPUs for a remote upstream.
     meter: MeterKind = "auto"
     # dcgm-exporter's /metrics on the GPU host (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, mJ since boot).
-    dcgm_url: str | None = None
+    dcgm_url: _HttpUrl | None = None
     # Only dcgm series with these labels (e.g. {Hostname: gpu-node-1}) are summed.
-    dcgm_labels: dict[str, str] = field(default_factory=dict)
+    dcgm_labels: dict[str, str] = {}
     # GPUs whose energy is summed (NVML index, or dcgm's `gpu` label); None: all (NVML: all that
     # CUDA_VISIBLE_DEVICES allows).
     gpu_indices: list[int] | None = None
-    sample_interval_s: float = 0.1
+    sample_interval_s: Annotated[float, Meta(ge=0.01, le=5)] = 0.1
     # None: measured at start-up (1 s, before any work).
-    idle_power_w: float | None = None
+    idle_power_w: _NonNegative | None = None
     # The most the measured GPUs can draw, summed: while ecobatch's requests run they are charged at
     # most this × their busy time (the rest is another client's). None: the GPUs' power limit as NVML or
     # dcgm-exporter (DCGM_FI_DEV_POWER_MGMT_LIMIT) reports it; no cap where neither does.
-    max_power_w: float | None = None
+    max_power_w: _Positive | None = None
     # Energy profile (YAML); None: the embedded reference for the engine's shape (static: A800 INT8
     # seed table; continuous: H200 vLLM bf16 curve), both source: reference.
     profile: str | None = None
     # Weight of one prompt token against one generated token when a span's joules are split.
-    prefill_weight: float = 1.0
+    prefill_weight: _NonNegative = 1.0
     # Defaults are the seed data's (China grid, $0.04/kWh): set your own grid and tariff.
-    carbon_g_per_kwh: float = 555.0
-    price_per_kwh: float = 0.04
-    currency: str = "USD"
-
-    def __post_init__(self) -> None:
-        _require(self.meter in METER_KINDS, "energy.meter", self.meter, f"one of {METER_KINDS}")
-        _require(
-            self.dcgm_url is None or self.dcgm_url.startswith(("http://", "https://")),
-            "energy.dcgm_url",
-            self.dcgm_url,
-            "an http:// or https:// URL",
-        )
-        _require(
-            0.01 <= self.sample_interval_s <= 5,
-            "energy.sample_interval_s",
-            self.sample_interval_s,
-            "in [0.01, 5]",
-        )
-        _require(
-            self.idle_power_w is None or self.idle_power_w >= 0,
-            "energy.idle_power_w",
-            self.idle_power_w,
-            ">= 0",
-        )
-        _require(
-            self.max_power_w is None or self.max_power_w > 0, "energy.max_power_w", self.max_power_w, "> 0"
-        )
-        _require(self.prefill_weight >= 0, "energy.prefill_weight", self.prefill_weight, ">= 0")
-        _require(self.carbon_g_per_kwh >= 0, "energy.carbon_g_per_kwh", self.carbon_g_per_kwh, ">= 0")
-        _require(self.price_per_kwh >= 0, "energy.price_per_kwh", self.price_per_kwh, ">= 0")
-        _require(bool(self.currency), "energy.currency", self.currency, "a non-empty currency code")
+    carbon_g_per_kwh: _NonNegative = 555.0
+    price_per_kwh: _NonNegative = 0.04
+    currency: Annotated[str, Meta(min_length=1)] = "USD"
 
     def profile_path(self, shape: str) -> Path:
         """The profile file: the configured one, or the embedded reference for the engine's shape."""
         return Path(self.profile) if self.profile else DEFAULT_PROFILES[shape]
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerSettings = field(default_factory=ServerSettings)
     backend: BackendSettings = field(default_factory=BackendSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
@@ -473,8 +348,8 @@ class Settings:
 
     def as_replica(self, replica: ReplicaSettings) -> Settings:
         """The settings as ``replica`` sees them (one listed, or one a replicas file adds later)."""
-        backend = dataclasses.replace(self.backend, upstream=replica.url, replicas=[])
-        return dataclasses.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
+        backend = msgspec.structs.replace(self.backend, upstream=replica.url, replicas=[])
+        return msgspec.structs.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
 
     def _refuse_same_dcgm_series(self) -> None:
         """Two replicas selecting the same series of the same dcgm-exporter would each be charged the
@@ -499,55 +374,6 @@ class Settings:
             seen[key] = i
 
 
-def _check_type(name: str, value: object, annotation: Any) -> object:
-    """Return value if it fits annotation (ints accepted for floats); raise ConfigError otherwise."""
-    origin = get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for option in get_args(annotation):
-            try:
-                return _check_type(name, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}={value!r} must be of type {annotation}", field=name)
-    if origin is Literal:
-        _require(value in get_args(annotation), name, value, f"one of {get_args(annotation)}")
-        return value
-    if annotation is type(None):
-        _require(value is None, name, value, "null")
-        return value
-    if origin is list:
-        (item,) = get_args(annotation)
-        _require(isinstance(value, list), name, value, "a list")
-        items: list[object] = list(value)  # type: ignore[call-overload]
-        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(items)]
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if dataclasses.is_dataclass(value) and isinstance(value, annotation):
-            return value
-        return build_section(annotation, value, name)  # type: ignore[arg-type]
-    if origin is dict:
-        _require(isinstance(value, dict), name, value, "a mapping")
-        _, value_type = get_args(annotation)
-        if value_type is str:
-            for k, v in value.items():  # type: ignore[attr-defined]
-                _require(isinstance(v, str | int | float), f"{name}.{k}", v, "a string")
-            return {str(k): str(v) for k, v in value.items()}  # type: ignore[attr-defined]
-        return dict(value)  # type: ignore[call-overload]
-    if annotation is bool:
-        _require(isinstance(value, bool), name, value, "true or false")
-        return value
-    if annotation is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _require(ok, name, value, "a number")
-        return float(value)  # type: ignore[arg-type]
-    if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
-        return value
-    if annotation is str:
-        _require(isinstance(value, str), name, value, "a string")
-        return value
-    raise ConfigError(f"{name}: unsupported type {annotation}")
-
-
 #: settings that were renamed (one name had several meanings): refused, naming the replacement
 RENAMED: dict[str, str] = {
     "batching.max_batch_size": (
@@ -558,24 +384,59 @@ RENAMED: dict[str, str] = {
 }
 
 
-def build_section(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+_S = TypeVar("_S", bound=Struct)
+
+
+def _labels_as_strings(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``dcgm_labels`` with number values as strings: YAML reads ``{gpu: 0}`` as a number, Prometheus
+    labels are strings."""
+    labels = data.get("dcgm_labels")
+    if not isinstance(labels, dict):
+        return data
+    number = (int, float)
+    as_text = {
+        k: str(v) if isinstance(v, number) and not isinstance(v, bool) else v for k, v in labels.items()
+    }
+    return {**data, "dcgm_labels": as_text}
+
+
+def build_section(cls: type[_S], data: Mapping[str, Any], prefix: str) -> _S:
+    """A settings section from its keys (YAML, flags, a PUT), each checked against the schema; a
+    ``ConfigError`` names the first bad key in full (``backend.replicas[1].url``) and its limit."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix}={data!r} must be a mapping")
+        raise ConfigError(f"{prefix}={data!r} must be a mapping", field=prefix)
     for key in data:
         if f"{prefix}.{key}" in RENAMED:
             raise ConfigError(
                 f"{prefix}.{key} is no longer a setting: use {RENAMED[f'{prefix}.{key}']}",
                 field=f"{prefix}.{key}",
             )
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]} is not a setting; known: {sorted(known)}", field=f"{prefix}.{unknown[0]}"
-        )
-    values = {k: _check_type(f"{prefix}.{k}", v, hints[k]) for k, v in data.items()}
-    return cls(**values)
+    data = _labels_as_strings(data)
+    if isinstance(data.get("replicas"), list):  # backend.replicas: each entry's labels
+        data = {
+            **data,
+            "replicas": [r if not isinstance(r, dict) else _labels_as_strings(r) for r in data["replicas"]],
+        }
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        if isinstance(exc.__cause__, ConfigError):  # a check between fields (__post_init__)
+            raise exc.__cause__ from None
+        raise _config_error(exc, cls, data, prefix) from None
+
+
+def _config_error(error: msgspec.ValidationError, cls: type[Any], data: Any, prefix: str) -> ConfigError:
+    invalid = explain(error, cls, object_noun="a mapping")
+    name = f"{prefix}.{invalid.path}" if invalid.path else prefix
+    if invalid.problem == "unknown":
+        return ConfigError(f"{name} is not a setting; known: {list(invalid.known)}", field=name)
+    if invalid.problem == "missing":
+        return ConfigError(f"{name} is required", field=name)
+    if invalid.problem == "other":
+        return ConfigError(f"{name}: {invalid.limit}", field=name)
+    value = value_at(data, invalid.path)
+    shown = "" if value is MISSING else f"={value!r}"
+    return ConfigError(f"{name}{shown} must be {invalid.limit}", field=name)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -643,7 +504,9 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
                 "backend.replicas_file and backend.replicas are both set: list the replicas in one place",
                 field="backend.replicas_file",
             )
-        raw["backend"]["replicas"] = [dataclasses.asdict(r) for r in read_replicas_file(str(replicas_file))]
+        raw["backend"]["replicas"] = [
+            msgspec.structs.asdict(r) for r in read_replicas_file(str(replicas_file))
+        ]
     built = {name: build_section(cls, raw[name], name) for name, cls in _SECTIONS.items()}
     return Settings(**built)
 
@@ -670,9 +533,10 @@ def read_replicas_file(path: str) -> list[ReplicaSettings]:
         except ConfigError as exc:
             raise ConfigError(f"{where}: entry {i}: {exc}", field=field_name) from None
         if replica.name is None:
-            replica = dataclasses.replace(replica, name=urlsplit(replica.url).netloc)
+            replica = msgspec.structs.replace(replica, name=urlsplit(replica.url).netloc)
         replicas.append(replica)
-    for what, values in (("name", [r.name for r in replicas]), ("URL", [url_key(r.url) for r in replicas])):
+    names = [r.name for r in replicas if r.name is not None]  # each has one by now
+    for what, values in (("name", names), ("URL", [url_key(r.url) for r in replicas])):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             raise ConfigError(f"{where}: two replicas with the same {what}: {twice}", field=field_name)

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import msgspec
+
 from .admission import Outcome, Pending
 from .backends.base import EngineShape
 from .clock import Clock
@@ -409,7 +411,7 @@ class ContinuousGate(Dispatcher):
             }
         return {
             "engine_shape": "continuous",
-            "settings": dataclasses.asdict(self.settings),
+            "settings": msgspec.structs.asdict(self.settings),
             "routing": self.routing,
             "inflight": self.inflight,
             "queue_depth": self.queue_depth,

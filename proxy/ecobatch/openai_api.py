@@ -1,7 +1,10 @@
 """OpenAI API shapes: validate request bodies (before anything is queued) and build response bodies.
 
-Validation errors are ``BadRequest`` naming the field (``messages[1].content``), so a bad input is
-answered with a 400 and never joins, or hangs, a batch.
+A body is decoded once (``msgspec.json.decode``, in the HTTP layer) and checked against its schema
+(``fields.ChatBody``, ``fields.CompletionBody``) by ``msgspec.convert``; the decoded body itself is kept
+for the engines that pass it on. Validation errors are ``BadRequest`` naming the field
+(``messages[1].content``) and the limit, so a bad input is answered with a 400 and never joins, or
+hangs, a batch.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from .domain import GenerationRequest, Tier, Usage
 from .errors import BadRequest, ModelNotFound
+from .fields import ChatBody, CompletionBody, ServiceTierName
+from .validation import MISSING, explain, value_at
 
 __all__ = [
     "SERVICE_TIERS",
@@ -26,10 +33,8 @@ __all__ = [
     "parse_completion",
 ]
 
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
-_MAX_STOP = 4
 #: ``service_tier`` as OpenAI's API spells it, and the tier each one is served in
-SERVICE_TIERS: dict[str, Tier] = {
+SERVICE_TIERS: dict[ServiceTierName, Tier] = {
     "auto": "interactive",
     "default": "interactive",
     "flex": "flex",
@@ -43,160 +48,96 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
 
-def _get(body: Mapping[str, Any], name: str, kinds: tuple[type, ...], what: str) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in kinds:
-        raise BadRequest(f"'{name}' must be {what}, got {value!r}", param=name)
-    if not isinstance(value, kinds):
-        raise BadRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
-    return value
+def _bad_request(error: msgspec.ValidationError, schema: type[Any], body: Any) -> BadRequest:
+    """The 400 for a body that does not fit ``schema``: ``param`` is the field, the message its limit."""
+    invalid = explain(error, schema)
+    param = invalid.path or None
+    name = f"'{invalid.path}'" if invalid.path else "the request body"
+    if invalid.problem == "type":
+        if not invalid.path:
+            return BadRequest(f"the request body must be a JSON object, got {invalid.got}")
+        return BadRequest(f"{name} must be {invalid.limit}, got {invalid.got}", param=param)
+    if invalid.problem == "missing":
+        return BadRequest(f"{name} is required", param=param)
+    if invalid.problem == "limit":
+        value = value_at(body, invalid.path)
+        shown = "" if value is MISSING or isinstance(value, dict | list) else f"={value!r}"
+        return BadRequest(f"{name}{shown} must be {invalid.limit}", param=param)
+    return BadRequest(f"{name}: {invalid.limit}", param=param)
 
 
-def _number_in(body: Mapping[str, Any], name: str, lo: float, hi: float, default: float) -> float:
-    value = _get(body, name, (int, float), "a number")
-    if value is None:
-        return default
-    if not lo <= value <= hi:
-        raise BadRequest(f"'{name}'={value} must be between {lo} and {hi}", param=name)
-    return float(value)
-
-
-def _common(body: Mapping[str, Any], served_model: str, max_tokens_field: str) -> dict[str, Any]:
-    if not isinstance(body, Mapping):
-        raise BadRequest("the request body must be a JSON object")
-    model = _get(body, "model", (str,), "a string")
-    if model is not None and model != served_model:
+def _common(fields: ChatBody | CompletionBody, body: Mapping[str, Any], served_model: str) -> dict[str, Any]:
+    """What both APIs share, past the schema: the model, ``n``, ``stream_options`` and the tier."""
+    if fields.model is not None and fields.model != served_model:
         raise ModelNotFound(
-            f"The model '{model}' does not exist; this server serves '{served_model}'", param="model"
+            f"The model '{fields.model}' does not exist; this server serves '{served_model}'", param="model"
         )
-    max_tokens = _get(body, max_tokens_field, (int,), "an integer")
-    if max_tokens is None and max_tokens_field != "max_tokens":
-        max_tokens_field = "max_tokens"  # report the field the client actually sent
-        max_tokens = _get(body, "max_tokens", (int,), "an integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest(f"'{max_tokens_field}'={max_tokens} must be >= 1", param=max_tokens_field)
-    n = _get(body, "n", (int,), "an integer")
-    if n is not None and n != 1:
+    if fields.n is not None and fields.n != 1:
         raise BadRequest(
-            f"'n'={n} is not supported: ecobatch batches single sequences; send {n} requests instead",
+            f"'n'={fields.n} is not supported: ecobatch batches single sequences; send {fields.n} requests "
+            "instead",
             param="n",
         )
-    stop_raw = _get(body, "stop", (str, list), "a string or a list of strings")
-    stop: tuple[str, ...] = ()
-    if isinstance(stop_raw, str):
-        stop = (stop_raw,)
-    elif isinstance(stop_raw, list):
-        if len(stop_raw) > _MAX_STOP or not all(isinstance(s, str) and s for s in stop_raw):
-            raise BadRequest(f"'stop' must be at most {_MAX_STOP} non-empty strings", param="stop")
-        stop = tuple(stop_raw)
-    stream = bool(_get(body, "stream", (bool,), "a boolean"))
-    options = _get(body, "stream_options", (dict,), "an object")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        iu = options.get("include_usage")
-        if iu is not None and not isinstance(iu, bool):
-            raise BadRequest(
-                "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
-            )
-        include_usage = bool(iu)
-    seed = _get(body, "seed", (int,), "an integer")
-    tier_name = _get(body, "service_tier", (str,), "a string")
-    if tier_name is not None and tier_name not in SERVICE_TIERS:
-        raise BadRequest(
-            f"'service_tier'={tier_name!r} is not served here; use one of {', '.join(SERVICE_TIERS)} "
-            "(flex: cheaper and slower, may wait up to batching.flex_budget_ms; priority: never held)",
-            param="service_tier",
-        )
-    ignore_eos = bool(_get(body, "ignore_eos", (bool,), "a boolean"))
-    for name in ("presence_penalty", "frequency_penalty"):
-        _number_in(body, name, -2.0, 2.0, 0.0)
-    _get(body, "user", (str,), "a string")
-    resolved = dict(body)
-    resolved["model"] = served_model
+    if fields.stream_options is not None and not fields.stream:
+        raise BadRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    stop = fields.stop
     return {
         "model": served_model,
-        "body": resolved,
-        "max_tokens": max_tokens,
-        "max_tokens_field": max_tokens_field if max_tokens is not None else "max_tokens",
-        "temperature": _number_in(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": _number_in(body, "top_p", 0.0, 1.0, 1.0),
-        "stop": stop,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "stream": stream,
-        "include_usage": include_usage,
-        "tier": SERVICE_TIERS[tier_name] if tier_name is not None else "interactive",
+        "body": {**body, "model": served_model},
+        "temperature": 1.0 if fields.temperature is None else fields.temperature,
+        "top_p": 1.0 if fields.top_p is None else fields.top_p,
+        "stop": (stop,) if isinstance(stop, str) else tuple(stop or ()),
+        "seed": fields.seed,
+        "ignore_eos": bool(fields.ignore_eos),
+        "stream": bool(fields.stream),
+        "include_usage": bool(fields.stream_options and fields.stream_options.include_usage),
+        "tier": "interactive" if fields.service_tier is None else SERVICE_TIERS[fields.service_tier],
     }
 
 
 def parse_completion(body: Any, served_model: str) -> GenerationRequest:
-    """Validate a /v1/completions body: ``prompt`` is a string or a non-empty list of strings."""
-    if not isinstance(body, Mapping):
-        raise BadRequest("the request body must be a JSON object")
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: tuple[str, ...] = (prompt,)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = tuple(prompt)
-        empty = next((i for i, p in enumerate(prompts) if not p), None)
-        if empty is not None:
-            raise BadRequest(f"'prompt[{empty}]' must not be empty", param=f"prompt[{empty}]")
-    elif prompt is None:
-        raise BadRequest("'prompt' is required", param="prompt")
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        raise BadRequest("'prompt' as token ids is not supported; send text", param="prompt")
-    else:
-        raise BadRequest("'prompt' must be a string or a non-empty list of strings", param="prompt")
-    if prompts == ("",):
-        raise BadRequest("'prompt' must not be empty", param="prompt")
-    common = _common(body, served_model, "max_tokens")
-    if common["max_tokens"] is None:
-        common["max_tokens"] = 16  # the OpenAI API's default for completions
+    """Validate a decoded /v1/completions body (``fields.CompletionBody``)."""
+    try:
+        fields = msgspec.convert(body, CompletionBody)
+    except msgspec.ValidationError as exc:
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            raise BadRequest("'prompt' as token ids is not supported; send text", param="prompt") from None
+        raise _bad_request(exc, CompletionBody, body) from None
     return GenerationRequest(
-        id=_new_id("cmpl"), kind="completion", created=int(time.time()), prompts=prompts, **common
+        id=_new_id("cmpl"),
+        kind="completion",
+        created=int(time.time()),
+        prompts=(fields.prompt,) if isinstance(fields.prompt, str) else tuple(fields.prompt),
+        max_tokens=16 if fields.max_tokens is None else fields.max_tokens,  # the OpenAI API's default
+        **_common(fields, body, served_model),
     )
 
 
 def parse_chat(body: Any, served_model: str) -> GenerationRequest:
-    """Validate a /v1/chat/completions body: ``messages`` is a non-empty list of {role, content}."""
-    if not isinstance(body, Mapping):
-        raise BadRequest("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", param="messages")
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, Mapping):
-            raise BadRequest(f"'{where}' must be an object with 'role' and 'content'", param=where)
-        if m.get("role") not in _ROLES:
+    """Validate a decoded /v1/chat/completions body (``fields.ChatBody``)."""
+    try:
+        fields = msgspec.convert(body, ChatBody)
+    except msgspec.ValidationError as exc:
+        raise _bad_request(exc, ChatBody, body) from None
+    for i, message in enumerate(fields.messages):
+        if message.content is None and message.role != "assistant":
             raise BadRequest(
-                f"'{where}.role'={m.get('role')!r} must be one of {sorted(_ROLES)}", param=f"{where}.role"
+                f"'messages[{i}].content' must be a string or a list of text parts (null only for an "
+                "assistant message)",
+                param=f"messages[{i}].content",
             )
-        content = m.get("content")
-        if content is None and m.get("role") == "assistant":
-            continue
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not (
-                    isinstance(part, Mapping)
-                    and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)
-                ):
-                    raise BadRequest(
-                        f"'{where}.content[{j}]' must be {{'type': 'text', 'text': str}}",
-                        param=f"{where}.content[{j}]",
-                    )
-        elif not isinstance(content, str):
-            raise BadRequest(
-                f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
-            )
-    common = _common(body, served_model, "max_completion_tokens")
+    max_tokens, max_tokens_field = fields.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:  # report the field the client actually sent
+        max_tokens, max_tokens_field = fields.max_tokens, "max_tokens"
     return GenerationRequest(
-        id=_new_id("chatcmpl"), kind="chat", created=int(time.time()), messages=tuple(messages), **common
+        id=_new_id("chatcmpl"),
+        kind="chat",
+        created=int(time.time()),
+        messages=tuple(body["messages"]),
+        max_tokens=max_tokens,
+        max_tokens_field=max_tokens_field,
+        **_common(fields, body, served_model),
     )
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from .backends.base import ContinuousEngine, EngineHealth, EngineShape, Progress
@@ -380,7 +381,7 @@ def build_pool(
         meter = meter_factory(MeterSpec(settings), profile, clock)
         return ReplicaPool([Replica("r0", engine, meter)])
     replicas = [
-        make_replica(settings, dataclasses.replace(listed, name=name), profile, clock, meter_factory)
+        make_replica(settings, msgspec.structs.replace(listed, name=name), profile, clock, meter_factory)
         for listed, name in zip(backend.replicas, backend.replica_names, strict=True)
     ]
     return ReplicaPool(replicas)

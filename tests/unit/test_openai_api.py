@@ -47,7 +47,7 @@ def test_max_completion_tokens_is_the_chat_name_for_max_tokens() -> None:
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"prompt": "x", "temperature": 3}, "temperature"),
         ({"prompt": "x", "top_p": "high"}, "top_p"),
-        ({"prompt": "x", "stop": [1]}, "stop"),
+        ({"prompt": "x", "stop": [1]}, "stop[0]"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "n": 2}, "n"),
@@ -70,7 +70,7 @@ def test_bad_completion_fields_are_named(body: dict[str, Any], param: str) -> No
         ([5], "messages[0]"),
         ([{"role": "wizard", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": "x"}, {"role": "user", "content": 5}], "messages[1].content"),
-        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].type"),
     ],
 )
 def test_bad_messages_are_named(messages: Any, param: str) -> None:
@@ -89,3 +89,58 @@ def test_another_model_name_is_a_404() -> None:
         parse_chat(chat(model="gpt-4"), MODEL)
     assert info.value.status == 404
     assert info.value.to_body()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        (chat(max_tokens="10"), "max_tokens", "'max_tokens' must be an integer or null, got a string"),
+        (chat(stream=1), "stream", "'stream' must be a boolean or null, got an integer"),
+        (chat(temperature=3), "temperature", "'temperature'=3 must be <= 2.0"),
+        (chat(top_p=-0.5), "top_p", "'top_p'=-0.5 must be >= 0.0"),
+        (chat(max_completion_tokens=0), "max_completion_tokens", "'max_completion_tokens'=0 must be >= 1"),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", "'stop' must be a list of length <= 4"),
+        (
+            chat(service_tier="gold"),
+            "service_tier",
+            "'service_tier'='gold' must be one of ['auto', 'default', 'flex', 'priority']",
+        ),
+        (
+            {"messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+            "'messages[0].role'='wizard'",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "null only for an assistant message"),
+        ({"messages": []}, "messages", "'messages' must be a non-empty list"),
+    ],
+)
+def test_an_error_names_the_field_and_its_limit(body: dict[str, Any], param: str, says: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_chat(body, MODEL)
+    assert info.value.param == param
+    assert says in info.value.message
+
+
+def test_the_body_passed_on_keeps_every_field_as_the_client_sent_it() -> None:
+    """ecobatch reads its own fields; the rest (tool calls, vLLM's extensions) reach the engine intact,
+    and vLLM answers for them."""
+    messages = [
+        {"role": "user", "content": "what is 6 x 7?", "name": "ada"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+    body = {"model": MODEL, "messages": messages, "top_k": "not vLLM's business here", "tools": [{}]}
+    request = parse_chat(body, MODEL)
+    assert request.body == body
+    assert list(request.messages) == messages
+
+
+def test_every_service_tier_the_schema_accepts_is_served_in_a_tier() -> None:
+    from typing import get_args
+
+    from ecobatch.fields import ServiceTierName
+    from ecobatch.openai_api import SERVICE_TIERS
+
+    for name in get_args(ServiceTierName):
+        assert parse_chat(chat(service_tier=name), MODEL).tier == SERVICE_TIERS[name]
+    assert set(SERVICE_TIERS) == set(get_args(ServiceTierName))

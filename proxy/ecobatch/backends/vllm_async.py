@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from ..config import BackendSettings
 from ..domain import GenerationRequest, GenerationResult, Headroom
 from ..errors import BackendFailed, BadRequest
-from ..fields import BASIC_FIELDS, check_fields
+from ..fields import BASIC_FIELDS, SAMPLING_FIELDS, check_fields
 from .base import UP, EngineHealth, EngineShape, Job, Progress
 from .engine_output import RequestOutput, encode_prompts
 from .limits import fit_to_context
@@ -35,21 +35,7 @@ __all__ = ["VllmAsyncBackend"]
 log = logging.getLogger(__name__)
 
 
-#: request fields passed to vLLM's SamplingParams as they are
-_SAMPLING_EXTRAS = (
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "top_k",
-    "min_p",
-    "min_tokens",
-    "stop_token_ids",
-    "logit_bias",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-    "spaces_between_special_tokens",
-)
-SUPPORTED = BASIC_FIELDS | frozenset(_SAMPLING_EXTRAS) | {"priority"}
+SUPPORTED = BASIC_FIELDS | SAMPLING_FIELDS | {"priority"}
 
 
 class _HeadroomSink:
@@ -144,7 +130,7 @@ class VllmAsyncBackend:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extras = {name: request.body[name] for name in _SAMPLING_EXTRAS if request.body.get(name) is not None}
+        extras = {name: request.body[name] for name in SAMPLING_FIELDS if request.body.get(name) is not None}
         if "logit_bias" in extras:  # OpenAI sends token ids as JSON object keys (strings)
             extras["logit_bias"] = {int(k): float(v) for k, v in extras["logit_bias"].items()}
         return SamplingParams(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.workload import Arrival, parse_lengths, poisson, read_trace, with_tiers
-from ..config import DEFAULT_PROFILES, BatchingSettings
+from ..config import DEFAULT_PROFILES, BatchingSettings, build_section
 from ..profile import EnergyProfile, load_profile
 from .sim import (
     BatcherRule,
@@ -115,7 +115,8 @@ def sweep(
             if tier == "flex" and budget < defaults.interactive_budget_ms:
                 overrides["interactive_budget_ms"] = budget
                 label += " (interactive too)"
-            settings.append((overrides, label, Controller(BatchingSettings(**overrides))))
+            checked = build_section(BatchingSettings, overrides, "batching")  # --budgets-ms: the limits
+            settings.append((overrides, label, Controller(checked)))
         base: tuple[dict[str, Any], str, Any] = ({}, "vLLM direct", SendAtOnce())
     else:
         for window_ms in windows_ms or []:
