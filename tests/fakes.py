@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
 from ecobatch.backends.base import EngineHealth, EngineShape, Job
-from ecobatch.domain import GenerationRequest, GenerationResult, Headroom, Usage
+from ecobatch.domain import EngineOutput, GenerationRequest, GenerationResult, Headroom, TextDelta, Usage
 from ecobatch.errors import BadRequest
-from ecobatch.openai_api import completion_response, parse_completion
+from ecobatch.openai_api import parse_completion
 
 
 def req(prompt: str = "a b c", **body: object) -> GenerationRequest:
@@ -21,7 +21,7 @@ def answer(request: GenerationRequest, completion_tokens: int | None = None) -> 
     n = len(request.prompts)
     tokens = completion_tokens if completion_tokens is not None else (request.max_tokens or 1) * n
     usage = Usage(sum(len(p.split()) for p in request.prompts), tokens)
-    return GenerationResult(usage, completion_response(request, ["ok"] * n, ["stop"] * n, usage))
+    return GenerationResult(usage, ("ok",) * n, ("stop",) * n)
 
 
 class _Base:
@@ -105,8 +105,9 @@ class FakeStaticEngine(_Base):
 
 
 class FakeContinuousEngine(_Base):
-    """One request at a time. A request finishes when the test releases it (``finish(prompt)``), or at
-    once when ``instant``; "poison" fails alone; a cancelled call is recorded as aborted."""
+    """One request at a time. A request's text ("ok" per prompt) comes when the test releases it
+    (``finish(prompt)``), or at once when ``instant``, then its usage; "poison" fails alone; a request
+    whose generator is closed or cancelled before its end is recorded as aborted."""
 
     shape: ClassVar[EngineShape] = "continuous"
 
@@ -126,28 +127,57 @@ class FakeContinuousEngine(_Base):
     def finish(self, prompt: str) -> None:
         self._event(prompt).set()
 
-    async def generate(self, job: Job) -> GenerationResult:
-        prompt = job.request.prompts[0]
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
+        prompt = request.prompts[0]
         self.started.append(prompt)
-        if "priority" in job.request.body:
-            self.priorities[prompt] = job.request.body["priority"]
-        self.running += job.request.sequences
+        if "priority" in request.body:
+            self.priorities[prompt] = request.body["priority"]
+        self.running += request.sequences
         self.max_running = max(self.max_running, self.running)
+        ended = False
         try:
             if prompt.startswith("poison"):
                 raise BadRequest("bad prompt", param="prompt")
             if not self.instant:
                 await self._event(prompt).wait()
-            result = answer(job.request)
-            if job.emit is not None:  # a stream: its one chunk comes when it finishes
-                job.emit({"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]})
-            job.generated(result.usage.completion_tokens)
-            return result
-        except asyncio.CancelledError:
-            self.aborted.append(prompt)
+            result = answer(request)
+            deltas = tuple(TextDelta(i, "ok", "stop") for i in range(request.sequences))
+            yield EngineOutput(deltas, new_tokens=result.usage.completion_tokens)
+            ended = True
+            yield EngineOutput(usage=result.usage)
+        except BadRequest:
+            ended = True
             raise
         finally:
-            self.running -= job.request.sequences
+            self.running -= request.sequences
+            if not ended:
+                self.aborted.append(prompt)
+
+
+class CountingEngine(_Base):
+    """A continuous engine that streams one token ("t") at a time, as fast as it is asked, up to
+    ``max_tokens``; it counts the outputs it was asked for and records a request closed before its end
+    as aborted."""
+
+    shape: ClassVar[EngineShape] = "continuous"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+        self.aborted: list[str] = []
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
+        tokens = request.max_tokens or 1
+        ended = False
+        try:
+            for i in range(tokens):
+                self.asked += 1
+                yield EngineOutput((TextDelta(0, "t", "length" if i == tokens - 1 else None),), 1)
+            ended = True
+            yield EngineOutput(usage=Usage(1, tokens))
+        finally:
+            if not ended:
+                self.aborted.append(request.prompts[0])
 
 
 class FakeDcgmExporter:

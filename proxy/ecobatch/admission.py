@@ -1,11 +1,12 @@
 """What waits to be dispatched: the bounded queue, one line per tier, shared by the static batcher and the
 continuous gate.
 
-A request is queued as a ``Pending`` with a future the HTTP handler awaits, its tier (``service_tier``),
-and what the live load estimates predict of it (generated tokens, KV tokens at its end). A handler whose
-client leaves withdraws it (``withdraw`` cancels the future); a cancelled request is dropped before
-dispatch. The queue's sequence count is kept as it changes, so holding a window open costs O(1) per
-arrival. Each tier's line is in arrival order, which is also its budget order.
+A request is queued as a ``Pending`` with a future the HTTP handler awaits (a streamed one also with the
+stream of its outputs, which ends once the future is done), its tier (``service_tier``), and what the
+live load estimates predict of it (generated tokens, KV tokens at its end). A handler whose client
+leaves withdraws it (``withdraw`` cancels the future); a cancelled request is dropped before dispatch.
+The queue's sequence count is kept as it changes, so holding a window open costs O(1) per arrival. Each
+tier's line is in arrival order, which is also its budget order.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .arrivals import ArrivalRate, RecentRate
-from .backends.base import Emit
 from .clock import Clock
 from .config import BatchingSettings
 from .domain import TIERS, GenerationRequest, GenerationResult, Tier
 from .errors import BadRequest, Overloaded, ShuttingDown
 from .load import LoadTracker
 from .metrics import Metrics
+from .stream import OutputStream
 
 __all__ = ["Admission", "Outcome", "Pending", "prompt_characters"]
 
@@ -46,7 +47,8 @@ class Pending:
     request: GenerationRequest
     future: asyncio.Future[Outcome]
     arrival_s: float
-    emit: Emit | None
+    #: a streamed request's outputs on their way to its handler (closed once the future is done)
+    outputs: OutputStream | None
     #: the tier it is served in (``flex`` on a static engine is served as ``interactive``)
     tier: Tier
     sequences: int
@@ -109,7 +111,7 @@ class Admission:
         self.arrived.set()
 
     # ---- queue ---------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, emit: Emit | None) -> Pending:
+    def submit(self, request: GenerationRequest) -> Pending:
         if self.closing:
             raise ShuttingDown("ecobatch is shutting down; retry on another replica")
         if request.sequences > self._max_prompts:
@@ -135,11 +137,16 @@ class Admission:
             prompt = float(sum(request.prompt_tokens))
         else:
             prompt = self.load.predict_prompt_tokens(chars)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        outputs = None
+        if request.stream:
+            outputs = OutputStream()
+            future.add_done_callback(_closer(outputs))
         pending = Pending(
             request,
-            asyncio.get_running_loop().create_future(),
+            future,
             now,
-            emit,
+            outputs,
             tier,
             n,
             per_sequence * n,
@@ -268,3 +275,10 @@ class Admission:
                     pending.future.set_exception(error)
             self._publish_depth(tier)
         self.queued = self.queued_sequences = 0
+
+
+def _closer(outputs: OutputStream) -> Callable[[asyncio.Future[Outcome]], None]:
+    def close(_: asyncio.Future[Outcome]) -> None:
+        outputs.close()
+
+    return close

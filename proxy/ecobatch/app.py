@@ -56,7 +56,14 @@ from .errors import (
     NotFound,
     Retryable,
 )
-from .openai_api import SERVICE_TIER_NAMES, models_response, parse_chat, parse_completion
+from .openai_api import (
+    SERVICE_TIER_NAMES,
+    ChunkRenderer,
+    models_response,
+    parse_chat,
+    parse_completion,
+    response_body,
+)
 from .pool import MeterFactory, PoolHealth, Replica, ReplicaPool, build_pool, make_replica
 from .profile import EnergyProfile, load_profile
 from .runtime import Backend, Runtime
@@ -172,8 +179,8 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
         except asyncio.CancelledError:  # the client went away: leave the queue, or stop the work
             dispatcher.withdraw(pending)
             raise
-        assert outcome.result.body is not None
-        return _json(_with_tier(outcome.result.body, outcome.tier), headers=_energy_headers(gen, outcome))
+        body = response_body(gen, outcome.result)
+        return _json(_with_tier(body, outcome.tier), headers=_energy_headers(gen, outcome))
     except EcobatchError as exc:
         status = str(exc.status)
         return _error_response(exc)
@@ -186,16 +193,20 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
 
 
 async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationRequest) -> web.StreamResponse:
-    """Server-sent events: the engine's chunks as they come, then ``data: [DONE]``. An error before the
-    first chunk is a plain HTTP error; one after it is an ``error`` event before ``[DONE]``."""
-    chunks: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    pending = dispatcher.submit(gen, emit=chunks.put_nowait)
-    pending.future.add_done_callback(lambda _: chunks.put_nowait(None))
+    """Server-sent events: the engine's outputs rendered as chunks as the client reads them, then
+    ``data: [DONE]``. An error before the first output is a plain HTTP error; one after it is an
+    ``error`` event before ``[DONE]``. The next output is taken only once the previous one is written:
+    a slow client slows the engine's pull (``stream``), and nothing queues for it without bound."""
+    pending = dispatcher.submit(gen)
+    outputs = pending.outputs
+    assert outputs is not None
+    render = ChunkRenderer(gen)
     try:
-        chunk = await chunks.get()
-        if chunk is None and pending.future.exception() is not None:
+        output = await anext(outputs, None)
+        if output is None:  # the stream ends once the request is resolved
             error = pending.future.exception()
-            raise error if isinstance(error, EcobatchError) else EcobatchError(str(error))
+            if error is not None:
+                raise error if isinstance(error, EcobatchError) else EcobatchError(str(error))
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -205,9 +216,10 @@ async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationR
             }
         )
         await response.prepare(request)
-        while chunk is not None:
-            await response.write(_sse(_with_tier(chunk, pending.tier)))
-            chunk = await chunks.get()
+        while output is not None:
+            for chunk in render.chunks(output):
+                await response.write(_sse(_with_tier(chunk, pending.tier)))
+            output = await anext(outputs, None)
         error = pending.future.exception()
         if error is not None:
             body = error.to_body() if isinstance(error, EcobatchError) else {"error": {"message": str(error)}}
@@ -252,7 +264,7 @@ async def _health(request: web.Request) -> web.Response:
                 view["energy_gpu"] = replica.ledger.gpu
             views.append(view)
         if len(replicas) > 1:
-            engine["replicas_up"] = sum(1 for v in views if v["state"] == "up")
+            engine["replicas_up"] = sum(1 for _, state in health.replicas if state.up)
             engine["replicas"] = views
         else:
             engine = views[0]

@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 import msgspec
 
 from .admission import Pending
-from .backends.base import EngineShape, StaticEngine
+from .backends.base import EngineShape, Job, StaticEngine
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher, as_error
 from .domain import Demand, GenerationResult, Usage
-from .energy.ledger import Ledger
+from .energy.ledger import Ledger, Span
 from .energy.receipts import Receipts
 from .errors import BackendFailed, ShuttingDown
 from .metrics import Metrics
@@ -160,6 +160,13 @@ class StaticBatcher(Dispatcher):
             "engine_headroom": dataclasses.asdict(self._engine.headroom()),
         }
 
+    def _job(self, pending: Pending) -> tuple[Span, Job]:
+        """The request's energy span and its job in the batch."""
+        span = self._span(pending, self._ledger)
+        return span, Job(
+            pending.request, self._stream_sink(pending), span.generated, pending.future.cancelled
+        )
+
     async def _run_batch(self, batch: list[Pending], decision: Decision) -> None:
         now = self._clock.now()
         sequences = sum(p.sequences for p in batch)
@@ -168,7 +175,7 @@ class StaticBatcher(Dispatcher):
         metrics.child(metrics.policy_decisions, self._model, decision.limited_by).inc()
         for pending in batch:
             self._dispatched(pending, now)
-        started = [self._job(p, self._ledger, self._timed_emit(p)) for p in batch]
+        started = [self._job(p) for p in batch]
         results: list[GenerationResult | BaseException] = [
             ShuttingDown("ecobatch shut down mid-batch")
         ] * len(batch)

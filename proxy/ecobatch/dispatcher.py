@@ -18,10 +18,10 @@ import logging
 from typing import Any, ClassVar
 
 from .admission import Admission, Outcome, Pending
-from .backends.base import Emit, EngineShape, Job
+from .backends.base import Emit, EngineShape
 from .clock import Clock, MonotonicClock
 from .config import BatchingSettings
-from .domain import TIERS, GenerationRequest, GenerationResult, Tier, Usage
+from .domain import TIERS, EngineOutput, GenerationRequest, GenerationResult, Tier, Usage
 from .energy.ledger import Ledger, Span
 from .energy.receipts import Receipts
 from .errors import BackendFailed, BackendTimeout, EcobatchError, ShuttingDown
@@ -84,10 +84,10 @@ class Dispatcher:
         self._running: dict[int, Pending] = {}  # dispatched, not yet resolved (by id: one answer each)
 
     # ---- what the app uses ---------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, emit: Emit | None = None) -> Pending:
-        """Queue a prepared request; raises ``Overloaded`` when the queue is full, ``ShuttingDown``
-        while closing."""
-        return self._admission.submit(request, emit)
+    def submit(self, request: GenerationRequest) -> Pending:
+        """Queue a prepared request (a streamed one's outputs come through ``Pending.outputs``); raises
+        ``Overloaded`` when the queue is full, ``ShuttingDown`` while closing."""
+        return self._admission.submit(request)
 
     def withdraw(self, pending: Pending) -> None:
         """The client left: drop the request from the queue, or stop its work in the engine."""
@@ -180,10 +180,10 @@ class Dispatcher:
         pending.released_s = now_s
         wait_s = now_s - pending.arrival_s
         metrics.child(metrics.queue_wait, self._model, pending.tier).observe(wait_s)
-        # budgets are to the first token: a stream's is timed when it comes (``_timed_emit``, or
+        # budgets are to the first token: a stream's is timed when it comes (``_first_token``, or
         # ``_resolve`` for one that ends without any); for any other request it is its wait plus the
         # engine's measured time to first token (an estimate)
-        if pending.emit is None:
+        if pending.outputs is None:
             self._count_if_late(pending, wait_s + self.load.ttft_s)
         self._running[id(pending)] = pending
 
@@ -197,34 +197,35 @@ class Dispatcher:
         if budget_s is not None and first_token_after_s > budget_s:
             self._metrics.child(self._metrics.budget_misses, self._model, pending.tier).inc()
 
-    def _timed_emit(self, pending: Pending) -> Emit | None:
-        """The stream's emit, timing its first token: the tier's time to first token (from arrival) and
-        the controller's estimate of the engine's own (from release)."""
-        emit = pending.emit
-        if emit is None:
+    def _first_token(self, pending: Pending) -> None:
+        """A stream's first output came from the engine now: the tier's time to first token (from
+        arrival), a budget miss if late, and the controller's estimate of the engine's own (from
+        release)."""
+        pending.first_token_seen = True
+        now = self._clock.now()
+        ttft_s = now - pending.arrival_s
+        self._metrics.child(self._metrics.ttft, self._model, pending.tier).observe(ttft_s)
+        self._count_if_late(pending, ttft_s)
+        if pending.released_s is not None:
+            self.load.first_token(now - pending.released_s)
+
+    def _stream_sink(self, pending: Pending) -> Emit | None:
+        """Where a static engine emits a streamed request's outputs: its stream (merged until taken),
+        the first one timed."""
+        outputs = pending.outputs
+        if outputs is None:
             return None
-        first = [True]
-        clock, metrics, load = self._clock, self._metrics, self.load
 
-        def timed(chunk: dict[str, Any]) -> None:
-            if first[0]:
-                first[0] = False
-                pending.first_token_seen = True
-                now = clock.now()
-                ttft_s = now - pending.arrival_s
-                metrics.child(metrics.ttft, self._model, pending.tier).observe(ttft_s)
-                self._count_if_late(pending, ttft_s)
-                if pending.released_s is not None:
-                    load.first_token(now - pending.released_s)
-            emit(chunk)
+        def sink(output: EngineOutput) -> None:
+            if not pending.first_token_seen:
+                self._first_token(pending)
+            outputs.put_nowait(output)
 
-        return timed
+        return sink
 
-    def _job(self, pending: Pending, ledger: Ledger, emit: Emit | None = None) -> tuple[Span, Job]:
-        """The request's energy span, on the ledger of the GPUs that run it, and its engine job."""
-        span = ledger.begin(pending.request.id, pending.sequences, tier=pending.tier)
-        job = Job(pending.request, emit or pending.emit, span.generated, pending.future.cancelled)
-        return span, job
+    def _span(self, pending: Pending, ledger: Ledger) -> Span:
+        """The request's energy span, on the ledger of the GPUs that run it."""
+        return ledger.begin(pending.request.id, pending.sequences, tier=pending.tier)
 
     def _timeout(self) -> BackendTimeout:
         return BackendTimeout(f"the engine did not finish within backend.request_timeout_s={self._timeout_s}")
@@ -242,7 +243,7 @@ class Dispatcher:
         ``in_flight``: the sequences on the request's engine (its replica), for an estimate."""
         self._running.pop(id(pending), None)
         self._admission.observe_done()
-        if pending.emit is not None and not pending.first_token_seen:
+        if pending.outputs is not None and not pending.first_token_seen:
             # a stream that ended without a first token: a miss if its budget ran out meanwhile
             self._count_if_late(pending, self._clock.now() - pending.arrival_s)
         delivered = not pending.future.done()
@@ -265,8 +266,8 @@ class Dispatcher:
         """The tokens of a request that ended without the engine's count (its client left, a 502, a
         504), so that it carries its share of the joules it used instead of leaving them to its
         neighbours: its prompt (when the engine measured it), and what one of the sequences in flight
-        decodes in the time it ran at the profile's per-sequence rate, at most its ``max_tokens``. A
-        stream's chunks are its count (``None``: the ledger uses them)."""
+        decodes in the time it ran at the profile's per-sequence rate, at most its ``max_tokens``. Tokens
+        the engine reported as they came out are its count (``None``: the ledger uses them)."""
         if span.tokens_seen:
             return None
         request = pending.request

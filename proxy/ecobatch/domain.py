@@ -1,7 +1,8 @@
 """Domain values that the HTTP layer, the engines, the energy ledger and the policy share.
 
 Plain frozen dataclasses, no behaviour beyond arithmetic on their own fields, so that ``energy`` and
-``backends`` never import the HTTP schema (``openai_api``) or the policy.
+``backends`` never import the HTTP schema (``openai_api``) or the policy: engines answer in
+``EngineOutput`` and ``GenerationResult``, which the HTTP layer renders as OpenAI JSON.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any, Literal
 __all__ = [
     "TIERS",
     "Demand",
+    "EngineOutput",
     "GenerationRequest",
     "GenerationResult",
     "Headroom",
     "RequestKind",
+    "TextDelta",
     "Tier",
     "Usage",
+    "message_text",
 ]
 
 RequestKind = Literal["completion", "chat"]
@@ -81,13 +85,69 @@ class GenerationRequest:
         return len(self.prompts) if self.kind == "completion" else 1
 
 
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a chat message whose content is a string or a list of text parts."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(str(part["text"]) for part in content)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """Text one sequence (a prompt of a completion request; a chat's one answer) generated since its
+    previous delta; ``finish_reason`` (``stop``, ``length``, ``abort``) on its last one."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """One step of a request's generation as an engine reports it, in no client's format.
+
+    ``new_tokens``: tokens generated since the request's previous output, reported as they come out
+    (the energy ledger's clock of the request's work; 0 where the engine only tells the total at the
+    end). A request's last output carries ``usage``, the engine's own count. ``upstream``: an engine
+    that already speaks the client's format (vllm-http: the upstream's OpenAI chunk or response as it
+    came) keeps it here, so that what ecobatch does not interpret (logprobs, tool calls, vLLM's
+    extensions) reaches the client unchanged; the HTTP layer passes it through instead of rendering
+    the neutral fields."""
+
+    deltas: tuple[TextDelta, ...] = ()
+    new_tokens: int = 0
+    usage: Usage | None = None
+    upstream: Mapping[str, Any] | None = None
+
+    def merged(self, later: EngineOutput) -> EngineOutput:
+        """This output and ``later`` as one (a stream whose client has not taken this one yet): each
+        sequence's text joined, tokens added, the later usage. Pass-through payloads cannot be joined."""
+        if self.upstream is not None or later.upstream is not None:
+            raise ValueError("outputs that carry an upstream payload cannot be merged")
+        deltas: dict[int, TextDelta] = {d.index: d for d in self.deltas}
+        for d in later.deltas:
+            before = deltas.get(d.index)
+            if before is not None:
+                d = TextDelta(d.index, before.text + d.text, d.finish_reason or before.finish_reason)
+            deltas[d.index] = d
+        return EngineOutput(
+            tuple(deltas.values()), self.new_tokens + later.new_tokens, later.usage or self.usage
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
-    """What an engine returns for one request: the engine's own usage and the OpenAI response body
-    (``None`` for a stream, whose chunks went out as they came)."""
+    """What an engine answers for one request, in no client's format: the engine's own usage, and each
+    sequence's text and finish reason (none for a stream: its outputs went out as they came).
+    ``upstream``: the upstream's own response body where the engine keeps it (see ``EngineOutput``)."""
 
     usage: Usage
-    body: dict[str, Any] | None = None
+    texts: tuple[str, ...] = ()
+    finish_reasons: tuple[str | None, ...] = ()
+    upstream: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

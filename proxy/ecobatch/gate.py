@@ -5,15 +5,18 @@ Each round (an arrival, a completion, a timer, new settings) the gate packs what
 values — what waits per tier, each replica's state (``pool.Replica``: in flight, other clients' work,
 when its running requests are predicted to end, its safety limit), the live load estimates
 (``load.LoadTracker``) — and calls ``release.plan_releases`` once. It applies the plan: each released
-request runs as its own task (``engine.generate`` on its replica); the slot frees the moment that
-request ends; a client that leaves cancels it, which aborts the request in the engine. Then it waits
-for the next event or the plan's wake-up time. The plan's reasons are counted
-(``ecobatch_release_decisions_total``), logged at debug level and shown by ``GET /ecobatch/batching``.
+request runs as its own task that pulls the request's outputs from its replica (``engine.generate``),
+handing a stream's to its HTTP handler one at a time (a slow client slows the pull); the slot frees the
+moment that request ends; a client that leaves cancels it, which closes the engine's generator and so
+aborts the request in the engine. Then it waits for the next event or the plan's wake-up time. The
+plan's reasons are counted (``ecobatch_release_decisions_total``), logged at debug level and shown by
+``GET /ecobatch/batching``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,11 +27,13 @@ from typing import Any, ClassVar
 import msgspec
 
 from .admission import Outcome, Pending
-from .backends.base import EngineShape
+from .backends.base import ContinuousEngine, EngineShape
+from .backends.engine_output import Transcript
 from .clock import Clock
 from .config import BatchingSettings
 from .dispatcher import Dispatcher
 from .domain import GenerationRequest, GenerationResult, Tier
+from .energy.ledger import Span
 from .energy.receipts import Receipts
 from .errors import BackendFailed, ShuttingDown
 from .metrics import Metrics
@@ -348,16 +353,15 @@ class ContinuousGate(Dispatcher):
     async def _serve(
         self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int
     ) -> None:
-        emit = self._timed_emit(pending)
-        span, job = self._job(pending, where[0].ledger, emit)
-        job = dataclasses.replace(job, request=self._engine_request(pending))
+        span = self._span(pending, where[0].ledger)
+        request = self._engine_request(pending)
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
         tried: set[str] = set()
         try:
             async with asyncio.timeout(self._timeout_s):
                 while True:
                     try:
-                        result = await where[0].engine.generate(job)
+                        result = await self._pull(pending, where[0].engine, request, span)
                         break
                     except BackendFailed as exc:
                         tried.add(where[0].name)
@@ -373,8 +377,7 @@ class ContinuousGate(Dispatcher):
                         span.abandon()  # it never reached that engine: no share of its GPU's joules
                         self._move(pending, where[0], target)
                         where[0] = target
-                        span, job = self._job(pending, target.ledger, emit)
-                        job = dataclasses.replace(job, request=self._engine_request(pending))
+                        span = self._span(pending, target.ledger)
         except TimeoutError:
             result = self._timeout()
         except asyncio.CancelledError:
@@ -383,6 +386,26 @@ class ContinuousGate(Dispatcher):
             result = exc
         finally:
             self._resolve(pending, span, result, dispatched_s, group_size, where[0].inflight)
+
+    async def _pull(
+        self, pending: Pending, engine: ContinuousEngine, request: GenerationRequest, span: Span
+    ) -> GenerationResult:
+        """Run the request on ``engine``, output by output: each one's tokens go on the energy ledger's
+        clock as they come; a stream's outputs go to its handler, the next asked of the engine only once
+        the handler has taken the previous one (a stream's first output is its first token); the others
+        are gathered into the result. Leaving early (the client left, a time-out) closes the engine's
+        generator, which aborts the request there."""
+        outputs = pending.outputs
+        transcript = Transcript(request)
+        async with contextlib.aclosing(engine.generate(request)) as generation:
+            async for output in generation:
+                span.generated(output.new_tokens)
+                transcript.add(output)
+                if outputs is not None:
+                    if not pending.first_token_seen:
+                        self._first_token(pending)
+                    await outputs.put(output)
+        return transcript.result()
 
     def _move(self, pending: Pending, source: Replica, target: Replica) -> None:
         """The request's slot leaves ``source`` for ``target`` (a failover)."""

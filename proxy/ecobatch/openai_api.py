@@ -1,10 +1,12 @@
-"""OpenAI API shapes: validate request bodies (before anything is queued) and build response bodies.
+"""OpenAI API shapes: validate request bodies (before anything is queued), and render what engines answer
+(``GenerationResult``, ``EngineOutput``: no client's format) as OpenAI responses and stream chunks.
 
 A body is decoded once (``msgspec.json.decode``, in the HTTP layer) and checked against its schema
 (``fields.ChatBody``, ``fields.CompletionBody``) by ``msgspec.convert``; the decoded body itself is kept
 for the engines that pass it on. Validation errors are ``BadRequest`` naming the field
 (``messages[1].content``) and the limit, so a bad input is answered with a 400 and never joins, or
-hangs, a batch.
+hangs, a batch. An engine that keeps its upstream's own OpenAI JSON (vllm-http) has it passed through
+under ecobatch's request id and model name, its usage shown only where the client asked for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from .domain import GenerationRequest, Tier, Usage
+from .domain import EngineOutput, GenerationRequest, GenerationResult, Tier, Usage
 from .errors import BadRequest, ModelNotFound
 from .fields import ChatBody, CompletionBody, ServiceTierName
 from .validation import MISSING, explain, value_at
@@ -24,6 +26,7 @@ from .validation import MISSING, explain, value_at
 __all__ = [
     "SERVICE_TIERS",
     "SERVICE_TIER_NAMES",
+    "ChunkRenderer",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -31,6 +34,7 @@ __all__ = [
     "models_response",
     "parse_chat",
     "parse_completion",
+    "response_body",
 ]
 
 #: ``service_tier`` as OpenAI's API spells it, and the tier each one is served in
@@ -141,16 +145,6 @@ def parse_chat(body: Any, served_model: str) -> GenerationRequest:
     )
 
 
-def message_text(message: Mapping[str, Any]) -> str:
-    """The text of a chat message whose content is a string or a list of text parts."""
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(str(part["text"]) for part in content)
-
-
 def completion_response(
     request: GenerationRequest, texts: Sequence[str], finish_reasons: Sequence[str | None], usage: Usage
 ) -> dict[str, Any]:
@@ -238,3 +232,60 @@ def models_response(model: str, owned_by: str = "ecobatch") -> dict[str, Any]:
         "object": "list",
         "data": [{"id": model, "object": "model", "created": int(time.time()), "owned_by": owned_by}],
     }
+
+
+def response_body(request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
+    """The response to a request that did not stream."""
+    if result.upstream is not None:
+        body = dict(result.upstream)
+        body["id"], body["model"] = request.id, request.model
+        return body
+    if request.kind == "chat":
+        return chat_response(request, result.texts[0], result.finish_reasons[0], result.usage)
+    return completion_response(request, result.texts, result.finish_reasons, result.usage)
+
+
+class ChunkRenderer:
+    """A stream's engine outputs as OpenAI chunks, in order: a chat stream opens with the assistant's
+    role; the final usage is a chunk of its own where the client asked for it
+    (``stream_options.include_usage``)."""
+
+    __slots__ = ("_request", "_role_sent")
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._request = request
+        self._role_sent = False
+
+    def chunks(self, output: EngineOutput) -> list[dict[str, Any]]:
+        request = self._request
+        if output.upstream is not None:
+            return _passed_through(request, output.upstream)
+        chunks = []
+        if request.kind == "chat":
+            if not self._role_sent:
+                chunks.append(chat_chunk(request, {"role": "assistant", "content": ""}))
+                self._role_sent = True
+            for d in output.deltas:
+                if d.text or d.finish_reason is not None:
+                    chunks.append(chat_chunk(request, {"content": d.text} if d.text else {}, d.finish_reason))
+            if output.usage is not None and request.include_usage:
+                chunks.append(chat_chunk(request, None, usage=output.usage))
+        else:
+            for d in output.deltas:
+                if d.text or d.finish_reason is not None:
+                    chunks.append(completion_chunk(request, d.index, d.text, d.finish_reason))
+            if output.usage is not None and request.include_usage:
+                chunks.append(completion_chunk(request, None, usage=output.usage))
+        return chunks
+
+
+def _passed_through(request: GenerationRequest, upstream: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An upstream's own chunk under ecobatch's id and model; its usage only where the client asked for
+    it (a usage-only chunk is then dropped)."""
+    chunk = dict(upstream)
+    if "usage" in chunk and not request.include_usage:
+        if chunk["usage"] and not chunk.get("choices"):
+            return []
+        del chunk["usage"]
+    chunk["id"], chunk["model"] = request.id, request.model
+    return [chunk]

@@ -30,7 +30,7 @@ from typing import ClassVar
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from .backends.base import ContinuousEngine, EngineHealth, EngineShape, Progress
+from .backends.base import ContinuousEngine, EngineHealth, EngineShape, HealthState, Progress
 from .backends.vllm_http import VllmHttpBackend
 from .clock import Clock
 from .config import ReplicaSettings, Settings
@@ -195,7 +195,7 @@ class Replica:
 class PoolHealth:
     """The pool's state: up while one replica is up; each replica's own health."""
 
-    state: str
+    state: HealthState
     replicas: tuple[tuple[str, EngineHealth], ...]
     last_error: str | None
 

@@ -15,7 +15,7 @@ from ecobatch.backends.base import Job
 from ecobatch.backends.hf_bnb import HfBnbBackend, kv_bytes_per_token
 from ecobatch.clock import Clock
 from ecobatch.config import Settings, load_settings
-from ecobatch.domain import GenerationRequest, GenerationResult
+from ecobatch.domain import EngineOutput, GenerationRequest, GenerationResult
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.ledger import Ledger
 from ecobatch.energy.meter import Meter
@@ -72,10 +72,7 @@ async def test_each_request_keeps_its_own_max_tokens_and_usage(backend: HfBnbBac
     assert isinstance(first, GenerationResult) and isinstance(second, GenerationResult)
     assert first.usage.completion_tokens == 3
     assert second.usage.completion_tokens == 14
-    assert second.body is not None and [c["finish_reason"] for c in second.body["choices"]] == [
-        "length",
-        "length",
-    ]
+    assert second.finish_reasons == ("length", "length")
 
 
 async def test_left_padding_does_not_change_a_greedy_result(backend: HfBnbBackend) -> None:
@@ -89,14 +86,13 @@ async def test_left_padding_does_not_change_a_greedy_result(backend: HfBnbBacken
     )
     a, p = alone[0], padded[0]
     assert isinstance(a, GenerationResult) and isinstance(p, GenerationResult)
-    assert a.body is not None and p.body is not None
-    assert a.body["choices"][0]["text"] == p.body["choices"][0]["text"]
+    assert a.texts[0] == p.texts[0]
 
 
 async def test_a_finished_sequence_stops_counting_tokens(backend: HfBnbBackend) -> None:
     long = await run(backend, [completion({"prompt": "seed text", "max_tokens": 12})])
-    assert isinstance(long[0], GenerationResult) and long[0].body is not None
-    text = long[0].body["choices"][0]["text"]
+    assert isinstance(long[0], GenerationResult)
+    text = long[0].texts[0]
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     both = await run(
         backend,
@@ -106,15 +102,15 @@ async def test_a_finished_sequence_stops_counting_tokens(backend: HfBnbBackend) 
         ],
     )
     cut, other = both
-    assert isinstance(cut, GenerationResult) and cut.body is not None and isinstance(other, GenerationResult)
-    assert cut.body["choices"][0]["finish_reason"] == "stop"
-    assert stop not in cut.body["choices"][0]["text"]
+    assert isinstance(cut, GenerationResult) and isinstance(other, GenerationResult)
+    assert cut.finish_reasons[0] == "stop"
+    assert stop not in cut.texts[0]
     assert cut.usage.completion_tokens < 12
     assert other.usage.completion_tokens == 12
 
 
 async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBnbBackend) -> None:
-    chunks: list[dict[str, Any]] = []
+    outputs: list[EngineOutput] = []
     request = parse_chat(
         {
             "messages": [{"role": "user", "content": "hi"}],
@@ -122,13 +118,13 @@ async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBn
             "ignore_eos": True,
             "temperature": 0,
             "stream": True,
-            "stream_options": {"include_usage": True},
         },
         "tiny",
     )
-    [result] = await run(backend, [request], emit=chunks.append)
-    assert isinstance(result, GenerationResult) and result.body is None
-    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    [result] = await run(backend, [request], emit=outputs.append)
+    assert isinstance(result, GenerationResult) and result.texts == ()
+    assert outputs[-1].usage is not None and outputs[-1].usage.completion_tokens == 5
+    assert sum(o.new_tokens for o in outputs) == 5, "each output says how many tokens made its text"
     plain = parse_chat(
         {
             "messages": [{"role": "user", "content": "hi"}],
@@ -139,9 +135,8 @@ async def test_streaming_chat_emits_deltas_that_add_up_to_the_text(backend: HfBn
         "tiny",
     )
     [whole] = await run(backend, [plain])
-    assert isinstance(whole, GenerationResult) and whole.body is not None
-    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert streamed == whole.body["choices"][0]["message"]["content"]
+    assert isinstance(whole, GenerationResult)
+    assert "".join(d.text for o in outputs for d in o.deltas) == whole.texts[0]
 
 
 async def test_a_seed_makes_sampling_repeatable(backend: HfBnbBackend) -> None:
@@ -149,8 +144,7 @@ async def test_a_seed_makes_sampling_repeatable(backend: HfBnbBackend) -> None:
     a = await run(backend, [completion(body)])
     b = await run(backend, [completion(body)])
     assert isinstance(a[0], GenerationResult) and isinstance(b[0], GenerationResult)
-    assert a[0].body is not None and b[0].body is not None
-    assert a[0].body["choices"][0]["text"] == b[0].body["choices"][0]["text"]
+    assert a[0].texts[0] == b[0].texts[0]
 
 
 async def test_too_long_a_request_is_a_400_before_it_is_queued(backend: HfBnbBackend) -> None:
@@ -211,7 +205,7 @@ async def test_a_client_that_leaves_mid_batch_stops_only_its_own_sequence(backen
         [Job(leaving, generated=progress, cancelled=gone.is_set), Job(staying)]
     )
     assert isinstance(left, GenerationResult) and isinstance(stayed, GenerationResult)
-    assert left.body is not None and left.body["choices"][0]["finish_reason"] == "abort"
+    assert left.finish_reasons[0] == "abort"
     assert left.usage.completion_tokens < 40
     assert stayed.usage.completion_tokens == 40
 

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
+from ecobatch.admission import Pending
 from ecobatch.clock import FakeClock
 from ecobatch.config import BatchingSettings
-from ecobatch.domain import Headroom
+from ecobatch.domain import EngineOutput, Headroom
 from ecobatch.errors import BackendTimeout, BadRequest, ShuttingDown
 from ecobatch.profile import EnergyProfile
-from tests.fakes import FakeContinuousEngine, req
+from tests.fakes import CountingEngine, FakeContinuousEngine, req
 from tests.unit.dispatch_helpers import ContinuousGate, build, build_gate, settle
 
 LONG = 512  # max_tokens of a long request: ~2.4 s alone on the H200 reference curve
@@ -48,6 +49,12 @@ def sample(metrics: object, name: str, **labels: str) -> float | None:
 def released(metrics: object, tier: str, reason: str) -> float:
     labels = {"model": "fake-model", "tier": tier, "reason": reason}
     return sample(metrics, "ecobatch_release_decisions_total", **labels) or 0.0
+
+
+async def read_all(pending: Pending) -> list[EngineOutput]:
+    """What the stream's handler reads, to its end."""
+    assert pending.outputs is not None
+    return [output async for output in pending.outputs]
 
 
 def interactive_misses(metrics: object) -> float | None:
@@ -164,18 +171,20 @@ async def test_a_first_token_later_than_the_budget_is_a_budget_miss(
     engine = FakeContinuousEngine()
     gate, _, metrics = build_gate([engine], continuous_profile, clock)
     await gate.start()
-    chunks: list[dict[str, Any]] = []
-    late = gate.submit(req("late", max_tokens=LONG), emit=chunks.append)
+    late = gate.submit(req("late", max_tokens=LONG, stream=True))
+    reading = asyncio.create_task(read_all(late))
     await settle()
     assert engine.started == ["late"]
     await clock.advance(0.3)
     engine.finish("late")
     await late.future
-    on_time = gate.submit(req("on-time", max_tokens=LONG), emit=chunks.append)
+    on_time = gate.submit(req("on-time", max_tokens=LONG, stream=True))
+    reading_on_time = asyncio.create_task(read_all(on_time))
     await settle()
     engine.finish("on-time")
     await on_time.future
-    assert len(chunks) == 2
+    assert [d.text for o in await reading for d in o.deltas] == ["ok"]
+    assert [d.text for o in await reading_on_time for d in o.deltas] == ["ok"]
     assert interactive_misses(metrics) == 1
     await gate.close(grace_s=0)
 
@@ -411,6 +420,46 @@ async def test_a_client_that_leaves_is_aborted_in_the_engine_and_frees_its_slot(
     await gate.close(grace_s=0)
 
 
+async def test_a_stream_is_pulled_from_the_engine_only_as_fast_as_its_client_reads(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    """Backpressure: while the client reads nothing, the engine is asked for one output beyond the one
+    waiting for it, never the whole request; as the client reads, the rest comes, every token once."""
+    engine = CountingEngine()
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock)
+    await gate.start()
+    stream = gate.submit(req("slow-reader", max_tokens=100, stream=True))
+    await clock.advance(0.1)
+    await settle()
+    assert engine.asked == 2, "one output waits for the client, the next one waits to be handed over"
+    outputs = await read_all(stream)
+    assert "".join(d.text for o in outputs for d in o.deltas) == "t" * 100
+    assert outputs[-1].usage is not None and outputs[-1].usage.completion_tokens == 100
+    assert (await stream.future).result.usage.completion_tokens == 100
+    assert ledger.inflight_sequences == 0
+    await gate.close(grace_s=0)
+
+
+async def test_a_client_that_leaves_mid_stream_aborts_the_engine_request_and_frees_its_slot(
+    continuous_profile: EnergyProfile, clock: FakeClock
+) -> None:
+    engine = CountingEngine()
+    gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, max_inflight_sequences=1)
+    await gate.start()
+    leaving = gate.submit(req("leaving", max_tokens=100, stream=True))
+    await clock.advance(0.1)
+    assert leaving.outputs is not None
+    first = await anext(leaving.outputs)
+    assert [d.text for d in first.deltas] == ["t"]
+    gate.withdraw(leaving)  # what the handler does when its client disconnects mid-stream
+    await settle()
+    assert engine.aborted == ["leaving"]
+    assert engine.asked < 100
+    assert gate.inflight == 0 and ledger.inflight_sequences == 0
+    assert leaving.outputs.closed, "the stream ends with its request"
+    await gate.close(grace_s=0)
+
+
 async def test_a_request_cancelled_in_the_queue_never_reaches_the_engine(
     continuous_profile: EnergyProfile, clock: FakeClock
 ) -> None:
@@ -447,7 +496,7 @@ async def test_a_request_that_hangs_times_out_alone(
     hung, quick = gate.submit(req("hung")), gate.submit(req("quick"))
     await clock.advance(0.1)
     engine.finish("quick")
-    assert (await quick.future).result.body is not None
+    assert (await quick.future).result.texts == ("ok",)
     with pytest.raises(BackendTimeout, match=r"request_timeout_s=0\.05"):
         await hung.future
     assert engine.aborted == ["hung"]
@@ -654,7 +703,7 @@ async def test_a_stream_that_waited_past_its_budget_and_failed_before_any_token_
     await gate.start()
     busy = gate.submit(req("busy", max_tokens=LONG))
     await settle()
-    stream = gate.submit(req("poison-stream", max_tokens=LONG), emit=lambda chunk: None)  # no room
+    stream = gate.submit(req("poison-stream", max_tokens=LONG, stream=True))  # no room
     await settle()
     await clock.advance(0.5)  # five times its 100 ms budget
     engine.finish("busy")

@@ -5,11 +5,13 @@ each request's energy goes to its own replica's ledger."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 
 from ecobatch.clock import FakeClock
+from ecobatch.domain import EngineOutput
 from ecobatch.energy.ledger import Ledger
 from ecobatch.errors import UpstreamDown
 from ecobatch.gate import RECHECK_S, ContinuousGate
@@ -122,8 +124,9 @@ async def test_when_every_replica_is_down_a_queued_request_is_answered_at_once(
 ) -> None:
     gate, engines, _, _ = build(continuous_profile, clock, "pack")
 
-    async def down(job: Any) -> Any:
+    async def down(request: Any) -> AsyncGenerator[EngineOutput, None]:
         raise UpstreamDown("upstream is down", retry_after_s=5.0)
+        yield  # an engine's generator that fails before its first output
 
     for engine in engines:
         engine.state = "down"
@@ -162,11 +165,12 @@ async def test_a_request_whose_replica_refuses_the_connection_runs_on_another(
 
     gate, (a, b), (ledger_a, ledger_b), metrics = build(continuous_profile, clock, "pack")
 
-    async def refused(job: Any) -> Any:
+    async def refused(request: Any) -> AsyncGenerator[EngineOutput, None]:
         a.state = "down"  # as the breaker trips on a refused connection
         failed = BackendFailed("upstream http://a failed: connection refused")
         failed.connect_failed = True
         raise failed
+        yield
 
     a.generate = refused  # type: ignore[method-assign]
     await gate.start()
@@ -192,8 +196,9 @@ async def test_a_failure_after_the_request_reached_the_engine_is_not_sent_again(
 
     gate, (a, b), _, _ = build(continuous_profile, clock, "pack")
 
-    async def broken(job: Any) -> Any:
+    async def broken(request: Any) -> AsyncGenerator[EngineOutput, None]:
         raise BackendFailed("upstream returned 500: CUDA error")
+        yield
 
     a.generate = broken  # type: ignore[method-assign]
     await gate.start()

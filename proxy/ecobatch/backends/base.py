@@ -1,32 +1,37 @@
-"""The two engine contracts, because engines come in two shapes.
+"""The two engine contracts, because engines come in two shapes. Both answer in no client's format
+(``domain.EngineOutput``, ``domain.GenerationResult``); the HTTP layer renders OpenAI JSON.
 
+* ``ContinuousEngine`` (``vllm-http``, ``vllm-async``): one request at a time, pulled, like vLLM's own
+  ``EngineClient.generate``: ``generate(request)`` is an async generator of that request's
+  ``EngineOutput``s (text deltas per sequence, the tokens generated since the previous output), the last
+  one carrying the engine's usage; an error is raised from it. The engine batches whatever is in
+  flight, so each request ends, and frees its slot, on its own. The consumer sets the pace: the engine
+  is asked for the next output only when the previous one has been taken (a slow client slows the pull;
+  nothing queues without bound), and closing the generator, or cancelling the task that pulls it,
+  aborts the request in the engine.
 * ``StaticEngine`` (``hf-bnb``, ``simulated``): batch in, batch out. The GPU batch is exactly the group
   the batcher sends; one batch runs at a time. ``run_batch`` returns, for each job, a
   ``GenerationResult`` or the exception that job met: one bad input never fails its neighbours.
-* ``ContinuousEngine`` (``vllm-http``, ``vllm-async``): one request at a time, like vLLM's own
-  ``EngineClient.generate``: ``generate(job)`` returns that request's result (its stream's chunks went
-  out through ``job.emit`` as they came) or raises its error. The engine batches whatever is in flight,
-  so each request ends, and frees its slot, on its own. Cancelling the call aborts the request in the
-  engine.
 
 Both share ``prepare``: validate a request against the engine's limits (context length) and tokenize
 it, off the event loop, before it is queued, so a request that cannot run is answered 400 at once and
-never joins, or delays, a batch.
+never joins, or delays, a batch. Both report their state as a typed ``EngineHealth``.
 
-A ``Job`` carries a request with its callbacks: ``emit`` (stream chunks), ``generated`` (n generated
-tokens came out now: the energy ledger's clock of the request's work) and ``cancelled`` (its client
-has gone: stop its work at the next chance).
+A static engine's ``Job`` carries a request with its callbacks: ``emit`` (a streamed request's outputs
+as they come; a batch cannot wait for one slow client, so its stream keeps them merged until taken),
+``generated`` (n generated tokens came out now: the energy ledger's clock of the request's work) and
+``cancelled`` (its client has gone: stop its work at the next chance).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
 
-from ..domain import GenerationRequest, GenerationResult, Headroom
+from ..domain import EngineOutput, GenerationRequest, GenerationResult, Headroom
 
 __all__ = [
     "UP",
@@ -41,7 +46,8 @@ __all__ = [
     "StaticEngine",
 ]
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[EngineOutput], None]
+#: start-up status (``start``): what the engine is waiting for, shown by /health
 Progress = Callable[[str], None]
 EngineShape = Literal["static", "continuous"]
 HealthState = Literal["starting", "up", "down"]
@@ -82,6 +88,8 @@ def _never() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Job:
+    """A request in a static engine's batch, with its callbacks."""
+
     request: GenerationRequest
     emit: Emit | None = None
     generated: Callable[[int], None] = field(default=_ignore_tokens)
@@ -132,4 +140,7 @@ class StaticEngine(Engine, Protocol):
 
 @runtime_checkable
 class ContinuousEngine(Engine, Protocol):
-    async def generate(self, job: Job) -> GenerationResult: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
+        """The request's outputs as the engine makes them, the last with its usage; closing the
+        generator aborts the request in the engine."""
+        ...

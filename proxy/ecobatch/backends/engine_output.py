@@ -1,25 +1,19 @@
-"""Turn an engine's per-sequence text deltas into OpenAI responses and stream chunks.
-
-Shared by the backends that generate text themselves (simulated, vllm-async, hf-bnb); the vllm-http
-backend passes the upstream's own OpenAI JSON through instead.
+"""What engines share to answer in ``EngineOutput`` and ``GenerationResult`` (``domain``): the prompts as
+token ids, a static engine's per-request output as its text comes, and a request's outputs gathered
+into its result. Nothing here knows the client's format: the HTTP layer renders it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..domain import GenerationRequest, GenerationResult, Usage
-from ..openai_api import (
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
-    message_text,
-)
+from ..domain import EngineOutput, GenerationRequest, GenerationResult, TextDelta, Usage, message_text
+from ..errors import BackendFailed
 from .base import Job
 
-__all__ = ["RequestOutput", "encode_prompts"]
+__all__ = ["RequestOutput", "Transcript", "encode_prompts"]
 
 
 def encode_prompts(tokenizer: Any, request: GenerationRequest) -> list[list[int]]:
@@ -32,16 +26,53 @@ def encode_prompts(tokenizer: Any, request: GenerationRequest) -> list[list[int]
     return [tokenizer.encode(text, add_special_tokens=False)]
 
 
+class Transcript:
+    """A request's outputs gathered into its result: each sequence's text and finish reason (not for a
+    stream, whose outputs went to its client) and the engine's usage from the last output."""
+
+    __slots__ = ("_finish_reasons", "_keep_text", "_texts", "_upstream", "_usage")
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._keep_text = not request.stream
+        self._texts = [""] * request.sequences
+        self._finish_reasons: list[str | None] = [None] * request.sequences
+        self._usage: Usage | None = None
+        self._upstream: Mapping[str, Any] | None = None
+
+    def add(self, output: EngineOutput) -> None:
+        if output.usage is not None:
+            self._usage = output.usage
+        if not self._keep_text:
+            return
+        if output.upstream is not None:
+            self._upstream = output.upstream
+        for d in output.deltas:
+            self._texts[d.index] += d.text
+            if d.finish_reason is not None:
+                self._finish_reasons[d.index] = d.finish_reason
+
+    def result(self) -> GenerationResult:
+        """The request's result; an engine that ended without its usage failed the request."""
+        if self._usage is None:
+            raise BackendFailed("the engine ended the request without reporting its usage")
+        if not self._keep_text:
+            return GenerationResult(self._usage)
+        return GenerationResult(
+            self._usage, tuple(self._texts), tuple(self._finish_reasons), upstream=self._upstream
+        )
+
+
 @dataclass(slots=True)
 class RequestOutput:
-    """Accumulates one request's sequences (one per prompt) and emits stream chunks as text arrives."""
+    """A static engine's output for one request (a sequence per prompt) as its text arrives: a streamed
+    request's client gets each piece as an ``EngineOutput`` (``job.emit``), the last one with the usage;
+    the others get the whole text in their result."""
 
     job: Job
     texts: list[str] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
-    _role_sent: bool = False
 
     def __post_init__(self) -> None:
         n = self.job.request.sequences
@@ -50,41 +81,24 @@ class RequestOutput:
         self.prompt_tokens = [0] * n
         self.completion_tokens = [0] * n
 
-    def add(self, index: int, text: str, finish_reason: str | None = None) -> None:
-        """Append generated text to sequence ``index``; a finish reason closes it."""
+    def add(self, index: int, text: str, finish_reason: str | None = None, tokens: int = 0) -> None:
+        """Append text that ``tokens`` generated tokens made to sequence ``index``; a finish reason
+        closes it."""
         self.texts[index] += text
         if finish_reason is not None:
             self.finish_reasons[index] = finish_reason
         emit = self.job.emit
-        if emit is None:
-            return
-        request = self.job.request
-        if request.kind == "chat":
-            if not self._role_sent:
-                emit(chat_chunk(request, {"role": "assistant", "content": ""}))
-                self._role_sent = True
-            if text or finish_reason is not None:
-                emit(chat_chunk(request, {"content": text} if text else {}, finish_reason))
-        elif text or finish_reason is not None:
-            emit(completion_chunk(request, index, text, finish_reason))
+        if emit is not None and (text or finish_reason is not None):
+            emit(EngineOutput((TextDelta(index, text, finish_reason),), new_tokens=tokens))
 
     @property
     def usage(self) -> Usage:
         return Usage(sum(self.prompt_tokens), sum(self.completion_tokens))
 
     def result(self) -> GenerationResult:
-        """The final result; a streaming request gets its usage chunk here when it asked for one."""
-        request = self.job.request
+        """The final result; a stream's last output (its usage) goes to its client here."""
         usage = self.usage
         if self.job.emit is not None:
-            if request.include_usage:
-                if request.kind == "chat":
-                    self.job.emit(chat_chunk(request, None, usage=usage))
-                else:
-                    self.job.emit(completion_chunk(request, None, usage=usage))
-            return GenerationResult(usage=usage)
-        if request.kind == "chat":
-            body = chat_response(request, self.texts[0], self.finish_reasons[0], usage)
-        else:
-            body = completion_response(request, self.texts, self.finish_reasons, usage)
-        return GenerationResult(usage=usage, body=body)
+            self.job.emit(EngineOutput(usage=usage))
+            return GenerationResult(usage)
+        return GenerationResult(usage, tuple(self.texts), tuple(self.finish_reasons))

@@ -120,14 +120,15 @@ class SeqSpec:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
-    # Called (from the worker thread) with (text delta, finish_reason or None).
-    on_text: Callable[[str, str | None], None] | None = None
+    # Called (from the worker thread) with (text delta, finish_reason or None, tokens since the last call).
+    on_text: Callable[[str, str | None, int], None] | None = None
     # Called (from the worker thread) once per generated token.
     on_token: Callable[[], None] | None = None
     cancelled: Callable[[], bool] = lambda: False
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    tokens_reported: int = 0  # generated tokens whose text went to ``on_text``
 
 
 @dataclass(slots=True)
@@ -274,7 +275,8 @@ class StaticBatchGenerator:
         if finish is not None:
             s.finish_reason = finish
         if s.on_text is not None and (delta or finish is not None):
-            s.on_text(delta, finish)
+            s.on_text(delta, finish, len(s.generated) - s.tokens_reported)
+            s.tokens_reported = len(s.generated)
 
     def _finish(self, s: SeqSpec, reason: str) -> None:
         if s.finish_reason is None:
@@ -378,8 +380,10 @@ class HfBnbBackend:
         for index, ids in enumerate(prompts):
             output.prompt_tokens[index] = len(ids)
 
-            def on_text(delta: str, finish: str | None, out: RequestOutput = output, k: int = index) -> None:
-                loop.call_soon_threadsafe(out.add, k, delta, finish)
+            def on_text(
+                delta: str, finish: str | None, tokens: int, out: RequestOutput = output, k: int = index
+            ) -> None:
+                loop.call_soon_threadsafe(out.add, k, delta, finish, tokens)
 
             specs.append(
                 SeqSpec(

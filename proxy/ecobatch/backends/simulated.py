@@ -17,9 +17,8 @@ from typing import ClassVar
 from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings, BatchingSettings
-from ..domain import GenerationRequest, GenerationResult, Headroom
+from ..domain import GenerationRequest, GenerationResult, Headroom, message_text
 from ..fields import BASIC_FIELDS, check_fields
-from ..openai_api import message_text
 from ..profile import EnergyProfile
 from .base import UP, EngineHealth, EngineShape, Job, Progress
 from .engine_output import RequestOutput
@@ -82,23 +81,23 @@ class _Sequence:
         for stop in request.stop:
             cut = current.find(stop)
             if cut >= 0:
-                self._finish(current[:cut][len(self.output.texts[self.index]) :], "stop")
+                self._finish(current[:cut][len(self.output.texts[self.index]) :], "stop", tokens=1)
                 return
         if self.generated >= self.max_tokens:
-            self._finish(text, "length")
+            self._finish(text, "length", tokens=1)
         else:
-            self.output.add(self.index, text)
+            self.output.add(self.index, text, tokens=1)
 
     def run_to_the_end(self) -> None:
         """All tokens at once (instant time, nobody streaming, no stop string): the same text as stepping."""
         words = [self.words.next() for _ in range(self.max_tokens)]
         self.generated = self.max_tokens
         self.output.job.generated(self.max_tokens)
-        self._finish(" ".join(words), "length")
+        self._finish(" ".join(words), "length", tokens=self.max_tokens)
 
-    def _finish(self, text: str, reason: str) -> None:
+    def _finish(self, text: str, reason: str, tokens: int = 0) -> None:
         self.output.completion_tokens[self.index] = self.generated
-        self.output.add(self.index, text, reason)
+        self.output.add(self.index, text, reason, tokens)
         self.done = True
 
 

@@ -3,11 +3,12 @@
 ``prepare`` renders chat prompts with the model's own chat template and tokenizes them in a worker
 thread (never on the event loop), then checks prompt + ``max_tokens`` against ``max_model_len`` as
 vLLM's OpenAI server does. ``generate`` submits the request's sequences to the engine at once
-(continuous batching does the rest); text comes back as deltas and is formatted as OpenAI responses or
-stream chunks by ``engine_output``, and each delta's token count is reported to the energy ledger.
-A cancelled call aborts its sequences in the engine (``AsyncLLM.abort``). Usage is the engine's own
-count. Headroom comes from a vLLM stat logger that receives the scheduler's stats (KV usage fraction,
-running and waiting requests); vLLM's own ``vllm:*`` metrics are served on ecobatch's /metrics.
+(continuous batching does the rest) and yields vLLM's text deltas as ``EngineOutput``s with their token
+counts (the energy ledger's clock), the engine's own usage last; the HTTP layer renders them. Outputs
+are pulled: one the consumer has not asked for yet waits, merged, in vLLM's own per-request collector.
+Closing the generator aborts its sequences in the engine (``AsyncLLM.abort``). Headroom comes from a
+vLLM stat logger that receives the scheduler's stats (KV usage fraction, running and waiting requests);
+vLLM's own ``vllm:*`` metrics are served on ecobatch's /metrics.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ..config import BackendSettings
-from ..domain import GenerationRequest, GenerationResult, Headroom
+from ..domain import EngineOutput, GenerationRequest, Headroom, TextDelta, Usage
 from ..errors import BackendFailed, BadRequest
 from ..fields import BASIC_FIELDS, SAMPLING_FIELDS, check_fields
-from .base import UP, EngineHealth, EngineShape, Job, Progress
-from .engine_output import RequestOutput, encode_prompts
+from .base import UP, EngineHealth, EngineShape, Progress
+from .engine_output import encode_prompts
 from .limits import fit_to_context
+from .merge import merge
 
 __all__ = ["VllmAsyncBackend"]
 
@@ -157,39 +160,54 @@ class VllmAsyncBackend:
             raise BadRequest(f"the engine refuses these sampling parameters: {exc}") from None
         return dataclasses.replace(fitted, engine_input=prompts)
 
-    async def generate(self, job: Job) -> GenerationResult:
-        output = RequestOutput(job)
-        params = self._sampling(job.request)
-        prompts: list[list[int]] = job.request.engine_input
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
+        params = self._sampling(request)
+        prompts: list[list[int]] = request.engine_input
+        prompt_tokens = [len(ids) for ids in prompts]
+        completion_tokens = 0
+        sequences = [self._sequence(request, i, ids, params, prompt_tokens) for i, ids in enumerate(prompts)]
+        # several prompts: their outputs as each comes; one failing closes (and so aborts) its siblings
+        outputs = sequences[0] if len(sequences) == 1 else merge(sequences)
         try:
-            # a task group: one sequence failing cancels (and so aborts) its siblings
-            async with asyncio.TaskGroup() as group:
-                for i, ids in enumerate(prompts):
-                    group.create_task(self._sequence(output, i, {"prompt_token_ids": ids}, params))
-        except* ValueError as errors:  # vLLM validates inputs too
-            raise BadRequest(f"engine rejected the request: {errors.exceptions[0]}") from None
-        except* BadRequest as errors:
-            raise errors.exceptions[0] from None
-        except* Exception as errors:
-            raise BackendFailed(f"vLLM engine error: {errors.exceptions[0]!r}") from None
-        return output.result()
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    completion_tokens += output.new_tokens
+                    yield output
+        except ValueError as exc:  # vLLM validates inputs too
+            raise BadRequest(f"engine rejected the request: {exc}") from None
+        except BadRequest:
+            raise
+        except Exception as exc:
+            raise BackendFailed(f"vLLM engine error: {exc!r}") from None
+        yield EngineOutput(usage=Usage(sum(prompt_tokens), completion_tokens))
 
-    async def _sequence(self, output: RequestOutput, index: int, prompt: Any, params: Any) -> None:
-        request_id = f"{output.job.request.id}-{index}"
+    async def _sequence(
+        self,
+        request: GenerationRequest,
+        index: int,
+        ids: list[int],
+        params: Any,
+        prompt_tokens: list[int],
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """One prompt's outputs from vLLM (its request id: ecobatch's, then the index); closed before it
+        finishes, it is aborted in the engine."""
+        request_id = f"{request.id}-{index}"
         finished = False
         try:
-            priority = int(output.job.request.body.get("priority") or 0)  # the tier (engine_priority)
-            generation = self._engine.generate(prompt, params, request_id, priority=priority)
+            priority = int(request.body.get("priority") or 0)  # the tier (engine_priority)
+            generation = self._engine.generate(
+                {"prompt_token_ids": ids}, params, request_id, priority=priority
+            )
             async with contextlib.aclosing(generation) as stream:
                 async for out in stream:
                     if out.prompt_token_ids is not None:
-                        output.prompt_tokens[index] = len(out.prompt_token_ids)
+                        prompt_tokens[index] = len(out.prompt_token_ids)  # the engine's own count
                     completion = out.outputs[0]
-                    tokens = len(completion.token_ids)
-                    output.completion_tokens[index] += tokens
-                    output.job.generated(tokens)
                     finished = out.finished
-                    output.add(index, completion.text, completion.finish_reason if finished else None)
+                    reason = completion.finish_reason if finished else None
+                    yield EngineOutput(
+                        (TextDelta(index, completion.text, reason),), len(completion.token_ids)
+                    )
         finally:
             if not finished and self._engine is not None:
                 with contextlib.suppress(Exception):

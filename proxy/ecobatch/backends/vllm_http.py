@@ -3,12 +3,16 @@
 * Each request goes upstream on its own, as soon as the gate releases it, with the client's body
   (model name swapped for the upstream's); vLLM batches whatever is in flight. Responses and chunks
   carry ecobatch's request id (the one its energy receipt is filed under) and the served model name.
-* Streams are passed through chunk by chunk from the first one (``stream_options.include_usage`` is
-  forced upstream to learn the engine's usage; the usage chunk is dropped again where the client did
-  not ask for it). Each chunk that carries text counts as one generated token for the energy ledger
-  (vLLM sends one chunk per token); the final usage rescales the count.
-* Cancellation reaches the engine: a cancelled call closes its upstream connection, and vLLM's server
-  aborts a request whose client disconnected.
+* ``generate`` yields one ``EngineOutput`` per upstream chunk as it comes (a non-streamed request: one,
+  with the whole response), each with the choices' text deltas and keeping the upstream's own JSON, so
+  that the HTTP layer passes it through (logprobs, tool calls and vLLM's extensions reach the client
+  unchanged). ``stream_options.include_usage`` is forced upstream to learn the engine's usage; the HTTP
+  layer drops the usage again where the client did not ask for it. Each chunk that carries text counts
+  as one generated token for the energy ledger (vLLM sends one chunk per token); the final usage
+  rescales the count. The next chunk is read only when the previous output has been taken: a slow
+  client slows the upstream response (TCP backpressure; vLLM merges the outputs it cannot send yet).
+* Closing the generator (the client left, a time-out) closes its upstream connection, and vLLM's
+  server aborts a request whose client disconnected.
 * Upstream errors: 4xx keep their status and message; 5xx, broken connections and malformed replies
   become 502 ``BackendFailed``; the gate's time-out becomes 504.
 * ``prepare`` refuses a ``max_tokens`` that cannot fit the upstream's ``max_model_len`` (from its
@@ -25,17 +29,17 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from typing import Any, ClassVar
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings
-from ..domain import GenerationRequest, GenerationResult, Headroom, Usage
+from ..domain import EngineOutput, GenerationRequest, Headroom, TextDelta, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
 from ..fields import check_fields
-from .base import EngineHealth, EngineShape, Job, Progress
+from .base import EngineHealth, EngineShape, Progress
 from .breaker import Breaker
 from .limits import check_max_tokens
 from .vllm_metrics import headroom_from_metrics
@@ -93,17 +97,24 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _generated_pieces(chunk: Mapping[str, Any]) -> int:
-    """Choices in a stream chunk that carry generated text (one token each, as vLLM streams)."""
-    pieces = 0
-    for choice in chunk.get("choices") or ():
+def _deltas(payload: Mapping[str, Any]) -> tuple[TextDelta, ...]:
+    """Each choice's text and finish reason in an upstream response or stream chunk (chat: the message's
+    or the delta's content; completions: the text)."""
+    deltas = []
+    for choice in payload.get("choices") or ():
         if not isinstance(choice, Mapping):
             continue
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, Mapping) else choice.get("text")
-        if text:
-            pieces += 1
-    return pieces
+        message = choice.get("delta", choice.get("message"))
+        text = message.get("content") if isinstance(message, Mapping) else choice.get("text")
+        index, finish_reason = choice.get("index", 0), choice.get("finish_reason")
+        deltas.append(
+            TextDelta(
+                index if isinstance(index, int) else 0,
+                text if isinstance(text, str) else "",
+                finish_reason if isinstance(finish_reason, str) else None,
+            )
+        )
+    return tuple(deltas)
 
 
 class VllmHttpBackend:
@@ -233,13 +244,15 @@ class VllmHttpBackend:
     def _path(request: GenerationRequest) -> str:
         return "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
 
-    async def generate(self, job: Job) -> GenerationResult:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
         self.breaker.check()
         try:
-            if job.request.stream:
-                result = await self._stream(job)
+            if request.stream:
+                async with contextlib.aclosing(self._stream(request)) as outputs:
+                    async for output in outputs:
+                        yield output
             else:
-                result = await self._post(job.request)
+                yield await self._post(request)
         except (aiohttp.ClientError, OSError) as exc:
             failed = BackendFailed(f"upstream {self._base} failed: {_why(exc)}")
             # no connection was made: the request never reached the engine (safe to send elsewhere)
@@ -259,9 +272,8 @@ class VllmHttpBackend:
                 self.breaker.failure(exc.message)
             raise
         self.breaker.success()
-        return result
 
-    async def _post(self, request: GenerationRequest) -> GenerationResult:
+    async def _post(self, request: GenerationRequest) -> EngineOutput:
         async with self._http.post(
             f"{self._base}{self._path(request)}", json=self._upstream_body(request)
         ) as r:
@@ -274,36 +286,33 @@ class VllmHttpBackend:
             raise BackendFailed(f"the upstream answered with malformed JSON: {text[:200]!r}") from exc
         if not isinstance(data, dict):
             raise BackendFailed(f"the upstream answered with a non-object: {text[:200]!r}")
-        data["id"], data["model"] = request.id, self.model
-        return GenerationResult(usage=_usage(data.get("usage")), body=data)
+        return EngineOutput(_deltas(data), usage=_usage(data.get("usage")), upstream=data)
 
-    async def _stream(self, job: Job) -> GenerationResult:
-        request = job.request
+    async def _stream(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
         body = self._upstream_body(request)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         async with self._http.post(f"{self._base}{self._path(request)}", json=body) as resp:
             if resp.status != 200:
                 raise _upstream_error(resp.status, await resp.text())
-            usage = await _relay(resp.content, job, self.model)
-        return GenerationResult(usage=usage)
+            async with contextlib.aclosing(_relay(resp.content)) as outputs:
+                async for output in outputs:
+                    yield output
 
 
-async def _relay(lines: AsyncIterable[bytes], job: Job, served_model: str) -> Usage:
-    """Pass an upstream SSE stream's chunks to ``job.emit`` as they come, under ecobatch's request id
-    and model name; return the engine's usage. A stream that ends before ``[DONE]``, or without usage,
-    or with a malformed chunk, is a ``BackendFailed``."""
-    request = job.request
-    assert job.emit is not None
-    usage: Usage | None = None
+async def _relay(lines: AsyncIterable[bytes]) -> AsyncGenerator[EngineOutput, None]:
+    """An upstream SSE stream's chunks as they come, each one an output that keeps the chunk; the one
+    with the usage carries it. A stream that ends before ``[DONE]``, or without usage, or with a
+    malformed chunk, is a ``BackendFailed``."""
+    usage_seen = False
     async for raw_line in lines:
         line = raw_line.strip()
         if not line.startswith(b"data:"):
             continue
         payload = line[5:].strip()
         if payload == b"[DONE]":
-            if usage is None:
+            if not usage_seen:
                 raise BackendFailed("the upstream stream ended without a usage chunk")
-            return usage
+            return
         try:
             chunk = json.loads(payload)
         except json.JSONDecodeError as exc:
@@ -312,15 +321,8 @@ async def _relay(lines: AsyncIterable[bytes], job: Job, served_model: str) -> Us
             raise BackendFailed(f"the upstream stream sent a non-object: {payload[:200]!r}")
         if "error" in chunk:
             raise _upstream_error(502, json.dumps(chunk))
-        job.generated(_generated_pieces(chunk))
-        if chunk.get("usage"):
-            usage = _usage(chunk["usage"])
-            if not request.include_usage:
-                if not chunk.get("choices"):
-                    continue
-                chunk.pop("usage")
-        elif "usage" in chunk and not request.include_usage:
-            chunk.pop("usage")
-        chunk["id"], chunk["model"] = request.id, served_model
-        job.emit(chunk)
+        deltas = _deltas(chunk)
+        usage = _usage(chunk["usage"]) if chunk.get("usage") else None
+        usage_seen = usage_seen or usage is not None
+        yield EngineOutput(deltas, sum(1 for d in deltas if d.text), usage, upstream=chunk)
     raise BackendFailed("the upstream stream ended before [DONE]")
