@@ -31,6 +31,7 @@ __all__ = [
     "BatchingSettings",
     "EnergySettings",
     "ReplicaSettings",
+    "ReplicasDnsSettings",
     "ServerSettings",
     "Settings",
     "build_section",
@@ -154,6 +155,49 @@ class ReplicaSettings:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicasDnsSettings:
+    """The replicas at a DNS name's addresses (a Kubernetes headless Service: one address per ready pod),
+    each reached at ``scheme://address:port``."""
+
+    # The name looked up, e.g. vllm-headless.llm.svc.cluster.local (a short name goes through the search
+    # domains of /etc/resolv.conf, as any lookup on the host does).
+    name: str = ""
+    # Where vLLM listens on each address: a headless Service's name resolves to the pods themselves, so
+    # this is the container's port, not a Service port.
+    port: int = 8000
+    scheme: Literal["http", "https"] = "http"
+    # Which addresses are replicas: ipv4 (A records) or ipv6 (AAAA). One family only: a dual-stack pod
+    # has one of each, and would otherwise be two replicas on one GPU.
+    family: Literal["ipv4", "ipv6"] = "ipv4"
+    # dcgm-exporter's label that names the pod a GPU is allocated to (the GPU operator's `pod`): each
+    # replica's energy is read from the series whose label is its pod's name, found by a reverse lookup
+    # of its address (a StatefulSet's pod behind its headless Service: vllm-0.vllm-headless... -> vllm-0).
+    # None: the replicas' GPUs are not told apart (energy.meter: model, or not dcgm-exporter).
+    dcgm_pod_label: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and not any(c in self.name for c in "/:@ "),
+            "backend.replicas_dns.name",
+            self.name,
+            "a DNS name without scheme, port or path (e.g. vllm-headless.llm.svc.cluster.local)",
+        )
+        _require(1 <= self.port <= 65535, "backend.replicas_dns.port", self.port, "in 1..65535")
+        _require(
+            self.scheme in ("http", "https"), "backend.replicas_dns.scheme", self.scheme, "'http' or 'https'"
+        )
+        _require(
+            self.family in ("ipv4", "ipv6"), "backend.replicas_dns.family", self.family, "'ipv4' or 'ipv6'"
+        )
+        _require(
+            self.dcgm_pod_label is None or bool(self.dcgm_pod_label),
+            "backend.replicas_dns.dcgm_pod_label",
+            self.dcgm_pod_label,
+            "a dcgm-exporter label name (e.g. pod) or null",
+        )
+
+
 _DEFAULT_UPSTREAM = "http://127.0.0.1:8000"
 
 
@@ -199,6 +243,10 @@ class BackendSettings:
     # restart, one removed takes no new request and leaves once its requests have ended, each with its
     # meter. A Kubernetes ConfigMap mounted as a file is kept current by the kubelet.
     replicas_file: str | None = None
+    # vllm-http: the replicas at a DNS name's addresses instead (a Kubernetes headless Service's ready
+    # pods), looked up again every replicas_refresh_s: an address that appears joins, one that goes
+    # leaves once its requests have ended, as with replicas_file.
+    replicas_dns: ReplicasDnsSettings | None = None
     replicas_refresh_s: float = 5.0
     # pack: fill the fullest replica with room (under its safety limit) before waking the next;
     # round-robin: the next replica in turn with room.
@@ -247,6 +295,24 @@ class BackendSettings:
             "backend.upstream",
             self.upstream,
             "unset when backend.replicas lists the upstreams",
+        )
+        _require(
+            self.replicas_dns is None or self.kind == "vllm-http",
+            "backend.replicas_dns",
+            self.replicas_dns and self.replicas_dns.name,
+            "unset unless backend.kind is 'vllm-http' (--backend vllm-http)",
+        )
+        _require(
+            self.replicas_dns is None or not self.replicas,
+            "backend.replicas",
+            urls,
+            "empty when backend.replicas_dns finds the replicas (the replicas come from one source)",
+        )
+        _require(
+            self.replicas_dns is None or self.upstream == _DEFAULT_UPSTREAM,
+            "backend.upstream",
+            self.upstream,
+            "unset when backend.replicas_dns finds the upstreams",
         )
         names = self.replica_names
         _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
@@ -465,6 +531,33 @@ class Settings:
                 "used with a dcgm-exporter URL: set energy.dcgm_url or this replica's dcgm_url",
             )
         self._refuse_same_dcgm_series()
+        self._check_replicas_dns()
+
+    def _check_replicas_dns(self) -> None:
+        """Replicas found by DNS are other hosts, told apart on dcgm-exporter by their pods' names only."""
+        dns, energy = self.backend.replicas_dns, self.energy
+        if dns is None:
+            return
+        _require(
+            energy.meter != "nvml",
+            "energy.meter",
+            energy.meter,
+            "'dcgm', 'model' or 'auto' with backend.replicas_dns (its replicas' GPUs are not this host's)",
+        )
+        dcgm = energy.meter == "dcgm" or (energy.meter == "auto" and energy.dcgm_url is not None)
+        _require(
+            dns.dcgm_pod_label is not None or not dcgm,
+            "backend.replicas_dns.dcgm_pod_label",
+            dns.dcgm_pod_label,
+            "set (e.g. pod) when energy is read from dcgm-exporter (energy.dcgm_url): without it every "
+            "replica would read the same GPUs and their joules would be charged twice",
+        )
+        _require(
+            dns.dcgm_pod_label is None or dcgm,
+            "backend.replicas_dns.dcgm_pod_label",
+            dns.dcgm_pod_label,
+            "null unless energy is read from dcgm-exporter (energy.dcgm_url set, energy.meter dcgm or auto)",
+        )
 
     def for_replica(self, index: int) -> Settings:
         """The settings as replica ``index`` sees them: its upstream, and its own GPUs (its energy
@@ -472,8 +565,8 @@ class Settings:
         return self.as_replica(self.backend.replicas[index])
 
     def as_replica(self, replica: ReplicaSettings) -> Settings:
-        """The settings as ``replica`` sees them (one listed, or one a replicas file adds later)."""
-        backend = dataclasses.replace(self.backend, upstream=replica.url, replicas=[])
+        """The settings as ``replica`` sees them (one listed, or one a replicas file or DNS adds later)."""
+        backend = dataclasses.replace(self.backend, upstream=replica.url, replicas=[], replicas_dns=None)
         return dataclasses.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
 
     def _refuse_same_dcgm_series(self) -> None:
@@ -503,6 +596,11 @@ def _check_type(name: str, value: object, annotation: Any) -> object:
     """Return value if it fits annotation (ints accepted for floats); raise ConfigError otherwise."""
     origin = get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
+        options = [o for o in get_args(annotation) if o is not type(None)]
+        if value is None and len(options) < len(get_args(annotation)):
+            return None
+        if len(options) == 1:  # an optional setting: the option's own error names the limit
+            return _check_type(name, value, options[0])
         for option in get_args(annotation):
             try:
                 return _check_type(name, value, option)
@@ -637,6 +735,11 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
             )
         raw[section][key] = value
     replicas_file = raw["backend"].get("replicas_file")
+    if replicas_file is not None and raw["backend"].get("replicas_dns") is not None:
+        raise ConfigError(
+            "backend.replicas_file and backend.replicas_dns are both set: the replicas come from one source",
+            field="backend.replicas_dns",
+        )
     if replicas_file is not None:
         if raw["backend"].get("replicas"):
             raise ConfigError(
