@@ -66,6 +66,7 @@ from .openai_api import (
 )
 from .pool import MeterFactory, PoolHealth, Replica, ReplicaPool, build_pool, make_replica
 from .profile import EnergyProfile, load_profile
+from .replica_sources import ReplicaSource, source_of
 from .runtime import Backend, Runtime
 
 __all__ = ["RUNTIME", "create_app", "metrics_app"]
@@ -266,7 +267,7 @@ async def _health(request: web.Request) -> web.Response:
         if len(replicas) > 1:
             engine["replicas_up"] = sum(1 for _, state in health.replicas if state.up)
             engine["replicas"] = views
-        else:
+        elif views:
             engine = views[0]
             engine.pop("name")
     serving = runtime.state == "ready" and health.up
@@ -378,7 +379,10 @@ def create_app(
     profile: EnergyProfile | None = None,
     clock: Clock | None = None,
     start_in_background: bool = False,
+    replica_source: ReplicaSource | None = None,
 ) -> web.Application:
+    """``replica_source``: where replicas that come and go are listed (default: the settings' file or DNS
+    name, see ``replica_sources``)."""
     shape = engine.shape if engine is not None else BACKEND_SHAPES[settings.backend.kind]
     profile = profile or load_profile(settings.energy.profile_path(shape))
     _check_profile_shape(profile, shape, settings.backend.kind)
@@ -399,12 +403,15 @@ def create_app(
         served = build_pool(settings, profile, clock, meter_factory)
         meters = [r.meter for r in served.replicas]
     factory = None
-    if settings.backend.replicas_file:  # replicas that come and go: each built as the listed ones were
+    source = replica_source or source_of(settings.backend)
+    if source is not None:  # replicas that come and go: each built as the listed ones were
 
         def factory(listed: ReplicaSettings) -> Replica:
             return make_replica(settings, listed, profile, clock, meter_factory)
 
-    runtime = Runtime(settings, registry or CollectorRegistry(), profile, served, meters, clock, factory)
+    runtime = Runtime(
+        settings, registry or CollectorRegistry(), profile, served, meters, clock, factory, source
+    )
     app = web.Application(
         middlewares=[_openai_errors, _access], client_max_size=settings.server.max_body_bytes
     )

@@ -33,6 +33,7 @@ __all__ = [
     "BatchingSettings",
     "EnergySettings",
     "ReplicaSettings",
+    "ReplicasDnsSettings",
     "ServerSettings",
     "Settings",
     "build_section",
@@ -134,6 +135,43 @@ class ReplicaSettings(Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
+class ReplicasDnsSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """The replicas at a DNS name's addresses (a Kubernetes headless Service: one address per ready pod),
+    each reached at ``scheme://address:port``."""
+
+    # The name looked up, e.g. vllm-headless.llm.svc.cluster.local (a short name goes through the search
+    # domains of /etc/resolv.conf, as any lookup on the host does).
+    name: Annotated[
+        str,
+        Meta(
+            pattern=r"^[^/:@ ]+$",
+            description="a DNS name without scheme, port or path (e.g. vllm-headless.llm.svc.cluster.local)",
+        ),
+    ]
+    # Where vLLM listens on each address: a headless Service's name resolves to the pods themselves, so
+    # this is the container's port, not a Service port.
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8000
+    scheme: Literal["http", "https"] = "http"
+    # Which addresses are replicas: ipv4 (A records) or ipv6 (AAAA). One family only: a dual-stack pod
+    # has one of each, and would otherwise be two replicas on one GPU.
+    family: Literal["ipv4", "ipv6"] = "ipv4"
+    # dcgm-exporter's label that names the pod a GPU is allocated to (the GPU operator's `pod`): each
+    # replica's energy is read from the series whose label is its pod's name, found by a reverse lookup
+    # of its address (a StatefulSet's pod behind its headless Service: vllm-0.vllm-headless... -> vllm-0).
+    # None: the replicas' GPUs are not told apart (energy.meter: model, or not dcgm-exporter).
+    dcgm_pod_label: (
+        Annotated[str, Meta(min_length=1, description="a dcgm-exporter label name (e.g. pod)")] | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and not any(c in self.name for c in "/:@ "),
+            "backend.replicas_dns.name",
+            self.name,
+            "a DNS name without scheme, port or path (e.g. vllm-headless.llm.svc.cluster.local)",
+        )
+
+
 _DEFAULT_UPSTREAM = "http://127.0.0.1:8000"
 
 
@@ -178,6 +216,10 @@ class BackendSettings(Struct, frozen=True, forbid_unknown_fields=True):
     # restart, one removed takes no new request and leaves once its requests have ended, each with its
     # meter. A Kubernetes ConfigMap mounted as a file is kept current by the kubelet.
     replicas_file: str | None = None
+    # vllm-http: the replicas at a DNS name's addresses instead (a Kubernetes headless Service's ready
+    # pods), looked up again every replicas_refresh_s: an address that appears joins, one that goes
+    # leaves once its requests have ended, as with replicas_file.
+    replicas_dns: ReplicasDnsSettings | None = None
     replicas_refresh_s: _Positive = 5.0
     # pack: fill the fullest replica with room (under its safety limit) before waking the next;
     # round-robin: the next replica in turn with room.
@@ -205,6 +247,24 @@ class BackendSettings(Struct, frozen=True, forbid_unknown_fields=True):
             "backend.upstream",
             self.upstream,
             "unset when backend.replicas lists the upstreams",
+        )
+        _require(
+            self.replicas_dns is None or self.kind == "vllm-http",
+            "backend.replicas_dns",
+            self.replicas_dns and self.replicas_dns.name,
+            "unset unless backend.kind is 'vllm-http' (--backend vllm-http)",
+        )
+        _require(
+            self.replicas_dns is None or not self.replicas,
+            "backend.replicas",
+            urls,
+            "empty when backend.replicas_dns finds the replicas (the replicas come from one source)",
+        )
+        _require(
+            self.replicas_dns is None or self.upstream == _DEFAULT_UPSTREAM,
+            "backend.upstream",
+            self.upstream,
+            "unset when backend.replicas_dns finds the upstreams",
         )
         names = self.replica_names
         _require(len(set(names)) == len(names), "backend.replicas[].name", names, "unique")
@@ -340,6 +400,33 @@ class Settings(Struct, frozen=True, forbid_unknown_fields=True):
                 "used with a dcgm-exporter URL: set energy.dcgm_url or this replica's dcgm_url",
             )
         self._refuse_same_dcgm_series()
+        self._check_replicas_dns()
+
+    def _check_replicas_dns(self) -> None:
+        """Replicas found by DNS are other hosts, told apart on dcgm-exporter by their pods' names only."""
+        dns, energy = self.backend.replicas_dns, self.energy
+        if dns is None:
+            return
+        _require(
+            energy.meter != "nvml",
+            "energy.meter",
+            energy.meter,
+            "'dcgm', 'model' or 'auto' with backend.replicas_dns (its replicas' GPUs are not this host's)",
+        )
+        dcgm = energy.meter == "dcgm" or (energy.meter == "auto" and energy.dcgm_url is not None)
+        _require(
+            dns.dcgm_pod_label is not None or not dcgm,
+            "backend.replicas_dns.dcgm_pod_label",
+            dns.dcgm_pod_label,
+            "set (e.g. pod) when energy is read from dcgm-exporter (energy.dcgm_url): without it every "
+            "replica would read the same GPUs and their joules would be charged twice",
+        )
+        _require(
+            dns.dcgm_pod_label is None or dcgm,
+            "backend.replicas_dns.dcgm_pod_label",
+            dns.dcgm_pod_label,
+            "null unless energy is read from dcgm-exporter (energy.dcgm_url set, energy.meter dcgm or auto)",
+        )
 
     def for_replica(self, index: int) -> Settings:
         """The settings as replica ``index`` sees them: its upstream, and its own GPUs (its energy
@@ -347,8 +434,8 @@ class Settings(Struct, frozen=True, forbid_unknown_fields=True):
         return self.as_replica(self.backend.replicas[index])
 
     def as_replica(self, replica: ReplicaSettings) -> Settings:
-        """The settings as ``replica`` sees them (one listed, or one a replicas file adds later)."""
-        backend = msgspec.structs.replace(self.backend, upstream=replica.url, replicas=[])
+        """The settings as ``replica`` sees them (one listed, or one a replicas file or DNS adds later)."""
+        backend = msgspec.structs.replace(self.backend, upstream=replica.url, replicas=[], replicas_dns=None)
         return msgspec.structs.replace(self, backend=backend, energy=replica.energy_settings(self.energy))
 
     def _refuse_same_dcgm_series(self) -> None:
@@ -498,6 +585,11 @@ def load_settings(path: str | Path | None = None, overrides: Mapping[str, object
             )
         raw[section][key] = value
     replicas_file = raw["backend"].get("replicas_file")
+    if replicas_file is not None and raw["backend"].get("replicas_dns") is not None:
+        raise ConfigError(
+            "backend.replicas_file and backend.replicas_dns are both set: the replicas come from one source",
+            field="backend.replicas_dns",
+        )
     if replicas_file is not None:
         if raw["backend"].get("replicas"):
             raise ConfigError(

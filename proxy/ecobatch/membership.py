@@ -1,17 +1,21 @@
-"""Replicas that come and go: ``backend.replicas_file``, reconciled while the proxy runs.
+"""Replicas that come and go: a source's list (``replica_sources``: a file, or a DNS name's addresses)
+applied to the pool while the proxy runs.
 
-Every ``backend.replicas_refresh_s`` the file is read again if it changed (a Kubernetes ConfigMap
-mounted as a file changes when the kubelet syncs it). What it lists is compared with the pool, by URL:
+Every ``backend.replicas_refresh_s`` the source says which replicas are wanted; ``plan_changes`` (pure)
+compares that with the pool, by URL, and ``ReplicaMembership`` carries it out:
 
-* a replica listed and not in the pool **joins**: its engine starts (within
-  ``backend.startup_timeout_s``), it must serve the pool's model, its meter starts and must not
-  measure a GPU another replica measures; then the gate routes to it from its next round;
-* a replica in the pool and no longer listed **leaves**: it takes no new request, and once nothing of
+* a replica wanted and not in the pool **joins**: its engine starts (within ``backend.startup_timeout_s``),
+  it must serve the pool's model, its meter starts and must not measure a GPU another replica measures;
+  then the gate routes to it from its next round. A replica whose energy counter can first be read
+  after it joined is held to the same rule then: one sharing a GPU leaves;
+* a replica in the pool and no longer wanted **leaves**: it takes no new request, and once nothing of
   ecobatch's runs on it its meter closes (its last interval settles its requests) and its engine
-  closes; its series go. The last replica taking requests never leaves (the file is probably wrong);
-* a leaving replica listed again stays.
+  closes; its series go. The last replica taking requests never leaves (the source is probably wrong);
+* a leaving replica wanted again stays (unless a rule put it out);
+* a name still held by a leaving replica waits for it to go.
 
-A file that cannot be read or parsed is logged and the pool kept as it is.
+A source that cannot tell (a file that cannot be read, a name that does not resolve) is logged once per
+cause and the pool kept as it is.
 """
 
 from __future__ import annotations
@@ -19,27 +23,89 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from .backends.vllm_http import VllmHttpBackend
-from .config import ReplicaSettings, read_replicas_file, url_key
+from .config import ReplicaSettings, url_key
 from .energy.meter import Meter
 from .errors import ConfigError
 from .gate import ContinuousGate
 from .pool import Replica, ReplicaPool
+from .replica_sources import ReplicaSource, SourceFailed
 
-__all__ = ["ReplicaFactory", "ReplicaMembership"]
+__all__ = ["Changes", "Member", "ReplicaFactory", "ReplicaMembership", "plan_changes"]
 
 log = logging.getLogger(__name__)
 
 ReplicaFactory = Callable[[ReplicaSettings], Replica]
+#: raises ConfigError when two of the (name, meter) given measure a GPU in common
+GpuCheck = Callable[[list[tuple[str, Meter]]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """What the membership rules know of a replica in the pool."""
+
+    name: str
+    url: str  # as ``url_key`` writes it
+    up: bool
+    leaving: bool
+    #: leaving because a rule put it out (it measures another's GPU): wanted again, it still leaves
+    evicted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one pass does: replicas that start joining, leaving ones that stay, ones that begin to leave,
+    and unwanted ones kept because no other would take requests."""
+
+    joins: tuple[ReplicaSettings, ...] = ()
+    stays: tuple[str, ...] = ()
+    leaves: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+
+def plan_changes(
+    wanted: Sequence[ReplicaSettings], members: Sequence[Member], joining: Mapping[str, str]
+) -> Changes:
+    """The changes that make the pool (``members``, and ``joining``: URL key -> name of replicas starting)
+    what the source wants. A name held by another replica (in the pool or joining) waits; an unwanted
+    replica leaves only while another takes requests, or one is joining to take them."""
+    present = {m.url: m for m in members}
+    held = {m.name for m in members} | set(joining.values())
+    joins: list[ReplicaSettings] = []
+    stays: list[str] = []
+    for listed in wanted:
+        key, name = url_key(listed.url), listed.name or listed.url
+        member = present.get(key)
+        if member is not None:
+            if member.leaving and not member.evicted:
+                stays.append(member.name)
+        elif key not in joining and name not in held:
+            joins.append(listed)
+            held.add(name)
+    wanted_keys = {url_key(w.url) for w in wanted}
+    taking = {m.name for m in members if m.up and (not m.leaving or m.name in stays)}
+    someone_joins = bool(joining) or bool(joins)
+    leaves: list[str] = []
+    kept: list[str] = []
+    for member in members:
+        if member.url in wanted_keys or member.leaving:
+            continue
+        if not taking - {member.name}:
+            if not someone_joins:
+                kept.append(member.name)
+            continue  # (it leaves once one that joins takes requests)
+        leaves.append(member.name)
+        taking.discard(member.name)
+    return Changes(tuple(joins), tuple(stays), tuple(leaves), tuple(kept))
 
 
 class ReplicaMembership:
     def __init__(
         self,
-        path: str,
+        source: ReplicaSource,
         refresh_s: float,
         startup_timeout_s: float,
         pool: ReplicaPool,
@@ -49,23 +115,23 @@ class ReplicaMembership:
         *,
         on_meter: Callable[[Meter], None],
         on_meter_gone: Callable[[Meter], None],
-        check_gpus: Callable[[list[tuple[str, Meter]]], None],
+        check_gpus: GpuCheck,
     ) -> None:
-        self.path, self.refresh_s, self.startup_timeout_s = path, refresh_s, startup_timeout_s
+        self.source, self.refresh_s, self.startup_timeout_s = source, refresh_s, startup_timeout_s
         self.pool, self.gate, self._make, self._meters = pool, gate, make, meters
         self._on_meter, self._on_meter_gone, self._check_gpus = on_meter, on_meter_gone, check_gpus
-        self._stamp: tuple[int, int] | None = None  # the first pass compares the file with the pool
-        self._wanted: list[ReplicaSettings] | None = None
         self._joining: dict[str, asyncio.Task[None]] = {}  # by URL key
-        self._joining_names: set[str] = set()
+        self._joining_names: dict[str, str] = {}  # URL key -> name
+        self._evicted: set[str] = set()  # URL keys of replicas a rule put out, until they have left
         self._retiring: set[asyncio.Task[None]] = set()
+        self._failure: str | None = None  # the source's last failure (said once)
         gate.on_drained = self._drained
 
     async def run(self) -> None:
         """Reconcile every ``refresh_s`` until cancelled; then stop joins and let retires finish."""
         try:
             while True:
-                self.reconcile()
+                await self.reconcile()
                 await asyncio.sleep(self.refresh_s)
         finally:
             self.gate.on_drained = None
@@ -75,59 +141,58 @@ class ReplicaMembership:
             if pending:  # a retire closes a meter and an engine: let it (bounded by their own close)
                 await asyncio.wait(pending, timeout=_STOP_WAIT_S)
 
-    def reconcile(self) -> None:
-        """One pass: read the file if it changed, start joins, begin leaves. Whatever goes wrong is
-        logged and the replicas stay as they are."""
+    async def reconcile(self) -> None:
+        """One pass: ask the source, start joins, begin leaves. Whatever goes wrong is logged and the
+        replicas stay as they are."""
         try:
-            self._reconcile()
-        except Exception:
-            log.exception("%s: reconciling the replicas failed; they stay as they are", self.path)
-
-    def _reconcile(self) -> None:
-        stamp = _stamp(self.path)
-        if stamp != self._stamp:
-            try:
-                self._wanted = read_replicas_file(self.path)
-            except (ConfigError, ValueError, UnicodeError) as exc:
+            wanted = await self.source.replicas()
+        except SourceFailed as exc:
+            if str(exc) != self._failure:
                 log.error("%s; the replicas stay as they are", exc)
-                self._stamp = stamp  # said once per change of the file
-                return
-            self._stamp = stamp
-        if self._wanted is None:
+                self._failure = str(exc)
             return
-        wanted = {url_key(w.url): w for w in self._wanted}
-        present = {url_key(r.url): r for r in self.pool.replicas if r.url is not None}
-        names = {r.name for r in self.pool.replicas}
-        for key, listed in wanted.items():
-            replica = present.get(key)
-            if replica is not None and replica.leaving:
-                self.gate.stay(replica)
-                log.info("replica %s is listed again: it stays", replica.name)
-            elif replica is None and key not in self._joining and listed.name not in names:
-                # (a listed name still taken by one that leaves: it joins once that one has gone)
-                task = asyncio.create_task(self._join(listed), name=f"ecobatch-join-{listed.name}")
-                self._joining[key] = task
-                self._joining_names.add(str(listed.name))
-                task.add_done_callback(self._joined(key, str(listed.name)))
-        for key, replica in present.items():
-            if key in wanted or replica.leaving:
-                continue
-            others = [r for r in self.pool.replicas if r is not replica and r.taking]
-            if not others and self._joining:
-                continue  # it leaves once one that joins takes requests
-            if not others:
-                log.error("%s lists no replica that takes requests but %s: it stays", self.path, replica.name)
-                continue
-            log.info(
-                "replica %s is no longer listed: it takes no new request and leaves once idle", replica.name
-            )
-            if self.gate.begin_leaving(replica):
-                self._drained(replica)
+        except Exception:
+            log.exception("%s: asking for the replicas failed; they stay as they are", self.source.where)
+            return
+        if self._failure is not None:
+            log.info("%s answers again", self.source.where)
+            self._failure = None
+        try:
+            self._apply(plan_changes(wanted, self._members(), self._joining_names))
+        except Exception:
+            log.exception("%s: reconciling the replicas failed; they stay as they are", self.source.where)
+
+    def _members(self) -> list[Member]:
+        return [
+            Member(r.name, url_key(r.url), r.up, r.leaving, url_key(r.url) in self._evicted)
+            for r in self.pool.replicas
+            if r.url is not None
+        ]
+
+    def _apply(self, changes: Changes) -> None:
+        by_name = {r.name: r for r in self.pool.replicas}
+        for name in changes.stays:
+            self.gate.stay(by_name[name])
+            log.info("replica %s is wanted again: it stays", name)
+        for listed in changes.joins:
+            key, name = url_key(listed.url), listed.name or listed.url
+            task = asyncio.create_task(self._join(listed), name=f"ecobatch-join-{name}")
+            self._joining[key], self._joining_names[key] = task, name
+            task.add_done_callback(self._joined(key, name))
+        for name in changes.kept:
+            log.error("%s wants no replica that takes requests but %s: it stays", self.source.where, name)
+        for name in changes.leaves:
+            log.info("replica %s is no longer wanted: it takes no new request and leaves once idle", name)
+            self._leave(by_name[name])
+
+    def _leave(self, replica: Replica) -> None:
+        if self.gate.begin_leaving(replica):
+            self._drained(replica)
 
     def _joined(self, key: str, name: str) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             self._joining.pop(key, None)
-            self._joining_names.discard(name)
+            self._joining_names.pop(key, None)
             if not task.cancelled() and task.exception() is not None:
                 log.error("replica %s could not join: %r", name, task.exception())
 
@@ -147,9 +212,10 @@ class ReplicaMembership:
                 replica.engine.require_model(served[0])
             async with asyncio.timeout(self.startup_timeout_s):
                 await replica.engine.start(lambda message: log.info("replica %s: %s", replica.name, message))
+            replica.meter.on_named = lambda: self._named_late(replica)
             meter_started = True
             await replica.meter.start(measure_idle=True)
-            self._check_gpus([(r.name, r.meter) for r in [*self.pool.replicas, replica]])
+            self._refuse_shared_gpu(replica)
             self.gate.join(replica)  # refuses a name in the pool already
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -163,6 +229,35 @@ class ReplicaMembership:
         self._meters.append(replica.meter)
         log.info("replica %s (%s) joined", replica.name, listed.url)
 
+    def _refuse_shared_gpu(self, replica: Replica) -> None:
+        """ConfigError when ``replica`` measures a GPU another replica measures (counters read so far)."""
+        for other in self.pool.replicas:
+            if other is not replica:
+                self._check_gpus([(other.name, other.meter), (replica.name, replica.meter)])
+
+    def _named_late(self, replica: Replica) -> None:
+        """A joined replica's counter was read for the first time: its GPUs are known now, and held to
+        the join's rule. One that shares a GPU leaves (unless no other takes requests: then it stays,
+        its joules counted twice, and says so)."""
+        if replica not in self.pool.replicas or replica.leaving:
+            return
+        try:
+            self._refuse_shared_gpu(replica)
+        except ConfigError as exc:
+            if not any(r.taking for r in self.pool.replicas if r is not replica):
+                log.error(
+                    "%s; %s takes the requests alone: it stays, and the GPU's energy is counted twice",
+                    exc,
+                    replica.name,
+                )
+                return
+            log.error(
+                "%s; %s leaves (its energy counter could first be read after it joined)", exc, replica.name
+            )
+            if replica.url is not None:
+                self._evicted.add(url_key(replica.url))
+            self._leave(replica)
+
     def _drained(self, replica: Replica) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(replica))
         self._retiring.add(task)
@@ -170,8 +265,10 @@ class ReplicaMembership:
 
     async def _retire(self, replica: Replica) -> None:
         if not replica.leaving or replica.occupancy.sequences or replica not in self.pool.replicas:
-            return  # listed again, busy again, or gone already
+            return  # wanted again, busy again, or gone already
         self.gate.forget(replica)
+        if replica.url is not None:
+            self._evicted.discard(url_key(replica.url))
         try:
             await _close(replica, meter_started=True)  # its meter's last interval settles its requests
         finally:
@@ -187,14 +284,6 @@ async def _close(replica: Replica, *, meter_started: bool) -> None:
             await replica.meter.close()
     finally:
         await replica.engine.close()
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 #: how long a stopping membership waits for its retires (each closes a meter and an engine)

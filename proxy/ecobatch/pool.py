@@ -207,11 +207,16 @@ class PoolHealth:
 class ReplicaPool:
     shape: ClassVar[EngineShape] = "continuous"
 
-    def __init__(self, replicas: Sequence[Replica]) -> None:
-        if not replicas:
-            raise ValueError("a pool needs at least one replica")
+    def __init__(
+        self, replicas: Sequence[Replica], *, name: str | None = None, model: str = "unknown"
+    ) -> None:
+        """``replicas``; or none yet (``name``: the engines' kind), when a source names them at start-up
+        (``backend.replicas_dns``): the runtime adds them before ``start``."""
+        if not replicas and name is None:
+            raise ValueError("a pool needs at least one replica, or the name of the engines to come")
         self.replicas = list(replicas)
-        self.name = self.replicas[0].engine.name
+        self.name = name or self.replicas[0].engine.name
+        self._model = model  # the served name until a replica is there to say
         self._waiting: dict[str, str] = {}  # replica name -> what its start waits for
         self._starts: list[asyncio.Task[None]] = []
         self._ready = False
@@ -227,7 +232,8 @@ class ReplicaPool:
     def model(self) -> str:
         """The served name: the first replica up's (they all serve the same model)."""
         started = [r.engine for r in self.replicas if r.up]
-        return (started or [r.engine for r in self.replicas])[0].model
+        engines = started or [r.engine for r in self.replicas]
+        return engines[0].model if engines else self._model
 
     # ---- life ------------------------------------------------------------------------------------
     async def start(self, progress: Progress) -> None:
@@ -308,7 +314,7 @@ class ReplicaPool:
                 await task
         await asyncio.gather(*(r.engine.close() for r in self.replicas))
 
-    # ---- replicas that come and go (backend.replicas_file) ------------------------------------------------
+    # ---- replicas that come and go (backend.replicas_file, backend.replicas_dns) ---------------------------
     def add(self, replica: Replica) -> None:
         """A replica that has started serving the pool's model joins (the gate reads the same list)."""
         if any(r.name == replica.name for r in self.replicas):
@@ -371,8 +377,13 @@ def build_pool(
     engine: ContinuousEngine | None = None,
 ) -> ReplicaPool:
     """Every replica with its engine and its meter: ``backend.replicas`` (a ``vllm-http`` engine each,
-    its own GPUs measured), else the one engine (``engine``, or the configured one)."""
+    its own GPUs measured), else the one engine (``engine``, or the configured one). With
+    ``backend.replicas_dns`` none yet: the runtime asks DNS for them at start-up."""
     backend = settings.backend
+    if engine is None and backend.replicas_dns is not None:
+        return ReplicaPool(
+            [], name="vllm-http", model=backend.served_model_name or backend.model or "unknown"
+        )
     if engine is not None or not backend.replicas:
         if engine is None:
             from .backends import create_continuous_engine

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from prometheus_client import CollectorRegistry
@@ -31,8 +32,9 @@ from .errors import ConfigError, NotReady
 from .gate import ContinuousGate
 from .membership import ReplicaFactory, ReplicaMembership
 from .metrics import Metrics
-from .pool import ReplicaPool
+from .pool import Replica, ReplicaPool
 from .profile import EnergyProfile
+from .replica_sources import ReplicaSource, SourceFailed
 
 __all__ = ["Backend", "Runtime", "State"]
 
@@ -53,6 +55,7 @@ class Runtime:
         meters: list[Meter],
         clock: Clock,
         replica_factory: ReplicaFactory | None = None,
+        replica_source: ReplicaSource | None = None,
     ) -> None:
         self.settings, self.registry, self.profile, self.engine = settings, registry, profile, engine
         self.clock = clock
@@ -71,8 +74,9 @@ class Runtime:
         for meter in meters:
             self._wire(meter)
         self.dispatcher: Dispatcher | None = None
-        #: backend.replicas_file: builds a replica the file adds (None: the replicas are fixed)
-        self.replica_factory = replica_factory
+        #: replicas that come and go (backend.replicas_file, backend.replicas_dns): where they are listed,
+        #: and what builds one (None: the replicas are fixed)
+        self.replica_source, self.replica_factory = replica_source, replica_factory
         self._membership: asyncio.Task[None] | None = None
         self.state: State = "starting"
         self.reason = "starting"
@@ -101,6 +105,8 @@ class Runtime:
         timeout_s = self.settings.backend.startup_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
+                if isinstance(self.engine, ReplicaPool) and not self.engine.replicas:
+                    await self._first_replicas(self.engine)
                 await self.engine.start(self.progress)
         except TimeoutError:
             self._fail(
@@ -119,21 +125,22 @@ class Runtime:
         self.dispatcher = dispatcher
         self.state, self.reason = "ready", "ready"
         backend = self.settings.backend
-        if backend.replicas_file and self.replica_factory and isinstance(dispatcher, ContinuousGate):
+        source, factory = self.replica_source, self.replica_factory
+        if source is not None and factory is not None and isinstance(dispatcher, ContinuousGate):
             assert isinstance(self.engine, ReplicaPool)
             membership = ReplicaMembership(
-                backend.replicas_file,
+                source,
                 backend.replicas_refresh_s,
                 backend.startup_timeout_s,
                 self.engine,
                 dispatcher,
-                self.replica_factory,
+                factory,
                 self.meters,
                 on_meter=self._wire,
                 on_meter_gone=self.metrics.forget_gpu,
                 check_gpus=_refuse_shared_gpus,
             )
-            self._membership = asyncio.create_task(membership.run(), name="ecobatch-replicas-file")
+            self._membership = asyncio.create_task(membership.run(), name="ecobatch-membership")
         log.info(
             "ecobatch ready: backend=%s (%s engine) model=%s profile=%s (%s, %s) energy=%s",
             self.engine.name,
@@ -145,29 +152,43 @@ class Runtime:
             ", ".join(sorted({m.source for m in self.meters})),
         )
 
+    async def _first_replicas(self, pool: ReplicaPool) -> None:
+        """A pool whose replicas come from a source that is asked at run time (DNS): ask it until it names
+        some (the runtime bounds how long), then build them as the replicas a file lists at start-up."""
+        source, factory = self.replica_source, self.replica_factory
+        if source is None or factory is None:
+            raise ConfigError("no replica to start, and no source to ask for them")
+        while True:
+            try:
+                wanted = await source.replicas()
+            except SourceFailed as exc:
+                self.progress(f"waiting for replicas: {exc}")
+            else:
+                if wanted:
+                    break
+                self.progress(f"waiting for replicas: {source.where} names none")
+            await asyncio.sleep(self.settings.backend.replicas_refresh_s)
+        for listed in wanted:
+            replica = factory(listed)
+            pool.add(replica)
+            self.meters.append(replica.meter)
+            self._wire(replica.meter)
+        self.meter = self.meters[0]
+        log.info("replicas from %s: %s", source.where, ", ".join(r.name for r in pool.replicas))
+
     async def _dispatcher(self) -> Dispatcher:
         """Start the meters, then the dispatcher for the engine that is up."""
         self.metrics.set_model(self.engine.model)
         settings = self.settings
         engine = self.engine
         if isinstance(engine, ReplicaPool):
-            named = [(r.name, r.meter) for r in engine.replicas]
-
-            def check_late() -> None:  # a replica's counter became readable after start-up
-                try:
-                    _refuse_shared_gpus(named)
-                except ConfigError as exc:
-                    log.error(
-                        "%s; its energy is counted twice until this is fixed and ecobatch restarted", exc
-                    )
-
             for replica in engine.replicas:
-                replica.meter.on_named = check_late
+                replica.meter.on_named = _check_late(engine, replica)
             # a replica still loading its model draws more than idle: its idle power is not probed
             await asyncio.gather(
                 *(r.meter.start(measure_idle=r.health.state != "starting") for r in engine.replicas)
             )
-            _refuse_shared_gpus(named)
+            _refuse_shared_gpus([(r.name, r.meter) for r in engine.replicas])
             return ContinuousGate(
                 engine,
                 self.receipts,
@@ -247,14 +268,30 @@ class Runtime:
             await self.engine.close()
 
 
+def _check_late(pool: ReplicaPool, replica: Replica) -> Callable[[], None]:
+    """For a replica there at start-up whose counter could first be read later: its GPUs against the
+    other replicas' now (a replica that joined later is the membership's to check)."""
+
+    def check() -> None:
+        for other in pool.replicas:
+            if other is replica:
+                continue
+            try:
+                _refuse_shared_gpus([(other.name, other.meter), (replica.name, replica.meter)])
+            except ConfigError as exc:
+                log.error("%s; its energy is counted twice until this is fixed and ecobatch restarted", exc)
+
+    return check
+
+
 def _refuse_shared_gpus(meters: list[tuple[str, Meter]]) -> None:
     """Two replicas' meters reading a GPU in common would each charge its energy to their own requests
     (counted twice): each replica must measure its own GPUs. Modelled meters are per replica already;
-    a meter not read yet has not named its GPUs."""
+    a meter never read yet has not named its GPUs (one that cannot be read just now has)."""
     owner: dict[tuple[str, str], str] = {}
     for name, meter in meters:
         reader = meter.reader
-        if reader is None or not meter.readable:
+        if reader is None or not meter.named:
             continue
         # the reader's own names for its GPUs ("0+1"; dcgm: "host/0+host/1"), per exporter for dcgm
         # (two exporters on two hosts may both call their GPU "0")

@@ -9,6 +9,7 @@ feature, so a manifest that starts to need more of kustomize fails here instead 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 import subprocess
@@ -25,7 +26,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ecobatch.config import Settings, load_settings
+from ecobatch.config import ReplicaSettings, Settings, load_settings
+from ecobatch.replica_sources import ReplicasDns
 from ecobatch.server import EXIT_AFTER_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +37,7 @@ SHAPES = {
     "sidecar": K8S / "base",
     "separate": K8S / "overlays" / "separate",
     "autoscaled": K8S / "overlays" / "autoscaled",  # the sidecar shape with a HorizontalPodAutoscaler
+    "separate-autoscaled": K8S / "overlays" / "separate-autoscaled",  # the StatefulSet scaled by one
 }
 KUBERNETES_VERSION = "1.30.0"
 SECRET = "ecobatch-keys"
@@ -185,6 +188,12 @@ def test_each_shape_builds_the_expected_objects(shape: str) -> None:
         "sidecar": {("Deployment", "ecobatch-vllm")},
         "separate": {("Deployment", "ecobatch"), ("StatefulSet", "vllm"), ("NetworkPolicy", "vllm")},
         "autoscaled": {("Deployment", "ecobatch-vllm"), ("HorizontalPodAutoscaler", "ecobatch-vllm")},
+        "separate-autoscaled": {
+            ("Deployment", "ecobatch"),
+            ("StatefulSet", "vllm"),
+            ("NetworkPolicy", "vllm"),
+            ("HorizontalPodAutoscaler", "vllm"),
+        },
     }[shape]
     assert {_key(obj) for obj in build(shape)} == common | workloads
 
@@ -411,7 +420,9 @@ def test_separate_engines_are_a_statefulset_with_a_headless_service_naming_each_
         assert not selects(other["spec"]["selector"], template["metadata"]["labels"]), other["metadata"]
 
 
-def test_separate_ecobatch_routes_over_each_statefulset_pod_by_its_stable_name(tmp_path: Path) -> None:
+def test_separate_ecobatch_finds_the_statefulsets_ready_pods_through_its_headless_service(
+    tmp_path: Path,
+) -> None:
     backend = settings("separate", tmp_path).backend
     objects = build("separate")
     engines = the(objects, "StatefulSet", "vllm")
@@ -420,17 +431,35 @@ def test_separate_ecobatch_routes_over_each_statefulset_pod_by_its_stable_name(t
     assert "upstream" not in raw["backend"]  # the replicas, not one load-balanced address
     assert backend.kind == "vllm-http"
     assert backend.routing == "pack"
-    pods = statefulset_pods(engines)
-    assert [r.name for r in backend.replicas] == pods
-    # a headless Service's name resolves to the pod itself: the container's port, not a Service port
-    where = [(u.scheme, u.hostname, u.port, u.path) for u in (urlsplit(r.url) for r in backend.replicas)]
+    assert backend.replicas == []  # none listed: scaling the StatefulSet needs no edit here
+    dns = backend.replicas_dns
+    assert dns is not None
+    # the governing Service's name in ecobatch's own namespace (the search domains add the cluster's)
     service = engines["spec"]["serviceName"]
-    assert where == [("http", f"{pod}.{service}", port(vllm, "vllm-http"), "") for pod in pods]
+    assert dns.name.split(".") == [service, POD_ENV["POD_NAMESPACE"], "svc"]
+    # a headless Service's name resolves to the pods themselves: the container's port, not a Service port
+    assert (dns.scheme, dns.port) == ("http", port(vllm, "vllm-http"))
+    assert backend.replicas_refresh_s <= 10  # a pod gone from DNS stops taking requests within that
+
+
+def replicas_found_by_dns(s: Settings, pods: list[str], service: str) -> list[ReplicaSettings]:
+    """The replicas ecobatch's DNS source makes of the StatefulSet's pods: an address each, whose reverse
+    name is ``<pod>.<service>.<namespace>.svc.cluster.local`` (Kubernetes' DNS for a headless Service)."""
+    assert s.backend.replicas_dns is not None
+    addresses = {f"10.0.0.{10 + i}": pod for i, pod in enumerate(pods)}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return list(addresses)
+
+    async def reverse(address: str) -> str:
+        return f"{addresses[address]}.{service}.{POD_ENV['POD_NAMESPACE']}.svc.cluster.local"
+
+    return asyncio.run(ReplicasDns(s.backend.replicas_dns, resolve, reverse).replicas())
 
 
 @shapes
 def test_the_in_flight_cap_fits_what_each_engine_admits(shape: str, tmp_path: Path) -> None:
-    # the cap applies per engine: to the one upstream, or to each of backend.replicas
+    # the cap applies per engine: to the one upstream, or to each replica
     ((_, vllm),) = containers(build(shape), "vllm")
     assert settings(shape, tmp_path).batching.max_inflight_sequences <= int(flag(vllm, "--max-num-seqs"))
 
@@ -454,16 +483,15 @@ def test_separate_energy_of_each_replica_is_its_own_pods_gpu_on_the_node_shared_
     assert energy.dcgm_labels == {"namespace": "llm", "container": "vllm"}
     assert energy.sample_interval_s >= 1.0
     objects = build("separate")
-    pods = statefulset_pods(the(objects, "StatefulSet", "vllm"))
-    assert len(s.backend.replicas) == len(pods)
-    for replica, pod in zip(s.backend.replicas, pods, strict=True):
-        # ecobatch merges a replica's labels over energy.dcgm_labels: exactly that pod's GPU
-        assert {**energy.dcgm_labels, **replica.dcgm_labels} == {
-            "namespace": "llm",
-            "container": "vllm",
-            "pod": pod,
-        }
-        assert replica.dcgm_url is None  # the exporter of the node they all share: energy.dcgm_url
+    engines = the(objects, "StatefulSet", "vllm")
+    pods = statefulset_pods(engines)
+    replicas = replicas_found_by_dns(s, pods, engines["spec"]["serviceName"])
+    assert len(replicas) == len(pods)
+    for replica, pod in zip(replicas, pods, strict=True):
+        # each replica's energy as ecobatch reads it: exactly that pod's GPU
+        own = s.as_replica(replica).energy
+        assert own.dcgm_labels == {"namespace": "llm", "container": "vllm", "pod": pod}
+        assert own.dcgm_url == energy.dcgm_url  # the exporter of the node they all share
     for kind, name in (("StatefulSet", "vllm"), ("Deployment", "ecobatch")):
         (term,) = the(objects, kind, name)["spec"]["template"]["spec"]["affinity"]["podAffinity"][
             "requiredDuringSchedulingIgnoredDuringExecution"
@@ -692,19 +720,27 @@ def test_render_rules_check_says_whether_the_manifest_is_current(capsys: pytest.
     assert "up to date" in capsys.readouterr().out
 
 
-def test_the_autoscaler_scales_the_engines_on_the_signal_ecobatch_exports() -> None:
-    """The HPA targets the sidecar Deployment (each pod one engine and its ecobatch) and reads
-    ecobatch_replicas_needed, a gauge ecobatch exports, as an external metric: the pods' sum."""
+@pytest.mark.parametrize("shape", ["autoscaled", "separate-autoscaled"])
+def test_the_autoscaler_scales_the_engines_on_the_signal_ecobatch_exports(shape: str, tmp_path: Path) -> None:
+    """The HPA targets the engines (sidecar: the Deployment whose pods are an engine and its ecobatch each;
+    separate: the StatefulSet of engines, which ecobatch follows through DNS, so nothing else changes as it
+    scales) and reads ecobatch_replicas_needed, a gauge ecobatch exports, as an external metric."""
     from prometheus_client import CollectorRegistry
 
     from ecobatch.metrics import Metrics
 
-    objects = build("autoscaled")
-    hpa = the(objects, "HorizontalPodAutoscaler", "ecobatch-vllm")
+    objects = build(shape)
+    (hpa,) = [obj for obj in objects if obj["kind"] == "HorizontalPodAutoscaler"]
     target = hpa["spec"]["scaleTargetRef"]
     workload = the(objects, target["kind"], target["name"])
     assert workload["apiVersion"] == target["apiVersion"]
-    assert {c["name"] for c in workload["spec"]["template"]["spec"]["containers"]} >= {"vllm", "ecobatch"}
+    assert "vllm" in {c["name"] for c in workload["spec"]["template"]["spec"]["containers"]}
+    if target["kind"] == "StatefulSet":  # the engines alone: ecobatch must find the pods it adds
+        backend = settings(shape, tmp_path).backend
+        assert backend.replicas_dns is not None and backend.replicas == []
+        assert backend.replicas_dns.name.split(".")[0] == workload["spec"]["serviceName"]
+    else:
+        assert "ecobatch" in {c["name"] for c in workload["spec"]["template"]["spec"]["containers"]}
     ((metric,),) = [[m for m in hpa["spec"]["metrics"] if m["type"] == "External"]]
     name = metric["external"]["metric"]["name"]
     registry = CollectorRegistry()

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.errors import ConfigError
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
-from ecobatch.testing.sim_vllm import serve_replicas
+from ecobatch.testing.sim_vllm import dcgm_app, serve_replicas
 from tests.integration.helpers import Sims, eventually, metric_of
 
 
@@ -201,3 +202,56 @@ def test_a_replicas_file_names_the_file_and_the_entry_in_its_errors(tmp_path: Pa
     both = {"backend.replicas": [{"url": "http://x:1"}], "backend.replicas_file": str(bad)}
     with pytest.raises(ConfigError, match="both set"):
         load_settings(None, {"backend.kind": "vllm-http", **both})
+
+
+async def test_a_joined_replica_whose_counter_is_first_read_later_and_names_anothers_gpu_leaves(
+    sims: Sims, aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """b is listed with a's GPU (a mistake): joining while the exporter cannot be read, it is let in; once
+    its counter is read, it measures a's GPU, and it leaves as a join would have been refused."""
+    servers, _, ports, _ = sims
+    exporter_down = asyncio.Event()
+
+    @web.middleware
+    async def flaky(request: web.Request, handler: Any) -> web.StreamResponse:
+        if exporter_down.is_set():
+            raise web.HTTPServiceUnavailable()
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    exporter = dcgm_app([s.gpu for s in servers])
+    exporter.middlewares.append(flaky)
+    dcgm = await aiohttp_server(exporter)
+    replicas_file = tmp_path / "replicas.yaml"
+    a = {"url": f"http://127.0.0.1:{ports[0]}", "name": "a", "dcgm_labels": {"gpu": "0"}}
+    replicas_file.write_text(yaml.safe_dump([a]))
+    app = create_app(settings_over(replicas_file, 0, **{"energy.dcgm_url": str(dcgm.make_url("/metrics"))}))
+    client = await aiohttp_client(app)
+    runtime = app[RUNTIME]
+    assert [m.ledger.gpu for m in runtime.meters] == ["a:sim/0"]
+
+    exporter_down.set()
+    b = {"url": f"http://127.0.0.1:{ports[1]}", "name": "b", "dcgm_labels": {"gpu": "0"}}  # a's GPU
+    replicas_file.write_text(yaml.safe_dump([a, b]))
+
+    async def b_joined() -> bool:
+        return [r.name for r in runtime.engine.replicas] == ["a", "b"]
+
+    await eventually(b_joined, "b joined, its GPUs not known yet")
+    (b_meter,) = [r.meter for r in runtime.engine.replicas if r.name == "b"]
+    assert not b_meter.named
+    exporter_down.clear()
+
+    async def b_left() -> bool:
+        return [r.name for r in runtime.engine.replicas] == ["a"] and b_meter not in runtime.meters
+
+    await eventually(b_left, "b left once its counter named a's GPU")
+    assert "a and b both measure GPU sim/0" in caplog.text
+    assert "b leaves (its energy counter could first be read after it joined)" in caplog.text
+
+    async def refused() -> bool:  # still listed: it tries to join again, and is refused at once now
+        return any("replica b" in r.getMessage() and "cannot join" in r.getMessage() for r in caplog.records)
+
+    await eventually(refused, "b refused when it tries to join again")
+    assert [r.name for r in runtime.engine.replicas] == ["a"]
+    assert await complete(client, 2) == [200] * 2

@@ -241,3 +241,105 @@ def test_the_documented_config_lists_every_setting_at_its_default() -> None:
         expected = msgspec.structs.asdict(getattr(defaults, section))
         assert set(documented[section]) == set(expected), section
     assert load_settings(root / "configs" / "ecobatch.yaml") == defaults
+
+
+def test_replicas_from_dns_are_declared_in_one_section() -> None:
+    s = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas_dns": {"name": "vllm-headless.llm.svc.cluster.local", "port": 8001},
+        },
+    )
+    dns = s.backend.replicas_dns
+    assert dns is not None
+    assert (dns.name, dns.port, dns.scheme, dns.family, dns.dcgm_pod_label) == (
+        "vllm-headless.llm.svc.cluster.local",
+        8001,
+        "http",
+        "ipv4",
+        None,
+    )
+    assert s.backend.replicas == []  # none known before the name is looked up
+
+
+VLLM = "backend:\n  kind: vllm-http\n"
+DNS = VLLM + "  replicas_dns: {name: vllm-headless, "
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (DNS + "port: 0}\n", r"backend.replicas_dns.port=0 must be in 1..65535"),
+        (DNS + "port: '8000'}\n", r"backend.replicas_dns.port='8000' must be an integer"),
+        (DNS + "scheme: grpc}\n", r"backend.replicas_dns.scheme='grpc' must be one of \('http', 'https'\)"),
+        (DNS + "family: any}\n", r"backend.replicas_dns.family='any' must be one of \('ipv4', 'ipv6'\)"),
+        (
+            DNS + "ttl: 5}\n",
+            r"backend.replicas_dns.ttl is not a setting; known: \['dcgm_pod_label', 'family'",
+        ),
+        (
+            VLLM + "  replicas_dns: {name: 'http://vllm-headless:8000'}\n",
+            r"backend.replicas_dns.name='http://vllm-headless:8000' must be a DNS name without scheme, port",
+        ),
+        (VLLM + "  replicas_dns: {port: 8000}\n", r"backend.replicas_dns.name='' must be a DNS name"),
+        (VLLM + "  replicas_dns: vllm-headless\n", r"backend.replicas_dns='vllm-headless' must be a mapping"),
+        (
+            "backend:\n  replicas_dns: {name: vllm-headless}\n",
+            r"backend.replicas_dns='vllm-headless' must be unset unless backend.kind is 'vllm-http'",
+        ),
+        (
+            DNS + "port: 8000}\n  replicas: [{url: 'http://a:8000'}]\n",
+            r"backend.replicas=\['http://a:8000'\] must be empty when backend.replicas_dns finds the",
+        ),
+        (
+            DNS + "port: 8000}\n  upstream: 'http://a:8000'\n",
+            r"backend.upstream='http://a:8000' must be unset when backend.replicas_dns finds the upstreams",
+        ),
+        (
+            DNS + "port: 8000}\nenergy:\n  meter: nvml\n",
+            r"energy.meter='nvml' must be 'dcgm', 'model' or 'auto' with backend.replicas_dns",
+        ),
+        (
+            DNS + "port: 8000}\nenergy:\n  dcgm_url: 'http://dcgm:9400/metrics'\n",
+            r"backend.replicas_dns.dcgm_pod_label=None must be set \(e.g. pod\) when energy is read from",
+        ),
+        (
+            DNS + "dcgm_pod_label: pod}\n",
+            r"backend.replicas_dns.dcgm_pod_label='pod' must be null unless energy is read from dcgm",
+        ),
+        (
+            DNS + "dcgm_pod_label: pod}\nenergy:\n  meter: model\n  dcgm_url: 'http://dcgm:9400/metrics'\n",
+            r"backend.replicas_dns.dcgm_pod_label='pod' must be null unless energy is read from dcgm",
+        ),
+    ],
+)
+def test_replicas_from_dns_refuse_what_cannot_work_naming_the_field_and_the_limit(
+    tmp_path: Path, yaml_text: str, message: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(cfg)
+
+
+def test_replicas_come_from_a_file_or_from_dns_not_both(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DNS + "port: 8000}\n  replicas_file: missing.yaml\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"backend.replicas_file and backend.replicas_dns are both set: the replicas come from one",
+    ):
+        load_settings(cfg)  # said before the file is read (it does not exist)
+
+
+def test_replicas_from_dns_with_dcgm_exporter_select_each_pods_gpu() -> None:
+    s = load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            "backend.replicas_dns": {"name": "vllm-headless", "dcgm_pod_label": "pod"},
+            "energy.dcgm_url": "http://dcgm:9400/metrics",
+        },
+    )
+    assert s.backend.replicas_dns is not None and s.backend.replicas_dns.dcgm_pod_label == "pod"

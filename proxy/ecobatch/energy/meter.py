@@ -76,6 +76,11 @@ class Meter:
         return not self._failing
 
     @property
+    def named(self) -> bool:
+        """True once the counter has been read: its GPUs are known (``reader.gpu``), read now or not."""
+        return self._named
+
+    @property
     def source(self) -> str:
         return self.ledger.source
 

@@ -15,7 +15,8 @@ from the profile (continuous, per concurrency), and every series it exports says
   ``vllm:cache_config_info``. A client that disconnects aborts its request.
 * Each server's GPU draws the profile's power at its concurrency, its idle power with nothing in flight;
   one dcgm-exporter-style endpoint exports every GPU's ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ),
-  ``DCGM_FI_DEV_POWER_USAGE`` (W) and ``DCGM_FI_DEV_POWER_MGMT_LIMIT`` (W), labelled ``gpu="i"`` and
+  ``DCGM_FI_DEV_POWER_USAGE`` (W) and ``DCGM_FI_DEV_POWER_MGMT_LIMIT`` (W), labelled ``gpu="i"``,
+  ``pod="vllm-i"`` (the pod it serves, as the GPU operator's exporter says) and
   ``modelName="… (modelled)"``. ecobatch reads it as it reads dcgm-exporter (``source="dcgm"``): it
   cannot tell, so whatever it shows from these servers is modelled, whatever its label says.
 
@@ -258,7 +259,8 @@ def _error(status: int, message: str, param: str | None = None) -> web.Response:
 
 
 def dcgm_app(gpus: list[SimGpu]) -> web.Application:
-    """A dcgm-exporter-style /metrics for modelled GPUs ``gpu="0"`` … (energy in mJ, power in W)."""
+    """A dcgm-exporter-style /metrics for modelled GPUs ``gpu="0"`` … (energy in mJ, power in W), each
+    labelled with the pod it is allocated to, ``pod="vllm-0"`` … (as the GPU operator's exporter does)."""
 
     async def metrics(_: web.Request) -> web.Response:
         lines = [
@@ -266,7 +268,8 @@ def dcgm_app(gpus: list[SimGpu]) -> web.Application:
             "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter",
         ]
         for i, gpu in enumerate(gpus):
-            labels = f'gpu="{i}",UUID="SIM-{i}",Hostname="sim",modelName="{gpu.profile.gpu} (modelled)"'
+            model = f"{gpu.profile.gpu} (modelled)"
+            labels = f'gpu="{i}",UUID="SIM-{i}",Hostname="sim",modelName="{model}",pod="vllm-{i}"'
             limit = max(p.power_w for p in gpu.profile.points)
             lines += [
                 f"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{{labels}}} {gpu.energy_mj():.1f}",
@@ -281,18 +284,24 @@ def dcgm_app(gpus: list[SimGpu]) -> web.Application:
 
 
 async def serve_replicas(
-    profile: EnergyProfile, ports: list[int], dcgm_port: int, host: str = "127.0.0.1", **engine: Any
+    profile: EnergyProfile,
+    ports: list[int],
+    dcgm_port: int,
+    host: str = "127.0.0.1",
+    hosts: list[str] | None = None,
+    **engine: Any,
 ) -> tuple[list[SimVllm], list[web.AppRunner]]:
-    """Start one modelled server per port and the dcgm-style endpoint; the caller cleans the runners up."""
+    """Start one modelled server per port and the dcgm-style endpoint (on ``host``); the caller cleans the
+    runners up. ``hosts``: each server's own address (e.g. one port on 127.0.0.1 and 127.0.0.2, as pods
+    behind one DNS name); default: all on ``host``."""
     sims = [SimVllm(profile, **engine) for _ in ports]
     runners = []
-    for app, port in [
-        *((s.app(), p) for s, p in zip(sims, ports, strict=True)),
-        (dcgm_app([s.gpu for s in sims]), dcgm_port),
-    ]:
+    apps = [*(s.app() for s in sims), dcgm_app([s.gpu for s in sims])]
+    addresses = [*zip(hosts or [host] * len(ports), ports, strict=True), (host, dcgm_port)]
+    for app, (where, port) in zip(apps, addresses, strict=True):
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, where, port).start()
         runners.append(runner)
     return sims, runners
 
