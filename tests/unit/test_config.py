@@ -270,10 +270,10 @@ DNS = VLLM + "  replicas_dns: {name: vllm-headless, "
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        (DNS + "port: 0}\n", r"backend.replicas_dns.port=0 must be in 1..65535"),
+        (DNS + "port: 0}\n", r"backend.replicas_dns.port=0 must be >= 1"),
         (DNS + "port: '8000'}\n", r"backend.replicas_dns.port='8000' must be an integer"),
-        (DNS + "scheme: grpc}\n", r"backend.replicas_dns.scheme='grpc' must be one of \('http', 'https'\)"),
-        (DNS + "family: any}\n", r"backend.replicas_dns.family='any' must be one of \('ipv4', 'ipv6'\)"),
+        (DNS + "scheme: grpc}\n", r"backend.replicas_dns.scheme='grpc' must be one of \['http', 'https'\]"),
+        (DNS + "family: any}\n", r"backend.replicas_dns.family='any' must be one of \['ipv4', 'ipv6'\]"),
         (
             DNS + "ttl: 5}\n",
             r"backend.replicas_dns.ttl is not a setting; known: \['dcgm_pod_label', 'family'",
@@ -282,7 +282,7 @@ DNS = VLLM + "  replicas_dns: {name: vllm-headless, "
             VLLM + "  replicas_dns: {name: 'http://vllm-headless:8000'}\n",
             r"backend.replicas_dns.name='http://vllm-headless:8000' must be a DNS name without scheme, port",
         ),
-        (VLLM + "  replicas_dns: {port: 8000}\n", r"backend.replicas_dns.name='' must be a DNS name"),
+        (VLLM + "  replicas_dns: {port: 8000}\n", r"backend.replicas_dns.name is required"),
         (VLLM + "  replicas_dns: vllm-headless\n", r"backend.replicas_dns='vllm-headless' must be a mapping"),
         (
             "backend:\n  replicas_dns: {name: vllm-headless}\n",
