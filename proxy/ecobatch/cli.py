@@ -231,6 +231,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--warmup-s", type=float, default=3.0, help="vllm-http: seconds at load before the window"
     )
     cal.add_argument("--quantization-label", default="as served", help="vllm-http: what the server runs")
+    cal.add_argument(
+        "--prefill-prompt-tokens",
+        type=int,
+        default=1024,
+        help="vllm-http: prompt length of the prefill point (one output token each)",
+    )
+    cal.add_argument(
+        "--prefill-concurrency",
+        type=int,
+        default=8,
+        help="vllm-http: requests in flight at the prefill point",
+    )
     cal.add_argument("--out", required=True, help="PROFILE.yaml (CSV and PNG are written beside it)")
     bench = sub.add_parser(
         "bench",

@@ -349,8 +349,14 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     # CUDA_VISIBLE_DEVICES allows).
     gpu_indices: list[int] | None = None
     sample_interval_s: Annotated[float, Meta(ge=0.01, le=5)] = 0.1
-    # None: measured at start-up (1 s, before any work).
+    # None: measured at start-up (1 s, before any work), then re-estimated live whenever nothing runs
+    # (live_idle); a number: that, fixed (set it on a GPU shared with work the engine does not see).
     idle_power_w: _NonNegative | None = None
+    # Re-estimate idle power from the counter while nothing runs (median of the last 31 quiet seconds).
+    live_idle: bool = True
+    # After a request's end, the energy above idle that the counter still reports (its update lag, the
+    # power's decay) for this long is charged to the requests that just ended, not to other work.
+    tail_s: Annotated[float, Meta(ge=0, le=10)] = 1.0
     # The most the measured GPUs can draw, summed: while ecobatch's requests run they are charged at
     # most this × their busy time (the rest is another client's). None: the GPUs' power limit as NVML or
     # dcgm-exporter (DCGM_FI_DEV_POWER_MGMT_LIMIT) reports it; no cap where neither does.
@@ -358,7 +364,9 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     # Energy profile (YAML); None: the embedded reference for the engine's shape (static: A800 INT8
     # seed table; continuous: H200 vLLM bf16 curve), both source: reference.
     profile: str | None = None
-    # Weight of one prompt token against one generated token when a span's joules are split.
+    # Weight of one prompt token against one generated token when an interval's joules are split, where
+    # the profile has no measured prefill energy (prefill_joules_per_token; `ecobatch calibrate` measures
+    # it): then the weight is measured prefill / decode energy above idle at the interval's concurrency.
     prefill_weight: _NonNegative = 1.0
     # Defaults are the seed data's (China grid, $0.04/kWh): set your own grid and tariff.
     carbon_g_per_kwh: _NonNegative = 555.0

@@ -128,6 +128,7 @@ class Replica:
         self._ours_at_poll = 0
         #: (time.monotonic(), our sequences from then on): to know ours when the engine was read
         self._ours_since: deque[tuple[float, int]] = deque([(float("-inf"), 0)], maxlen=_OURS_KEPT)
+        meter.others_in_flight = self.other_running  # its GPUs' other work, by the engine's count
 
     @property
     def ledger(self) -> Ledger:

@@ -75,6 +75,7 @@ _META_KEYS = {
     "quantization",
     "engine",
     "idle_power_w",
+    "prefill_joules_per_token",
     "points",
     "meta",
 }
@@ -114,6 +115,9 @@ class EnergyProfile:
     engine: str | None = None
     idle_power_w: float | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: measured energy above idle per prompt token (``ecobatch calibrate``'s prefill point); None: not
+    #: measured
+    prefill_joules_per_token: float | None = None
     # Points at whole sizes, computed once: the policy asks for every size up to its cap per decision.
     _at_whole: dict[int, ProfilePoint] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -151,6 +155,27 @@ class EnergyProfile:
                 running.append(min(joules, running[-1]) if running else joules)
             self._curve.extend([curve, tuple(running)])
         return self._curve[0], self._curve[1]
+
+    def decode_joules_per_token(self, size: float) -> float | None:
+        """Energy above idle per generated token at ``size`` (None without an idle power). A continuous
+        profile's points were measured with prompts (``meta.prompt_tokens`` per ``meta.new_tokens``
+        generated): with a measured prefill energy, their prompts' share is taken out."""
+        if self.idle_power_w is None:
+            return None
+        point = self.at(size)
+        joules = (point.power_w - self.idle_power_w) / point.tokens_per_s
+        prompt, new = self.meta.get("prompt_tokens"), self.meta.get("new_tokens")
+        measured = self.prefill_joules_per_token
+        if measured is not None and isinstance(prompt, int) and isinstance(new, int) and new > 0:
+            joules -= measured * prompt / new
+        return joules if joules > 0 else None
+
+    def prefill_weight(self, size: float) -> float | None:
+        """A prompt token's energy above idle against a generated token's at ``size`` (None: unknown)."""
+        decode = self.decode_joules_per_token(size)
+        if self.prefill_joules_per_token is None or decode is None:
+            return None
+        return self.prefill_joules_per_token / decode
 
     def at(self, size: float) -> ProfilePoint:
         """The profile at ``size``: interpolated in log2(size), clamped at the ends."""
@@ -270,6 +295,7 @@ def profile_from_mapping(data: Mapping[str, Any], where: str = "profile") -> Ene
         (_point(f"{where}.points[{i}]", p, kind) for i, p in enumerate(raw_points)), key=lambda p: p.size
     )
     idle = data.get("idle_power_w")
+    prefill = data.get("prefill_joules_per_token")
     return EnergyProfile(
         name=str(data.get("name", where)),
         source=data.get("source", "reference"),
@@ -281,6 +307,9 @@ def profile_from_mapping(data: Mapping[str, Any], where: str = "profile") -> Ene
         engine=data.get("engine"),
         idle_power_w=None if idle is None else _number(where, "idle_power_w", idle),
         meta=dict(data.get("meta") or {}),
+        prefill_joules_per_token=None
+        if prefill is None
+        else _number(where, "prefill_joules_per_token", prefill),
     )
 
 

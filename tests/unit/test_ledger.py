@@ -145,12 +145,14 @@ async def test_a_failed_request_leaves_no_open_span_and_idle_keeps_counting() ->
     span.end(None, delivered=False)  # the engine failed: usage unknown
     span.end(Usage(1, 1))  # a second end (a finally block) changes nothing
     ledger.add_interval(0.0, 1.0, 400.0)  # busy 0.5 s, idle 0.5 s
-    assert settled["fails"].joules == pytest.approx(400.0 - 50.0)
+    assert settled["fails"].joules == pytest.approx(400.0 - 100.0), "all above idle power is its"
+    assert settled["fails"].base_joules == pytest.approx(50.0), "idle power while it ran"
     assert settled["fails"].delivered is False
     for k in range(1, 4):
         ledger.add_interval(float(k), float(k + 1), 100.0)
     assert ledger.pending_requests == 0
-    assert ledger.totals.idle_joules == pytest.approx(50.0 + 300.0)
+    assert ledger.totals.idle_joules == pytest.approx(100.0 + 300.0), "idle power × all the time"
+    assert ledger.totals.base_joules == pytest.approx(50.0), "of which while ours ran"
 
 
 async def test_energy_while_none_of_ours_runs_is_idle_up_to_idle_power_then_other_work() -> None:
@@ -200,7 +202,7 @@ async def test_a_modelled_ledger_charges_the_profile_per_token_and_idle_power() 
         source="model",
         gpu="modelled",
         prefill_weight=1.0,
-        idle_power_w=100.0,
+        idle_power_w=10.0,
         clock=clock,
         active_model=lambda tokens, concurrency: tokens * (2.0 if concurrency < 1.5 else 1.0),
     )
@@ -215,9 +217,11 @@ async def test_a_modelled_ledger_charges_the_profile_per_token_and_idle_power() 
     b.end(Usage(0, 10))
     c.end(Usage(0, 30))
     ledger.add_interval(1.0, 2.0, None)
-    assert settled["a"].joules == pytest.approx(20.0)  # 10 tokens at 2 J (one in flight)
-    assert (settled["b"].joules, settled["c"].joules) == pytest.approx((10.0, 30.0))  # two in flight: 1 J
-    assert ledger.totals.idle_joules == pytest.approx(100.0)
+    # the profile's J/token include the idle power while busy: a request is charged what is above it
+    assert settled["a"].joules == pytest.approx(20.0 - 10.0 * 0.5)  # 10 tokens at 2 J (one in flight)
+    # two in flight at 1 J/token for 0.5 s: 40 J, less 5 J of idle power, split 10:30
+    assert (settled["b"].joules, settled["c"].joules) == pytest.approx((8.75, 26.25))
+    assert ledger.totals.idle_joules == pytest.approx(10.0 * 2)
     assert settled["a"].source == "model"
 
 
@@ -246,9 +250,9 @@ async def test_while_ours_run_they_take_at_most_the_power_limit_the_rest_is_othe
     span.end(Usage(10, 50))
     await clock.advance(19.0)
     ledger.add_interval(0.0, 30.0, 12_000.0)
-    assert settled["ours"].joules == pytest.approx(700.0)
-    assert splits[0].idle_joules == pytest.approx(122.0 * 29)
-    assert splits[0].unattributed_joules == pytest.approx(12_000.0 - 700.0 - 122.0 * 29)
+    assert settled["ours"].joules == pytest.approx(700.0 - 122.0), "at most the limit above idle"
+    assert splits[0].idle_joules == pytest.approx(122.0 * 30)
+    assert splits[0].unattributed_joules == pytest.approx(12_000.0 - 578.0 - 122.0 * 30)
 
 
 async def test_a_gap_in_the_counter_settles_its_requests_as_incomplete() -> None:
@@ -301,7 +305,7 @@ async def test_a_request_that_ended_as_an_interval_began_takes_none_of_it() -> N
     ledger.add_interval(0.0, 1.0, 500.0)
     await clock.advance(1.0)
     ledger.add_interval(1.0, 2.0, 700.0)  # another client, after ours ended
-    assert settled["r"].joules == pytest.approx(500.0)
+    assert settled["r"].joules == pytest.approx(500.0 - 300.0)
     assert (splits[1].idle_joules, splits[1].unattributed_joules) == pytest.approx((300.0, 400.0))
 
 
@@ -379,5 +383,106 @@ async def test_an_abandoned_span_takes_no_share_and_is_never_reported() -> None:
     for _ in range(5):  # reports go out on later turns of the loop
         await asyncio.sleep(0)
     assert set(settled) == {"ran"}
-    assert settled["ran"].joules == pytest.approx(500.0), "busy the whole interval: all of it is its"
+    assert settled["ran"].joules == pytest.approx(400.0), "busy the whole interval: all above idle is its"
     assert ledger.pending_requests == 0
+
+
+async def test_the_energy_above_idle_just_after_a_request_ends_is_still_its_own() -> None:
+    """The counter lags and the power decays after the last token: within ``tail_s`` of its end, the
+    above-idle joules go to the request that just ended (by what each was charged), not to other work;
+    later, they are other work."""
+    clock = FakeClock()
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
+    settled, splits = collect(ledger)
+    a, b = ledger.begin("a"), ledger.begin("b")
+    await clock.advance(1.0)
+    a.end(Usage(0, 30))
+    b.end(Usage(0, 10))
+    ledger.add_interval(0.0, 1.0, 500.0)  # 400 above idle, split 30:10
+    assert settled == {}, "not settled until its tail has been measured"
+    ledger.add_interval(1.0, 1.4, 80.0)  # 40 J above idle in the tail: 30 to a, 10 to b
+    ledger.add_interval(1.4, 1.6, 40.0)  # began inside the tail: its 20 J above idle too
+    ledger.add_interval(1.6, 2.0, 100.0)  # past the tail: 60 J above idle is other work
+    assert settled["a"].joules == pytest.approx(300.0 + 30.0 + 15.0)
+    assert settled["b"].joules == pytest.approx(100.0 + 10.0 + 5.0)
+    assert splits[-1].unattributed_joules == pytest.approx(60.0)
+    assert sum(s.unattributed_joules for s in splits[:-1]) == 0.0
+
+
+async def test_a_tail_with_another_clients_work_in_flight_is_other_work() -> None:
+    clock = FakeClock()
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
+    settled, splits = collect(ledger)
+    a = ledger.begin("a")
+    await clock.advance(1.0)
+    a.end(Usage(0, 30))
+    ledger.add_interval(0.0, 1.0, 500.0)
+    ledger.add_interval(1.0, 1.4, 200.0, other_sequences=2)
+    ledger.add_interval(1.4, 2.0, 60.0)
+    assert settled["a"].joules == pytest.approx(400.0)
+    assert splits[1].unattributed_joules == pytest.approx(160.0)
+
+
+async def test_beside_another_clients_sequences_ours_take_their_share_of_sequence_time() -> None:
+    """vLLM runs one of ours and three of another client's for the whole interval: ours is charged a
+    quarter of the energy above idle, the rest is other work (never idle, never ours)."""
+    clock = FakeClock()
+    ledger = ledger_on(clock, idle_power_w=100.0)
+    settled, splits = collect(ledger)
+    ours = ledger.begin("ours")
+    await clock.advance(1.0)
+    ours.end(Usage(10, 50))
+    ledger.add_interval(0.0, 1.0, 500.0, other_sequences=3)
+    ledger.add_interval(1.0, 1.1, 10.0)  # the counter has passed its end
+    assert settled["ours"].joules == pytest.approx(400.0 / 4)
+    assert (splits[0].idle_joules, splits[0].unattributed_joules) == pytest.approx((100.0, 300.0))
+
+
+async def test_idle_power_is_re_estimated_from_quiet_seconds_but_not_from_another_clients_work() -> None:
+    clock = FakeClock()
+    ledger = Ledger(
+        source="nvml",
+        gpu="0",
+        prefill_weight=1.0,
+        idle_power_w=120.0,
+        clock=clock,
+        tail_s=0.5,
+        live_idle=True,
+    )
+    _, splits = collect(ledger)
+    t = 0.0
+    for _ in range(5):  # the GPU has warmed up: it idles at 140 W, not the 120 W of start-up
+        ledger.add_interval(t, t + 1.0, 140.0)
+        t += 1.0
+    assert ledger.idle.live and ledger.idle_power_w == pytest.approx(140.0)
+    for _ in range(10):  # another client works on the engine: its seconds say nothing of idle
+        ledger.add_interval(t, t + 1.0, 450.0, other_sequences=4)
+        t += 1.0
+    assert ledger.idle_power_w == pytest.approx(140.0)
+    assert splits[-1].unattributed_joules == pytest.approx(450.0 - 140.0)
+    r = ledger.begin("r")  # and none of our own busy or tail time counts
+    await clock.advance(t + 1.0 - clock.now())
+    r.end(Usage(0, 10))
+    ledger.add_interval(t, t + 1.0, 600.0)
+    ledger.add_interval(t + 1.0, t + 1.4, 200.0)
+    assert ledger.idle_power_w == pytest.approx(140.0)
+
+
+async def test_a_prompt_token_weighs_the_measured_ratio_at_the_intervals_concurrency() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+
+    def weight(concurrency: float) -> float:
+        seen.append(concurrency)
+        return 0.1 * concurrency
+
+    ledger = Ledger(source="nvml", gpu="0", prefill_weight=weight, clock=clock)
+    settled, _ = collect(ledger)
+    a, b = ledger.begin("a", sequences=2), ledger.begin("b", sequences=2)
+    await clock.advance(1.0)
+    a.end(Usage(100, 0))  # prefill only: 100 prompt tokens at weight 0.4 (4 sequences in flight)
+    b.end(Usage(0, 40))
+    ledger.add_interval(0.0, 1.0, 80.0)
+    ledger.add_interval(1.0, 1.1, 0.0)  # the counter has passed their end
+    assert seen[0] == pytest.approx(4.0)
+    assert (settled["a"].joules, settled["b"].joules) == pytest.approx((40.0, 40.0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.meter import Meter
 from ecobatch.pool import Occupancy
 
 
@@ -49,13 +51,14 @@ def test_other_clients_work_is_the_engines_count_beyond_ours_when_it_was_read() 
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
-    replica = Replica("r0", engine, meter=None)  # type: ignore[arg-type]  # no energy here
+    replica = Replica("r0", engine, _meter())
     replica.start(1, 1, 100.0, 5.0)  # one of ours runs ...
     engine.headroom_value = Headroom(running=1, waiting=0)  # ... when the engine's figures are read
     replica.finish(1)  # ours ends before the next reading: the one read was ours, nothing else
     assert replica.other_running() == 0
     engine.headroom_value = Headroom(running=2, waiting=1)  # read while none of ours runs
     assert replica.other_running() == 3
+    assert replica.meter.others_in_flight() == 3, "the meter is told what the engine runs for others"
     replica.start(2, 1, 100.0, 5.0)  # ours starts after that reading: it was not in it
     assert replica.other_running() == 3
 
@@ -70,7 +73,7 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
-    replica = Replica("r0", engine, meter=None)  # type: ignore[arg-type]
+    replica = Replica("r0", engine, _meter())
     replica.start(1, 1, 100.0, 5.0)
     asked_s = time.monotonic()  # the scrape goes out ...
     replica.finish(1)  # ... ours ends ...
@@ -79,3 +82,8 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
     later = time.monotonic()
     engine.headroom_value = Headroom(running=2, waiting=0, read_at_s=later)  # asked while none ran
     assert replica.other_running() == 2
+
+
+def _meter() -> Meter:
+    """A modelled meter: no energy is read in these tests."""
+    return Meter(Ledger(source="model", gpu="modelled", prefill_weight=1.0), None)

@@ -57,7 +57,15 @@ def run_cli(args: Any) -> int:
         kind, engine = "static", "ecobatch hf-bnb static batches (transformers)"
         method = f"one run of {args.warmup_tokens} tokens per batch size; cuDNN SDPA disabled"
     else:
-        points, facts = asyncio.run(calibrate_vllm_http(args.model, warmup_s=args.warmup_s, **common))
+        points, facts = asyncio.run(
+            calibrate_vllm_http(
+                args.model,
+                warmup_s=args.warmup_s,
+                prefill_prompt_tokens=args.prefill_prompt_tokens,
+                prefill_concurrency=args.prefill_concurrency,
+                **common,
+            )
+        )
         quant, kind = args.quantization_label, "continuous"
         engine = "vLLM OpenAI server (continuous batching), closed loop"
         method = f"{args.warmup_s} s at the concurrency before the window; requests drain after it"

@@ -92,7 +92,8 @@ _META_FIELDS = {"name", "kind", "gpu", "model", "quantization", "engine", "idle_
 
 def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict[str, Any]:
     kind = meta["kind"]
-    return {
+    prefill = meta.get("prefill")
+    profile: dict[str, Any] = {
         "kind": kind,
         "name": meta["name"],
         "source": "measured",
@@ -104,6 +105,9 @@ def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict
         "meta": {k: v for k, v in meta.items() if k not in _META_FIELDS},
         "points": [_profile_point(p, SIZE_KEY[kind]) for p in points],
     }
+    if prefill is not None:  # measured above idle: the ledger weighs prompt tokens by it
+        profile["prefill_joules_per_token"] = round(prefill["joules_per_token"], 6)
+    return profile
 
 
 def _profile_point(p: CalibrationPoint, size_key: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..energy.counters import NvmlCounters
@@ -98,10 +99,64 @@ def calibrate_hf(
     return points, facts
 
 
-async def _generation_tokens(session: Any, base: str) -> float:
+async def _counted_tokens(session: Any, base: str, metric: str) -> float:
     async with session.get(f"{base}/metrics") as resp:
         text = await resp.text()
-    return sum(s.value for _, s in samples(text, ("vllm:generation_tokens_total",)))
+    return sum(s.value for _, s in samples(text, (metric,)))
+
+
+@dataclass(frozen=True, slots=True)
+class _LoopWindow:
+    """What a closed loop did inside its energy window."""
+
+    window: EnergyWindow
+    finished: int
+    #: the tokens vLLM counted in the window (generated, or prompt tokens: the metric asked for)
+    tokens: int
+
+
+async def _closed_loop(
+    session: Any,
+    probe: Any,
+    base: str,
+    body: Callable[[], dict[str, Any]],
+    *,
+    concurrency: int,
+    warmup_s: float,
+    min_seconds: float,
+    counters: NvmlCounters,
+    metric: str,
+) -> _LoopWindow:
+    """Keep ``concurrency`` requests in flight; after ``warmup_s`` measure ``min_seconds`` of energy and
+    of vLLM's own ``metric`` count; then stop and let the requests in flight drain."""
+    import asyncio
+
+    stop = asyncio.Event()
+    finished = 0
+
+    async def worker() -> None:
+        nonlocal finished
+        while not stop.is_set():
+            async with session.post(f"{base}/v1/completions", json=body()) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
+                await r.read()
+            finished += 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(warmup_s)
+        tokens0, done0 = await _counted_tokens(probe, base, metric), finished
+        with EnergyWindow(counters) as window:
+            await asyncio.sleep(min_seconds)
+        tokens1, done1 = await _counted_tokens(probe, base, metric), finished
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return _LoopWindow(window, done1 - done0, int(tokens1 - tokens0))
 
 
 async def calibrate_vllm_http(
@@ -115,18 +170,21 @@ async def calibrate_vllm_http(
     counters: NvmlCounters,
     idle_power_w: float,
     model: str | None = None,
+    prefill_prompt_tokens: int = 1024,
+    prefill_concurrency: int = 8,
     progress: Callable[[str], None] = print,
 ) -> tuple[list[CalibrationPoint], dict[str, Any]]:
     """Closed-loop sweep against a running vLLM OpenAI server whose GPUs ``counters`` reads: per
-    concurrency C, C requests kept in flight."""
-    import asyncio
-
+    concurrency C, C requests kept in flight. Then the prefill point: ``prefill_concurrency`` requests
+    of ``prefill_prompt_tokens`` prompt tokens and one output token each, whose energy above idle per
+    prompt token is the profile's ``prefill_joules_per_token``."""
     import aiohttp
 
     from ..backends.vllm_http import KEEPALIVE_S
 
     base = base_url.rstrip("/")
     rng = random.Random(0)
+    vocab_guess = 256  # token ids below this exist in any vocabulary worth measuring
     # No connection limit for the load (aiohttp's default pool of 100 capped "256 in flight" at 100),
     # and /metrics on a session of its own: behind queued load requests it waited forever.
     async with (
@@ -140,47 +198,70 @@ async def calibrate_vllm_http(
             resp.raise_for_status()
             served = (await resp.json())["data"][0]
         model = model or served["id"]
-        vocab_guess = 256  # token ids below this exist in any vocabulary worth measuring
+
+        def body(prompt: int, out: int) -> Callable[[], dict[str, Any]]:
+            def make() -> dict[str, Any]:
+                return {
+                    "model": model,
+                    "prompt": [rng.randrange(3, vocab_guess) for _ in range(prompt)],
+                    "max_tokens": out,
+                    "ignore_eos": True,
+                    "temperature": 0.0,
+                }
+
+            return make
+
         points = []
         for c in batch_sizes:
-            stop = asyncio.Event()
-            finished = 0
-
-            async def worker(stop: asyncio.Event = stop) -> None:
-                nonlocal finished
-                while not stop.is_set():
-                    body = {
-                        "model": model,
-                        "prompt": [rng.randrange(3, vocab_guess) for _ in range(prompt_tokens)],
-                        "max_tokens": new_tokens,
-                        "ignore_eos": True,
-                        "temperature": 0.0,
-                    }
-                    async with session.post(f"{base}/v1/completions", json=body) as r:
-                        if r.status != 200:
-                            raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
-                        await r.read()
-                    finished += 1
-
-            tasks = [asyncio.create_task(worker()) for _ in range(c)]
-            try:
-                await asyncio.sleep(warmup_s)
-                tokens0 = await _generation_tokens(probe, base)
-                done0 = finished
-                with EnergyWindow(counters) as window:
-                    await asyncio.sleep(min_seconds)
-                tokens1 = await _generation_tokens(probe, base)
-                done1 = finished
-            finally:
-                stop.set()
-                results = await asyncio.gather(*tasks, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
-            generated = int(tokens1 - tokens0)
-            if generated <= 0:
+            run = await _closed_loop(
+                session,
+                probe,
+                base,
+                body(prompt_tokens, new_tokens),
+                concurrency=c,
+                metric="vllm:generation_tokens_total",
+                warmup_s=warmup_s,
+                min_seconds=min_seconds,
+                counters=counters,
+            )
+            if run.tokens <= 0:
                 raise RuntimeError(f"vLLM generated no tokens in {min_seconds} s at {c} in flight")
-            point = make_point(c, done1 - done0, window, generated, generated / new_tokens, idle_power_w)
+            point = make_point(c, run.finished, run.window, run.tokens, run.tokens / new_tokens, idle_power_w)
             points.append(point)
             report_line(progress, point, len(points), len(batch_sizes))
-    return points, {"served_model": model, "max_model_len": served.get("max_model_len")}
+        pre = await _closed_loop(
+            session,
+            probe,
+            base,
+            body(prefill_prompt_tokens, 1),
+            concurrency=prefill_concurrency,
+            metric="vllm:prompt_tokens_total",
+            warmup_s=warmup_s,
+            min_seconds=min_seconds,
+            counters=counters,
+        )
+        if pre.tokens <= 0:
+            raise RuntimeError(f"vLLM counted no prompt tokens in {min_seconds} s of prefill")
+        prefill = prefill_point(
+            pre.window, pre.tokens, idle_power_w, prefill_concurrency, prefill_prompt_tokens
+        )
+        progress(
+            f"prefill: {prefill['prompt_tokens_per_s']:.0f} prompt tok/s at {prefill_concurrency} in flight, "
+            f"{prefill['power_w']:.0f} W: {1000 * prefill['joules_per_token']:.2f} J per 1k prompt tokens "
+            "above idle"
+        )
+    return points, {"served_model": model, "max_model_len": served.get("max_model_len"), "prefill": prefill}
+
+
+def prefill_point(
+    window: EnergyWindow, prompt_tokens: int, idle_power_w: float, concurrency: int, prompt_len: int
+) -> dict[str, Any]:
+    """The prefill measurement: energy above idle per prompt token over the window."""
+    return {
+        "joules_per_token": (window.joules - idle_power_w * window.seconds) / prompt_tokens,
+        "prompt_tokens_per_s": prompt_tokens / window.seconds,
+        "power_w": window.joules / window.seconds,
+        "concurrency": concurrency,
+        "prompt_tokens": prompt_len,
+        "seconds": window.seconds,
+    }

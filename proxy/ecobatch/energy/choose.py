@@ -26,7 +26,7 @@ from ..profile import EnergyProfile
 from .counters import CounterReader, NvmlCounters
 from .dcgm import DcgmCounters
 from .gpu import Gpu, discover_gpus
-from .ledger import Ledger
+from .ledger import Ledger, PrefillWeight
 from .meter import Meter
 from .model import ProfileModel
 
@@ -91,6 +91,19 @@ def _choose(settings: Settings, find_gpus: Callable[[], Sequence[Gpu]]) -> tuple
     return NvmlCounters(gpus), f"NVML on GPU {'+'.join(str(g.facts.index) for g in gpus)}: {why}"
 
 
+def prefill_weight(profile: EnergyProfile, fallback: float) -> float | PrefillWeight:
+    """The profile's measured prefill / decode energy ratio at a concurrency, where it has both (and
+    the configured constant at a concurrency it cannot say)."""
+    if profile.prefill_weight(1.0) is None:
+        return fallback
+
+    def weight(concurrency: float) -> float:
+        measured = profile.prefill_weight(max(1.0, concurrency))
+        return fallback if measured is None else measured
+
+    return weight
+
+
 def build_meter(
     spec: MeterSpec,
     profile: EnergyProfile,
@@ -102,12 +115,13 @@ def build_meter(
     settings = spec.settings
     energy = settings.energy
     reader, why = _choose(settings, find_gpus or (lambda: discover_gpus(energy.gpu_indices)))
+    weight = prefill_weight(profile, energy.prefill_weight)
     if reader is None:
         model = ProfileModel(profile)
         ledger = Ledger(
             source="model",
             gpu=model.gpu,
-            prefill_weight=energy.prefill_weight,
+            prefill_weight=weight,
             idle_power_w=model.idle_power_w,
             clock=clock,
             active_model=model.active_joules,
@@ -122,9 +136,11 @@ def build_meter(
     ledger = Ledger(
         source=reader.source,
         gpu=reader.gpu,
-        prefill_weight=energy.prefill_weight,
+        prefill_weight=weight,
         max_power_w=energy.max_power_w,
         clock=clock,
+        tail_s=energy.tail_s,
+        live_idle=energy.live_idle and energy.idle_power_w is None,
     )
     log.info("energy: measured by %s", why)
     return Meter(

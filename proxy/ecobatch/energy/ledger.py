@@ -4,29 +4,35 @@ Off the request path: dispatchers report "request started / made progress / ende
 ``Span.generated``, ``Span.end``) and the meter reports intervals of the energy counter
 (``add_interval``). Nothing here awaits anything, and a response never waits for the ledger.
 
-Attribution rule, for one interval [t0, t1) holding ``joules``:
+Attribution rule (``attribution.py`` states it in full): a request is charged the energy the GPU drew
+**above its idle power** while the request was in flight, shared with the requests beside it by the
+work each did there; idle power × all time is the **idle** bucket (the cost of having the GPU on);
+above-idle energy while none of ours ran is **other work** (another client's), except in the ``tail_s``
+after a request's end, which is still that request's (the counter's update lag and the power's decay).
+Each request is also told its **base** share: idle power while it was in flight, split by in-flight
+time × sequences (charge + base is a full-cost view).
 
-1. **busy time** is the union of the in-flight lifetimes of ecobatch's requests within the interval;
-   **idle** is the rest of the interval, charged at the idle power measured at start-up (never more
-   than the interval holds) to the idle bucket.
-2. If none of ecobatch's requests was in flight, the joules beyond idle power × time belong to work
-   ecobatch did not send (another client of the same GPU): the **unattributed** bucket, never idle.
-   Where ours were in flight, they take at most busy time × ``max_power_w`` (the GPUs' power limit):
-   more than that was drawn while ours were not running, so it is another client's too.
-3. Otherwise the rest (active joules) is split among the requests in flight by the **tokens each
-   processed inside the interval**, a prompt token weighing ``prefill_weight`` generated tokens.
-   Where a request's tokens happened in time:
+Work is weighed per interval: a generated token weighs 1, a prompt token ``prefill_weight(c)`` at the
+interval's mean concurrency c (the profile's measured prefill and decode energy per token, else a
+constant). Where a request's tokens happened in time:
 
-   * reported progress (streams: chunk times; in-process engines: each step's tokens): the prompt and
-     the first chunk's tokens fall between the start and the first chunk, every later chunk's tokens
-     between the previous chunk and it; the engine's final usage rescales the chunk counts;
-   * no progress (a non-streaming request to a remote engine): the prompt at the start, the generated
-     tokens spread evenly over the request's lifetime.
+* reported progress (streams: chunk times; in-process engines: each step's tokens): the prompt and
+  the first chunk's tokens fall between the start and the first chunk, every later chunk's tokens
+  between the previous chunk and it; the engine's final usage rescales the chunk counts;
+* no progress (a non-streaming request to a remote engine): the prompt at the start, the generated
+  tokens spread evenly over the request's lifetime.
 
-   If no request processed a token in the interval, the active joules are split by in-flight time ×
-   sequences.
+**Idle power** starts as the meter's start-up probe (or the configured one) and, with ``live_idle``, is
+re-estimated from quiet intervals while serving (``idle.py``).
 
-So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested).
+**Measured / modelled / validated.** Measured: the counter's joules per interval, the idle power, the
+tokens and their times. Modelled: the split among requests in one interval (by weighted tokens) and,
+for a non-streamed request, when its tokens happened. How the split was validated against the GPU's own
+counter (each class alone, mixed, and added to a steady load): docs/energy.md and
+``benchmarks/results/h200-energy-truth/``.
+
+So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
+a bookkeeping identity, true by construction, and no evidence that the split is right.
 An interval is settled once every request in flight in it has ended (its token timeline is known); a
 request is settled, and reported through ``on_request``, once the intervals up to its end are. Work
 per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
@@ -50,9 +56,10 @@ from dataclasses import dataclass, field
 
 from ..clock import Clock, MonotonicClock
 from ..domain import Usage
-from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval
+from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval, union_length
+from .idle import IdleEstimator
 
-__all__ = ["Ledger", "LedgerTotals", "SettledRequest", "Span"]
+__all__ = ["BASES", "Ledger", "LedgerTotals", "PrefillWeight", "SettledRequest", "Span"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,18 @@ class SettledRequest:
     #: what was measured, an underestimate
     complete: bool = True
     tier: str = "interactive"
+    #: the idle power while it was in flight, its share (a full-cost view: ``joules`` + this); never
+    #: part of ``joules``
+    base_joules: float = 0.0
+    #: what the split rests on (``BASES``)
+    basis: str = "token_times"
+
+
+#: what a request's joules rest on, most certain first: its tokens' times as they came (a stream, an
+#: in-process engine's steps); the engine's count spread evenly over its life (a non-streamed request to
+#: a remote engine); no count from the engine (it failed: the tokens seen, or none); the profile's model
+#: (no counter); a counter unreadable for part of its life (an underestimate)
+BASES = ("token_times", "spread", "no_engine_count", "modelled", "incomplete")
 
 
 @dataclass(slots=True)
@@ -78,6 +97,7 @@ class LedgerTotals:
 
     counter_joules: float = 0.0
     idle_joules: float = 0.0
+    base_joules: float = 0.0
     unattributed_joules: float = 0.0
     attributed_joules: float = 0.0
     settled_request_joules: float = 0.0
@@ -90,6 +110,7 @@ class _Interval:
     t1_s: float
     joules: float | None  # None: modelled
     gap: bool
+    other_sequences: float = 0.0
 
 
 # (start, end, prompt tokens, generated tokens): a stretch of time in which a request processed tokens
@@ -109,12 +130,15 @@ class _Record:
     segments: list[_Segment] = field(default_factory=list)
     cursor: int = 0
     joules: float = 0.0
+    base_joules: float = 0.0
     complete: bool = True
     tier: str = "interactive"
+    basis: str = "token_times"
 
     def close(self, end_s: float, usage: Usage | None) -> None:
         self.end_s = end_s
         seen = sum(n for _, n in self.events)
+        self.basis = "no_engine_count" if usage is None else "token_times" if seen > 0 else "spread"
         completion = usage.completion_tokens if usage is not None else seen
         prompt = usage.prompt_tokens if usage is not None else 0
         self.usage = Usage(prompt, completion)
@@ -130,6 +154,7 @@ class _Record:
 
     def settled(self, source: str) -> SettledRequest:
         assert self.end_s is not None
+        basis = "incomplete" if not self.complete else "modelled" if source == "model" else self.basis
         return SettledRequest(
             self.request_id,
             self.joules,
@@ -140,6 +165,8 @@ class _Record:
             self.end_s,
             self.complete,
             self.tier,
+            self.base_joules,
+            basis,
         )
 
     def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
@@ -268,26 +295,45 @@ class _Requests:
             self.live.appendleft(record)
 
 
+#: the weight of a prompt token against a generated token's, at a mean concurrency (sequences in flight)
+PrefillWeight = Callable[[float], float]
+
+
+def _constant(weight: float) -> PrefillWeight:
+    def at(concurrency: float) -> float:
+        return weight
+
+    return at
+
+
 class Ledger:
     def __init__(
         self,
         *,
         source: str,
         gpu: str,
-        prefill_weight: float,
+        prefill_weight: float | PrefillWeight,
         idle_power_w: float = 0.0,
         max_power_w: float | None = None,
         clock: Clock | None = None,
         active_model: ActiveModel | None = None,
         settle_budget: int = 16,
         report_budget: int = 128,
+        tail_s: float = 0.0,
+        live_idle: bool = False,
     ) -> None:
+        if tail_s < 0:
+            raise ValueError(f"{tail_s=} must be >= 0")
         self.source, self.gpu = source, gpu
-        self.prefill_weight = prefill_weight
-        self.idle_power_w = idle_power_w
+        self._prefill_weight = prefill_weight if callable(prefill_weight) else _constant(prefill_weight)
+        #: idle power: the start-up figure, then (``live_idle``) re-estimated from quiet intervals
+        self.idle = IdleEstimator(idle_power_w)
+        self._live_idle = live_idle and active_model is None
         #: the most the GPUs can draw (their power limits): while ours run, joules beyond busy time ×
         #: this are another client's (None: no cap)
         self.max_power_w = max_power_w
+        #: a request's share of the above-idle joules that follow its end (counter lag, power decay)
+        self.tail_s = tail_s
         self.clock: Clock = clock or MonotonicClock()
         self._active_model = active_model
         self._settle_budget = settle_budget
@@ -296,9 +342,21 @@ class Ledger:
         self._requests = _Requests(self.clock)
         self._intervals: deque[_Interval] = deque()
         self._continuation_scheduled = False
+        self._last_end_s = float("-inf")  # the latest end of a request settled so far
         self.totals = LedgerTotals()
         self.on_request: Callable[[SettledRequest], None] = lambda settled: None
         self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
+
+    @property
+    def idle_power_w(self) -> float:
+        return self.idle.power_w
+
+    @idle_power_w.setter
+    def idle_power_w(self, watts: float) -> None:
+        self.idle.power_w = watts
+
+    def prefill_weight(self, concurrency: float) -> float:
+        return self._prefill_weight(concurrency)
 
     # ---- request events ------------------------------------------------------------------------
     def begin(self, request_id: str, sequences: int = 1, tier: str = "interactive") -> Span:
@@ -330,9 +388,12 @@ class Ledger:
         return len(self._intervals)
 
     # ---- intervals -----------------------------------------------------------------------------
-    def add_interval(self, t0_s: float, t1_s: float, joules: float | None) -> None:
-        """The meter's counter moved by ``joules`` in [t0_s, t1_s) (None: a modelled meter)."""
-        self._add(_Interval(t0_s, t1_s, joules, gap=False))
+    def add_interval(
+        self, t0_s: float, t1_s: float, joules: float | None, other_sequences: float = 0.0
+    ) -> None:
+        """The meter's counter moved by ``joules`` in [t0_s, t1_s) (None: a modelled meter), while the
+        engine ran ``other_sequences`` sequences of another client's (its own count; 0: none or unknown)."""
+        self._add(_Interval(t0_s, t1_s, joules, gap=False, other_sequences=other_sequences))
 
     def add_gap(self, t0_s: float, t1_s: float) -> None:
         """The counter could not be read over [t0_s, t1_s): the requests in it settle as incomplete."""
@@ -397,41 +458,63 @@ class Ledger:
         loop.call_soon(resume)
 
     def _settle_one(self, interval: _Interval) -> None:
-        t0, t1 = interval.t0_s, interval.t1_s
+        t0, t1, tail_s = interval.t0_s, interval.t1_s, self.tail_s
         prefix = self._requests.started_before(t1)  # all ended: no open request blocks this interval
         inside = [r for r in prefix if _overlaps(r, t0)]
         if interval.gap:
             for r in inside:
                 r.complete = False
             self.totals.unmeasured_s += t1 - t0
+            self.idle.busy()
             self._observe(IntervalSplit(t0, t1, 0.0, 0.0, 0.0, 0.0, 0.0, gap=True))
         else:
-            self._split(t0, t1, interval.joules, inside)
-        self._requests.keep([r for r in prefix if r.end_s is not None and r.end_s >= t1])
+            tail = [] if inside else [r for r in prefix if r.end_s is not None and r.end_s + tail_s > t0]
+            self._split(interval, inside, tail)
+        for r in inside:
+            assert r.end_s is not None
+            self._last_end_s = max(self._last_end_s, r.end_s)
+        # a request stays (a tail member) until the intervals past its end + tail_s are settled
+        self._requests.keep([r for r in prefix if r.end_s is not None and r.end_s + tail_s >= t1])
         for record in prefix:
-            if record.end_s is not None and record.end_s < t1:
+            if record.end_s is not None and record.end_s + tail_s < t1:
                 self._outbox.append(record)
 
-    def _split(self, t0: float, t1: float, joules: float | None, inside: list[_Record]) -> None:
+    def _split(self, interval: _Interval, inside: list[_Record], tail: list[_Record]) -> None:
+        t0, t1 = interval.t0_s, interval.t1_s
         members = []
         for r in inside:
             prompt, generated = r.tokens_in(t0, t1)
             end = r.end_s if r.end_s is not None else t1
             members.append(InFlight(max(r.start_s, t0), min(end, t1), r.sequences, prompt, generated))
+        busy = union_length([(m.start_s, m.end_s) for m in members])
+        occupancy = sum((m.end_s - m.start_s) * m.sequences for m in members)
+        concurrency = occupancy / busy if busy > 0 else float(sum(m.sequences for m in members) or 1)
         split, shares = split_interval(
             t0,
             t1,
-            joules,
+            interval.joules,
             members,
-            idle_power_w=self.idle_power_w,
-            prefill_weight=self.prefill_weight,
+            idle_power_w=self.idle.power_w,
+            prefill_weight=self._prefill_weight(concurrency),
             max_power_w=self.max_power_w,
             active_model=self._active_model,
+            other_sequences=interval.other_sequences,
+            tail=[max(r.joules, 0.0) for r in tail],
         )
-        for r, share in zip(inside, shares, strict=True):
-            r.joules += share
+        for r, charge, base in zip(inside, shares.charges, shares.bases, strict=True):
+            r.joules += charge
+            r.base_joules += base
+        for r, charge in zip(tail, shares.tail, strict=True):
+            r.joules += charge
+        if self._live_idle and interval.joules is not None:
+            quiet = not inside and interval.other_sequences <= 0 and t0 >= self._last_end_s + self.tail_s
+            if quiet:
+                self.idle.quiet(interval.joules, t1 - t0)
+            else:
+                self.idle.busy()
         self.totals.counter_joules += split.joules
         self.totals.idle_joules += split.idle_joules
+        self.totals.base_joules += split.base_joules
         self.totals.unattributed_joules += split.unattributed_joules
         self.totals.attributed_joules += split.attributed_joules
         self._observe(split)

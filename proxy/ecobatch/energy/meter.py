@@ -10,7 +10,9 @@ Without a reader (``source="model"``) the meter closes an interval every tick wi
 and the ledger fills in the profile's modelled joules.
 
 Idle power (the idle bucket's rate) is measured at start, before any request: the counter's delta
-over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time. The
+over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time; the
+ledger then re-estimates it live from quiet intervals (``idle.py``). With each interval the meter passes
+the sequences another client runs on the engine (``others_in_flight``, the engine's own count). The
 GPUs' power limit caps what ecobatch's requests can be charged (``Ledger.max_power_w``).
 
 A counter that cannot be read (an exporter down) is retried at every tick; a short outage costs
@@ -32,6 +34,10 @@ from .ledger import Ledger
 __all__ = ["Meter"]
 
 log = logging.getLogger(__name__)
+
+
+def _none_running() -> float:
+    return 0.0
 
 
 class Meter:
@@ -69,6 +75,9 @@ class Meter:
         self.idle_fallback_w = idle_fallback_w
         #: called once the GPUs are named after a start-up without a counter (a late replica's check)
         self.on_named: Callable[[], None] | None = None
+        #: sequences another client runs on the engine now (its own count; the replica that owns this
+        #: meter says): their share of an interval is other work, and no interval with them is idle
+        self.others_in_flight: Callable[[], float] = _none_running
 
     @property
     def readable(self) -> bool:
@@ -219,5 +228,5 @@ class Meter:
                     now - self._last_s,
                 )
                 self._stale_warned = True
-        self.ledger.add_interval(self._last_s, now, joules)
+        self.ledger.add_interval(self._last_s, now, joules, self.others_in_flight())
         self._last_s = now

@@ -28,6 +28,8 @@ class _Receipt:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     duration_s: float = 0.0
+    base_joules: float = 0.0
+    basis: str = ""
 
 
 class Receipts:
@@ -55,6 +57,7 @@ class Receipts:
         entry.prompt_tokens = settled.usage.prompt_tokens
         entry.completion_tokens = settled.usage.completion_tokens
         entry.duration_s = settled.end_s - settled.start_s
+        entry.base_joules, entry.basis = settled.base_joules, settled.basis
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         entry = self._items.get(request_id)
@@ -69,7 +72,11 @@ class Receipts:
             return out
         out.update(
             status="settled",
+            # above the GPU's idle power while it was in flight, shared by work with those beside it
             energy_joules=entry.joules,
+            # idle power while it was in flight, its share (a full-cost view adds it; never in the above)
+            base_energy_joules=entry.base_joules,
+            basis=entry.basis,
             # False: the counter was unreadable for part of the request's life (an underestimate)
             complete=entry.complete,
             prompt_tokens=entry.prompt_tokens,
