@@ -12,10 +12,10 @@
 # On the GPU host, from the repo root, steps run in the order given. vLLM is started detached (setsid) and
 # left running for the next command on the same machine; /tmp holds the stash, the site tree, the models
 # and every result (/tmp/keep); each command ends by packing /tmp/keep into $OUT/keep-N.tgz.
-#   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1; random Mistral-7B -> /tmp/m7
+#   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
-# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | quant8 |
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT | quant8 |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, or bursty-RATE: 5 s on, 5 s off; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
@@ -136,9 +136,18 @@ t0=$(date +%s); say() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 unpack() {
   [ -d /tmp/site/vllm ] && return 0
+  [ "${REHEARSAL:-0}" = 1 ] && return 0
   mkdir -p /tmp/stash; for d in .vx .vy; do [ -d $d ] && cp $d/part.* /tmp/stash/ 2>/dev/null; done
   cat /tmp/stash/part.* | xz -dc | tar xf - -C /tmp || return 1
   say "unpacked: $(du -sh /tmp/site | cut -f1)"
+}
+
+# the random-weight model; after unpack: ecobatch's model builder needs msgspec, which travels in the site tree
+build_model() {
+  local device=cuda; [ "${REHEARSAL:-0}" = 1 ] && device=cpu
+  [ -f $MODEL/config.json ] || python3 -m ecobatch.testing.models $MODEL --shape $SHAPE --dtype $DTYPE \
+    --device $device 2>&1 | grep -v -i warn | tail -2
+  say "model: $(du -sh $MODEL | cut -f1)"
 }
 
 wait_up() {  # $1 URL, $2 pid, $3 log, $4 seconds
@@ -191,12 +200,14 @@ calibrate() {  # $1 quant, $2 concurrencies
 
 # ecobatch out of the box in front of vLLM QUANT (the run-time controller, default budgets; NVML energy)
 ensure_ecobatch() {  # $1 quant
-  local tag=$1 profile=configs/profiles/h200-vllm-mistral7b-$1.yaml
-  [ "${REHEARSAL:-0}" = 1 ] && profile=configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
+  local tag=$1 profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$1.yaml
+  # calibrated on this machine by an earlier step (cal:QUANT): that profile, with its prefill energy
+  [ -f "$KEEP/h200-vllm-mistral7b-$1.yaml" ] && profile=$KEEP/h200-vllm-mistral7b-$1.yaml
+  [ "${REHEARSAL:-0}" = 1 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
   [ "$(cat /tmp/eco.tag 2>/dev/null)" = "$tag" ] && curl -sf $PROXY/health >/dev/null && return 0
   stop /tmp/eco.pid
   printf '%s\n' "backend: {kind: vllm-http, upstream: \"http://127.0.0.1:8000\", model: mistral-7b}" \
-    "server: {port: 8080}" "energy: {meter: $METER, profile: $ROOT/$profile}" > "$KEEP/ecobatch-$tag.yaml"
+    "server: {port: 8080}" "energy: {meter: $METER, profile: $profile}" > "$KEEP/ecobatch-$tag.yaml"
   setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
   echo $! > /tmp/eco.pid; echo "$tag" > /tmp/eco.tag
   wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60
@@ -221,6 +232,17 @@ compare() {
   curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
   [ $rc = 0 ] && say "compare $name done" || say "compare $name FAILED (exit $rc)"
   return $rc
+}
+
+# ecobatch's receipts against the GPU's own counter: each class alone, mixed, and added to a steady load
+truth() {  # $1 quant
+  ensure_vllm "$1" && ensure_ecobatch "$1" || return 1
+  local extra=()
+  [ "${REHEARSAL:-0}" = 1 ] && extra=(--counter "dcgm=http://127.0.0.1:9400/metrics" --scale 0.1 --seconds 6)
+  python3 benchmarks/energy_truth.py --proxy $PROXY --out "$KEEP/energy-truth-$1" "${extra[@]}" \
+    && say "energy truth $1 done"
+  curl -s $PROXY/metrics > "$KEEP/energy-truth-$1/ecobatch-metrics.txt"
+  cp "$KEEP/ecobatch-$1.log" "$KEEP/energy-truth-$1/" 2>/dev/null; true
 }
 
 # 8 long requests (1,024 tokens) and 32 short ones (16 tokens) at once, straight to vLLM and through ecobatch
@@ -293,18 +315,15 @@ for step in "$@"; do
   case "$what" in
     stage)
       [ "${REHEARSAL:-0}" = 1 ] || { mkdir -p /tmp/stash && cp .vx/part.* /tmp/stash/; }
-      nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv 2>/dev/null
-      device=cuda; [ "${REHEARSAL:-0}" = 1 ] && device=cpu
-      [ -f $MODEL/config.json ] || python3 -m ecobatch.testing.models $MODEL --shape $SHAPE --dtype $DTYPE \
-        --device $device 2>&1 | grep -v -i warn | tail -2
-      say "model: $(du -sh $MODEL | cut -f1)" ;;
-    unpack) unpack || exit 1 ;;
+      nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm --format=csv 2>/dev/null ;;
+    unpack) unpack && build_model || exit 1 ;;
     cal)
       sizes=1,8,32,64,128,256; [ "$quant" = bnb8 ] && sizes=1,8,32,64
       calibrate "$quant" "$sizes" || exit 1 ;;
     ctl) IFS=: read -r _ quant load tier seconds rounds from <<< "$step"
          compare "$quant" "$load" "$tier" "${seconds:-40}" "${rounds:-1}" "$from" || exit 1 ;;
     shortlong) shortlong "$quant" || exit 1 ;;
+    truth) truth "$quant" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;
