@@ -12,7 +12,8 @@ power × the window, is the phase's energy above idle.
 2. **mixed**: the classes together at two loads, streamed and not: the receipts' cost ratio of each
    class to the decode-heavy one against the same ratio measured alone (goal: within ±10 %);
 3. **added**: a steady load L, then L plus Δ requests of another class on the same arrivals, in the
-   order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference (goal: ±10 %).
+   order L, L+Δ, L+Δ, L, L, L+Δ: the receipts of the Δ requests against the counter's difference
+   (goal: ±10 %).
 
 Also written: ecobatch's idle, other-work and attributed counters over the whole run (the other-work
 share) and, per alone phase, the counter's above-idle energy in the seconds after the last answer (the
@@ -256,6 +257,15 @@ async def _receipts(session: aiohttp.ClientSession, url: str, records: list[Reco
             await asyncio.sleep(0.2)
 
 
+def concurrency(phase: Phase) -> dict[str, float]:
+    """Each class's mean requests in flight over the phase's window (Little's law on the records)."""
+    return {
+        c: round(sum(r.end_s - r.sent_s for r in phase.records if r.cls == c) / phase.window_s, 2)
+        for c in CLASSES
+        if any(r.cls == c for r in phase.records)
+    }
+
+
 def summary(phase: Phase) -> str:
     per = {c: [r.receipt_joules or 0.0 for r in phase.records if r.cls == c] for c in CLASSES}
     means = " ".join(f"{c} {statistics.fmean(v):.1f} J (n={len(v)})" for c, v in per.items() if v)
@@ -305,7 +315,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 phases[name] = await run_phase(session, args, counter, name, mix, stream=stream, seed=20)
         # 3. a steady load, then Δ added on the same arrivals: L, L+Δ, L+Δ, L
         base = {"D": rate / 2, "M": rate / 2}
-        for k, with_delta in enumerate((False, True, True, False)):
+        for k, with_delta in enumerate((False, True, True, False, False, True)):
             name = f"added-{k}-{'L+P' if with_delta else 'L'}"
             mix = base | ({"P": args.delta_rate} if with_delta else {})
             phases[name] = await run_phase(session, args, counter, name, mix, stream=False, seed=30)
@@ -313,7 +323,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         run_j, run_s = counter.read_j() - e_start, time.monotonic() - t_start
     counter.close()
     out["phases"] = [
-        {**{k: v for k, v in asdict(p).items() if k != "records"}, "requests": len(p.records)}
+        {
+            **{k: v for k, v in asdict(p).items() if k != "records"},
+            "requests": len(p.records),
+            "in_flight_by_class": concurrency(p),
+        }
         for p in phases.values()
     ]
     out["records"] = [asdict(r) for p in phases.values() for r in p.records]
@@ -341,7 +355,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             v["ratio"] = v["ledger"] / v["alone_nvml"]
     out["mixed"] = mixed
     # 3. added: NVML difference (each phase's own idle subtracted) against Δ's receipts, per pair
-    pairs = [("added-0-L", "added-1-L+P"), ("added-3-L", "added-2-L+P")]
+    pairs = [("added-0-L", "added-1-L+P"), ("added-3-L", "added-2-L+P"), ("added-4-L", "added-5-L+P")]
     added = []
     for lo, hi in pairs:
         diff = phases[hi].above_idle_j - phases[lo].above_idle_j

@@ -161,6 +161,9 @@ class Headroom:
     #: when the engine's figures were asked for (``time.monotonic()``; None: unknown): the running and
     #: waiting counts are as they stood at some moment between then and when this value was made
     read_at_s: float | None = None
+    #: the engine's prompt + generated tokens since it started (vLLM's counters): whether it stepped
+    #: between two readings (its running gauge is only updated when it steps, so it goes stale at rest)
+    engine_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

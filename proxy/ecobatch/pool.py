@@ -128,7 +128,9 @@ class Replica:
         self._ours_at_poll = 0
         #: (time.monotonic(), our sequences from then on): to know ours when the engine was read
         self._ours_since: deque[tuple[float, int]] = deque([(float("-inf"), 0)], maxlen=_OURS_KEPT)
-        meter.others_in_flight = self.other_running  # its GPUs' other work, by the engine's count
+        #: another client's sequences as the energy account counts them (``others_running``)
+        self._others_for_energy = 0
+        meter.others_in_flight = self.others_for_energy  # its GPUs' other work, by the engine's count
 
     @property
     def ledger(self) -> Ledger:
@@ -180,8 +182,15 @@ class Replica:
             ours = self.occupancy.sequences
             if headroom.read_at_s is not None:
                 ours = self._most_ours_since(headroom.read_at_s)
+            previous, previous_ours = self._polled, self._ours_at_poll
             self._polled, self._ours_at_poll = headroom, ours
+            self._others_for_energy = others_running(previous, previous_ours, headroom, ours)
         return headroom
+
+    def others_for_energy(self) -> int:
+        """Another client's sequences on the engine, as the energy ledger charges them."""
+        self._observe()
+        return self._others_for_energy
 
     def _most_ours_since(self, since_s: float) -> int:
         most = 0
@@ -190,6 +199,22 @@ class Replica:
             if at_s < since_s:  # the value in effect at since_s: nothing earlier counts
                 break
         return most
+
+
+def others_running(previous: Headroom | None, previous_ours: int, latest: Headroom, latest_ours: int) -> int:
+    """Another client's sequences on the engine, for the energy ledger, from its two latest readings:
+    the engine's count beyond ours in **both** (vLLM updates its running gauge only when it steps, so
+    the reading just after our last request ended can still count it), and none at all when its token
+    counters did not move between them (an engine at rest runs nothing, whatever the gauge says)."""
+    if previous is None:
+        return 0
+    if latest.engine_tokens is not None and latest.engine_tokens == previous.engine_tokens:
+        return 0
+
+    def beyond(headroom: Headroom, ours: int) -> int:
+        return max(0, (headroom.running or 0) + (headroom.waiting or 0) - ours)
+
+    return min(beyond(previous, previous_ours), beyond(latest, latest_ours))
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,6 @@ def test_other_clients_work_is_the_engines_count_beyond_ours_when_it_was_read() 
     assert replica.other_running() == 0
     engine.headroom_value = Headroom(running=2, waiting=1)  # read while none of ours runs
     assert replica.other_running() == 3
-    assert replica.meter.others_in_flight() == 3, "the meter is told what the engine runs for others"
     replica.start(2, 1, 100.0, 5.0)  # ours starts after that reading: it was not in it
     assert replica.other_running() == 3
 
@@ -87,3 +86,29 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
 def _meter() -> Meter:
     """A modelled meter: no energy is read in these tests."""
     return Meter(Ledger(source="model", gpu="modelled", prefill_weight=1.0), None)
+
+
+def test_the_energy_account_counts_another_clients_work_only_when_two_readings_agree() -> None:
+    """vLLM's running gauge is updated only when the engine steps: read just after our last request
+    ended, it can still count it, and at rest it never goes down. Another client's work is what both
+    latest readings count beyond ours, with the engine's tokens moving between them."""
+    from ecobatch.domain import Headroom
+    from ecobatch.pool import Replica, others_running
+    from tests.fakes import FakeContinuousEngine
+
+    busy = Headroom(running=4, waiting=0, engine_tokens=1000.0)
+    stale = Headroom(running=1, waiting=0, engine_tokens=1200.0)  # ours has ended: the gauge lags
+    assert others_running(busy, 4, stale, 0) == 0, "ours a moment ago: not another client's"
+    at_rest = Headroom(running=1, waiting=0, engine_tokens=1200.0)
+    assert others_running(stale, 0, at_rest, 0) == 0, "no token moved: nothing runs"
+    other = Headroom(running=3, waiting=0, engine_tokens=1500.0)
+    again = Headroom(running=3, waiting=1, engine_tokens=1800.0)
+    assert others_running(other, 1, again, 1) == 2, "beyond ours in both readings, tokens moving"
+    assert others_running(None, 0, again, 0) == 0
+
+    engine = FakeContinuousEngine()
+    replica = Replica("r0", engine, _meter())
+    engine.headroom_value = other
+    assert replica.meter.others_in_flight() == 0, "one reading is not enough"
+    engine.headroom_value = again
+    assert replica.meter.others_in_flight() == 3, "the meter is told what the engine runs for others"

@@ -3,7 +3,9 @@
 ``nvmlDeviceGetMemoryInfo`` is misleading under vLLM (it pre-reserves most of the VRAM), so headroom
 comes from vLLM's own gauges: ``vllm:kv_cache_usage_perc`` (a 0–1 fraction), the KV capacity in tokens
 (``vllm:cache_config_info``'s ``num_gpu_blocks`` × ``block_size``), and ``vllm:num_requests_running``
-/ ``vllm:num_requests_waiting``. Series are summed over engines.
+/ ``vllm:num_requests_waiting``, and the token counters (``vllm:prompt_tokens_total`` +
+``vllm:generation_tokens_total``: whether the engine stepped between two readings). Series are summed
+over engines.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _NAMES = (
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
     "vllm:cache_config_info",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
 )
 
 
@@ -27,6 +31,7 @@ def headroom_from_metrics(text: str) -> Headroom:
     capacity = 0
     running = waiting = 0
     seen_running = seen_waiting = False
+    tokens: float | None = None
     for name, sample in samples(text, _NAMES):
         if name == "vllm:kv_cache_usage_perc":
             usage.append(sample.value)
@@ -36,6 +41,8 @@ def headroom_from_metrics(text: str) -> Headroom:
         elif name == "vllm:num_requests_waiting":
             waiting += int(sample.value)
             seen_waiting = True
+        elif name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+            tokens = (tokens or 0.0) + sample.value
         elif name == "vllm:cache_config_info":
             blocks, block_size = sample.labels.get("num_gpu_blocks"), sample.labels.get("block_size")
             if blocks and block_size and blocks.isdigit() and block_size.isdigit():
@@ -49,4 +56,5 @@ def headroom_from_metrics(text: str) -> Headroom:
         kv_capacity_tokens=capacity or None,
         running=running if seen_running else None,
         waiting=waiting if seen_waiting else None,
+        engine_tokens=tokens,
     )

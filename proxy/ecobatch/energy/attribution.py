@@ -109,7 +109,9 @@ def split_interval(
     if members:
         ours_seq_s = sum((m.end_s - m.start_s) * m.sequences for m in members)
         others_seq_s = max(0.0, other_sequences) * seconds
-        ours = above * ours_seq_s / (ours_seq_s + others_seq_s) if ours_seq_s > 0 else above
+        ours = (
+            above * ours_seq_s / (ours_seq_s + others_seq_s) if ours_seq_s > 0 and others_seq_s > 0 else above
+        )
         if max_power_w is not None:
             ours = min(ours, max(0.0, max_power_w - idle_power_w) * busy)
         weights = [m.generated_tokens + prefill_weight * m.prompt_tokens for m in members]
@@ -118,8 +120,9 @@ def split_interval(
     elif tail and other_sequences <= 0 and above > 0:
         ours = above
         tail_j = _spread(ours, list(tail), [])
+    ours = min(ours, above)  # a rounding error never makes other work negative
     split = IntervalSplit(
-        t0_s, t1_s, joules, idle_j, above - ours, ours, busy, base_joules=base_j if members else 0.0
+        t0_s, t1_s, joules, idle_j, max(0.0, above - ours), ours, busy, base_joules=base_j if members else 0.0
     )
     return split, Shares(charges, bases, tail_j)
 
