@@ -172,6 +172,13 @@ class Metrics:
             ["source", "gpu"],
             registry=r,
         )
+        self.idle_power = Gauge(
+            "ecobatch_idle_power_watts",
+            "The idle power the GPU's energy is split at: measured at start-up, then live whenever nothing "
+            "runs (energy.live_idle), in watts.",
+            ["source", "gpu"],
+            registry=r,
+        )
         self.co2 = Counter(
             "ecobatch_co2_grams",
             "CO2 for ecobatch's requests: attributed energy × energy.carbon_g_per_kwh.",
@@ -244,8 +251,9 @@ class Metrics:
         self._children.pop((id(metric), values), None)
 
     def forget_gpu(self, meter: Any) -> None:
-        """A replica's meter has closed for good: its power gauge goes (its counters stay, as totals)."""
+        """A replica's meter has closed for good: its gauges go (its counters stay, as totals)."""
         self.drop(self.power, meter.source, meter.gpu)
+        self.drop(self.idle_power, meter.source, meter.gpu)
 
     def observe_request(self, status: str, stream: str, seconds: float) -> None:
         self.child(self.requests, self._model, status).inc()
@@ -292,6 +300,7 @@ class Metrics:
         seconds = split.t1_s - split.t0_s
         if seconds > 0:
             self.power.labels(source, gpu).set(split.joules / seconds)
+        self.idle_power.labels(source, gpu).set(split.idle_power_w)
 
     def observe_tokens(self, usage: Usage) -> None:
         self.child(self.tokens, self._model, "prompt").inc(usage.prompt_tokens)

@@ -68,6 +68,8 @@ class IntervalSplit:
     gap: bool = False
     #: the part of ``idle_joules`` while ecobatch's requests were in flight (their base shares)
     base_joules: float = 0.0
+    #: the idle power the interval was split at
+    idle_power_w: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,15 @@ def split_interval(
         tail_j = _spread(ours, list(tail), [])
     ours = min(ours, above)  # a rounding error never makes other work negative
     split = IntervalSplit(
-        t0_s, t1_s, joules, idle_j, max(0.0, above - ours), ours, busy, base_joules=base_j if members else 0.0
+        t0_s,
+        t1_s,
+        joules,
+        idle_j,
+        max(0.0, above - ours),
+        ours,
+        busy,
+        base_joules=base_j if members else 0.0,
+        idle_power_w=idle_power_w,
     )
     return split, Shares(charges, bases, tail_j)
 

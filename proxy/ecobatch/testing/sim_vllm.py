@@ -69,6 +69,11 @@ class SimGpu:
         self._advance()
         self.running = running
 
+    def set_idle_power_w(self, watts: float) -> None:
+        """The GPU's idle draw changes (it warms up, or cools down) from now on."""
+        self._advance()
+        self.idle_power_w = watts
+
     def energy_mj(self) -> float:
         self._advance()
         return self.energy_j * 1000.0
@@ -102,6 +107,9 @@ class SimVllm:
         self.running: list[_Sequence] = []
         self.waiting: list[_Sequence] = []
         self.served = 0
+        #: tokens stepped since start, as vLLM's vllm:prompt_tokens_total / vllm:generation_tokens_total
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
         self._wake = asyncio.Event()
         self._engine: asyncio.Task[None] | None = None
 
@@ -116,6 +124,7 @@ class SimVllm:
                 await self._wake.wait()
                 continue
             await asyncio.sleep(self.profile.at(len(self.running)).step_s)
+            self.generation_tokens_total += len(self.running)
             for seq in self.running:
                 seq.generated += 1
                 seq.tokens.put_nowait(1)
@@ -126,6 +135,7 @@ class SimVllm:
             self.running = [s for s in self.running if s.generated < s.max_tokens]
 
     def _add(self, seq: _Sequence) -> None:
+        self.prompt_tokens_total += seq.prompt_tokens
         self.waiting.append(seq)
         self._wake.set()
 
@@ -172,6 +182,8 @@ class SimVllm:
             [
                 "# modelled vLLM engine (ecobatch.testing.sim_vllm)",
                 f"vllm:num_requests_running{{{labels}}} {len(self.running)}",
+                f"vllm:prompt_tokens_total{{{labels}}} {self.prompt_tokens_total}",
+                f"vllm:generation_tokens_total{{{labels}}} {self.generation_tokens_total}",
                 f"vllm:num_requests_waiting{{{labels}}} {len(self.waiting)}",
                 f"vllm:kv_cache_usage_perc{{{labels}}} {self.kv_usage()}",
                 f'vllm:cache_config_info{{block_size="{_BLOCK_SIZE}",num_gpu_blocks="{self.kv_blocks}"}} 1.0',
