@@ -10,9 +10,11 @@ power × the window, is the phase's energy above idle.
 1. **alone**: each request class alone at a fixed rate: the receipts' mean against the counter's
    above-idle energy per request (goal: within ±5 %);
 2. **mixed**: the classes together at two loads, streamed and not: the receipts' cost ratio of each
-   class to the decode-heavy one against the same ratio measured alone (goal: within ±10 %);
+   class to the decode-heavy one against the same ratio measured alone (goal: within ±10 %); and at one
+   operating point (``--closed-in-flight`` requests kept in flight, alone and mixed), where a class's
+   cost alone is not confounded by the concurrency it happens to run at;
 3. **added**: a steady load L, then L plus Δ requests of another class on the same arrivals, in the
-   order L, L+Δ, L+Δ, L, L, L+Δ: the receipts of the Δ requests against the counter's difference
+   order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference
    (goal: ±10 %).
 
 Also written: ecobatch's idle, other-work and attributed counters over the whole run (the other-work
@@ -197,11 +199,14 @@ async def run_phase(
     args: argparse.Namespace,
     counter: Counter,
     name: str,
-    mix: dict[str, float],
+    mix: dict[str, float] | None,
     *,
     stream: bool,
     seed: int,
+    closed: list[str] | None = None,
 ) -> Phase:
+    """One phase: ``mix`` (class -> requests/s, Poisson), or ``closed``: one worker per entry keeping a
+    request in flight, cycling through the classes from the one it names, for ``--seconds``."""
     phase = Phase(name)
     await asyncio.sleep(args.settle_s)
     t_idle = time.monotonic()
@@ -213,13 +218,26 @@ async def run_phase(
     t0 = time.monotonic()
     e0 = counter.read_j()
     tasks = []
-    for at_s, cls in arrivals(mix, args.seconds, seed):
-        delay = t0 + at_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        rec = Record(name, cls, stream, time.monotonic())
-        phase.records.append(rec)
-        tasks.append(asyncio.create_task(_send(session, args, rec, rng)))
+    if closed is not None:
+        order = sorted(set(closed))
+
+        async def worker(first: str) -> None:
+            k = order.index(first)
+            while time.monotonic() - t0 < args.seconds:
+                rec = Record(name, order[k % len(order)], stream, time.monotonic())
+                phase.records.append(rec)
+                await _send(session, args, rec, rng)
+                k += 1
+
+        tasks = [asyncio.create_task(worker(first)) for first in closed]
+    else:
+        for at_s, cls in arrivals(mix or {}, args.seconds, seed):
+            delay = t0 + at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            rec = Record(name, cls, stream, time.monotonic())
+            phase.records.append(rec)
+            tasks.append(asyncio.create_task(_send(session, args, rec, rng)))
     await asyncio.gather(*tasks)
     last_end = max(r.end_s for r in phase.records)
     await asyncio.sleep(args.tail_s)
@@ -238,6 +256,10 @@ async def run_phase(
     if bad:
         raise SystemExit(f"{name}: {len(bad)} requests failed, e.g. status {bad[0].status}")
     print(f"{name}: {summary(phase)}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "phases.jsonl").open("a") as f:  # as it goes: a run cut short keeps its phases
+        f.write(json.dumps(asdict(phase)) + "\n")
     return phase
 
 
@@ -313,9 +335,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 name = f"mixed-{load_name}-{'stream' if stream else 'plain'}"
                 mix = dict.fromkeys(CLASSES, per_class)
                 phases[name] = await run_phase(session, args, counter, name, mix, stream=stream, seed=20)
+        # 2b. at one operating point: each class alone, then all three, with C requests kept in flight
+        c = args.closed_in_flight
+        for cls in ("P", "M", "D"):
+            name = f"matched-alone-{cls}"
+            phases[name] = await run_phase(
+                session, args, counter, name, None, stream=False, seed=40, closed=[cls] * c
+            )
+        mixed_workers = [("P", "M", "D")[i % 3] for i in range(c)]
+        phases["matched-mixed"] = await run_phase(
+            session, args, counter, "matched-mixed", None, stream=False, seed=41, closed=mixed_workers
+        )
         # 3. a steady load, then Δ added on the same arrivals: L, L+Δ, L+Δ, L
         base = {"D": rate / 2, "M": rate / 2}
-        for k, with_delta in enumerate((False, True, True, False, False, True)):
+        for k, with_delta in enumerate((False, True, True, False)):
             name = f"added-{k}-{'L+P' if with_delta else 'L'}"
             mix = base | ({"P": args.delta_rate} if with_delta else {})
             phases[name] = await run_phase(session, args, counter, name, mix, stream=False, seed=30)
@@ -354,8 +387,30 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for v in mixed[name].values():
             v["ratio"] = v["ledger"] / v["alone_nvml"]
     out["mixed"] = mixed
+    # 2b. at one operating point (C in flight): the mixed phase's ledger ratios against the classes'
+    # NVML ratios alone at the same C
+    matched_alone = {
+        cls: phases[f"matched-alone-{cls}"].above_idle_j / len(phases[f"matched-alone-{cls}"].records)
+        for cls in CLASSES
+    }
+    mm = phases["matched-mixed"]
+    out["matched"] = {
+        "in_flight": args.closed_in_flight,
+        "alone_nvml_j_per_request": matched_alone,
+        "alone_ledger_j_per_request": {c: _mean(phases[f"matched-alone-{c}"], c) for c in CLASSES},
+        "mixed_ledger_j_per_request": {c: _mean(mm, c) for c in CLASSES},
+        "ratios": {
+            f"{cls}/D": {
+                "ledger_mixed": _mean(mm, cls) / _mean(mm, "D"),
+                "alone_nvml": matched_alone[cls] / matched_alone["D"],
+            }
+            for cls in ("P", "M")
+        },
+    }
+    for v in out["matched"]["ratios"].values():
+        v["ratio"] = v["ledger_mixed"] / v["alone_nvml"]
     # 3. added: NVML difference (each phase's own idle subtracted) against Δ's receipts, per pair
-    pairs = [("added-0-L", "added-1-L+P"), ("added-3-L", "added-2-L+P"), ("added-4-L", "added-5-L+P")]
+    pairs = [("added-0-L", "added-1-L+P"), ("added-3-L", "added-2-L+P")]
     added = []
     for lo, hi in pairs:
         diff = phases[hi].above_idle_j - phases[lo].above_idle_j
@@ -407,6 +462,22 @@ def write(out: dict[str, Any], where: Path) -> None:
             f"| {name} | {p['ledger']:.3f} | {p['alone_nvml']:.3f} | {p['ratio']:.3f} | "
             f"{mm['ledger']:.3f} | {mm['alone_nvml']:.3f} | {mm['ratio']:.3f} |"
         )
+    m = out["matched"]
+    lines += [
+        "",
+        f"at {m['in_flight']} in flight: | class | NVML alone J/req | ledger alone | ledger mixed |",
+        "|---|---|---|---|",
+    ]
+    for cls in CLASSES:
+        lines.append(
+            f"| {cls} | {m['alone_nvml_j_per_request'][cls]:.1f} "
+            f"| {m['alone_ledger_j_per_request'][cls]:.1f} | {m['mixed_ledger_j_per_request'][cls]:.1f} |"
+        )
+    for key, v in m["ratios"].items():
+        lines.append(
+            f"| {key} ratio | alone NVML {v['alone_nvml']:.3f} | mixed ledger {v['ledger_mixed']:.3f} "
+            f"| {v['ratio']:.3f} |"
+        )
     lines += ["", "| added pair | NVML difference, J | Δ's receipts, J | ratio |", "|---|---|---|---|"]
     for a in out["added"]:
         lines.append(
@@ -436,7 +507,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--delta-rate", type=float, default=1.0, help="requests/s of P added to the steady load"
     )
-    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per phase")
+    parser.add_argument("--seconds", type=float, default=15.0, help="arrivals per phase")
+    parser.add_argument("--closed-in-flight", type=int, default=12, help="requests kept in flight (2b)")
     parser.add_argument("--idle-s", type=float, default=4.0)
     parser.add_argument("--settle-s", type=float, default=3.0, help="wait before measuring idle")
     parser.add_argument("--tail-s", type=float, default=2.0, help="kept in the window after the last answer")

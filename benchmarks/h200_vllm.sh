@@ -239,7 +239,8 @@ truth() {  # $1 quant
   ensure_vllm "$1" && ensure_ecobatch "$1" || return 1
   local extra=()
   [ "${REHEARSAL:-0}" = 1 ] && extra=(--counter "dcgm=http://127.0.0.1:9400/metrics" --scale 0.1 --seconds 6)
-  python3 benchmarks/energy_truth.py --proxy $PROXY --out "$KEEP/energy-truth-$1" "${extra[@]}" \
+  python3 benchmarks/energy_truth.py --proxy $PROXY --out "$KEEP/energy-truth-$1" --seconds 12 --settle-s 2 \
+    --idle-s 3 --tail-s 1.5 "${extra[@]}" \
     && say "energy truth $1 done"
   curl -s $PROXY/metrics > "$KEEP/energy-truth-$1/ecobatch-metrics.txt"
   cp "$KEEP/ecobatch-$1.log" "$KEEP/energy-truth-$1/" 2>/dev/null; true
