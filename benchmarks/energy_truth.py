@@ -256,11 +256,14 @@ async def run_phase(
     if bad:
         raise SystemExit(f"{name}: {len(bad)} requests failed, e.g. status {bad[0].status}")
     print(f"{name}: {summary(phase)}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "phases.jsonl").open("a") as f:  # as it goes: a run cut short keeps its phases
-        f.write(json.dumps(asdict(phase)) + "\n")
+    _append(Path(args.out), phase)  # as it goes: a run cut short keeps its phases
     return phase
+
+
+def _append(out: Path, phase: Phase) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "phases.jsonl").open("a") as f:
+        f.write(json.dumps(asdict(phase)) + "\n")
 
 
 async def _receipts(session: aiohttp.ClientSession, url: str, records: list[Record]) -> None:
