@@ -23,7 +23,18 @@ from ecobatch.tune.sim import FixedWindow, HoldWhileIdle, SendAtOnce, simulate_c
 
 RESULTS = Path(__file__).parent / "results"
 PROFILES = Path(__file__).parents[1] / "configs" / "profiles"
-H200_MEASURED = {"hold 1 s while idle": 0.91, "hold 2 s while idle": 0.85, "hold 4 s while idle": 0.75}
+RAW_RELEASE_POLICY = RESULTS / "h200-release-policy" / "h200-release-policy-4rps.json"
+
+
+def measured_hold_ratios(path: Path = RAW_RELEASE_POLICY) -> dict[float, float]:
+    """Hold H s while idle, measured on an H200 at 4 req/s: its J/request over sending at once (the mean
+    of the hold-0 phases), from the raw per-phase file."""
+    phases = json.loads(path.read_text())["phases"]
+    at_once = statistics.fmean(p["j_per_request"] for p in phases if p["hold_s"] == 0.0)
+    return {p["hold_s"]: p["j_per_request"] / at_once for p in phases if p["hold_s"] > 0}
+
+
+H200_MEASURED = {f"hold {h:g} s while idle": round(r, 3) for h, r in measured_hold_ratios().items()}
 POLICIES = {
     "send at once": SendAtOnce(),
     "fixed window 1 s": FixedWindow(1.0),
