@@ -112,6 +112,7 @@ async def test_another_clients_work_is_other_work_and_ours_pays_only_its_share(
 ) -> None:
     server, port, dcgm_port = sim
     client = await _proxy(aiohttp_client, port, dcgm_port)
+
     async def idle_w() -> float | None:
         watts = await metric_of(client, "ecobatch_idle_power_watts")
         return watts or None  # no interval split yet

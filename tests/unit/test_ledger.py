@@ -11,7 +11,7 @@ import pytest
 from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
 from ecobatch.energy.attribution import IntervalSplit
-from ecobatch.energy.ledger import Ledger, SettledRequest
+from ecobatch.energy.ledger import COUNTER_STEP_S, Ledger, SettledRequest
 
 
 def ledger_on(clock: FakeClock, *, idle_power_w: float = 0.0, prefill_weight: float = 1.0) -> Ledger:
@@ -250,9 +250,28 @@ async def test_while_ours_run_they_take_at_most_the_power_limit_the_rest_is_othe
     span.end(Usage(10, 50))
     await clock.advance(19.0)
     ledger.add_interval(0.0, 30.0, 12_000.0)
-    assert settled["ours"].joules == pytest.approx(700.0 - 122.0), "at most the limit above idle"
+    # at most the limit above idle while busy, and one counter step's slack at the limit
+    assert settled["ours"].joules == pytest.approx(700.0 - 122.0 + 700.0 * COUNTER_STEP_S)
     assert splits[0].idle_joules == pytest.approx(122.0 * 30)
-    assert splits[0].unattributed_joules == pytest.approx(12_000.0 - 578.0 - 122.0 * 30)
+    assert splits[0].unattributed_joules == pytest.approx(12_000.0 - 753.0 - 122.0 * 30)
+
+
+async def test_a_stepping_counter_near_the_power_limit_does_not_push_ours_into_other_work() -> None:
+    """Prefill at the 700 W limit, ours in flight throughout; the counter stepped so that a 100 ms
+    interval reports 120 ms of energy and the next 80 ms: all of it above idle is ours."""
+    clock = FakeClock()
+    ledger = Ledger(
+        source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=120.0, max_power_w=700.0, clock=clock
+    )
+    settled, splits = collect(ledger)
+    span = ledger.begin("prefill")
+    await clock.advance(0.2)
+    span.end(Usage(4000, 1))
+    ledger.add_interval(0.0, 0.1, 700.0 * 0.12)
+    ledger.add_interval(0.1, 0.2, 700.0 * 0.08)
+    ledger.add_interval(0.2, 0.3, 12.0)
+    assert sum(s.unattributed_joules for s in splits) == pytest.approx(0.0)
+    assert settled["prefill"].joules == pytest.approx(700.0 * 0.2 - 120.0 * 0.2)
 
 
 async def test_a_gap_in_the_counter_settles_its_requests_as_incomplete() -> None:

@@ -18,7 +18,8 @@ what each of ecobatch's requests did in it (``InFlight``), ``split_interval`` re
    (``other_sequences`` > 0), else to **other work** (another client of the same GPU);
 3. with some in flight, ecobatch's part is the above-idle joules × their share of the sequences in
    flight (``other_sequences``: another client's, from the engine's own count), at most busy time ×
-   (``max_power_w`` − idle power); the rest is other work;
+   (``max_power_w`` − idle power), plus ``cap_slack_s`` × ``max_power_w`` (a counter that moves in
+   steps can report a step's energy more than the interval lasted); the rest is other work;
 4. ecobatch's part is split by the **work each request did in the interval**: a generated token weighs
    1, a prompt token ``prefill_weight`` (the measured ratio of a prompt token's energy above idle to a
    generated token's, at the interval's concurrency); with no token in the interval, by in-flight
@@ -93,6 +94,7 @@ def split_interval(
     active_model: ActiveModel | None = None,
     other_sequences: float = 0.0,
     tail: Sequence[float] = (),
+    cap_slack_s: float = 0.0,
 ) -> tuple[IntervalSplit, Shares]:
     """The interval's split and the shares; idle + unattributed + Σ charges + Σ tail = joules."""
     seconds = max(0.0, t1_s - t0_s)
@@ -114,8 +116,9 @@ def split_interval(
         ours = (
             above * ours_seq_s / (ours_seq_s + others_seq_s) if ours_seq_s > 0 and others_seq_s > 0 else above
         )
-        if max_power_w is not None:
-            ours = min(ours, max(0.0, max_power_w - idle_power_w) * busy)
+        if max_power_w is not None:  # a counter that moves in steps can hold a step more than the interval
+            slack_j = max_power_w * min(seconds, cap_slack_s)
+            ours = min(ours, max(0.0, max_power_w - idle_power_w) * busy + slack_j)
         weights = [m.generated_tokens + prefill_weight * m.prompt_tokens for m in members]
         charges = _spread(ours, weights, members)
         bases = _spread(base_j, [(m.end_s - m.start_s) * m.sequences for m in members], members)

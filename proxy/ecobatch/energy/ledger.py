@@ -59,7 +59,7 @@ from ..domain import Usage
 from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval, union_length
 from .idle import IdleEstimator
 
-__all__ = ["BASES", "Ledger", "LedgerTotals", "PrefillWeight", "SettledRequest", "Span"]
+__all__ = ["BASES", "COUNTER_STEP_S", "Ledger", "LedgerTotals", "PrefillWeight", "SettledRequest", "Span"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,12 @@ class _Requests:
             self.live.appendleft(record)
 
 
+#: how much more than an interval's length a stepping counter can report in it: NVML's total energy
+#: moves in steps; near the power limit (prefill on an H200), a 100 ms interval held more than 100 ms of
+#: energy at 700 W and the cap moved the excess to other work (benchmarks/results/h200-energy-truth/,
+#: run 2, ``matched-alone-P``)
+COUNTER_STEP_S = 0.25
+
 #: the weight of a prompt token against a generated token's, at a mean concurrency (sequences in flight)
 PrefillWeight = Callable[[float], float]
 
@@ -500,6 +506,7 @@ class Ledger:
             active_model=self._active_model,
             other_sequences=interval.other_sequences,
             tail=[max(r.joules, 0.0) for r in tail],
+            cap_slack_s=COUNTER_STEP_S,
         )
         for r, charge, base in zip(inside, shares.charges, shares.bases, strict=True):
             r.joules += charge
