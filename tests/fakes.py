@@ -156,21 +156,25 @@ class FakeContinuousEngine(_Base):
 
 class CountingEngine(_Base):
     """A continuous engine that streams one token ("t") at a time, as fast as it is asked, up to
-    ``max_tokens``; it counts the outputs it was asked for and records a request closed before its end
-    as aborted."""
+    ``max_tokens`` (with ``hold_after``: that many, then it waits for ``resume``); it counts the outputs
+    it was asked for and records a request closed before its end as aborted."""
 
     shape: ClassVar[EngineShape] = "continuous"
 
-    def __init__(self) -> None:
+    def __init__(self, hold_after: int | None = None) -> None:
         super().__init__()
         self.asked = 0
         self.aborted: list[str] = []
+        self.hold_after = hold_after
+        self.resume = asyncio.Event()
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
         tokens = request.max_tokens or 1
         ended = False
         try:
             for i in range(tokens):
+                if self.hold_after is not None and i == self.hold_after:
+                    await self.resume.wait()
                 self.asked += 1
                 yield EngineOutput((TextDelta(0, "t", "length" if i == tokens - 1 else None),), 1)
             ended = True

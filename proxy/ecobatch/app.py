@@ -196,8 +196,8 @@ async def _generation(request: web.Request, parse: Parser) -> web.StreamResponse
 async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationRequest) -> web.StreamResponse:
     """Server-sent events: the engine's outputs rendered as chunks as the client reads them, then
     ``data: [DONE]``. An error before the first output is a plain HTTP error; one after it is an
-    ``error`` event before ``[DONE]``. The next output is taken only once the previous one is written:
-    a slow client slows the engine's pull (``stream``), and nothing queues for it without bound."""
+    ``error`` event before ``[DONE]``. The engine is pulled at its own speed (``stream``): what a slow
+    client has not read waits, at most its response."""
     pending = dispatcher.submit(gen)
     outputs = pending.outputs
     assert outputs is not None

@@ -6,7 +6,7 @@ values — what waits per tier, each replica's state (``pool.Replica``: in fligh
 when its running requests are predicted to end, its safety limit), the live load estimates
 (``load.LoadTracker``) — and calls ``release.plan_releases`` once. It applies the plan: each released
 request runs as its own task that pulls the request's outputs from its replica (``engine.generate``),
-handing a stream's to its HTTP handler one at a time (a slow client slows the pull); the slot frees the
+handing a stream's to its HTTP handler without waiting (a slow client holds nothing); the slot frees the
 moment that request ends; a client that leaves cancels it, which closes the engine's generator and so
 aborts the request in the engine. Then it waits for the next event or the plan's wake-up time. The
 plan's reasons are counted (``ecobatch_release_decisions_total``), logged at debug level and shown by
@@ -390,11 +390,11 @@ class ContinuousGate(Dispatcher):
     async def _pull(
         self, pending: Pending, engine: ContinuousEngine, request: GenerationRequest, span: Span
     ) -> GenerationResult:
-        """Run the request on ``engine``, output by output: each one's tokens go on the energy ledger's
-        clock as they come; a stream's outputs go to its handler, the next asked of the engine only once
-        the handler has taken the previous one (a stream's first output is its first token); the others
-        are gathered into the result. Leaving early (the client left, a time-out) closes the engine's
-        generator, which aborts the request there."""
+        """Run the request on ``engine``, output by output, at the engine's speed: each one's tokens go on
+        the energy ledger's clock as they come; a stream's outputs go to its handler without waiting for
+        it (``OutputStream``: a slow client holds no slot, span or estimate; a stream's first output is its
+        first token); the others are gathered into the result. Leaving early (the client left, a
+        time-out) closes the engine's generator, which aborts the request there."""
         outputs = pending.outputs
         transcript = Transcript(request)
         async with contextlib.aclosing(engine.generate(request)) as generation:
@@ -404,7 +404,7 @@ class ContinuousGate(Dispatcher):
                 if outputs is not None:
                     if not pending.first_token_seen:
                         self._first_token(pending)
-                    await outputs.put(output)
+                    outputs.put_nowait(output)
         return transcript.result()
 
     def _move(self, pending: Pending, source: Replica, target: Replica) -> None:

@@ -1,20 +1,21 @@
-"""A streamed request's engine outputs on their way to its HTTP handler: at most one output waits.
+"""A streamed request's engine outputs on their way to its HTTP handler.
 
-The handler iterates the stream (``async for``) and writes each output to its client; the stream ends
-when the request is resolved (``close``, from its future's done-callback), after the output still
-waiting. Two kinds of producer:
+The engine side never waits for the client: the gate pulls the engine at the engine's speed, so a
+request's slot, its energy span and the controller's speed estimates end when the engine is done, not
+when a slow client has read the last chunk (a slow reader must not hold GPU capacity or stall the energy
+ledger). What the client has not read yet waits here: ``put_nowait`` merges an output into the last one
+waiting where both are ecobatch's own (text deltas join), and queues it behind otherwise (an upstream's
+own chunk, passed through as it came). So a stream holds at most its response, bounded by its
+``max_tokens``: the same bound as a non-streamed response, which is held whole.
 
-* the continuous gate awaits ``put``, which returns once the previous output has been taken: the gate
-  asks the engine for the next output only as fast as the client reads (a slow client slows the pull,
-  back to vLLM: an unread upstream response is not read either; an in-process request's outputs merge in
-  vLLM's own collector);
-* a static batch cannot wait for one slow client: ``put_nowait`` merges an output into the one still
-  waiting (as vLLM's ``RequestOutputCollector`` does), so the stream never holds more than one output.
+The handler iterates the stream (``async for``); the stream ends when the request is resolved
+(``close``, from its future's done-callback), after the outputs still waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from .domain import EngineOutput
 
@@ -22,52 +23,46 @@ __all__ = ["OutputStream"]
 
 
 class OutputStream:
-    __slots__ = ("_closed", "_ready", "_taken", "_waiting")
+    __slots__ = ("_closed", "_ready", "_waiting")
 
     def __init__(self) -> None:
-        self._waiting: EngineOutput | None = None
+        self._waiting: deque[EngineOutput] = deque()
         self._closed = False
         self._ready = asyncio.Event()  # an output waits, or the stream is closed
-        self._taken = asyncio.Event()  # nothing waits, or the stream is closed
-        self._taken.set()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    async def put(self, output: EngineOutput) -> None:
-        """Hand ``output`` over once the previous one has been taken (dropped once the stream is closed:
-        its request was answered, or its client left)."""
-        while self._waiting is not None and not self._closed:
-            await self._taken.wait()
-        if not self._closed:
-            self._hold(output)
+    @property
+    def waiting(self) -> int:
+        """Outputs the client has not taken yet."""
+        return len(self._waiting)
 
     def put_nowait(self, output: EngineOutput) -> None:
-        """Hand ``output`` over at once, merged into the one still waiting, if any."""
-        if not self._closed:
-            self._hold(output if self._waiting is None else self._waiting.merged(output))
-
-    def _hold(self, output: EngineOutput) -> None:
-        self._waiting = output
-        self._taken.clear()
+        """Hand ``output`` over at once (dropped once the stream is closed: its request was answered, or
+        its client left), merged into the last output waiting where both can be merged."""
+        if self._closed:
+            return
+        last = self._waiting[-1] if self._waiting else None
+        if last is not None and last.upstream is None and output.upstream is None:
+            self._waiting[-1] = last.merged(output)
+        else:
+            self._waiting.append(output)
         self._ready.set()
 
     def close(self) -> None:
-        """No more outputs come; the one waiting is still delivered."""
+        """No more outputs come; those waiting are still delivered."""
         self._closed = True
         self._ready.set()
-        self._taken.set()
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> EngineOutput:
-        while self._waiting is None:
+        while not self._waiting:
             if self._closed:
                 raise StopAsyncIteration
+            self._ready.clear()
             await self._ready.wait()
-        output, self._waiting = self._waiting, None
-        self._ready.clear()
-        self._taken.set()
-        return output
+        return self._waiting.popleft()

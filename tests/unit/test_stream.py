@@ -1,6 +1,6 @@
-"""A streamed request's outputs between the engine and its handler: never more than one waits; the gate's
-``put`` waits for the handler, a static batch's ``put_nowait`` merges; the stream ends after the output
-still waiting. And several engine generators pulled as one (``merge``)."""
+"""A streamed request's outputs between the engine and its handler: the producer never waits for the
+reader; ecobatch's own text deltas merge, an upstream's chunks queue in order; the stream ends after the
+outputs still waiting. And several engine generators pulled as one (``merge``)."""
 
 from __future__ import annotations
 
@@ -19,53 +19,51 @@ def out(text: str, index: int = 0, finish: str | None = None, tokens: int = 1) -
     return EngineOutput((TextDelta(index, text, finish),), tokens)
 
 
-async def test_put_waits_until_the_previous_output_is_taken() -> None:
-    stream = OutputStream()
-    await stream.put(out("a"))
-    second = asyncio.create_task(stream.put(out("b")))
-    await settle()
-    assert not second.done(), "one output waits already: the producer waits for the reader"
-    assert (await anext(stream)).deltas[0].text == "a"
-    await asyncio.wait_for(second, 1.0)
-    assert (await anext(stream)).deltas[0].text == "b"
-
-
-async def test_put_nowait_merges_into_the_output_still_waiting() -> None:
+async def test_the_producer_never_waits_for_the_reader_and_text_outputs_merge() -> None:
     stream = OutputStream()
     stream.put_nowait(out("one", index=0))
     stream.put_nowait(out(" two", index=0))
     stream.put_nowait(out("x", index=1, finish="length"))
     stream.put_nowait(EngineOutput(usage=Usage(3, 3)))
+    assert stream.waiting == 1, "ecobatch's own text deltas join into the output waiting"
     merged = await anext(stream)
     assert merged.deltas == (TextDelta(0, "one two"), TextDelta(1, "x", "length"))
     assert merged.new_tokens == 3 and merged.usage == Usage(3, 3)
 
 
-def test_outputs_that_carry_an_upstream_payload_are_never_merged() -> None:
+async def test_an_upstreams_own_chunks_queue_in_order_and_are_never_merged() -> None:
+    stream = OutputStream()
+    chunks = [EngineOutput(new_tokens=1, upstream={"n": i}) for i in range(3)]
+    for chunk in chunks:
+        stream.put_nowait(chunk)
+    assert stream.waiting == 3
+    stream.close()
+    assert [o.upstream async for o in stream] == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_outputs_that_carry_an_upstream_payload_cannot_be_merged() -> None:
     with pytest.raises(ValueError, match="upstream"):
         EngineOutput(upstream={"choices": []}).merged(out("a"))
 
 
 async def test_a_closed_stream_delivers_what_waits_then_ends_and_drops_later_outputs() -> None:
     stream = OutputStream()
-    await stream.put(out("last"))
+    stream.put_nowait(out("last"))
     stream.close()
-    await stream.put(out("too late"))
     stream.put_nowait(out("too late"))
     assert [o.deltas[0].text async for o in stream] == ["last"]
 
 
-async def test_closing_wakes_a_waiting_reader_and_a_waiting_producer() -> None:
+async def test_closing_wakes_a_waiting_reader() -> None:
     stream = OutputStream()
     reader = asyncio.create_task(anext(stream, None))
-    await stream.put(out("a"))
+    stream.put_nowait(out("a"))
     assert await asyncio.wait_for(reader, 1.0) is not None
-    await stream.put(out("b"))
-    producer = asyncio.create_task(stream.put(out("c")))
+    reader = asyncio.create_task(anext(stream, None))
     await settle()
+    assert not reader.done(), "nothing waits: the reader waits"
     stream.close()
-    await asyncio.wait_for(producer, 1.0)
-    assert [o.deltas[0].text async for o in stream] == ["b"]
+    assert await asyncio.wait_for(reader, 1.0) is None
 
 
 class Source:

@@ -5,9 +5,9 @@
   ``EngineClient.generate``: ``generate(request)`` is an async generator of that request's
   ``EngineOutput``s (text deltas per sequence, the tokens generated since the previous output), the last
   one carrying the engine's usage; an error is raised from it. The engine batches whatever is in
-  flight, so each request ends, and frees its slot, on its own. The consumer sets the pace: the engine
-  is asked for the next output only when the previous one has been taken (a slow client slows the pull;
-  nothing queues without bound), and closing the generator, or cancelling the task that pulls it,
+  flight, so each request ends, and frees its slot, on its own. The gate pulls it at the engine's speed
+  (a slow client must not hold the engine: its outputs wait in ``stream.OutputStream``), and closing the
+  generator, or cancelling the task that pulls it,
   aborts the request in the engine.
 * ``StaticEngine`` (``hf-bnb``, ``simulated``): batch in, batch out. The GPU batch is exactly the group
   the batcher sends; one batch runs at a time. ``run_batch`` returns, for each job, a
@@ -18,7 +18,7 @@ it, off the event loop, before it is queued, so a request that cannot run is ans
 never joins, or delays, a batch. Both report their state as a typed ``EngineHealth``.
 
 A static engine's ``Job`` carries a request with its callbacks: ``emit`` (a streamed request's outputs
-as they come; a batch cannot wait for one slow client, so its stream keeps them merged until taken),
+as they come; its stream keeps them merged until taken),
 ``generated`` (n generated tokens came out now: the energy ledger's clock of the request's work) and
 ``cancelled`` (its client has gone: stop its work at the next chance).
 """
