@@ -228,8 +228,9 @@ async def _stream(request: web.Request, dispatcher: Dispatcher, gen: GenerationR
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-    except (asyncio.CancelledError, ConnectionResetError):
-        dispatcher.withdraw(pending)
+    except BaseException:  # the client left, or writing failed: the engine's request must not run on
+        if not pending.future.done():
+            dispatcher.withdraw(pending)
         raise
 
 

@@ -80,6 +80,9 @@ _Port = Annotated[int, Meta(ge=0, le=65535)]
 _HttpUrl = Annotated[str, Meta(pattern="^https?://", description="an http:// or https:// URL")]
 _Positive = Annotated[float, Meta(gt=0)]
 _NonNegative = Annotated[float, Meta(ge=0)]
+#: a power: finite (at most 100 kW, beyond any one proxy's GPUs)
+_Watts = Annotated[float, Meta(ge=0, le=100_000)]
+_PositiveWatts = Annotated[float, Meta(gt=0, le=100_000)]
 _AtLeastOne = Annotated[int, Meta(ge=1)]
 _Fraction = Annotated[float, Meta(ge=0, lt=1)]
 _Budget = Annotated[
@@ -351,7 +354,7 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     sample_interval_s: Annotated[float, Meta(ge=0.01, le=5)] = 0.1
     # None: measured at start-up (1 s, before any work), then re-estimated live whenever nothing runs
     # (live_idle); a number: that, fixed (set it on a GPU shared with work the engine does not see).
-    idle_power_w: _NonNegative | None = None
+    idle_power_w: _Watts | None = None
     # Re-estimate idle power from the counter while nothing runs (median of the last 31 quiet seconds).
     live_idle: bool = True
     # After a request's end, the energy above idle that the counter still reports (its update lag, the
@@ -360,7 +363,7 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     # The most the measured GPUs can draw, summed: while ecobatch's requests run they are charged at
     # most this × their busy time (the rest is another client's). None: the GPUs' power limit as NVML or
     # dcgm-exporter (DCGM_FI_DEV_POWER_MGMT_LIMIT) reports it; no cap where neither does.
-    max_power_w: _Positive | None = None
+    max_power_w: _PositiveWatts | None = None
     # Energy profile (YAML); None: the embedded reference for the engine's shape (static: A800 INT8
     # seed table; continuous: H200 vLLM bf16 curve), both source: reference.
     profile: str | None = None

@@ -205,14 +205,15 @@ def others_running(previous: Headroom | None, previous_ours: int, latest: Headro
     """Another client's sequences on the engine, for the energy ledger, from its two latest readings:
     the engine's count beyond ours in **both** (vLLM updates its running gauge only when it steps, so
     the reading just after our last request ended can still count it), and none at all when its token
-    counters did not move between them (an engine at rest runs nothing, whatever the gauge says)."""
-    if previous is None:
-        return 0
-    if latest.engine_tokens is not None and latest.engine_tokens == previous.engine_tokens:
+    counters did not move between them (an engine at rest runs nothing, whatever the gauge says) or it
+    has none."""
+    if previous is None or latest.engine_tokens is None or previous.engine_tokens is None:
+        return 0  # no token counters (an in-process engine, which no other client shares): no evidence
+    if latest.engine_tokens == previous.engine_tokens:
         return 0
 
-    def beyond(headroom: Headroom, ours: int) -> int:
-        return max(0, (headroom.running or 0) + (headroom.waiting or 0) - ours)
+    def beyond(headroom: Headroom, ours: int) -> int:  # running only: a waiting request draws nothing
+        return max(0, (headroom.running or 0) - ours)
 
     return min(beyond(previous, previous_ours), beyond(latest, latest_ours))
 

@@ -162,7 +162,9 @@ class EnergyProfile:
         generated): with a measured prefill energy, their prompts' share is taken out."""
         if self.idle_power_w is None:
             return None
-        point = self.at(size)
+        # within the measured range: beyond it ``at`` scales speed with size at flat power, which would
+        # make a token ever cheaper
+        point = self.at(min(max(size, self.points[0].size), self.points[-1].size))
         joules = (point.power_w - self.idle_power_w) / point.tokens_per_s
         prompt, new = self.meta.get("prompt_tokens"), self.meta.get("new_tokens")
         measured = self.prefill_joules_per_token

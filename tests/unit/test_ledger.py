@@ -505,3 +505,20 @@ async def test_a_prompt_token_weighs_the_measured_ratio_at_the_intervals_concurr
     ledger.add_interval(1.0, 1.1, 0.0)  # the counter has passed their end
     assert seen[0] == pytest.approx(4.0)
     assert (settled["a"].joules, settled["b"].joules) == pytest.approx((40.0, 40.0))
+
+
+async def test_a_counter_that_stood_still_is_not_an_idle_reading() -> None:
+    """After max_stale_s the meter closes an empty interval: 0 J over a minute says the counter stood
+    still, not that the GPU drew nothing."""
+    clock = FakeClock()
+    ledger = Ledger(
+        source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=130.0, clock=clock, live_idle=True
+    )
+    t = 0.0
+    for _ in range(5):
+        ledger.add_interval(t, t + 1.0, 130.0)
+        t += 1.0
+    for _ in range(12):
+        ledger.add_interval(t, t + 60.0, 0.0)
+        t += 60.0
+    assert ledger.idle_power_w == pytest.approx(130.0)

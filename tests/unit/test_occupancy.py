@@ -105,6 +105,8 @@ def test_the_energy_account_counts_another_clients_work_only_when_two_readings_a
     again = Headroom(running=3, waiting=1, engine_tokens=1800.0)
     assert others_running(other, 1, again, 1) == 2, "beyond ours in both readings, tokens moving"
     assert others_running(None, 0, again, 0) == 0
+    no_counters = Headroom(running=3, waiting=0)
+    assert others_running(no_counters, 0, no_counters, 0) == 0, "no token counters: no evidence"
 
     engine = FakeContinuousEngine()
     replica = Replica("r0", engine, _meter())

@@ -300,6 +300,8 @@ class _Requests:
 #: energy at 700 W and the cap moved the excess to other work (benchmarks/results/h200-energy-truth/,
 #: run 2, ``matched-alone-P``)
 COUNTER_STEP_S = 0.25
+#: a quiet interval longer than this is a counter that stood still, not an idle reading
+_QUIET_INTERVAL_MAX_S = 5.0
 
 #: the weight of a prompt token against a generated token's, at a mean concurrency (sequences in flight)
 PrefillWeight = Callable[[float], float]
@@ -494,7 +496,8 @@ class Ledger:
             members.append(InFlight(max(r.start_s, t0), min(end, t1), r.sequences, prompt, generated))
         busy = union_length([(m.start_s, m.end_s) for m in members])
         occupancy = sum((m.end_s - m.start_s) * m.sequences for m in members)
-        concurrency = occupancy / busy if busy > 0 else float(sum(m.sequences for m in members) or 1)
+        ours = occupancy / busy if busy > 0 else float(sum(m.sequences for m in members) or 1)
+        concurrency = ours + max(0.0, interval.other_sequences)  # the engine's batch: another's too
         split, shares = split_interval(
             t0,
             t1,
@@ -515,7 +518,8 @@ class Ledger:
             r.joules += charge
         if self._live_idle and interval.joules is not None:
             quiet = not inside and interval.other_sequences <= 0 and t0 >= self._last_end_s + self.tail_s
-            if quiet:
+            # a counter that stood still (closed empty after max_stale_s) or went back is no idle reading
+            if quiet and interval.joules > 0 and t1 - t0 <= _QUIET_INTERVAL_MAX_S:
                 self.idle.quiet(interval.joules, t1 - t0)
             else:
                 self.idle.busy()
