@@ -114,3 +114,14 @@ async def openai_chat_and_stream(client: Any, model: str, max_tokens: int) -> tu
     async for chunk in stream:
         usage = chunk.usage or usage
     return chat, usage
+
+
+async def sent(client: Any, n: int) -> list[tuple[int, str]]:
+    """(status, request id) of ``n`` requests sent at once."""
+
+    async def one() -> tuple[int, str]:
+        resp = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
+        await resp.read()
+        return int(resp.status), resp.headers["X-Ecobatch-Request-Id"]
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))

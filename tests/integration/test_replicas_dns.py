@@ -5,7 +5,6 @@ with its pod). "DNS" is a resolver the test owns and changes."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,7 @@ from ecobatch.profile import load_profile
 from ecobatch.replica_sources import ReplicasDns
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
-from tests.integration.helpers import eventually, metric_of
+from tests.integration.helpers import eventually, metric_of, sent
 
 NAME = "vllm-headless.llm.svc.cluster.local"
 A, B = "127.0.0.1", "127.0.0.2"  # the pods vllm-0 and vllm-1 (GPUs 0 and 1 on the exporter)
@@ -81,17 +80,6 @@ def proxy(engines: Engines, dns: Dns, **more: object) -> Any:
     assert settings.backend.replicas_dns is not None
     source = ReplicasDns(settings.backend.replicas_dns, resolve=dns.resolve, reverse=dns.reverse)
     return create_app(settings, replica_source=source, start_in_background=True)
-
-
-async def sent(client: Any, n: int) -> list[tuple[int, str]]:
-    """(status, request id) of ``n`` requests sent at once."""
-
-    async def one() -> tuple[int, str]:
-        resp = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
-        await resp.read()
-        return int(resp.status), resp.headers["X-Ecobatch-Request-Id"]
-
-    return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
 async def ready(client: Any) -> None:

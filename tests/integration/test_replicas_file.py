@@ -17,7 +17,7 @@ from ecobatch.errors import ConfigError
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import dcgm_app, serve_replicas
-from tests.integration.helpers import Sims, eventually, metric_of
+from tests.integration.helpers import Sims, eventually, metric_of, sent
 
 
 def listing(path: Path, ports: list[int], names: str) -> None:
@@ -33,17 +33,6 @@ def listing(path: Path, ports: list[int], names: str) -> None:
 
 async def complete(client: Any, n: int) -> list[int]:
     return [status for status, _ in await sent(client, n)]
-
-
-async def sent(client: Any, n: int) -> list[tuple[int, str]]:
-    """(status, request id) of ``n`` requests sent at once."""
-
-    async def one() -> tuple[int, str]:
-        resp = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
-        await resp.read()
-        return int(resp.status), resp.headers["X-Ecobatch-Request-Id"]
-
-    return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
 def settings_over(replicas_file: Path, dcgm_port: int, **more: object) -> Any:
