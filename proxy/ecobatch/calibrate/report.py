@@ -105,7 +105,7 @@ def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict
         "meta": {k: v for k, v in meta.items() if k not in _META_FIELDS},
         "points": [_profile_point(p, SIZE_KEY[kind]) for p in points],
     }
-    if prefill is not None:  # measured above idle: the ledger weighs prompt tokens by it
+    if prefill:  # measured above idle: the ledger weighs prompt tokens by it
         profile["prefill_joules_per_token"] = round(prefill["joules_per_token"], 6)
     return profile
 

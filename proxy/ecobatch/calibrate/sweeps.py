@@ -229,28 +229,73 @@ async def calibrate_vllm_http(
             point = make_point(c, run.finished, run.window, run.tokens, run.tokens / new_tokens, idle_power_w)
             points.append(point)
             report_line(progress, point, len(points), len(batch_sizes))
-        pre = await _closed_loop(
+        prefill = await _prefill_point(
             session,
             probe,
             base,
-            body(prefill_prompt_tokens, 1),
+            body,
+            prompt_tokens=_fit_prompt(prefill_prompt_tokens, served.get("max_model_len")),
             concurrency=prefill_concurrency,
-            metric="vllm:prompt_tokens_total",
             warmup_s=warmup_s,
             min_seconds=min_seconds,
             counters=counters,
-        )
-        if pre.tokens <= 0:
-            raise RuntimeError(f"vLLM counted no prompt tokens in {min_seconds} s of prefill")
-        prefill = prefill_point(
-            pre.window, pre.tokens, idle_power_w, prefill_concurrency, prefill_prompt_tokens
-        )
-        progress(
-            f"prefill: {prefill['prompt_tokens_per_s']:.0f} prompt tok/s at {prefill_concurrency} in flight, "
-            f"{prefill['power_w']:.0f} W: {1000 * prefill['joules_per_token']:.2f} J per 1k prompt tokens "
-            "above idle"
+            idle_power_w=idle_power_w,
+            progress=progress,
         )
     return points, {"served_model": model, "max_model_len": served.get("max_model_len"), "prefill": prefill}
+
+
+def _fit_prompt(prompt_tokens: int, max_model_len: object) -> int:
+    """The prefill point's prompt length, inside the served context (one token left to generate)."""
+    if isinstance(max_model_len, int) and max_model_len > 1:
+        return min(prompt_tokens, max_model_len - 1)
+    return prompt_tokens
+
+
+async def _prefill_point(
+    session: Any,
+    probe: Any,
+    base: str,
+    body: Callable[[int, int], Callable[[], dict[str, Any]]],
+    *,
+    prompt_tokens: int,
+    concurrency: int,
+    warmup_s: float,
+    min_seconds: float,
+    counters: NvmlCounters,
+    idle_power_w: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The prefill measurement, or None (said) where it cannot be made: the sweep's points are kept."""
+    try:
+        run = await _closed_loop(
+            session,
+            probe,
+            base,
+            body(prompt_tokens, 1),
+            concurrency=concurrency,
+            warmup_s=warmup_s,
+            min_seconds=min_seconds,
+            counters=counters,
+            metric="vllm:prompt_tokens_total",
+        )
+    except RuntimeError as exc:
+        progress(f"prefill point not measured ({exc}); the profile has no prefill_joules_per_token")
+        return None
+    if run.tokens <= 0:
+        progress(
+            "prefill point not measured (the server counted no prompt tokens); no prefill_joules_per_token"
+        )
+        return None
+    point = prefill_point(run.window, run.tokens, idle_power_w, concurrency, prompt_tokens)
+    if point["joules_per_token"] <= 0:
+        progress(f"prefill point not kept: {point['joules_per_token']:.4g} J per prompt token above idle")
+        return None
+    progress(
+        f"prefill: {point['prompt_tokens_per_s']:.0f} prompt tok/s at {concurrency} in flight, "
+        f"{point['power_w']:.0f} W: {1000 * point['joules_per_token']:.2f} J per 1k prompt tokens above idle"
+    )
+    return point
 
 
 def prefill_point(
