@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -129,10 +131,28 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _read_json(request: web.Request) -> Any:
     """The body, decoded once; the routes check it against their schema (``openai_api``, ``config``)."""
+    body = await request.read()
     try:
-        return msgspec.json.decode(await request.read())
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # ValidationError: a number past float
+        return msgspec.json.decode(body)
+    except msgspec.ValidationError:  # valid JSON holding a number past a 64-bit float
+        where = _infinite_at(json.loads(body))
+        raise BadRequest(
+            f"'{where or 'a number'}' is out of range: a number must fit a 64-bit float", param=where
+        ) from None
+    except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
+
+
+def _infinite_at(value: Any, path: str = "") -> str | None:
+    """Where in a decoded body a number overflowed to infinity (the error path only)."""
+    if isinstance(value, float) and math.isinf(value):
+        return path or None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _infinite_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        if found:
+            return found
+    return None
 
 
 _encode = msgspec.json.Encoder().encode

@@ -160,6 +160,7 @@ async def test_streaming_completions_send_text_chunks(make_client: MakeClient) -
         ("/v1/completions", b"[1, 2, 3]", None),
         ("/v1/completions", b"\xff\xfe", None),
         ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000000}', "max_tokens"),
+        ("/v1/completions", b'{"prompt": "x", "seed": 1e400}', "seed"),  # valid JSON, past a float
         (
             "/v1/chat/completions",
             b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000}',
