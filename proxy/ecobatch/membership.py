@@ -138,8 +138,10 @@ class ReplicaMembership:
             for task in self._joining.values():
                 task.cancel()
             pending = [*self._joining.values(), *self._retiring]
-            if pending:  # a retire closes a meter and an engine: let it (bounded by their own close)
-                await asyncio.wait(pending, timeout=_STOP_WAIT_S)
+            if pending:  # a retire closes a meter and an engine: let it, briefly; then none is left behind
+                _, late = await asyncio.wait(pending, timeout=_STOP_WAIT_S)
+                for task in late:
+                    task.cancel()
 
     async def reconcile(self) -> None:
         """One pass: ask the source, start joins, begin leaves. Whatever goes wrong is logged and the
@@ -286,5 +288,6 @@ async def _close(replica: Replica, *, meter_started: bool) -> None:
         await replica.engine.close()
 
 
-#: how long a stopping membership waits for its retires (each closes a meter and an engine)
-_STOP_WAIT_S = 5.0
+#: how long a stopping membership waits for its retires (each closes a meter and an engine): inside the
+#: 2 s a stopping server gives the engine and the meters to close (``server._CLEANUP_S``)
+_STOP_WAIT_S = 1.0
