@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from .arrivals import ArrivalRate, RecentRate
 from .clock import Clock
 from .config import BatchingSettings
@@ -29,8 +31,7 @@ from .stream import OutputStream
 __all__ = ["Admission", "Outcome", "Pending", "prompt_characters"]
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     """What a served request gets back. Its measured joules are settled later (``energy.receipts``);
     ``provisional_joules`` is the profile's model of them, labelled as such wherever it is shown."""
 
@@ -104,6 +105,9 @@ class Admission:
         self._done_rate = RecentRate()  # completions per second: how fast the queue drains
         #: the static window's arrival rate (an EWMA of gaps: arrivals at one instant read as a burst)
         self.arrival_rate = ArrivalRate()
+        #: the event loop its futures belong to: found once, on the first request (each look-up asks the
+        #: system for the process id)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def reconfigure(self, settings: BatchingSettings) -> None:
         self.settings = settings
@@ -137,7 +141,10 @@ class Admission:
             prompt = float(sum(request.prompt_tokens))
         else:
             prompt = self.load.predict_prompt_tokens(chars)
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
         outputs = None
         if request.stream:
             outputs = OutputStream()

@@ -348,7 +348,7 @@ class ContinuousGate(Dispatcher):
         if not self.engine_priority or "priority" in request.body:
             return request
         body = {**request.body, "priority": ENGINE_PRIORITY[pending.tier]}
-        return dataclasses.replace(request, body=body)
+        return msgspec.structs.replace(request, body=body)
 
     async def _serve(
         self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int

@@ -48,8 +48,31 @@ SERVICE_TIERS: dict[ServiceTierName, Tier] = {
 SERVICE_TIER_NAMES: dict[Tier, str] = {"interactive": "default", "flex": "flex", "priority": "priority"}
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(12).hex()}"
+class _RequestIds:
+    """Request ids: a prefix and 96 random bits (``os.urandom``) in hex, unique and unguessable. The
+    random bytes are drawn ``IDS_PER_DRAW`` ids at a time, one system call for all of them rather than
+    one per request; a forked child draws its own."""
+
+    IDS_PER_DRAW = 1024
+    _HEX_DIGITS = 24  # 12 random bytes
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._hex, self._at = "", 0
+
+    def new(self, prefix: str) -> str:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(self.IDS_PER_DRAW * self._HEX_DIGITS // 2).hex(), 0
+        self._at = at + self._HEX_DIGITS
+        return f"{prefix}-{self._hex[at : at + self._HEX_DIGITS]}"
+
+
+_new_id = _RequestIds().new
 
 
 def _bad_request(error: msgspec.ValidationError, schema: type[Any], body: Any) -> BadRequest:

@@ -4,7 +4,8 @@
    here: exit code 2, before the engine starts and before anything is logged as listening or ready);
    then the server **listens**, and ``/health`` answers 503 with the reason until the engine is ready.
 2. The runtime brings the engine up in the background, logging what it waits for every few seconds;
-   if it is not ready within ``backend.startup_timeout_s``: one line, exit code 1.
+   if it is not ready within ``backend.startup_timeout_s``: one line, exit code 1. Once it is up, the
+   garbage collector is set for serving (``collect_for_serving``).
 3. On SIGTERM or SIGINT: **drain**. The socket stays open and new requests get 503 with
    ``Retry-After``; queued and in-flight requests get ``server.shutdown_grace_s`` to finish, the rest are
    answered 503. Then the meter and the engine close. The process is gone within grace + 3 s even if
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -32,7 +34,15 @@ from .app import BRING_UP, RUNTIME, create_app, metrics_app
 from .config import Settings
 from .errors import ConfigError
 
-__all__ = ["EXIT_AFTER_GRACE_S", "ApiRunner", "Exit", "StartupError", "serve"]
+__all__ = [
+    "EXIT_AFTER_GRACE_S",
+    "GC_YOUNG_THRESHOLD",
+    "ApiRunner",
+    "Exit",
+    "StartupError",
+    "collect_for_serving",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 _CLEANUP_S = 2.0
@@ -223,6 +233,31 @@ def _bind(host: str, port: int, what: str) -> list[socket.socket]:
     return sockets
 
 
+#: allocations between two collections of the youngest generation while serving (CPython's default: 700)
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def collect_for_serving() -> None:
+    """Set CPython's cyclic garbage collector for serving, once start-up is over.
+
+    Requests make many short-lived containers and almost no reference cycles (reference counting frees
+    them), yet at the default threshold the collector runs every 700 allocations, and each time walks
+    every request in flight and, every 100 runs, every object start-up made (modules, the engine, the
+    profile): ~14 % of the CPU at saturation, for almost nothing collected. So what start-up made is
+    collected once and moved out of the collector's sight (``gc.freeze``), and the youngest generation
+    is collected every ``GC_YOUNG_THRESHOLD`` allocations; cycles are still collected, a little later.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
+def _when_up(bring_up: asyncio.Task[None]) -> None:
+    if not bring_up.cancelled() and bring_up.exception() is None:
+        collect_for_serving()
+
+
 async def serve(settings: Settings) -> Exit:
     server = settings.server
     app = create_app(settings, start_in_background=True)
@@ -241,6 +276,7 @@ async def serve(settings: Settings) -> Exit:
         app, handler_cancellation=True, shutdown_timeout=1.0, max_header_bytes=server.max_header_bytes
     )
     serving = await api.setup()  # the app starts: the engine comes up in the background
+    app[BRING_UP].add_done_callback(_when_up)
     sites = [web.SockSite(serving, sock, backlog=LISTEN_BACKLOG) for sock in api_sockets]
     metrics: web.AppRunner | None = None
     if metrics_sockets:

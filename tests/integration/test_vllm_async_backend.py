@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from ecobatch.backends.vllm_async import VllmAsyncBackend
@@ -81,7 +82,7 @@ def backend_with(engine: ScriptedAsyncLLM) -> VllmAsyncBackend:
 
 async def test_the_outputs_carry_each_sequence_text_and_tokens_then_the_engines_usage() -> None:
     engine = ScriptedAsyncLLM(tokens=3)
-    request = dataclasses.replace(req(["a", "b"], max_tokens=3), engine_input=[[1, 2], [3]])  # type: ignore[arg-type]
+    request = msgspec.structs.replace(req(["a", "b"], max_tokens=3), engine_input=[[1, 2], [3]])  # type: ignore[arg-type]
     outputs = [o async for o in backend_with(engine).generate(request)]
     texts = {0: "", 1: ""}
     for o in outputs[:-1]:
@@ -95,7 +96,7 @@ async def test_the_outputs_carry_each_sequence_text_and_tokens_then_the_engines_
 
 async def test_the_engine_is_read_only_as_fast_as_the_consumer_asks() -> None:
     engine = ScriptedAsyncLLM()
-    request = dataclasses.replace(req("a", max_tokens=100), engine_input=[[1]])  # type: ignore[arg-type]
+    request = msgspec.structs.replace(req("a", max_tokens=100), engine_input=[[1]])  # type: ignore[arg-type]
     generation = backend_with(engine).generate(request)
     await anext(generation)
     await asyncio.sleep(0.05)  # time in which the engine could stream ~25 tokens to an eager reader
@@ -106,7 +107,7 @@ async def test_the_engine_is_read_only_as_fast_as_the_consumer_asks() -> None:
 
 async def test_one_failing_sequence_aborts_its_siblings() -> None:
     engine = ScriptedAsyncLLM()
-    request = dataclasses.replace(
+    request = msgspec.structs.replace(
         req(["a", "b", "c"], max_tokens=100),  # type: ignore[arg-type]
         engine_input=[[1], [666], [2]],
     )
@@ -119,7 +120,7 @@ async def test_one_failing_sequence_aborts_its_siblings() -> None:
 
 async def test_a_cancelled_consumer_aborts_every_sequence() -> None:
     engine = ScriptedAsyncLLM()
-    request = dataclasses.replace(req(["a", "b"], max_tokens=100), engine_input=[[1], [2]])  # type: ignore[arg-type]
+    request = msgspec.structs.replace(req(["a", "b"], max_tokens=100), engine_input=[[1], [2]])  # type: ignore[arg-type]
     decoding = asyncio.Event()
 
     async def consume() -> None:
@@ -144,7 +145,7 @@ async def test_the_tier_reaches_the_engine_as_its_priority() -> None:
     """With backend.engine_priority the gate writes the tier's priority into the body; vLLM's in-process
     engine gets it as ``priority`` (lower runs first)."""
     engine = ScriptedAsyncLLM()
-    request = dataclasses.replace(
+    request = msgspec.structs.replace(
         req("a", max_tokens=100, priority=1),  # type: ignore[arg-type]
         engine_input=[[1]],
     )

@@ -26,9 +26,10 @@ as they come; its stream keeps them merged until taken),
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from ..domain import EngineOutput, GenerationRequest, GenerationResult, Headroom
@@ -86,14 +87,13 @@ def _never() -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(msgspec.Struct, frozen=True):
     """A request in a static engine's batch, with its callbacks."""
 
     request: GenerationRequest
     emit: Emit | None = None
-    generated: Callable[[int], None] = field(default=_ignore_tokens)
-    cancelled: Callable[[], bool] = field(default=_never)
+    generated: Callable[[int], None] = _ignore_tokens
+    cancelled: Callable[[], bool] = _never
 
 
 class Engine(Protocol):

@@ -6,7 +6,6 @@ into its result. Nothing here knows the client's format: the HTTP layer renders 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..domain import EngineOutput, GenerationRequest, GenerationResult, TextDelta, Usage, message_text
@@ -62,22 +61,18 @@ class Transcript:
         )
 
 
-@dataclass(slots=True)
 class RequestOutput:
     """A static engine's output for one request (a sequence per prompt) as its text arrives: a streamed
     request's client gets each piece as an ``EngineOutput`` (``job.emit``), the last one with the usage;
     the others get the whole text in their result."""
 
-    job: Job
-    texts: list[str] = field(default_factory=list)
-    finish_reasons: list[str | None] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
-    completion_tokens: list[int] = field(default_factory=list)
+    __slots__ = ("completion_tokens", "finish_reasons", "job", "prompt_tokens", "texts")
 
-    def __post_init__(self) -> None:
-        n = self.job.request.sequences
+    def __init__(self, job: Job) -> None:
+        n = job.request.sequences
+        self.job = job
         self.texts = [""] * n
-        self.finish_reasons = [None] * n
+        self.finish_reasons: list[str | None] = [None] * n
         self.prompt_tokens = [0] * n
         self.completion_tokens = [0] * n
 

@@ -26,7 +26,6 @@ warm.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import msgspec
 from prometheus_client import CollectorRegistry
 
 from ..config import BackendSettings, BatchingSettings
@@ -360,7 +360,7 @@ class HfBnbBackend:
         fitted = fit_to_context(
             request, [len(p) for p in prompts], gen.max_positions, self._default_max_tokens
         )
-        return dataclasses.replace(fitted, engine_input=prompts)
+        return msgspec.structs.replace(fitted, engine_input=prompts)
 
     def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:
         """Left padding makes every row as long as the longest prompt, and the batch runs as many steps

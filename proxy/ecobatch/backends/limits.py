@@ -7,8 +7,9 @@ same way, with a 400 that names the field the client sent and the limit, before 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+
+import msgspec
 
 from ..domain import GenerationRequest
 from ..errors import BadRequest
@@ -41,7 +42,7 @@ def fit_to_context(
             f"{context_tokens} tokens; ask for at most {room}",
             param=field,
         )
-    return dataclasses.replace(request, prompt_tokens=tuple(prompt_tokens), max_tokens=max_tokens)
+    return msgspec.structs.replace(request, prompt_tokens=tuple(prompt_tokens), max_tokens=max_tokens)
 
 
 def check_max_tokens(request: GenerationRequest, context_tokens: int) -> None:

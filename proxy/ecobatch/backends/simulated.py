@@ -57,6 +57,11 @@ def _prompt_text(request: GenerationRequest, index: int) -> str:
     return "\n".join(f"{m['role']}: {message_text(m)}" for m in request.messages)
 
 
+def _prompt_length(request: GenerationRequest, index: int) -> int:
+    """Prompt ``index``'s tokens: its words."""
+    return len(_prompt_text(request, index).split())
+
+
 class _Sequence:
     def __init__(self, output: RequestOutput, index: int, max_tokens: int, seed: int) -> None:
         self.output = output
@@ -65,7 +70,9 @@ class _Sequence:
         self.words = _Words(seed)
         self.generated = 0
         self.done = False
-        output.prompt_tokens[index] = len(_prompt_text(output.job.request, index).split())
+        request = output.job.request
+        known = request.prompt_tokens  # counted by ``prepare``
+        output.prompt_tokens[index] = known[index] if known is not None else _prompt_length(request, index)
 
     def step(self) -> None:
         """Generate one token (word); finish on max_tokens, a stop string, or a client that left."""
@@ -134,7 +141,7 @@ class SimulatedBackend:
 
     async def prepare(self, request: GenerationRequest) -> GenerationRequest:
         check_fields(request, BASIC_FIELDS, self.name)
-        lengths = [len(_prompt_text(request, i).split()) for i in range(request.sequences)]
+        lengths = [_prompt_length(request, i) for i in range(request.sequences)]
         return fit_to_context(request, lengths, self.context_tokens, self._default_max_tokens)
 
     def batch_fits(self, requests: Sequence[GenerationRequest]) -> bool:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
+import msgspec
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ..config import BackendSettings
@@ -158,7 +158,7 @@ class VllmAsyncBackend:
             self._sampling(fitted)
         except (ValueError, TypeError, AttributeError) as exc:
             raise BadRequest(f"the engine refuses these sampling parameters: {exc}") from None
-        return dataclasses.replace(fitted, engine_input=prompts)
+        return msgspec.structs.replace(fitted, engine_input=prompts)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
         params = self._sampling(request)

@@ -36,14 +36,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 __all__ = ["ActiveModel", "InFlight", "IntervalSplit", "Shares", "split_interval", "union_length"]
 
 #: (generated tokens in the interval, mean sequences in flight while busy) -> joules while busy
 ActiveModel = Callable[[float, float], float]
 
 
-@dataclass(frozen=True, slots=True)
-class InFlight:
+class InFlight(msgspec.Struct, frozen=True):
     """One request's part in an interval: its in-flight time there, its sequences, its tokens there."""
 
     start_s: float

@@ -54,6 +54,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from ..clock import Clock, MonotonicClock
 from ..domain import Usage
 from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval, union_length
@@ -64,8 +66,7 @@ __all__ = ["BASES", "COUNTER_STEP_S", "Ledger", "LedgerTotals", "PrefillWeight",
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SettledRequest:
+class SettledRequest(msgspec.Struct, frozen=True):
     request_id: str
     joules: float
     source: str
