@@ -16,6 +16,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 
@@ -100,14 +101,14 @@ class Admission:
         self.closing = False
         self._tiers = tiers
         self._max_prompts = max_prompts_per_request
-        self._metrics = metrics
-        self._model = model
         self._done_rate = RecentRate()  # completions per second: how fast the queue drains
         #: the static window's arrival rate (an EWMA of gaps: arrivals at one instant read as a burst)
         self.arrival_rate = ArrivalRate()
         #: the event loop its futures belong to: found once, on the first request (each look-up asks the
         #: system for the process id)
         self._loop: asyncio.AbstractEventLoop | None = None
+        for tier in TIERS:  # each tier's depth is read when the metrics are scraped, not kept up per change
+            metrics.child(metrics.queue_depth, model, tier).set_function(partial(self._depth, tier))
 
     def reconfigure(self, settings: BatchingSettings) -> None:
         self.settings = settings
@@ -165,7 +166,6 @@ class Admission:
         self.queued_sequences += n
         self.load.arrived(now, tier, per_sequence, pending.kv_tokens / n)
         self.arrival_rate.observe(now)
-        self._publish_depth(tier)
         self.arrived.set()
         return pending
 
@@ -180,8 +180,8 @@ class Admission:
         """A request left the engine (served or failed)."""
         self._done_rate.observe(self.clock.now())
 
-    def _publish_depth(self, tier: Tier) -> None:
-        self._metrics.child(self._metrics.queue_depth, self._model, tier).set(len(self.queues[tier]))
+    def _depth(self, tier: Tier) -> int:
+        return len(self.queues[tier])
 
     def withdraw(self, pending: Pending) -> None:
         """The client left: cancel the request's future; if it is still queued it will not run."""
@@ -200,18 +200,13 @@ class Admission:
                 self.queued -= len(queue) - len(kept)
                 self.queued_sequences -= sum(p.sequences for p in queue if p.future.done())
                 self.queues[tier] = kept
-                self._publish_depth(tier)
 
     def _drop_done_heads(self) -> None:
-        for tier, queue in self.queues.items():
-            dropped = False
+        for queue in self.queues.values():
             while queue and queue[0].future.done():
                 gone = queue.popleft()
                 self.queued -= 1
                 self.queued_sequences -= gone.sequences
-                dropped = True
-            if dropped:
-                self._publish_depth(tier)
 
     async def wait_for_work(self) -> None:
         """Return once the queue holds a request whose client is still there."""
@@ -238,7 +233,6 @@ class Admission:
             queue.remove(pending)
         self.queued -= 1
         self.queued_sequences -= pending.sequences
-        self._publish_depth(pending.tier)
 
     def in_order(self) -> Iterator[Pending]:
         """Every queued request whose client is still there: priority first, then the others in order."""
@@ -275,12 +269,11 @@ class Admission:
         return group
 
     def fail_queued(self, error: BaseException) -> None:
-        for tier, queue in self.queues.items():
+        for queue in self.queues.values():
             while queue:
                 pending = queue.popleft()
                 if not pending.future.done():
                     pending.future.set_exception(error)
-            self._publish_depth(tier)
         self.queued = self.queued_sequences = 0
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import yaml
 
 from .errors import ConfigError
@@ -81,8 +82,7 @@ _META_KEYS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ProfilePoint:
+class ProfilePoint(msgspec.Struct, frozen=True):
     #: sequences stepped together: the batch size (static) or the sequences in flight (continuous)
     size: float
     tokens_per_s: float
@@ -125,6 +125,9 @@ class EnergyProfile:
     _curve: list[tuple[float, ...]] = field(
         default_factory=list, init=False, repr=False, compare=False, hash=False
     )
+    # The points' sizes and their log2, for interpolating between them (a request's mean concurrency)
+    _sizes: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False, hash=False)
+    _log2_sizes: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -136,6 +139,8 @@ class EnergyProfile:
             raise ConfigError(f"profile {self.name!r}: source={self.source!r} must be one of {_SOURCES}")
         if self.kind not in _KINDS:
             raise ConfigError(f"profile {self.name!r}: kind={self.kind!r} must be one of {_KINDS}")
+        object.__setattr__(self, "_sizes", tuple(sizes))
+        object.__setattr__(self, "_log2_sizes", tuple(math.log2(size) for size in sizes))
 
     @property
     def max_size(self) -> int:
@@ -192,7 +197,7 @@ class EnergyProfile:
     def _interpolated(self, size: float) -> ProfilePoint:
         if size <= 0:
             raise ValueError(f"size={size} must be > 0")
-        sizes = [p.size for p in self.points]
+        sizes, log2_sizes = self._sizes, self._log2_sizes
         if size <= sizes[0]:
             return _rescaled(self.points[0], size)
         if size >= sizes[-1]:
@@ -201,7 +206,7 @@ class EnergyProfile:
         a, b = self.points[hi - 1], self.points[hi]
         if b.size == size:
             return b
-        t = (math.log2(size) - math.log2(a.size)) / (math.log2(b.size) - math.log2(a.size))
+        t = (math.log2(size) - log2_sizes[hi - 1]) / (log2_sizes[hi] - log2_sizes[hi - 1])
 
         def lerp(x: float, y: float) -> float:
             return x + (y - x) * t

@@ -15,8 +15,10 @@ from ecobatch.metrics import Metrics
 from tests.fakes import req
 
 
-def make(settings: BatchingSettings | None = None) -> Admission:
-    metrics = Metrics(CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+def make(settings: BatchingSettings | None = None, registry: CollectorRegistry | None = None) -> Admission:
+    metrics = Metrics(
+        registry or CollectorRegistry(), model="m", carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD"
+    )
     return Admission(
         settings or BatchingSettings(),
         metrics,
@@ -41,6 +43,24 @@ async def test_the_queue_counts_sequences_as_they_come_and_go(admission: Admissi
     assert admission.queued_sequences == 1
     admission.take(8)
     assert admission.queued_sequences == 0
+
+
+async def test_the_queue_depth_metric_reads_each_tiers_line_as_it_is() -> None:
+    registry = CollectorRegistry()
+    admission = make(registry=registry)
+
+    def depth(tier: str) -> float | None:
+        return registry.get_sample_value("ecobatch_queue_depth", {"model": "m", "tier": tier})
+
+    admission.submit(req("a"))
+    leaving = admission.submit(req("b"))
+    admission.submit(req("c", service_tier="priority"))
+    assert (depth("interactive"), depth("priority"), depth("flex")) == (2, 1, 0)
+    admission.withdraw(leaving)
+    admission.drop_cancelled()
+    assert depth("interactive") == 1
+    admission.take(8)
+    assert (depth("interactive"), depth("priority")) == (0, 0)
 
 
 async def test_a_withdrawn_request_leaves_the_queue_and_the_count(admission: Admission) -> None:
