@@ -2,10 +2,10 @@
 
 Plain frozen values, no behaviour beyond arithmetic on their own fields, so that ``energy`` and
 ``backends`` never import the HTTP schema (``openai_api``) or the policy: engines answer in
-``EngineOutput`` and ``GenerationResult``, which the HTTP layer renders as OpenAI JSON. Most are frozen
-dataclasses; ``GenerationRequest``, made for every request and copied as engines prepare it, is a frozen
-``msgspec.Struct``: the same immutable value, made (and copied, ``msgspec.structs.replace``) about 20×
-faster than a frozen dataclass of its 19 fields.
+``EngineOutput`` and ``GenerationResult``, which the HTTP layer renders as OpenAI JSON. Those made for
+every request or output (``GenerationRequest``, ``Usage``, ``GenerationResult``, ``EngineOutput``,
+``TextDelta``) are frozen ``msgspec.Struct`` classes: immutable like frozen dataclasses, made (and
+copied, ``msgspec.structs.replace``) far faster (docs/measured.md); the others are frozen dataclasses.
 """
 
 from __future__ import annotations

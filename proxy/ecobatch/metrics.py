@@ -14,6 +14,7 @@ waits are recorded by the dispatchers as they happen.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -280,16 +281,22 @@ class Metrics:
     def describe_profile(self, profile: EnergyProfile) -> None:
         self.profile_info.labels(profile.name, profile.source, profile.gpu, profile.model).set(1)
 
-    def observe_settled(self, settled: SettledRequest, gpu: str) -> None:
-        """One request's joules are final: every request is charged; only a delivered one (its client
-        stayed) measured over its whole life is observed as a served request's energy."""
-        model, joules, source = self._model, settled.joules, settled.source
-        self.child(self.energy, model, source, gpu).inc(joules)
-        kwh = joules / _JOULES_PER_KWH
-        self.child(self.co2, model, source).inc(kwh * self._carbon_g_per_kwh)
-        self.child(self.cost, model, source, self._currency).inc(kwh * self._price_per_kwh)
-        if settled.delivered and settled.complete:
-            self.child(self.request_energy, model, source, settled.tier).observe(joules)
+    def observe_settled(self, settled: Sequence[SettledRequest], gpu: str) -> None:
+        """Requests whose joules are final (those one call of a ledger settled): every request is
+        charged, the energy, CO2 and cost counters moved once by their sum per source; only a delivered
+        one (its client stayed) measured over its whole life is observed as a served request's energy."""
+        model = self._model
+        joules_by_source: dict[str, float] = {}
+        for request in settled:
+            source, joules = request.source, request.joules
+            joules_by_source[source] = joules_by_source.get(source, 0.0) + joules
+            if request.delivered and request.complete:
+                self.child(self.request_energy, model, source, request.tier).observe(joules)
+        for source, joules in joules_by_source.items():
+            self.child(self.energy, model, source, gpu).inc(joules)
+            kwh = joules / _JOULES_PER_KWH
+            self.child(self.co2, model, source).inc(kwh * self._carbon_g_per_kwh)
+            self.child(self.cost, model, source, self._currency).inc(kwh * self._price_per_kwh)
 
     def observe_interval(self, split: IntervalSplit, source: str, gpu: str) -> None:
         if split.gap:

@@ -222,11 +222,12 @@ class Runtime:
         """Settled requests and intervals go to the metrics and the receipts, off the request path."""
         ledger, metrics, receipts = meter.ledger, self.metrics, self.receipts
 
-        def on_request(settled: SettledRequest) -> None:
+        def on_settled(settled: list[SettledRequest]) -> None:
+            for request in settled:
+                receipts.settle(request)
             metrics.observe_settled(settled, ledger.gpu)
-            receipts.settle(settled)
 
-        ledger.on_request = on_request
+        ledger.on_settled = on_settled
         ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
 
     async def drain(self, grace_s: float) -> None:

@@ -241,11 +241,12 @@ def collect_for_serving() -> None:
     """Set CPython's cyclic garbage collector for serving, once start-up is over.
 
     Requests make many short-lived containers and almost no reference cycles (reference counting frees
-    them), yet at the default threshold the collector runs every 700 allocations, and each time walks
-    every request in flight and, every 100 runs, every object start-up made (modules, the engine, the
-    profile): ~14 % of the CPU at saturation, for almost nothing collected. So what start-up made is
-    collected once and moved out of the collector's sight (``gc.freeze``), and the youngest generation
-    is collected every ``GC_YOUNG_THRESHOLD`` allocations; cycles are still collected, a little later.
+    them), yet at the default threshold the collector runs every 700 allocations, each time walking the
+    requests in flight and, now and then, every object start-up made (modules, the engine, the
+    profile), for almost nothing collected (its share of the CPU under load: docs/measured.md). So what
+    start-up made is collected once and moved out of the collector's sight (``gc.freeze``), and the
+    youngest generation is collected every ``GC_YOUNG_THRESHOLD`` allocations; cycles are still
+    collected, a little later. ``create_app`` alone (tests, embedding) leaves the collector as it is.
     """
     gc.collect()
     gc.freeze()

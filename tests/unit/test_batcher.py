@@ -119,7 +119,7 @@ async def test_a_request_whose_client_left_mid_batch_is_charged_but_not_counted_
     engine = FakeStaticEngine(gate=gate)
     batcher, ledger = build(StaticBatcher, engine, reference_profile, clock)
     settled = []
-    ledger.on_request = settled.append
+    ledger.on_settled = settled.extend
     await batcher.start()
     stays, leaves = batcher.submit(req("a b")), batcher.submit(req("c d"))
     await clock.advance(0.1)

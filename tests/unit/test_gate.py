@@ -575,7 +575,7 @@ async def test_a_request_that_ends_without_the_engines_count_still_carries_its_s
     engine = FakeContinuousEngine()
     gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, interactive_budget_ms=0)
     settled: dict[str, float] = {}
-    ledger.on_request = lambda s: settled.__setitem__(s.request_id, s.joules)
+    ledger.on_settled = lambda batch: settled.update((s.request_id, s.joules) for s in batch)
     await gate.start()
     leaving, staying = gate.submit(req("leaving")), gate.submit(req("staying"))
     await settle()

@@ -24,11 +24,12 @@ def collect(ledger: Ledger) -> tuple[dict[str, SettledRequest], list[IntervalSpl
     settled: dict[str, SettledRequest] = {}
     splits: list[IntervalSplit] = []
 
-    def on_request(s: SettledRequest) -> None:
-        assert s.request_id not in settled, "settled twice"
-        settled[s.request_id] = s
+    def on_settled(batch: list[SettledRequest]) -> None:
+        for s in batch:
+            assert s.request_id not in settled, "settled twice"
+            settled[s.request_id] = s
 
-    ledger.on_request = on_request
+    ledger.on_settled = on_settled
     ledger.on_interval = splits.append
     return settled, splits
 
@@ -297,20 +298,22 @@ async def test_a_failing_observer_neither_stops_nor_repeats_the_accounting() -> 
     ledger = ledger_on(clock)
     calls: list[str] = []
 
-    def flaky(s: SettledRequest) -> None:
-        calls.append(s.request_id)
+    def flaky(batch: list[SettledRequest]) -> None:
+        calls.extend(s.request_id for s in batch)
         if len(calls) == 1:
             raise ValueError("a metric refused the value")
 
-    ledger.on_request = flaky
-    a, b = ledger.begin("a"), ledger.begin("b")
+    ledger.on_settled = flaky
+    a = ledger.begin("a")
     await clock.advance(0.5)
     a.end(Usage(0, 1))
+    ledger.add_interval(0.0, 1.0, 10.0)  # settles a: its observer fails
+    b = ledger.begin("b")
+    await clock.advance(1.0)
     b.end(Usage(0, 1))
-    ledger.add_interval(0.0, 1.0, 10.0)
-    ledger.add_interval(1.0, 2.0, 10.0)
-    assert sorted(calls) == ["a", "b"]
-    assert ledger.totals.settled_request_joules == pytest.approx(10.0)
+    ledger.add_interval(1.0, 2.0, 10.0)  # settles b: reported, a not again
+    assert calls == ["a", "b"]
+    assert ledger.totals.settled_request_joules == pytest.approx(20.0)  # each its interval's 10 J
     assert ledger.pending_requests == 0
 
 

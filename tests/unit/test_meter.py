@@ -31,7 +31,7 @@ async def overlapping_traffic(
 ) -> list[SettledRequest]:
     """Random overlapping continuous requests (streams, plain, failed) while the GPU spends energy."""
     settled: list[SettledRequest] = []
-    meter.ledger.on_request = settled.append
+    meter.ledger.on_settled = settled.extend
     rng = random.Random(11)
     spans = []
     for step in range(300):
@@ -108,7 +108,7 @@ async def test_an_interval_is_extended_while_the_counter_stands_still() -> None:
     await clock.advance(0.1)
     gpu.energy_mj = 30_000  # the update covers the whole 0.2 s
     settled: list[SettledRequest] = []
-    meter.ledger.on_request = settled.append
+    meter.ledger.on_settled = settled.extend
     await meter.sample()
     assert [s.joules for s in settled] == pytest.approx([30.0])
     await meter.close()
@@ -208,7 +208,7 @@ async def test_an_unreadable_counter_becomes_a_gap_then_starts_afresh() -> None:
     reader = Flaky()
     ledger = Ledger(source="dcgm", gpu="?", prefill_weight=1.0, clock=clock)
     settled: list[SettledRequest] = []
-    ledger.on_request = settled.append
+    ledger.on_settled = settled.extend
     meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=0.0, max_stale_s=1.0)
     await meter.start()
     span = ledger.begin("during-outage")

@@ -34,7 +34,8 @@ counter (each class alone, mixed, and added to a steady load): docs/energy.md an
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
 a bookkeeping identity, true by construction, and no evidence that the split is right.
 An interval is settled once every request in flight in it has ended (its token timeline is known); a
-request is settled, and reported through ``on_request``, once the intervals up to its end are. Work
+request is settled, and reported through ``on_settled`` (the requests one call settled, together), once
+the intervals up to its end are. Work
 per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
 most ``settle_budget`` intervals per turn of the event loop, and settled requests are reported at most
 ``report_budget`` per turn, so that a busy interval does not stall every response for milliseconds.
@@ -353,7 +354,8 @@ class Ledger:
         self._continuation_scheduled = False
         self._last_end_s = float("-inf")  # the latest end of a request settled so far
         self.totals = LedgerTotals()
-        self.on_request: Callable[[SettledRequest], None] = lambda settled: None
+        #: the requests one call of the ledger settled, in order, together (at most ``report_budget``)
+        self.on_settled: Callable[[list[SettledRequest]], None] = lambda settled: None
         self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
 
     @property
@@ -421,8 +423,9 @@ class Ledger:
             if record.end_s is None:
                 self._end(record, None, False)
         self._settle(budget=0)
-        while self._requests.live:
-            self._report(self._requests.live.popleft())
+        settled = [self._settled(record) for record in self._requests.live]
+        self._requests.live.clear()
+        self._report(settled)
 
     def _settle(self, budget: int | None = None) -> None:
         """Settle intervals in order while no open request began before their end, then report the
@@ -442,13 +445,13 @@ class Ledger:
             self._intervals.popleft()
             self._settle_one(interval)
             done += 1
-        reported = 0
+        settled: list[SettledRequest] = []
         while self._outbox:
-            if budget and reported >= self._report_budget:
+            if budget and len(settled) >= self._report_budget:
                 self._continue_later()
-                return
-            self._report(self._outbox.popleft())
-            reported += 1
+                break
+            settled.append(self._settled(self._outbox.popleft()))
+        self._report(settled)
 
     def _continue_later(self) -> None:
         if self._continuation_scheduled:
@@ -537,12 +540,21 @@ class Ledger:
         except Exception:  # a broken observer must not stop the accounting
             log.exception("energy: the interval observer failed")
 
-    def _report(self, record: _Record) -> None:
+    def _settled(self, record: _Record) -> SettledRequest:
         self.totals.settled_request_joules += record.joules
+        return record.settled(self.source)
+
+    def _report(self, settled: list[SettledRequest]) -> None:
+        if not settled:
+            return
         try:
-            self.on_request(record.settled(self.source))
+            self.on_settled(settled)
         except Exception:  # a broken observer must not stop (or repeat) the accounting
-            log.exception("energy: the request observer failed for %s", record.request_id)
+            log.exception(
+                "energy: the observer of settled requests failed for %s (and %d more)",
+                settled[0].request_id,
+                len(settled) - 1,
+            )
 
 
 def _overlaps(record: _Record, t0: float) -> bool:
