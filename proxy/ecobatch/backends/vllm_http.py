@@ -13,6 +13,8 @@
   client slows the upstream response (TCP backpressure; vLLM merges the outputs it cannot send yet).
 * Closing the generator (the client left, a time-out) closes its upstream connection, and vLLM's
   server aborts a request whose client disconnected.
+* Connections are pooled (``upstream_http``): a request that went out on an idle connection just as
+  vLLM closed it goes once more on another.
 * Upstream errors: 4xx keep their status and message; 5xx, broken connections and malformed replies
   become 502 ``BackendFailed``; the gate's time-out becomes 504.
 * ``prepare`` refuses a ``max_tokens`` that cannot fit the upstream's ``max_model_len`` (from its
@@ -39,6 +41,7 @@ from ..config import BackendSettings
 from ..domain import EngineOutput, GenerationRequest, Headroom, TextDelta, Usage
 from ..errors import BackendFailed, BadRequest, EcobatchError
 from ..fields import check_fields
+from . import upstream_http
 from .base import EngineHealth, EngineShape, Progress
 from .breaker import Breaker
 from .limits import check_max_tokens
@@ -47,11 +50,6 @@ from .vllm_metrics import headroom_from_metrics
 __all__ = ["VllmHttpBackend"]
 
 log = logging.getLogger(__name__)
-
-#: how long an idle upstream connection is kept for reuse: below the 5 s after which vLLM's server
-#: (uvicorn, VLLM_HTTP_TIMEOUT_KEEP_ALIVE) closes it, so a request never goes out on a connection the
-#: server is closing at that moment (seen as a 502 "Server disconnected" with aiohttp's 15 s default)
-KEEPALIVE_S = 2.0
 
 
 def _usage(raw: Mapping[str, Any] | None) -> Usage:
@@ -155,8 +153,7 @@ class VllmHttpBackend:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self, progress: Progress) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._session = upstream_http.session(timeout=timeout)
         await self._wait_for_upstream(progress)
         self._poller = asyncio.create_task(self._watch(), name="vllm-watch")
         self.started = True
@@ -274,9 +271,8 @@ class VllmHttpBackend:
         self.breaker.success()
 
     async def _post(self, request: GenerationRequest) -> EngineOutput:
-        async with self._http.post(
-            f"{self._base}{self._path(request)}", json=self._upstream_body(request)
-        ) as r:
+        url = f"{self._base}{self._path(request)}"
+        async with await upstream_http.post(self._http, url, self._upstream_body(request)) as r:
             text = await r.text()
             if r.status != 200:
                 raise _upstream_error(r.status, text)
@@ -291,7 +287,8 @@ class VllmHttpBackend:
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
         body = self._upstream_body(request)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        async with self._http.post(f"{self._base}{self._path(request)}", json=body) as resp:
+        url = f"{self._base}{self._path(request)}"
+        async with await upstream_http.post(self._http, url, body) as resp:
             if resp.status != 200:
                 raise _upstream_error(resp.status, await resp.text())
             async with contextlib.aclosing(_relay(resp.content)) as outputs:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from ..backends.vllm_http import KEEPALIVE_S
+from ..backends import upstream_http
 from .workload import Arrival, prompt_text
 
 __all__ = ["Outcome", "run_arrivals"]
@@ -65,7 +65,7 @@ def _body(
 async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any], outcome: Outcome) -> None:
     t0 = time.monotonic()
     try:
-        async with session.post(url, json=body) as resp:
+        async with await upstream_http.post(session, url, body) as resp:
             outcome.status = resp.status
             outcome.request_id = resp.headers.get("X-Ecobatch-Request-Id")
             if not body.get("stream") or resp.status != 200:
@@ -132,8 +132,7 @@ async def run_arrivals(
     bodies = [_body(a, model, api, stream, ignore_eos, rng, salt) for a in arrivals]
     outcomes = [Outcome(a.at_s, 0, a.tier) for a in arrivals]
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=headers) as session:
+    async with upstream_http.session(timeout=timeout, headers=headers) as session:
         start = time.monotonic()
         if on_start is not None:
             on_start(start)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends import upstream_http
 from ..energy.counters import NvmlCounters
 from ..exposition import samples
 from .measure import EnergyWindow
@@ -137,7 +138,7 @@ async def _closed_loop(
     async def worker() -> None:
         nonlocal finished
         while not stop.is_set():
-            async with session.post(f"{base}/v1/completions", json=body()) as r:
+            async with await upstream_http.post(session, f"{base}/v1/completions", body()) as r:
                 if r.status != 200:
                     raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
                 await r.read()
@@ -180,18 +181,13 @@ async def calibrate_vllm_http(
     prompt token is the profile's ``prefill_joules_per_token``."""
     import aiohttp
 
-    from ..backends.vllm_http import KEEPALIVE_S
-
     base = base_url.rstrip("/")
     rng = random.Random(0)
     vocab_guess = 256  # token ids below this exist in any vocabulary worth measuring
     # No connection limit for the load (aiohttp's default pool of 100 capped "256 in flight" at 100),
     # and /metrics on a session of its own: behind queued load requests it waited forever.
     async with (
-        aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
-        ) as session,
+        upstream_http.session() as session,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as probe,
     ):
         async with probe.get(f"{base}/v1/models") as resp:

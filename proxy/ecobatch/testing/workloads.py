@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from ..backends.vllm_http import KEEPALIVE_S
+from ..backends import upstream_http
 
 __all__ = ["short_beside_long"]
 
@@ -29,10 +29,13 @@ async def _chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens
         "temperature": 0,
     }
     t0 = time.perf_counter()
-    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-        text = await resp.text()
-        if resp.status != 200:
-            raise RuntimeError(f"{url} answered {resp.status}: {text[:300]}")
+    try:
+        async with await upstream_http.post(session, f"{url}/v1/chat/completions", body) as resp:
+            text = await resp.text()
+    except aiohttp.ClientError as exc:  # say which target failed: the caller sends to several
+        raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    if resp.status != 200:
+        raise RuntimeError(f"{url} answered {resp.status}: {text[:300]}")
     return time.perf_counter() - t0
 
 
@@ -50,9 +53,7 @@ async def short_beside_long(
     sends ``n_short`` requests of ``short_tokens`` and ``n_long`` of ``long_tokens`` at once, to each
     target in turn."""
     latencies: dict[str, dict[str, list[float]]] = {name: {"short": [], "long": []} for name in targets}
-    # idle connections are dropped before vLLM's server closes them (see vllm_http.KEEPALIVE_S)
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with upstream_http.session() as session:  # vLLM's idle connections handled as the proxy does
         for _ in range(rounds):
             for name, url in targets.items():
                 results = await asyncio.gather(
