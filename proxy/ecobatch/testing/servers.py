@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -86,6 +86,54 @@ class Proc:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def model_workers(self) -> list[int]:
+        """The pids of the vLLM worker processes (the ones running the model) this process started: vLLM
+        names them ``VLLM::Worker``."""
+        found = []
+        for pid in _running_in_group(self.proc.pid):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue  # gone meanwhile
+            if name.startswith("VLLM::Worker"):
+                found.append(pid)
+        return found
+
+    @contextlib.contextmanager
+    def engine_paused(self) -> Iterator[None]:
+        """vLLM's model workers stopped (SIGSTOP) inside the block and resumed (SIGCONT) after it: the
+        engine still takes requests, schedules and aborts them, but no step of the model ends meanwhile,
+        so nothing is generated."""
+        pids = self.model_workers()
+        if not pids:
+            raise RuntimeError(f"{self.name}: no vLLM worker process to pause")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def log_size(self) -> int:
+        """Where the log ends now: ``wait_for_log`` after it sees only what comes later."""
+        return self.log.stat().st_size
+
+    def wait_for_log(self, text: str, after: int, timeout_s: float = 60.0) -> str:
+        """The first log line after byte ``after`` that contains ``text``, as soon as it is written;
+        an error after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.log.open("rb") as f:
+                f.seek(after)
+                for line in f.read().decode(errors="replace").splitlines():
+                    if text in line:
+                        return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} logged no {text!r} within {timeout_s} s:\n{self.tail()}")
+            time.sleep(0.02)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
