@@ -17,8 +17,9 @@ power × the window, is the phase's energy above idle.
    order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference
    (goal: ±10 %).
 
-Also written: ecobatch's idle, other-work and attributed counters over the whole run (the other-work
-share) and, per alone phase, the counter's above-idle energy in the seconds after the last answer (the
+Also written: the counter's readings every 20 ms (``counter-trace.csv.gz``, on the records' clock),
+ecobatch's idle, other-work and attributed counters over the whole run (the other-work share) and, per
+alone phase, the counter's above-idle energy in the seconds after the last answer (the
 power's tail). Classes: P prompt-heavy (1,770 prompt tokens, 16 out), M medium (512, 128), D
 decode-heavy (64, 512); prompts are random words, new for every request (no prefix-cache reuse).
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import math
 import random
@@ -358,6 +360,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         end = await _ecobatch_totals(session, args.proxy)
         run_j, run_s = counter.read_j() - e_start, time.monotonic() - t_start
     counter.close()
+    out["trace"] = counter.trace
     out["phases"] = [
         {
             **{k: v for k, v in asdict(p).items() if k != "records"},
@@ -442,6 +445,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def write(out: dict[str, Any], where: Path) -> None:
     where.mkdir(parents=True, exist_ok=True)
     records = out.pop("records")
+    # the counter every 20 ms on the records' clock (their sent_s, end_s): where the energy went, in time
+    with gzip.open(where / "counter-trace.csv.gz", "wt") as f:
+        f.write("t_s,joules\n")
+        f.writelines(f"{t:.4f},{j:.3f}\n" for t, j in out.pop("trace"))
     with (where / "records.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -15,7 +15,7 @@
 #   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
-# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT | quant8 |
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, or bursty-RATE: 5 s on, 5 s off; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
@@ -199,15 +199,15 @@ calibrate() {  # $1 quant, $2 concurrencies
 }
 
 # ecobatch out of the box in front of vLLM QUANT (the run-time controller, default budgets; NVML energy)
-ensure_ecobatch() {  # $1 quant
-  local tag=$1 profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$1.yaml
+ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter_lag_s), if told
+  local tag=$1${2:+-lag} profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$1.yaml lag=${2:+, counter_lag_s: $2}
   # calibrated on this machine by an earlier step (cal:QUANT): that profile, with its prefill energy
   [ -f "$KEEP/h200-vllm-mistral7b-$1.yaml" ] && profile=$KEEP/h200-vllm-mistral7b-$1.yaml
   [ "${REHEARSAL:-0}" = 1 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
   [ "$(cat /tmp/eco.tag 2>/dev/null)" = "$tag" ] && curl -sf $PROXY/health >/dev/null && return 0
   stop /tmp/eco.pid
   printf '%s\n' "backend: {kind: vllm-http, upstream: \"http://127.0.0.1:8000\", model: mistral-7b}" \
-    "server: {port: 8080}" "energy: {meter: $METER, profile: $profile}" > "$KEEP/ecobatch-$tag.yaml"
+    "server: {port: 8080}" "energy: {meter: $METER, profile: $profile$lag}" > "$KEEP/ecobatch-$tag.yaml"
   setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
   echo $! > /tmp/eco.pid; echo "$tag" > /tmp/eco.tag
   wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60
@@ -235,15 +235,23 @@ compare() {
 }
 
 # ecobatch's receipts against the GPU's own counter: each class alone, mixed, and added to a steady load
-truth() {  # $1 quant
-  ensure_vllm "$1" && ensure_ecobatch "$1" || return 1
-  local extra=()
-  [ "${REHEARSAL:-0}" = 1 ] && extra=(--counter "dcgm=http://127.0.0.1:9400/metrics" --scale 0.1 --seconds 6)
-  python3 benchmarks/energy_truth.py --proxy $PROXY --out "$KEEP/energy-truth-$1" --seconds 12 --settle-s 2 \
-    --idle-s 3 --tail-s 1.5 "${extra[@]}" \
-    && say "energy truth $1 done"
-  curl -s $PROXY/metrics > "$KEEP/energy-truth-$1/ecobatch-metrics.txt"
-  cp "$KEEP/ecobatch-$1.log" "$KEEP/energy-truth-$1/" 2>/dev/null; true
+truth() {  # $1 quant, $2 "lag": first measure the counter's lag (benchmarks/counter_lag.py), tell ecobatch
+  ensure_vllm "$1" || return 1
+  local extra=() counter=() lag="" name="energy-truth-$1"
+  [ "${REHEARSAL:-0}" = 1 ] && counter=(--counter "dcgm=http://127.0.0.1:9400/metrics") \
+    && extra=(--scale 0.1 --seconds 6)
+  if [ "${2:-}" = lag ]; then
+    python3 benchmarks/counter_lag.py --url $VLLM --out "$KEEP/counter-lag-$1.json" "${counter[@]}" || return 1
+    lag=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['lag_s'], 4))" \
+      "$KEEP/counter-lag-$1.json") || return 1
+    name="energy-truth-$1-lag"
+  fi
+  ensure_ecobatch "$1" "$lag" || return 1
+  python3 benchmarks/energy_truth.py --proxy $PROXY --out "$KEEP/$name" --seconds 12 --settle-s 2 \
+    --idle-s 3 --tail-s 1.5 "${counter[@]}" "${extra[@]}" \
+    && say "$name done"
+  curl -s $PROXY/metrics > "$KEEP/$name/ecobatch-metrics.txt"
+  cp "$KEEP/ecobatch-$1${lag:+-lag}.log" "$KEEP/$name/" 2>/dev/null; true
 }
 
 # 8 long requests (1,024 tokens) and 32 short ones (16 tokens) at once, straight to vLLM and through ecobatch
@@ -324,7 +332,7 @@ for step in "$@"; do
     ctl) IFS=: read -r _ quant load tier seconds rounds from <<< "$step"
          compare "$quant" "$load" "$tier" "${seconds:-40}" "${rounds:-1}" "$from" || exit 1 ;;
     shortlong) shortlong "$quant" || exit 1 ;;
-    truth) truth "$quant" || exit 1 ;;
+    truth) truth "$quant" "$rate" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -360,6 +360,10 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     # After a request's end, the energy above idle that the counter still reports (its update lag, the
     # power's decay) for this long is charged to the requests that just ended, not to other work.
     tail_s: Annotated[float, Meta(ge=0, le=10)] = 1.0
+    # How late the counter reports the energy the GPUs drew: each interval is placed this much earlier,
+    # so that a request's energy lands on it and not on the requests after it. None: the profile's
+    # measured counter_lag_s (`ecobatch calibrate`), else 0.
+    counter_lag_s: Annotated[float, Meta(ge=0, le=5)] | None = None
     # The most the measured GPUs can draw, summed: while ecobatch's requests run they are charged at
     # most this × their busy time (the rest is another client's). None: the GPUs' power limit as NVML or
     # dcgm-exporter (DCGM_FI_DEV_POWER_MGMT_LIMIT) reports it; no cap where neither does.

@@ -77,6 +77,7 @@ _META_KEYS = {
     "engine",
     "idle_power_w",
     "prefill_joules_per_token",
+    "counter_lag_s",
     "points",
     "meta",
 }
@@ -118,6 +119,9 @@ class EnergyProfile:
     #: measured energy above idle per prompt token (``ecobatch calibrate``'s prefill point); None: not
     #: measured
     prefill_joules_per_token: float | None = None
+    #: how late the energy counter reported the energy, seconds (``ecobatch calibrate``); None: not
+    #: measured
+    counter_lag_s: float | None = None
     # Points at whole sizes, computed once: the policy asks for every size up to its cap per decision.
     _at_whole: dict[int, ProfilePoint] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -303,6 +307,9 @@ def profile_from_mapping(data: Mapping[str, Any], where: str = "profile") -> Ene
     )
     idle = data.get("idle_power_w")
     prefill = data.get("prefill_joules_per_token")
+    lag = data.get("counter_lag_s")
+    if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int | float) or not 0 <= lag <= 5):
+        raise ConfigError(f"{where}.counter_lag_s={lag!r} must be a number of seconds from 0 to 5")
     return EnergyProfile(
         name=str(data.get("name", where)),
         source=data.get("source", "reference"),
@@ -317,6 +324,7 @@ def profile_from_mapping(data: Mapping[str, Any], where: str = "profile") -> Ene
         prefill_joules_per_token=None
         if prefill is None
         else _number(where, "prefill_joules_per_token", prefill),
+        counter_lag_s=None if lag is None else float(lag),
     )
 
 

@@ -107,6 +107,9 @@ def to_profile(points: Sequence[CalibrationPoint], meta: dict[str, Any]) -> dict
     }
     if prefill:  # measured above idle: the ledger weighs prompt tokens by it
         profile["prefill_joules_per_token"] = round(prefill["joules_per_token"], 6)
+    lag = meta.get("counter_lag")
+    if lag:  # the meter places the counter's intervals this much earlier
+        profile["counter_lag_s"] = round(lag["lag_s"], 4)
     return profile
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 from ..backends import upstream_http
 from ..energy.counters import NvmlCounters
 from ..exposition import samples
+from .lag import probe_counter_lag
 from .measure import EnergyWindow
 from .report import CalibrationPoint, make_point, report_line
 
@@ -130,7 +132,6 @@ async def _closed_loop(
 ) -> _LoopWindow:
     """Keep ``concurrency`` requests in flight; after ``warmup_s`` measure ``min_seconds`` of energy and
     of vLLM's own ``metric`` count; then stop and let the requests in flight drain."""
-    import asyncio
 
     stop = asyncio.Event()
     finished = 0
@@ -238,7 +239,50 @@ async def calibrate_vllm_http(
             idle_power_w=idle_power_w,
             progress=progress,
         )
-    return points, {"served_model": model, "max_model_len": served.get("max_model_len"), "prefill": prefill}
+        lag = await _counter_lag(session, base, body, counters, idle_power_w, progress)
+    facts = {"served_model": model, "max_model_len": served.get("max_model_len"), "prefill": prefill}
+    return points, {**facts, "counter_lag": lag}
+
+
+async def _counter_lag(
+    session: Any,
+    base: str,
+    body: Callable[[int, int], Callable[[], dict[str, Any]]],
+    counters: NvmlCounters,
+    idle_power_w: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The energy counter's lag (``lag.py``): bursts of 16 requests of 64 tokens on the idle server; None
+    (said) where no burst showed above idle."""
+    make = body(16, 64)
+
+    async def one() -> None:
+        async with await upstream_http.post(session, f"{base}/v1/completions", make()) as r:
+            if r.status != 200:
+                raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
+            await r.read()
+
+    async def burst() -> None:
+        await asyncio.gather(*(one() for _ in range(16)))
+
+    def joules() -> float:
+        return sum(counters.read_now().values())
+
+    try:
+        estimate = await probe_counter_lag(burst, joules, idle_power_w)
+    except ValueError as exc:
+        progress(f"counter lag not measured ({exc}); the profile has no counter_lag_s")
+        return None
+    progress(
+        f"counter lag: {1000 * estimate.lag_s:.0f} ms (rising edges "
+        f"{', '.join(f'{1000 * d:.0f}' for d in estimate.rise_delays_s)} ms; falling "
+        f"{', '.join(f'{1000 * d:.0f}' for d in estimate.fall_delays_s)} ms)"
+    )
+    return {
+        "lag_s": estimate.lag_s,
+        "rise_delays_s": list(estimate.rise_delays_s),
+        "fall_delays_s": list(estimate.fall_delays_s),
+    }
 
 
 def _fit_prompt(prompt_tokens: int, max_model_len: object) -> int:

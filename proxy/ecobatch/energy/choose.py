@@ -142,7 +142,8 @@ def build_meter(
         tail_s=energy.tail_s,
         live_idle=energy.live_idle and energy.idle_power_w is None,
     )
-    log.info("energy: measured by %s", why)
+    lag_s = energy.counter_lag_s if energy.counter_lag_s is not None else profile.counter_lag_s or 0.0
+    log.info("energy: measured by %s (counter lag %.0f ms)", why, 1000 * lag_s)
     return Meter(
         ledger,
         reader,
@@ -151,4 +152,5 @@ def build_meter(
         max_stale_s=60.0,
         gpu_prefix=spec.gpu_prefix,
         idle_fallback_w=spec.idle_fallback_w,
+        counter_lag_s=lag_s,
     )

@@ -13,7 +13,9 @@ Idle power (the idle bucket's rate) is measured at start, before any request: th
 over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time; the
 ledger then re-estimates it live from quiet intervals (``idle.py``). With each interval the meter passes
 the sequences another client runs on the engine (``others_in_flight``, the engine's own count). The
-GPUs' power limit caps what ecobatch's requests can be charged (``Ledger.max_power_w``).
+GPUs' power limit caps what ecobatch's requests can be charged (``Ledger.max_power_w``). A counter
+that reports energy late (``counter_lag_s``, measured by ``calibrate/lag.py``) has its readings placed
+that much earlier, where the energy was drawn.
 
 A counter that cannot be read (an exporter down) is retried at every tick; a short outage costs
 nothing, since the next reading's delta covers it. One that stays unreadable for ``max_stale_s``
@@ -52,9 +54,14 @@ class Meter:
         max_stale_s: float = 60.0,
         gpu_prefix: str = "",
         idle_fallback_w: float | None = None,
+        counter_lag_s: float = 0.0,
     ) -> None:
         if sample_interval_s <= 0:
             raise ValueError(f"{sample_interval_s=} must be > 0")
+        if counter_lag_s < 0:
+            raise ValueError(f"{counter_lag_s=} must be >= 0")
+        #: how late the counter reports the energy: readings are placed this much earlier on the clock
+        self.counter_lag_s = counter_lag_s
         self.ledger = ledger
         self.reader = reader
         self.sample_interval_s = sample_interval_s
@@ -128,7 +135,7 @@ class Meter:
                     )
         if self._idle_power_w is not None:
             self.ledger.idle_power_w = self._idle_power_w
-        self._last_s = self.ledger.clock.now()
+        self._last_s = self._drawn_at()
         self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
 
     def _name(self, reader: CounterReader) -> None:
@@ -172,6 +179,10 @@ class Meter:
             return joules / seconds
         return sum(powers) / len(powers) if powers else 0.0
 
+    def _drawn_at(self) -> float:
+        """When the energy the counter reports now was drawn: now, less the counter's lag."""
+        return self.ledger.clock.now() - self.counter_lag_s
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.sample_interval_s)
@@ -181,7 +192,7 @@ class Meter:
                 log.exception("energy sampling failed; sampling on")
 
     def _lost(self, exc: BaseException) -> None:
-        now = self.ledger.clock.now()
+        now = self._drawn_at()
         if not self._failing:
             log.warning("energy: reading the %s counter failed: %s (retrying)", self.source, exc)
             self._failing = True
@@ -212,12 +223,12 @@ class Meter:
                 self._name(self.reader)
             if self._gap_open:  # what it counted during the gap cannot be placed: start afresh here
                 self._deltas.rebase(reading)
-                now = self.ledger.clock.now()
+                now = self._drawn_at()
                 self.ledger.add_gap(self._last_s, now)
                 self._last_s, self._gap_open = now, False
                 return
             joules = self._deltas.delta(reading)
-        now = self.ledger.clock.now()
+        now = self._drawn_at()
         if joules == 0.0 and not force:
             if now - self._last_s < self._max_stale_s:
                 return
