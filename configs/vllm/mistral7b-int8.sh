@@ -14,6 +14,8 @@
 set -euo pipefail
 MODEL_DIR=${1:?usage: mistral7b-int8.sh PRE_QUANTIZED_INT8_DIR [extra vllm args]}
 shift
+# ecobatch reuses an idle connection for 2 s; vLLM keeping one 75 s (its default: 5) leaves no race
+export VLLM_HTTP_TIMEOUT_KEEP_ALIVE=${VLLM_HTTP_TIMEOUT_KEEP_ALIVE:-75}
 exec vllm serve "$MODEL_DIR" \
   --served-model-name mistral-7b-int8 \
   --quantization bitsandbytes \

@@ -1,5 +1,6 @@
 """Pooled connections to an upstream: a request that went out on an idle connection just as the server
-closed it goes once more, on another connection; any other request the server drops is an error."""
+closed it goes once more, on another connection, and only once; any other request the server drops is an
+error, and one whose second try finds the server gone fails as the first try did (it may have run)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class Upstream:
     fired as the request came)."""
 
     drop: Drop
+    #: stop listening once a request is dropped (a server that died)
+    gone_after_drop: bool = False
+    server: asyncio.Server | None = None
     connections: int = 0
     requests: list[tuple[int, int]] = field(default_factory=list)
     url: str = ""
@@ -42,6 +46,8 @@ class Upstream:
                 served += 1
                 self.requests.append((connection, served))
                 if self.drop(connection, served):
+                    if self.gone_after_drop and self.server is not None:
+                        self.server.close()
                     return
                 writer.write(OK)
                 await writer.drain()
@@ -51,16 +57,16 @@ class Upstream:
             writer.close()
 
 
-Serve = Callable[[Drop], Awaitable[Upstream]]
+Serve = Callable[..., Awaitable[Upstream]]
 
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
     servers: list[asyncio.Server] = []
 
-    async def start(drop: Drop) -> Upstream:
-        upstream = Upstream(drop)
-        server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    async def start(drop: Drop, gone_after_drop: bool = False) -> Upstream:
+        upstream = Upstream(drop, gone_after_drop)
+        server = upstream.server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
         servers.append(server)
         upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/completions"
         return upstream
@@ -90,7 +96,7 @@ async def test_a_request_on_a_new_connection_the_server_drops_is_an_error_sent_o
     assert upstream.requests == [(1, 1)]
 
 
-async def test_a_server_that_drops_every_reused_connection_costs_one_try_per_idle_one(serve: Serve) -> None:
+async def test_a_request_goes_again_only_once(serve: Serve) -> None:
     upstream = await serve(lambda connection, n: n > 1)  # answers each connection's first request only
     async with upstream_http.session() as http:
 
@@ -99,6 +105,18 @@ async def test_a_server_that_drops_every_reused_connection_costs_one_try_per_idl
                 await r.read()
 
         await asyncio.gather(*(one() for _ in range(3)))  # three connections in the pool
-        await one()  # tries the three idle ones, then a new one
-    assert upstream.connections == 4
-    assert len(upstream.requests) == 3 + 3 + 1
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await one()  # dropped on a pooled connection, then on another pooled one: an error
+    assert len(upstream.requests) == 3 + 2
+
+
+async def test_a_second_try_that_finds_the_server_gone_fails_as_the_first_did(serve: Serve) -> None:
+    """The server read the request and went away: it may have run it, so the caller must not take it
+    for a request that never reached the server (a refused connection)."""
+    upstream = await serve(lambda connection, n: n == 2, gone_after_drop=True)
+    async with upstream_http.session() as http:
+        async with await upstream_http.post(http, upstream.url, {}) as r:
+            await r.read()
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await upstream_http.post(http, upstream.url, {})
+    assert upstream.requests == [(1, 1), (1, 2)]

@@ -1,19 +1,22 @@
-"""HTTP to an upstream server (vLLM's OpenAI server) over pooled keep-alive connections.
+"""HTTP to an upstream vLLM server over pooled keep-alive connections.
 
-A server closes a connection it has kept idle for a while (vLLM's server, uvicorn: after 5 s,
-``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``). A request sent on a pooled connection at the moment the server closes
-it gets no answer: the connection ends with no byte of a response (aiohttp: "Server disconnected").
-Two things keep that from reaching a client of ecobatch:
+A server closes a connection it has kept idle for a while (vLLM's server, uvicorn: after
+``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s by default). A request sent on a pooled connection at the moment
+the server closes it gets no answer: the connection ends with no byte of a response (aiohttp: "Server
+disconnected"), and the client sees a 502. Three things keep that from reaching ecobatch's clients:
 
-* ``KEEPALIVE_S``: an idle connection is reused only within 2 s of its last response, by the client's
-  clock. Not enough alone: the server's clock starts when it sent the response, the client's when it
-  read it, and a client whose event loop lags by 3 s (seen: 2.7 s, a proxy sharing 2 cores with the
-  engine) reuses a connection the server is closing.
+* start vLLM with ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE=75`` (the deploy files do): it keeps idle connections
+  far longer than ecobatch reuses them;
+* ``KEEPALIVE_S``: ecobatch reuses an idle connection only within 2 s of its last response, by its own
+  clock. Not enough alone against vLLM's 5 s: the server's clock starts when it sent the response,
+  ecobatch's when it read it, and a proxy whose event loop lags by 3 s (seen: 2.07 s, a proxy sharing 2
+  cores with the engine, not scheduled at all meanwhile) reuses a connection the server is closing;
 * ``post``: a request that went out on a pooled connection and ended with no byte of an answer goes
-  once more, on another connection. The server closed a connection it kept idle, so it never read the
-  request: its keep-alive timer only runs while it waits for one. HTTP clients do the same for a
-  server-closed idle connection (RFC 9112, 9.3.1; Go's net/http). A request on a new connection that
-  ends that way is an error, never sent again.
+  once more, on another connection, and only once. That is the keep-alive race above (the server closed
+  the connection before reading the request) or a server that read it and then dropped the connection
+  (its process died): then vLLM may have started the request, and it can run twice. If the second try
+  cannot connect, the first failure is raised (the request may have reached the engine: it must not be
+  sent to another replica as one that never did).
 """
 
 from __future__ import annotations
@@ -56,14 +59,16 @@ def session(
 
 async def post(http: aiohttp.ClientSession, url: str, body: Any) -> aiohttp.ClientResponse:
     """POST ``body`` as JSON on a ``session``; the response once its status line and headers are in (use
-    it in ``async with``). Sent again, on another connection, while it went out on a pooled connection
-    that the server closed with no byte of an answer (each such try takes one idle connection out of the
-    pool: the tries end with the pool)."""
-    while True:
-        seen = {"reused": False}
+    it in ``async with``). Sent a second time, and at most that, where it went out on a pooled
+    connection that the server closed with no byte of an answer."""
+    seen = {"reused": False}
+    try:
+        return await http.post(url, json=body, trace_request_ctx=seen)
+    except aiohttp.ServerDisconnectedError as first:
+        if not seen["reused"]:
+            raise
+        log.info("%s closed a pooled connection with no answer as a request went out on it: sent again", url)
         try:
-            return await http.post(url, json=body, trace_request_ctx=seen)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if not seen["reused"] or isinstance(exc, aiohttp.ClientConnectorError):
-                raise
-            log.debug("%s closed an idle connection as a request went out on it: sent again", url)
+            return await http.post(url, json=body)
+        except aiohttp.ClientConnectorError:  # the server is gone: it may have taken the first try
+            raise first from None

@@ -43,6 +43,9 @@ def engine_env(**extra: str) -> dict[str, str]:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
+            # idle connections kept 75 s (vLLM's default: 5): a client that reuses one a little late on a
+            # busy machine must not meet it closing (upstream_http.py)
+            "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "75",
         }
     )
     env.update(extra)

@@ -30,7 +30,7 @@ async def _chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens
     }
     t0 = time.perf_counter()
     try:
-        async with await upstream_http.post(session, f"{url}/v1/chat/completions", body) as resp:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
             text = await resp.text()
     except aiohttp.ClientError as exc:  # say which target failed: the caller sends to several
         raise RuntimeError(f"{url}: {type(exc).__name__}: {exc}") from exc
@@ -53,7 +53,7 @@ async def short_beside_long(
     sends ``n_short`` requests of ``short_tokens`` and ``n_long`` of ``long_tokens`` at once, to each
     target in turn."""
     latencies: dict[str, dict[str, list[float]]] = {name: {"short": [], "long": []} for name in targets}
-    async with upstream_http.session() as session:  # vLLM's idle connections handled as the proxy does
+    async with upstream_http.session() as session:
         for _ in range(rounds):
             for name, url in targets.items():
                 results = await asyncio.gather(
