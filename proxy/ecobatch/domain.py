@@ -10,7 +10,7 @@ copied, ``msgspec.structs.replace``) far faster (docs/measured.md); the others a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ __all__ = [
     "TextDelta",
     "Tier",
     "Usage",
+    "merge_outputs",
     "message_text",
 ]
 
@@ -124,20 +125,25 @@ class EngineOutput(msgspec.Struct, frozen=True):
     usage: Usage | None = None
     upstream: Mapping[str, Any] | None = None
 
-    def merged(self, later: EngineOutput) -> EngineOutput:
-        """This output and ``later`` as one (a stream whose client has not taken this one yet): each
-        sequence's text joined, tokens added, the later usage. Pass-through payloads cannot be joined."""
-        if self.upstream is not None or later.upstream is not None:
-            raise ValueError("outputs that carry an upstream payload cannot be merged")
-        deltas: dict[int, TextDelta] = {d.index: d for d in self.deltas}
-        for d in later.deltas:
-            before = deltas.get(d.index)
-            if before is not None:
-                d = TextDelta(d.index, before.text + d.text, d.finish_reason or before.finish_reason)
-            deltas[d.index] = d
-        return EngineOutput(
-            tuple(deltas.values()), self.new_tokens + later.new_tokens, later.usage or self.usage
-        )
+
+def merge_outputs(outputs: Sequence[EngineOutput]) -> EngineOutput:
+    """Outputs of one request, in order, as one (a stream whose client has not taken them yet): each
+    sequence's text joined once (linear in the text, however many outputs), tokens added, the last
+    usage, each sequence's last finish reason. Pass-through payloads cannot be joined."""
+    if any(o.upstream is not None for o in outputs):
+        raise ValueError("outputs that carry an upstream payload cannot be merged")
+    if len(outputs) == 1:
+        return outputs[0]
+    pieces: dict[int, list[str]] = {}
+    reasons: dict[int, str | None] = {}
+    usage: Usage | None = None
+    for o in outputs:
+        for d in o.deltas:
+            pieces.setdefault(d.index, []).append(d.text)
+            reasons[d.index] = d.finish_reason or reasons.get(d.index)
+        usage = o.usage or usage
+    deltas = tuple(TextDelta(i, "".join(texts), reasons[i]) for i, texts in pieces.items())
+    return EngineOutput(deltas, sum(o.new_tokens for o in outputs), usage)
 
 
 class GenerationResult(msgspec.Struct, frozen=True):

@@ -3,9 +3,9 @@
 The engine side never waits for the client: the gate pulls the engine at the engine's speed, so a
 request's slot, its energy span and the controller's speed estimates end when the engine is done, not
 when a slow client has read the last chunk (a slow reader must not hold GPU capacity or stall the energy
-ledger). What the client has not read yet waits here: ``put_nowait`` merges an output into the last one
-waiting where both are ecobatch's own (text deltas join), and queues it behind otherwise (an upstream's
-own chunk, passed through as it came). So a stream holds at most its response, bounded by its
+ledger). What the client has not read yet waits here, in order; when the client takes, the outputs of
+ecobatch's own waiting at the front go out as one (text deltas joined once, in linear time), an upstream's
+own chunk alone (passed through as it came). So a stream holds at most its response, bounded by its
 ``max_tokens``: the same bound as a non-streamed response, which is held whole.
 
 The handler iterates the stream (``async for``); the stream ends when the request is resolved
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from .domain import EngineOutput
+from .domain import EngineOutput, merge_outputs
 
 __all__ = ["OutputStream"]
 
@@ -41,14 +41,10 @@ class OutputStream:
 
     def put_nowait(self, output: EngineOutput) -> None:
         """Hand ``output`` over at once (dropped once the stream is closed: its request was answered, or
-        its client left), merged into the last output waiting where both can be merged."""
+        its client left)."""
         if self._closed:
             return
-        last = self._waiting[-1] if self._waiting else None
-        if last is not None and last.upstream is None and output.upstream is None:
-            self._waiting[-1] = last.merged(output)
-        else:
-            self._waiting.append(output)
+        self._waiting.append(output)
         self._ready.set()
 
     def close(self) -> None:
@@ -65,4 +61,11 @@ class OutputStream:
                 raise StopAsyncIteration
             self._ready.clear()
             await self._ready.wait()
-        return self._waiting.popleft()
+        waiting = self._waiting
+        first = waiting.popleft()
+        if first.upstream is not None or not waiting or waiting[0].upstream is not None:
+            return first
+        run = [first]
+        while waiting and waiting[0].upstream is None:
+            run.append(waiting.popleft())
+        return merge_outputs(run)

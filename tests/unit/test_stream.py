@@ -1,5 +1,5 @@
 """A streamed request's outputs between the engine and its handler: the producer never waits for the
-reader; ecobatch's own text deltas merge, an upstream's chunks queue in order; the stream ends after the
+reader; ecobatch's own text deltas merge when taken, an upstream's chunks queue in order; the stream ends after the
 outputs still waiting. And several engine generators pulled as one (``merge``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 import pytest
 
 from ecobatch.backends.merge import merge
-from ecobatch.domain import EngineOutput, TextDelta, Usage
+from ecobatch.domain import EngineOutput, TextDelta, Usage, merge_outputs
 from ecobatch.stream import OutputStream
 from tests.unit.dispatch_helpers import settle
 
@@ -25,8 +25,8 @@ async def test_the_producer_never_waits_for_the_reader_and_text_outputs_merge() 
     stream.put_nowait(out(" two", index=0))
     stream.put_nowait(out("x", index=1, finish="length"))
     stream.put_nowait(EngineOutput(usage=Usage(3, 3)))
-    assert stream.waiting == 1, "ecobatch's own text deltas join into the output waiting"
-    merged = await anext(stream)
+    assert stream.waiting == 4
+    merged = await anext(stream)  # what waited, taken as one: each sequence's text joined
     assert merged.deltas == (TextDelta(0, "one two"), TextDelta(1, "x", "length"))
     assert merged.new_tokens == 3 and merged.usage == Usage(3, 3)
 
@@ -43,7 +43,16 @@ async def test_an_upstreams_own_chunks_queue_in_order_and_are_never_merged() -> 
 
 def test_outputs_that_carry_an_upstream_payload_cannot_be_merged() -> None:
     with pytest.raises(ValueError, match="upstream"):
-        EngineOutput(upstream={"choices": []}).merged(out("a"))
+        merge_outputs([EngineOutput(upstream={"choices": []}), out("a")])
+
+
+async def test_an_upstream_chunk_between_own_outputs_keeps_its_place() -> None:
+    stream = OutputStream()
+    for output in (out("a"), out("b"), EngineOutput(new_tokens=1, upstream={"n": 0}), out("c")):
+        stream.put_nowait(output)
+    stream.close()
+    taken = [(o.deltas, o.upstream) async for o in stream]
+    assert taken == [((TextDelta(0, "ab"),), None), ((), {"n": 0}), ((TextDelta(0, "c"),), None)]
 
 
 async def test_a_closed_stream_delivers_what_waits_then_ends_and_drops_later_outputs() -> None:

@@ -33,7 +33,7 @@ class Transcript:
 
     def __init__(self, request: GenerationRequest) -> None:
         self._keep_text = not request.stream
-        self._texts = [""] * request.sequences
+        self._texts: list[list[str]] = [[] for _ in range(request.sequences)]  # joined once, at the end
         self._finish_reasons: list[str | None] = [None] * request.sequences
         self._usage: Usage | None = None
         self._upstream: Mapping[str, Any] | None = None
@@ -46,7 +46,7 @@ class Transcript:
         if output.upstream is not None:
             self._upstream = output.upstream
         for d in output.deltas:
-            self._texts[d.index] += d.text
+            self._texts[d.index].append(d.text)
             if d.finish_reason is not None:
                 self._finish_reasons[d.index] = d.finish_reason
 
@@ -57,7 +57,10 @@ class Transcript:
         if not self._keep_text:
             return GenerationResult(self._usage)
         return GenerationResult(
-            self._usage, tuple(self._texts), tuple(self._finish_reasons), upstream=self._upstream
+            self._usage,
+            tuple("".join(pieces) for pieces in self._texts),
+            tuple(self._finish_reasons),
+            upstream=self._upstream,
         )
 
 
