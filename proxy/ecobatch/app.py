@@ -141,6 +141,8 @@ async def _read_json(request: web.Request) -> Any:
         ) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
+    except RecursionError:  # arrays or objects nested past what the decoder follows (~1,000 levels)
+        raise BadRequest("the request body is nested too deeply") from None
 
 
 def _infinite_at(value: Any, path: str = "") -> str | None:

@@ -86,3 +86,12 @@ async def test_any_body_gets_a_4xx_or_a_200_and_the_batchmate_is_unharmed(aiohtt
         Path(os.environ["ECOBATCH_FUZZ_REPORT"]).write_text(
             json.dumps({"bodies": EXAMPLES, **seen}, indent=1)
         )
+
+
+async def test_a_body_nested_past_the_decoders_depth_is_a_400_not_a_500(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(create_app(load_settings(None, {"backend.sim_time_scale": 0.0})))
+    for depth in (500, 3000):  # inside the decoder's depth (the prompt's check answers), and past it
+        raw = '{"prompt": ' + "[" * depth + '"x"' + "]" * depth + "}"
+        resp = await client.post("/v1/completions", data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, (depth, await resp.text())
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"

@@ -1,6 +1,6 @@
 """A streamed request's outputs between the engine and its handler: the producer never waits for the
-reader; ecobatch's own text deltas merge when taken, an upstream's chunks queue in order; the stream ends after the
-outputs still waiting. And several engine generators pulled as one (``merge``)."""
+reader; ecobatch's own text deltas merge when taken, an upstream's chunks queue in order; the stream
+ends after the outputs still waiting. And several engine generators pulled as one (``merge``)."""
 
 from __future__ import annotations
 
