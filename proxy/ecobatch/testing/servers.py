@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,9 +113,9 @@ class Proc:
         pids = self.model_workers()
         if not pids:
             raise RuntimeError(f"{self.name}: no vLLM worker process to pause")
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
         try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
             yield
         finally:
             for pid in pids:
@@ -124,19 +126,20 @@ class Proc:
         """Where the log ends now: ``wait_for_log`` after it sees only what comes later."""
         return self.log.stat().st_size
 
-    def wait_for_log(self, text: str, after: int, timeout_s: float = 60.0) -> str:
-        """The first log line after byte ``after`` that contains ``text``, as soon as it is written;
-        an error after ``timeout_s``."""
+    async def wait_for_log(self, pattern: str, after: int, timeout_s: float = 60.0) -> re.Match[str]:
+        """The first match of the regular expression ``pattern`` in a log line written after byte
+        ``after``, as soon as it is written; a ``TimeoutError`` naming it after ``timeout_s``."""
+        compiled = re.compile(pattern)
         deadline = time.monotonic() + timeout_s
         while True:
             with self.log.open("rb") as f:
                 f.seek(after)
                 for line in f.read().decode(errors="replace").splitlines():
-                    if text in line:
-                        return line
+                    if found := compiled.search(line):
+                        return found
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name} logged no {text!r} within {timeout_s} s:\n{self.tail()}")
-            time.sleep(0.02)
+                raise TimeoutError(f"{self.name} logged no {pattern!r} within {timeout_s} s:\n{self.tail()}")
+            await asyncio.sleep(0.02)
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -148,6 +151,7 @@ class Proc:
         if self not in _STARTED:
             return
         self._signal_group(signal.SIGTERM)
+        self._signal_group(signal.SIGCONT)  # a paused process acts on SIGTERM only once resumed
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
