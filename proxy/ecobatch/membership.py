@@ -142,6 +142,8 @@ class ReplicaMembership:
                 _, late = await asyncio.wait(pending, timeout=_STOP_WAIT_S)
                 for task in late:
                     task.cancel()
+                if late:  # their cancellation runs their cleanup: wait for it (bounded) before the loop ends
+                    await asyncio.wait(late, timeout=_STOP_WAIT_S)
 
     async def reconcile(self) -> None:
         """One pass: ask the source, start joins, begin leaves. Whatever goes wrong is logged and the

@@ -81,11 +81,11 @@ class ReplicasFile:
         self._read: list[ReplicaSettings] | str = []  # the replicas, or why they cannot be read
 
     async def replicas(self) -> list[ReplicaSettings]:
-        stamp = _stamp(self.path)
+        stamp = await asyncio.to_thread(_stamp, self.path)  # file I/O off the event loop
         if stamp is None or stamp != self._stamp:
             self._stamp = stamp
             try:
-                self._read = read_replicas_file(self.path)
+                self._read = await asyncio.to_thread(read_replicas_file, self.path)
             except ConfigError as exc:
                 self._read = str(exc)
             except ValueError as exc:  # (UnicodeDecodeError among them: not text)

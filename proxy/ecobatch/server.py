@@ -245,8 +245,10 @@ def collect_for_serving() -> None:
     requests in flight and, now and then, every object start-up made (modules, the engine, the
     profile), for almost nothing collected (its share of the CPU under load: docs/measured.md). So what
     start-up made is collected once and moved out of the collector's sight (``gc.freeze``), and the
-    youngest generation is collected every ``GC_YOUNG_THRESHOLD`` allocations; cycles are still
-    collected, a little later. ``create_app`` alone (tests, embedding) leaves the collector as it is.
+    youngest generation is collected every ``GC_YOUNG_THRESHOLD`` allocations; cycles made while serving
+    are still collected, a little later. Cycles among what start-up made are not: a replica present at
+    start-up that later leaves (a replicas file or DNS source) keeps its objects that sit in cycles, once.
+    ``create_app`` alone (tests, embedding) leaves the collector as it is.
     """
     gc.collect()
     gc.freeze()

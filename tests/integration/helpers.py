@@ -125,3 +125,25 @@ async def sent(client: Any, n: int) -> list[tuple[int, str]]:
         return int(resp.status), resp.headers["X-Ecobatch-Request-Id"]
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def changing_replicas_settings(source: dict[str, object], dcgm_port: int, **more: object) -> Any:
+    """Settings of a vllm-http proxy whose replicas come and go (``source``: a ``backend.replicas_file``
+    or ``backend.replicas_dns`` setting), polled fast, energy from the modelled dcgm-exporter."""
+    from ecobatch.config import load_settings
+
+    return load_settings(
+        None,
+        {
+            "backend.kind": "vllm-http",
+            **source,
+            "backend.replicas_refresh_s": 0.05,
+            "backend.headroom_poll_s": 0.1,
+            "backend.startup_timeout_s": 30,
+            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
+            "energy.idle_power_w": 121.8,
+            "energy.sample_interval_s": 0.05,
+            "batching.interactive_budget_ms": 0,
+            **more,
+        },
+    )

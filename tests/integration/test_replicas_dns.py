@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 
 from ecobatch.app import RUNTIME, create_app
-from ecobatch.config import DEFAULT_PROFILES, load_settings
+from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import load_profile
 from ecobatch.replica_sources import ReplicasDns
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
-from tests.integration.helpers import eventually, metric_of, sent
+from tests.integration.helpers import changing_replicas_settings, eventually, metric_of, sent
 
 NAME = "vllm-headless.llm.svc.cluster.local"
 A, B = "127.0.0.1", "127.0.0.2"  # the pods vllm-0 and vllm-1 (GPUs 0 and 1 on the exporter)
@@ -62,21 +62,8 @@ async def engines() -> AsyncIterator[Engines]:
 
 def proxy(engines: Engines, dns: Dns, **more: object) -> Any:
     _, port, dcgm_port = engines
-    settings = load_settings(
-        None,
-        {
-            "backend.kind": "vllm-http",
-            "backend.replicas_dns": {"name": NAME, "port": port, "scheme": "http", "dcgm_pod_label": "pod"},
-            "backend.replicas_refresh_s": 0.05,
-            "backend.headroom_poll_s": 0.1,
-            "backend.startup_timeout_s": 30,
-            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
-            "energy.idle_power_w": 121.8,
-            "energy.sample_interval_s": 0.05,
-            "batching.interactive_budget_ms": 0,
-            **more,
-        },
-    )
+    dns_source = {"name": NAME, "port": port, "scheme": "http", "dcgm_pod_label": "pod"}
+    settings = changing_replicas_settings({"backend.replicas_dns": dns_source}, dcgm_port, **more)
     assert settings.backend.replicas_dns is not None
     source = ReplicasDns(settings.backend.replicas_dns, resolve=dns.resolve, reverse=dns.reverse)
     return create_app(settings, replica_source=source, start_in_background=True)

@@ -17,7 +17,7 @@ from ecobatch.errors import ConfigError
 from ecobatch.profile import load_profile
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import dcgm_app, serve_replicas
-from tests.integration.helpers import Sims, eventually, metric_of, sent
+from tests.integration.helpers import Sims, changing_replicas_settings, eventually, metric_of, sent
 
 
 def listing(path: Path, ports: list[int], names: str) -> None:
@@ -36,21 +36,7 @@ async def complete(client: Any, n: int) -> list[int]:
 
 
 def settings_over(replicas_file: Path, dcgm_port: int, **more: object) -> Any:
-    return load_settings(
-        None,
-        {
-            "backend.kind": "vllm-http",
-            "backend.replicas_file": str(replicas_file),
-            "backend.replicas_refresh_s": 0.05,
-            "backend.headroom_poll_s": 0.1,
-            "backend.startup_timeout_s": 30,
-            "energy.dcgm_url": f"http://127.0.0.1:{dcgm_port}/metrics",
-            "energy.idle_power_w": 121.8,
-            "energy.sample_interval_s": 0.05,
-            "batching.interactive_budget_ms": 0,
-            **more,
-        },
-    )
+    return changing_replicas_settings({"backend.replicas_file": str(replicas_file)}, dcgm_port, **more)
 
 
 async def proxy_over(
