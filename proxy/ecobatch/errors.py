@@ -4,14 +4,16 @@ EcobatchError
 ├── BadRequest        400  invalid_request_error  (names the field: ``param``)
 ├── NotFound          404  invalid_request_error  (a route's object: an energy receipt)
 │   └── ModelNotFound 404  invalid_request_error
-├── Overloaded        429  rate_limit_exceeded    (carries ``retry_after_s``)
 ├── BackendFailed     502  upstream_error         (the engine answered badly or not at all)
 ├── BackendTimeout    504  upstream_timeout
-├── ShuttingDown      503  service_unavailable
-├── NotReady          503  service_unavailable    (starting, draining; carries ``retry_after_s``)
-└── UpstreamDown      503  service_unavailable    (the engine's circuit is open; carries ``retry_after_s``)
+└── Retryable                                     (carries ``retry_after_s``: the Retry-After header)
+    ├── Overloaded    429  rate_limit_exceeded    (the queue is full)
+    ├── ShuttingDown  503  service_unavailable    (queued or running when the drain ended)
+    ├── NotReady      503  service_unavailable    (starting, draining)
+    └── UpstreamDown  503  service_unavailable    (the engine's circuit is open)
 
-Callers catch the level they care about; the HTTP layer only calls ``to_body()``.
+Callers catch the level they care about; the HTTP layer only calls ``to_body()`` (and, for a
+``Retryable``, sets Retry-After).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ disconnected"), and the client sees a 502. Three things keep that from reaching 
   far longer than ecobatch reuses them;
 * ``KEEPALIVE_S``: ecobatch reuses an idle connection only within 2 s of its last response, by its own
   clock. Not enough alone against vLLM's 5 s: the server's clock starts when it sent the response,
-  ecobatch's when it read it, and a proxy whose event loop lags by 3 s (seen: 2.07 s, a proxy sharing 2
-  cores with the engine, not scheduled at all meanwhile) reuses a connection the server is closing;
+  ecobatch's when it read it, and a proxy whose event loop stalls for 3 s (one sharing its cores with
+  the engine, not scheduled at all meanwhile) reuses a connection the server is closing;
 * ``post``: a request that went out on a pooled connection and ended with no byte of an answer goes
   once more, on another connection, and only once. That is the keep-alive race above (the server closed
   the connection before reading the request) or a server that read it and then dropped the connection

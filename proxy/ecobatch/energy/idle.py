@@ -1,8 +1,10 @@
 """Idle power, measured live: re-estimated from the counter whenever nothing runs on the GPU.
 
-A GPU's idle draw is not a constant: it climbs as the card warms under load and falls as it cools (on
-an H200 serving vLLM, tens of watts between a cold start and a warm pause). Charged at a start-up
-figure, the difference lands on every request (idle too low) or in the other-work bucket (too high).
+A GPU's idle draw is not a constant: it climbs as the card warms under load and falls as it cools (the
+start-up readings of one H200 across runs: ``benchmarks/results/README.md``, "Net-of-idle figures";
+the live estimate against the benchmark's: ``benchmarks/results/h200-energy-truth/``). Charged at a
+start-up figure, the difference lands on every request (idle too low) or in the other-work bucket (too
+high).
 
 The ledger feeds every settled interval in which **nothing ran**: none of ecobatch's requests in
 flight, none ended within the power's tail, and the engine reporting no other client's work. Quiet

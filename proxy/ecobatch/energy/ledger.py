@@ -1,6 +1,6 @@
 """The energy ledger: splits each metered interval's joules among the requests in flight in it.
 
-Off the request path: dispatchers report "request started / made progress / ended" (``begin``,
+Off the request path: dispatchers report "request started / generated tokens / ended" (``begin``,
 ``Span.generated``, ``Span.end``) and the meter reports intervals of the energy counter
 (``add_interval``). Nothing here awaits anything, and a response never waits for the ledger.
 
@@ -16,10 +16,10 @@ Work is weighed per interval: a generated token weighs 1, a prompt token ``prefi
 interval's mean concurrency c (the profile's measured prefill and decode energy per token, else a
 constant). Where a request's tokens happened in time:
 
-* reported progress (streams: chunk times; in-process engines: each step's tokens): the prompt and
+* token times reported (streams: chunk times; in-process engines: each step's tokens): the prompt and
   the first chunk's tokens fall between the start and the first chunk, every later chunk's tokens
   between the previous chunk and it; the engine's final usage rescales the chunk counts;
-* no progress (a non-streaming request to a remote engine): the prompt at the start, the generated
+* no token times (a non-streaming request to a remote engine): the prompt at the start, the generated
   tokens spread evenly over the request's lifetime.
 
 **Idle power** starts as the meter's start-up probe (or the configured one) and, with ``live_idle``, is
