@@ -140,7 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server import WORKERS_WAIT_S, serve
 
     settings = settings_from_args(args)
     loop_factory = None
@@ -155,9 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
     runner.get_loop().set_default_executor(workers)
     result = runner.run(serve(settings))
     # A worker thread stuck in the engine (a call that never returns) must not keep the process alive:
-    # give the workers a second to finish, then leave without waiting for them.
+    # give the workers WORKERS_WAIT_S to finish, then leave without waiting for them.
     workers.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + WORKERS_WAIT_S
     threads = [t for t in threading.enumerate() if t.name.startswith("ecobatch-io")]
     for thread in threads:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -8,9 +8,10 @@
    garbage collector is set for serving (``collect_for_serving``).
 3. On SIGTERM or SIGINT: **drain**. The socket stays open and new requests get 503 with
    ``Retry-After``; queued and in-flight requests get ``server.shutdown_grace_s`` to finish, the rest are
-   answered 503. Then the meter and the engine close. The process is gone within grace + 3 s even if
-   the engine is stuck (``_DRAIN_EXTRA_S`` past the grace for the drain to end, ``_CLEANUP_S`` for the
-   engine and the meter to close; the caller exits hard when ``stuck`` comes back true).
+   answered 503. Then the meter and the engine close. The process is gone within grace + 4 s whatever
+   hangs (``EXIT_AFTER_GRACE_S``: ``_DRAIN_EXTRA_S`` past the grace for the drain to end, ``_CLEANUP_S``
+   for the engine and the meter to close, then ``WORKERS_WAIT_S`` for the worker threads; the caller,
+   ``cli``, exits hard when ``stuck`` comes back true or a worker thread is still busy).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .errors import ConfigError
 __all__ = [
     "EXIT_AFTER_GRACE_S",
     "GC_YOUNG_THRESHOLD",
+    "WORKERS_WAIT_S",
     "ApiRunner",
     "Exit",
     "StartupError",
@@ -47,8 +49,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 _CLEANUP_S = 2.0
 _DRAIN_EXTRA_S = 1.0
+#: once ``serve`` has returned, how long the caller waits for its worker threads before leaving without them
+WORKERS_WAIT_S = 1.0
 #: after SIGTERM the process is gone within server.shutdown_grace_s plus this, even with a stuck engine
-EXIT_AFTER_GRACE_S = _DRAIN_EXTRA_S + _CLEANUP_S
+EXIT_AFTER_GRACE_S = _DRAIN_EXTRA_S + _CLEANUP_S + WORKERS_WAIT_S
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 RequestFactory = Callable[..., web.BaseRequest]
