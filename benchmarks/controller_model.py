@@ -18,10 +18,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ecobatch.bench.workload import bursty, parse_lengths, poisson, with_tiers
 from ecobatch.config import DEFAULT_PROFILES, BatchingSettings
 from ecobatch.profile import load_profile
-from ecobatch.tune.sim import Controller, SendAtOnce, same_window, simulate_continuous
+from ecobatch.tools.bench.workload import bursty, parse_lengths, poisson, with_tiers
+from ecobatch.tools.tune.sim import Controller, SendAtOnce, same_window, simulate_continuous
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = "choice:16,32,64,128,256,512"

@@ -1,6 +1,6 @@
 """How late does the GPU's energy counter report the energy? Bursts of work on an idle vLLM server, the
 counter sampled every 5 ms, the delay read off each burst's rising and falling edge
-(``ecobatch.calibrate.lag``). ``ecobatch calibrate --backend vllm-http`` measures the same and writes it
+(``ecobatch.tools.calibrate.lag``). ``ecobatch calibrate --backend vllm-http`` measures the same and writes it
 into the profile (``counter_lag_s``); this measures it alone, in seconds, for a run that needs only it.
 
     python benchmarks/counter_lag.py --url http://127.0.0.1:8000 --out benchmarks/results/counter-lag.json
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ecobatch.backends import upstream_http
-from ecobatch.calibrate.lag import probe_counter_lag
+from ecobatch.engines import upstream_http
+from ecobatch.tools.calibrate.lag import probe_counter_lag
 from energy_truth import _WORDS, Counter
 
 

@@ -20,10 +20,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ecobatch.backends.hf_bnb import SeqSpec, StaticBatchGenerator, load_model
-from ecobatch.calibrate import EnergyWindow
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.gpu import discover_gpus
+from ecobatch.engines.hf_bnb import SeqSpec, StaticBatchGenerator, load_model
+from ecobatch.tools.calibrate import EnergyWindow
 
 NEW_TOKENS = 128
 PROMPT_TOKENS = 128

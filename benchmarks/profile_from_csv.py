@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ecobatch.calibrate import CalibrationPoint, write_outputs
+from ecobatch.tools.calibrate import CalibrationPoint, write_outputs
 
 
 def main() -> None:

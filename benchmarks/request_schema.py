@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from ecobatch.fields import BASIC_FIELDS, ChatBody, check_fields
-from ecobatch.openai_api import parse_chat
+from ecobatch.serving.openai_api import parse_chat
 
 BODIES = {
     "overhead.py's chat body": b'{"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4}',

@@ -15,11 +15,11 @@ import json
 import statistics
 from pathlib import Path
 
-from ecobatch.bench.workload import parse_lengths, poisson
 from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import load_profile
-from ecobatch.tune.oracle import policy_vs_oracle
-from ecobatch.tune.sim import FixedWindow, HoldWhileIdle, SendAtOnce, simulate_continuous
+from ecobatch.tools.bench.workload import parse_lengths, poisson
+from ecobatch.tools.tune.oracle import policy_vs_oracle
+from ecobatch.tools.tune.sim import FixedWindow, HoldWhileIdle, SendAtOnce, simulate_continuous
 
 RESULTS = Path(__file__).parent / "results"
 PROFILES = Path(__file__).parents[1] / "configs" / "profiles"

@@ -39,13 +39,13 @@ from typing import Any
 
 import aiohttp
 
-from ecobatch.bench.workload import parse_lengths, poisson
 from ecobatch.config import BatchingSettings
 from ecobatch.exposition import samples
 from ecobatch.profile import EnergyProfile, load_profile, profile_from_mapping
 from ecobatch.testing.models import build_random_mistral
 from ecobatch.testing.servers import Proc, start_proxy, start_vllm_server, wait_healthy
-from ecobatch.tune.sim import Controller, Result, SendAtOnce, simulate_continuous
+from ecobatch.tools.bench.workload import parse_lengths, poisson
+from ecobatch.tools.tune.sim import Controller, Result, SendAtOnce, simulate_continuous
 
 RESULTS = Path(__file__).parent / "results"
 POWER_REFERENCE = Path(__file__).parents[1] / "configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml"
@@ -209,9 +209,9 @@ def crosscheck_markdown(report: dict[str, Any]) -> str:
 def measured_profile(url: str) -> EnergyProfile:
     """Per-concurrency speed from calibrate's vllm-http loop; power from the H200 reference (modelled:
     a CPU has no energy counter, so the loop reads a constant dummy meter that is thrown away)."""
-    from ecobatch.calibrate import calibrate_vllm_http
     from ecobatch.energy.counters import NvmlCounters
     from ecobatch.energy.gpu import FakeGpu
+    from ecobatch.tools.calibrate import calibrate_vllm_http
 
     points, _ = asyncio.run(
         calibrate_vllm_http(

@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar
 
-from ecobatch.backends.base import EngineHealth, EngineShape, Job
 from ecobatch.domain import EngineOutput, GenerationRequest, GenerationResult, Headroom, TextDelta, Usage
+from ecobatch.engines.base import EngineHealth, EngineShape, Job
 from ecobatch.errors import BadRequest
-from ecobatch.openai_api import parse_completion
+from ecobatch.serving.openai_api import parse_completion
 
 
 def req(prompt: str = "a b c", **body: object) -> GenerationRequest:

@@ -20,8 +20,8 @@ from . import __version__
 from .config import BACKEND_KINDS, METER_KINDS, Settings, load_settings
 from .errors import ConfigError
 from .profile import fit_power_law, load_profile
-from .routing import ROUTING_POLICIES
-from .server import StartupError
+from .serving.routing import ROUTING_POLICIES
+from .serving.server import StartupError
 
 __all__ = ["main"]
 
@@ -140,7 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import WORKERS_WAIT_S, serve
+    from .serving.server import WORKERS_WAIT_S, serve
 
     settings = settings_from_args(args)
     loop_factory = None
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Open-loop OpenAI load: the same seeded arrivals to each target; throughput, latency, "
         "TTFT, inter-token latency, errors and energy per target.",
     )
-    from .bench import add_arguments as add_bench_arguments
+    from .tools.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     tune = sub.add_parser(
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget would buy. Static engines: sweep the window and the batch size. Recommends the setting with "
         "the fewest J/request whose interactive p99 meets the SLO (all figures modelled).",
     )
-    from .tune import add_arguments as add_tune_arguments
+    from .tools.tune import add_arguments as add_tune_arguments
 
     add_tune_arguments(tune)
     plan = sub.add_parser(
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "energy-optimal operating point, VRAM, kWh, cost and CO2 per month, and the saving against serving "
         "one sequence at a time.",
     )
-    from .plan import add_arguments as add_plan_arguments
+    from .tools.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(plan)
     args = parser.parse_args(argv)
@@ -282,19 +282,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "calibrate":
-            from .calibrate import run_cli
+            from .tools.calibrate import run_cli
 
             return run_cli(args)
         if args.command == "plan":
-            from .plan import run_cli as run_plan
+            from .tools.plan import run_cli as run_plan
 
             return _bad_value_is_2("plan", run_plan, args)
         if args.command == "tune":
-            from .tune import run_cli as run_tune
+            from .tools.tune import run_cli as run_tune
 
             return _bad_value_is_2("tune", run_tune, args)
         if args.command == "bench":
-            from .bench import run_cli as run_bench
+            from .tools.bench import run_cli as run_bench
 
             return _bad_value_is_2("bench", run_bench, args)
         return _serve(args) if args.command == "serve" else _profile(args)

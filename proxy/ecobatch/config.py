@@ -20,7 +20,7 @@ import yaml
 from msgspec import Meta, Struct, field
 
 from .errors import ConfigError
-from .routing import RoutingPolicy
+from .serving.routing import RoutingPolicy
 from .validation import MISSING, explain, value_at
 
 __all__ = [

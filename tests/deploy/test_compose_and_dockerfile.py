@@ -46,7 +46,7 @@ from ecobatch.cli import _serve_parser, settings_from_args
 from ecobatch.config import BACKEND_SHAPES, Settings, load_settings
 from ecobatch.energy.dcgm import DCGM_ENERGY_METRIC, DCGM_POWER_LIMIT_METRIC, DCGM_POWER_METRIC
 from ecobatch.profile import load_profile
-from ecobatch.server import EXIT_AFTER_GRACE_S
+from ecobatch.serving.server import EXIT_AFTER_GRACE_S
 from ecobatch.testing.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from ecobatch.config import ReplicaSettings, Settings, load_settings
-from ecobatch.replica_sources import ReplicasDns
-from ecobatch.server import EXIT_AFTER_GRACE_S
+from ecobatch.serving.replica_sources import ReplicasDns
+from ecobatch.serving.server import EXIT_AFTER_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -727,7 +727,7 @@ def test_the_autoscaler_scales_the_engines_on_the_signal_ecobatch_exports(shape:
     scales) and reads ecobatch_replicas_needed, a gauge ecobatch exports, as an external metric."""
     from prometheus_client import CollectorRegistry
 
-    from ecobatch.metrics import Metrics
+    from ecobatch.serving.metrics import Metrics
 
     objects = build(shape)
     (hpa,) = [obj for obj in objects if obj["kind"] == "HorizontalPodAutoscaler"]

@@ -47,7 +47,7 @@ CONFIGS = {"gpu": PROMETHEUS_DIR / "prometheus.yml", "cpu": PROMETHEUS_DIR / "pr
 RULE_GLOB_IN_CONTAINER = "/etc/prometheus/rules/*.rules.yml"
 
 # The vLLM gauges the dashboard shows are the ones ecobatch itself reads for headroom
-# (ecobatch.backends.vllm_metrics); test_vllm_names_are_registered_by_the_installed_vllm checks them
+# (ecobatch.engines.vllm_metrics); test_vllm_names_are_registered_by_the_installed_vllm checks them
 # against the vLLM the test suite runs.
 VLLM_METRICS = frozenset(
     {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}

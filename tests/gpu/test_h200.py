@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import load_settings
 from ecobatch.energy.gpu import discover_gpus
+from ecobatch.serving.app import RUNTIME, create_app
 from tests.integration.helpers import metric, openai_chat_and_stream
 
 pytestmark = pytest.mark.gpu

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -84,7 +84,7 @@ async def test_a_body_over_the_limit_is_a_413_in_the_openai_form(aiohttp_client:
 async def test_metrics_can_move_to_their_own_port(aiohttp_client: Any) -> None:
     from aiohttp.test_utils import TestServer
 
-    from ecobatch.app import metrics_app
+    from ecobatch.serving.app import metrics_app
 
     settings = load_settings(None, {"backend.sim_time_scale": 0.0, "server.metrics_port": 0})
     app = create_app(settings)

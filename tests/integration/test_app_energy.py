@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.clock import Clock
 from ecobatch.config import Settings, load_settings
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.ledger import Ledger
 from ecobatch.energy.meter import Meter
 from ecobatch.profile import EnergyProfile
+from ecobatch.serving.app import RUNTIME, create_app
 from tests.fakes import BurningGpu, FakeContinuousEngine
 
 

@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 from tests.integration.helpers import eventually, metric, metric_of, sse_events
 
 Client = TestClient[web.Request, web.Application]

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ecobatch.app import create_app
-from ecobatch.bench import add_arguments, bench, build_arrivals, run_cli
-from ecobatch.bench.report import table
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
+from ecobatch.tools.bench import add_arguments, bench, build_arrivals, run_cli
+from ecobatch.tools.bench.report import table
 from tests.integration.helpers import serve_in_thread
 
 

@@ -7,9 +7,9 @@ import asyncio
 
 from aiohttp import web
 
-from ecobatch.calibrate import calibrate_vllm_http
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.testing.servers import free_port
+from ecobatch.tools.calibrate import calibrate_vllm_http
 from tests.fakes import BurningGpu
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ecobatch.app import create_app
-from ecobatch.bench import add_arguments, bench, build_arrivals
-from ecobatch.bench.client import Outcome
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.profile import load_profile
+from ecobatch.serving.app import create_app
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
+from ecobatch.tools.bench import add_arguments, bench, build_arrivals
+from ecobatch.tools.bench.client import Outcome
 from tests.integration.helpers import metric
 
 #: sequences the modelled engine runs at once: saturation is reached at ~16 req/s of this length mix

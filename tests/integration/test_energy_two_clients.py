@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.profile import load_profile
+from ecobatch.serving.app import RUNTIME, create_app
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
 from tests.integration.helpers import eventually, metric_of

@@ -12,9 +12,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
 from ecobatch.fields import KNOWN
+from ecobatch.serving.app import create_app
 from tests.integration.helpers import metric
 
 #: bodies per run: 300 in CI; benchmarks/reliability.py fuzz sets more

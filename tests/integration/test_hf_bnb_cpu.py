@@ -10,18 +10,18 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ecobatch.app import RUNTIME, create_app
-from ecobatch.backends.base import Job
-from ecobatch.backends.hf_bnb import HfBnbBackend, kv_bytes_per_token
 from ecobatch.clock import Clock
 from ecobatch.config import Settings, load_settings
 from ecobatch.domain import EngineOutput, GenerationRequest, GenerationResult
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.ledger import Ledger
 from ecobatch.energy.meter import Meter
+from ecobatch.engines.base import Job
+from ecobatch.engines.hf_bnb import HfBnbBackend, kv_bytes_per_token
 from ecobatch.errors import BadRequest, ConfigError
-from ecobatch.openai_api import parse_chat, parse_completion
 from ecobatch.profile import EnergyProfile
+from ecobatch.serving.app import RUNTIME, create_app
+from ecobatch.serving.openai_api import parse_chat, parse_completion
 from tests.fakes import BurningGpu
 from tests.integration.helpers import metric, sse_events
 

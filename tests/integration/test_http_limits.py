@@ -16,9 +16,9 @@ import aiohttp.http_exceptions
 import pytest
 from aiohttp import web
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
-from ecobatch.server import ApiRunner
+from ecobatch.serving.app import create_app
+from ecobatch.serving.server import ApiRunner
 
 
 @pytest.fixture

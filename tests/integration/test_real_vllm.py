@@ -185,9 +185,9 @@ async def test_calibrate_against_a_real_vllm_server_writes_a_loadable_profile(
 ) -> None:
     """The vllm-http calibration loop on the CPU engine; energy from a scripted GPU spending 200 W (its
     counter runs on the wall clock, so a busy event loop cannot slow it)."""
-    from ecobatch.calibrate import calibrate_vllm_http, write_outputs
     from ecobatch.energy.counters import NvmlCounters
     from ecobatch.profile import load_profile
+    from ecobatch.tools.calibrate import calibrate_vllm_http, write_outputs
     from tests.fakes import BurningGpu
 
     points, facts = await calibrate_vllm_http(

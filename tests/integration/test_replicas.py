@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.profile import load_profile
+from ecobatch.serving.app import RUNTIME, create_app
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
 from tests.integration.helpers import Sims, eventually

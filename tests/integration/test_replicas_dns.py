@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES
 from ecobatch.profile import load_profile
-from ecobatch.replica_sources import ReplicasDns
+from ecobatch.serving.app import RUNTIME, create_app
+from ecobatch.serving.replica_sources import ReplicasDns
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
 from tests.integration.helpers import changing_replicas_settings, eventually, metric_of, sent

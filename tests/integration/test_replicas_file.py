@@ -11,10 +11,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from ecobatch.app import RUNTIME, create_app
 from ecobatch.config import DEFAULT_PROFILES, load_settings
 from ecobatch.errors import ConfigError
 from ecobatch.profile import load_profile
+from ecobatch.serving.app import RUNTIME, create_app
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import dcgm_app, serve_replicas
 from tests.integration.helpers import Sims, changing_replicas_settings, eventually, metric_of, sent

@@ -248,7 +248,7 @@ def test_sigterm_drains_with_503s_and_finishes_in_flight_work_within_the_grace()
 
 STUCK_ENGINE = """
 import asyncio, sys, time
-from ecobatch.backends.simulated import SimulatedBackend
+from ecobatch.engines.simulated import SimulatedBackend
 
 async def stuck(self, jobs):
     await asyncio.to_thread(time.sleep, 3600)  # a GPU call that never returns

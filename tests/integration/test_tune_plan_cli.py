@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from ecobatch.app import create_app
 from ecobatch.cli import main
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 from ecobatch.testing.servers import free_port
 from tests.integration.helpers import serve_in_thread
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from ecobatch.backends import upstream_http
+from ecobatch.engines import upstream_http
 
 Drop = Callable[[int, int], bool]
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"

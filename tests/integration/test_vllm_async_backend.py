@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from ecobatch.backends.vllm_async import VllmAsyncBackend
 from ecobatch.config import load_settings
 from ecobatch.domain import Usage
+from ecobatch.engines.vllm_async import VllmAsyncBackend
 from ecobatch.errors import BadRequest
 from tests.fakes import req
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 
 
 def fake_vllm(mode: str) -> web.Application:
@@ -186,7 +186,7 @@ async def test_an_upstream_that_stops_answering_opens_the_breaker_and_recovery_c
 
 async def test_a_refused_connection_takes_the_upstream_down_at_once(aiohttp_client: Any) -> None:
     """Nothing listens there: the breaker opens on the first refusal, not after breaker_failures."""
-    from ecobatch.app import RUNTIME
+    from ecobatch.serving.app import RUNTIME
 
     upstream, port = await aiohttp_server_stub()
     settings = load_settings(

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 
 
 def recording_vllm(received: list[dict[str, Any]]) -> web.Application:

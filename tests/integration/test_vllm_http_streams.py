@@ -13,8 +13,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ecobatch.app import create_app
 from ecobatch.config import load_settings
+from ecobatch.serving.app import create_app
 from tests.integration.helpers import eventually, metric, sse_events
 
 

@@ -7,18 +7,18 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ecobatch.batcher import StaticBatcher
 from ecobatch.clock import FakeClock
 from ecobatch.config import BatchingSettings
-from ecobatch.dispatcher import Dispatcher
 from ecobatch.energy.ledger import Ledger
 from ecobatch.energy.meter import Meter
 from ecobatch.energy.receipts import Receipts
-from ecobatch.gate import ContinuousGate
-from ecobatch.metrics import Metrics
-from ecobatch.pool import Replica, ReplicaPool
 from ecobatch.profile import EnergyProfile
-from ecobatch.routing import RoutingPolicy
+from ecobatch.serving.batcher import StaticBatcher
+from ecobatch.serving.dispatcher import Dispatcher
+from ecobatch.serving.gate import ContinuousGate
+from ecobatch.serving.metrics import Metrics
+from ecobatch.serving.pool import Replica, ReplicaPool
+from ecobatch.serving.routing import RoutingPolicy
 
 
 def metrics_for(model: str) -> Metrics:

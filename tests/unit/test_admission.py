@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ecobatch.admission import Admission
 from ecobatch.clock import FakeClock
 from ecobatch.config import BatchingSettings
 from ecobatch.errors import BadRequest
-from ecobatch.load import LoadTracker
-from ecobatch.metrics import Metrics
+from ecobatch.serving.admission import Admission
+from ecobatch.serving.load import LoadTracker
+from ecobatch.serving.metrics import Metrics
 from tests.fakes import req
 
 

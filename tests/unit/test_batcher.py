@@ -242,7 +242,7 @@ async def test_closing_answers_the_requests_of_an_engine_that_does_not_stop(
 ) -> None:
     """A stuck engine cannot hold shutdown: after the grace and STOP_WAIT_S its requests get 503."""
     from ecobatch.clock import MonotonicClock
-    from ecobatch.dispatcher import STOP_WAIT_S
+    from ecobatch.serving.dispatcher import STOP_WAIT_S
 
     engine = SwallowsCancellation()
     batcher, _ = build(

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from ecobatch.bench import _steady_energy, _steady_window, _versus_first, add_arguments, run_cli
 from ecobatch.energy.counters import CounterReading
+from ecobatch.tools.bench import _steady_energy, _steady_window, _versus_first, add_arguments, run_cli
 
 
 class RecordingReader:

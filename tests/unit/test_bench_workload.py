@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ecobatch.bench.workload import bursty, parse_lengths, poisson, read_trace
+from ecobatch.tools.bench.workload import bursty, parse_lengths, poisson, read_trace
 
 
 def test_poisson_arrivals_have_the_asked_rate_and_are_reproducible() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ecobatch.calibrate.measure import EnergyWindow
-from ecobatch.calibrate.sweeps import _fit_prompt, prefill_point
+from ecobatch.tools.calibrate.measure import EnergyWindow
+from ecobatch.tools.calibrate.sweeps import _fit_prompt, prefill_point
 
 
 def test_the_prefill_prompt_fits_the_served_context_with_one_token_to_generate() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ecobatch.server import GC_YOUNG_THRESHOLD, collect_for_serving
+from ecobatch.serving.server import GC_YOUNG_THRESHOLD, collect_for_serving
 
 
 @pytest.fixture

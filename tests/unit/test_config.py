@@ -220,8 +220,8 @@ def test_an_in_process_engine_without_its_packages_names_the_extra_to_install(
 ) -> None:
     import importlib.util
 
-    from ecobatch.backends import create_static_engine
     from ecobatch.config import DEFAULT_PROFILES
+    from ecobatch.engines import create_static_engine
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torch" else real(name))

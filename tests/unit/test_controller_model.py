@@ -8,10 +8,10 @@ import statistics
 
 import pytest
 
-from ecobatch.bench.workload import Arrival, bursty, parse_lengths, poisson, with_tiers
 from ecobatch.config import BatchingSettings
 from ecobatch.profile import EnergyProfile
-from ecobatch.tune.sim import Controller, Result, SendAtOnce, same_window, simulate_continuous
+from ecobatch.tools.bench.workload import Arrival, bursty, parse_lengths, poisson, with_tiers
+from ecobatch.tools.tune.sim import Controller, Result, SendAtOnce, same_window, simulate_continuous
 
 LENGTHS = parse_lengths("choice:16,32,64,128,256,512", "x")
 PROMPT = parse_lengths("64", "p")

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from ecobatch.calibrate.lag import lag_from_trace
 from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.gpu import FakeGpu
 from ecobatch.energy.ledger import Ledger, SettledRequest
 from ecobatch.energy.meter import Meter
+from ecobatch.tools.calibrate.lag import lag_from_trace
 
 IDLE_W = 100.0
 

@@ -7,7 +7,7 @@ import pytest
 
 from ecobatch.errors import BadRequest
 from ecobatch.fields import BASIC_FIELDS, check_fields
-from ecobatch.openai_api import parse_chat, parse_completion
+from ecobatch.serving.openai_api import parse_chat, parse_completion
 
 CHAT = {"messages": [{"role": "user", "content": "x"}]}
 

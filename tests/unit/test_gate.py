@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from ecobatch.admission import Pending
 from ecobatch.clock import FakeClock
 from ecobatch.config import BatchingSettings
 from ecobatch.domain import EngineOutput, Headroom
 from ecobatch.errors import BackendTimeout, BadRequest, ShuttingDown
 from ecobatch.profile import EnergyProfile
+from ecobatch.serving.admission import Pending
 from tests.fakes import CountingEngine, FakeContinuousEngine, req
 from tests.unit.dispatch_helpers import ContinuousGate, build, build_gate, settle
 
@@ -621,7 +621,7 @@ async def test_a_round_that_fails_every_time_answers_what_waits_instead_of_leavi
 ) -> None:
     """A bug that every round meets would leave the queue standing still: after three rounds in a row
     fail at once, the waiting requests are answered with the error."""
-    import ecobatch.gate as gate_module
+    import ecobatch.serving.gate as gate_module
     from ecobatch.errors import EcobatchError
 
     def broken(*args: object, **kwargs: object) -> None:
@@ -671,7 +671,7 @@ async def test_a_round_that_fails_now_and_then_leaves_the_queue_alone(
     continuous_profile: EnergyProfile, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Failures with good rounds between them are not a loop stuck on a bug: what waits stays queued."""
-    import ecobatch.gate as gate_module
+    import ecobatch.serving.gate as gate_module
 
     real, calls = gate_module.plan_releases, [0]
 

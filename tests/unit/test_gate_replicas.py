@@ -14,10 +14,10 @@ from ecobatch.clock import FakeClock
 from ecobatch.domain import EngineOutput
 from ecobatch.energy.ledger import Ledger
 from ecobatch.errors import UpstreamDown
-from ecobatch.gate import RECHECK_S, ContinuousGate
-from ecobatch.metrics import Metrics
 from ecobatch.profile import EnergyProfile
-from ecobatch.routing import RoutingPolicy
+from ecobatch.serving.gate import RECHECK_S, ContinuousGate
+from ecobatch.serving.metrics import Metrics
+from ecobatch.serving.routing import RoutingPolicy
 from tests.fakes import FakeContinuousEngine, req
 from tests.unit.dispatch_helpers import build_gate, settle
 

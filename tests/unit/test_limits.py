@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ecobatch.backends.limits import check_max_tokens, fit_to_context
+from ecobatch.engines.limits import check_max_tokens, fit_to_context
 from ecobatch.errors import BadRequest
-from ecobatch.openai_api import parse_chat, parse_completion
+from ecobatch.serving.openai_api import parse_chat, parse_completion
 
 
 def test_a_request_that_fits_gets_its_prompt_lengths_and_max_tokens() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ecobatch.load import LoadTracker
 from ecobatch.profile import EnergyProfile
+from ecobatch.serving.load import LoadTracker
 
 
 def arrive(

@@ -4,7 +4,7 @@ and for DNS."""
 from __future__ import annotations
 
 from ecobatch.config import ReplicaSettings
-from ecobatch.membership import Changes, Member, plan_changes
+from ecobatch.serving.membership import Changes, Member, plan_changes
 
 
 def listed(*names: str) -> list[ReplicaSettings]:

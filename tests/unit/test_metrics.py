@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from ecobatch.domain import Usage
 from ecobatch.energy.ledger import SettledRequest
-from ecobatch.metrics import Metrics
+from ecobatch.serving.metrics import Metrics
 
 
 def test_the_model_gauges_move_to_the_engines_name_and_leave_none_behind() -> None:

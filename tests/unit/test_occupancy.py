@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ecobatch.energy.ledger import Ledger
 from ecobatch.energy.meter import Meter
-from ecobatch.pool import Occupancy
+from ecobatch.serving.pool import Occupancy
 
 
 def test_a_finished_requests_end_is_forgotten_even_when_its_key_comes_back() -> None:
@@ -47,7 +47,7 @@ def test_under_steady_load_the_bookkeeping_stays_the_size_of_what_runs() -> None
 
 def test_other_clients_work_is_the_engines_count_beyond_ours_when_it_was_read() -> None:
     from ecobatch.domain import Headroom
-    from ecobatch.pool import Replica
+    from ecobatch.serving.pool import Replica
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
@@ -68,7 +68,7 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
     import time
 
     from ecobatch.domain import Headroom
-    from ecobatch.pool import Replica
+    from ecobatch.serving.pool import Replica
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
@@ -93,7 +93,7 @@ def test_the_energy_account_counts_another_clients_work_only_when_two_readings_a
     ended, it can still count it, and at rest it never goes down. Another client's work is what both
     latest readings count beyond ours, with the engine's tokens moving between them."""
     from ecobatch.domain import Headroom
-    from ecobatch.pool import Replica, others_running
+    from ecobatch.serving.pool import Replica, others_running
     from tests.fakes import FakeContinuousEngine
 
     busy = Headroom(running=4, waiting=0, engine_tokens=1000.0)

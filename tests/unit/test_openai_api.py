@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from ecobatch.errors import BadRequest, ModelNotFound
-from ecobatch.openai_api import parse_chat, parse_completion
+from ecobatch.serving.openai_api import parse_chat, parse_completion
 
 MODEL = "m"
 
@@ -139,7 +139,7 @@ def test_every_service_tier_the_schema_accepts_is_served_in_a_tier() -> None:
     from typing import get_args
 
     from ecobatch.fields import ServiceTierName
-    from ecobatch.openai_api import SERVICE_TIERS
+    from ecobatch.serving.openai_api import SERVICE_TIERS
 
     for name in get_args(ServiceTierName):
         assert parse_chat(chat(service_tier=name), MODEL).tier == SERVICE_TIERS[name]

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from ecobatch.plan import ModelShape, PlanInput, add_arguments, kv_bytes, plan, render, run_cli, weight_bytes
 from ecobatch.profile import EnergyProfile
+from ecobatch.tools.plan import (
+    ModelShape,
+    PlanInput,
+    add_arguments,
+    kv_bytes,
+    plan,
+    render,
+    run_cli,
+    weight_bytes,
+)
 
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from ecobatch.domain import Demand, Headroom
-from ecobatch.policy import choose_batch_size
 from ecobatch.profile import EnergyProfile, ProfilePoint
+from ecobatch.serving.policy import choose_batch_size
 
 DEMAND = Demand(prompt_tokens=128, completion_tokens=256)
 

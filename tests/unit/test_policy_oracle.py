@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ecobatch.profile import load_profile
-from ecobatch.tune.oracle import policy_vs_oracle
+from ecobatch.tools.tune.oracle import policy_vs_oracle
 
 PROFILES = Path(__file__).resolve().parents[2] / "configs" / "profiles"
 CASES = [

@@ -11,7 +11,7 @@ import pytest
 
 from ecobatch.domain import Tier
 from ecobatch.profile import EnergyProfile
-from ecobatch.release import (
+from ecobatch.serving.release import (
     RELEASE_MARGIN_S,
     UNLIMITED,
     Limit,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ecobatch.domain import EngineOutput, GenerationResult, TextDelta, Usage
-from ecobatch.openai_api import ChunkRenderer, parse_chat, parse_completion, response_body
+from ecobatch.serving.openai_api import ChunkRenderer, parse_chat, parse_completion, response_body
 
 MODEL = "served"
 

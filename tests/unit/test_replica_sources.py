@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ecobatch.config import BackendSettings, ReplicasDnsSettings
-from ecobatch.replica_sources import (
+from ecobatch.serving.replica_sources import (
     ReplicasDns,
     ReplicasFile,
     SourceFailed,

@@ -3,7 +3,7 @@ turns, a down replica takes nothing while another is up."""
 
 from __future__ import annotations
 
-from ecobatch.routing import ReplicaLoad, choose_replica
+from ecobatch.serving.routing import ReplicaLoad, choose_replica
 
 
 def loads(*inflight: int, cap: int = 4, down: tuple[int, ...] = ()) -> list[ReplicaLoad]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ecobatch.bench.workload import Arrival, parse_lengths, poisson
 from ecobatch.config import BatchingSettings
 from ecobatch.profile import EnergyProfile, profile_from_mapping
-from ecobatch.tune.sim import (
+from ecobatch.tools.bench.workload import Arrival, parse_lengths, poisson
+from ecobatch.tools.tune.sim import (
     BatcherRule,
     Controller,
     HoldWhileIdle,

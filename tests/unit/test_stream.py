@@ -9,9 +9,9 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from ecobatch.backends.merge import merge
 from ecobatch.domain import EngineOutput, TextDelta, Usage, merge_outputs
-from ecobatch.stream import OutputStream
+from ecobatch.engines.merge import merge
+from ecobatch.serving.stream import OutputStream
 from tests.unit.dispatch_helpers import settle
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ecobatch.backends.vllm_metrics import headroom_from_metrics
+from ecobatch.engines.vllm_metrics import headroom_from_metrics
 
 SAMPLE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ecobatch.arrivals import ArrivalRate
-from ecobatch.policy import should_close, window_length_s
+from ecobatch.serving.arrivals import ArrivalRate
+from ecobatch.serving.policy import should_close, window_length_s
 
 MIN_S, MAX_S = 0.05, 0.1
 
@@ -92,7 +92,7 @@ def test_a_burst_after_a_lull_raises_the_rate_again() -> None:
 
 
 def test_recent_rate_averages_bursts_over_its_window() -> None:
-    from ecobatch.arrivals import RecentRate
+    from ecobatch.serving.arrivals import RecentRate
 
     rate = RecentRate(window_s=10.0)
     for batch in range(20):  # 4 completions at once every 0.5 s: 8 per second

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..plan import ModelShape
+from ..tools.plan import ModelShape
 
 __all__ = ["MISTRAL_7B", "TINY_MISTRAL", "ModelShape", "build_random_mistral", "build_tokenizer"]
 

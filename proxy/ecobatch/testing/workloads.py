@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from ..backends import upstream_http
+from ..engines import upstream_http
 
 __all__ = ["short_beside_long"]
 

@@ -1,0 +1,164 @@
+"""What a benchmark sends, and when: a seeded, reproducible list of arrivals.
+
+Arrivals (``--arrivals``):
+
+* ``poisson``: exponential gaps at ``rate`` requests per second;
+* ``bursty``: on/off: Poisson during ``on_s``-second bursts, silence for ``off_s`` seconds between
+  them; the rate inside a burst is ``rate × (on_s + off_s) / on_s``, so the mean rate is ``rate``;
+* a JSONL trace: one object a line with ``timestamp`` (seconds; shifted to start at 0),
+  ``prompt_tokens`` and ``output_tokens``.
+
+Lengths (``--prompt-tokens``, ``--output-tokens``): ``N`` (fixed), ``uniform:A-B`` (integers),
+``choice:A,B,C`` (equally likely). A prompt of N tokens is N random words (about one token each with
+a BPE tokenizer; the engine's own count is what the report uses).
+
+Tiers (``--flex-share``, ``--service-tier``): each arrival's ``service_tier``, drawn with its own seed so
+that the same arrivals keep the same times and lengths whatever share of them is flex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...domain import Tier
+
+__all__ = [
+    "Arrival",
+    "Lengths",
+    "bursty",
+    "parse_lengths",
+    "poisson",
+    "prompt_text",
+    "read_trace",
+    "with_tiers",
+]
+
+_WORDS = (
+    "energy", "batch", "token", "window", "curve", "power", "joule", "queue", "engine", "latency",
+    "proxy", "decode", "prefill", "cache", "kernel", "memory", "tensor", "carbon", "budget", "idle",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+    tier: Tier = "interactive"
+
+
+def with_tiers(arrivals: Sequence[Arrival], *, flex_share: float, tier: Tier, seed: int) -> list[Arrival]:
+    """The same arrivals, each ``flex`` with probability ``flex_share`` and ``tier`` otherwise."""
+    if not 0.0 <= flex_share <= 1.0:
+        raise ValueError(f"--flex-share={flex_share} must be between 0 and 1")
+    rng = random.Random(f"tiers-{seed}")
+    return [dataclasses.replace(a, tier="flex" if rng.random() < flex_share else tier) for a in arrivals]
+
+
+Lengths = Callable[[random.Random], int]
+
+
+def parse_lengths(spec: str, what: str) -> Lengths:
+    """``N``, ``uniform:A-B`` or ``choice:A,B,…``; a bad spec names the option and the forms."""
+    try:
+        if spec.startswith("uniform:"):
+            lo, hi = (int(x) for x in spec[len("uniform:") :].split("-"))
+            if not 1 <= lo <= hi:
+                raise ValueError
+            return lambda rng: rng.randint(lo, hi)
+        if spec.startswith("choice:"):
+            options = [int(x) for x in spec[len("choice:") :].split(",")]
+            if not options or min(options) < 1:
+                raise ValueError
+            return lambda rng: rng.choice(options)
+        fixed = int(spec)
+        if fixed < 1:
+            raise ValueError
+        return lambda rng: fixed
+    except ValueError:
+        raise ValueError(
+            f"{what}={spec!r}: give N, uniform:A-B or choice:A,B,C (positive integers)"
+        ) from None
+
+
+def _draw(times: list[float], prompt: Lengths, output: Lengths, rng: random.Random) -> list[Arrival]:
+    return [Arrival(t, prompt(rng), output(rng)) for t in times]
+
+
+def poisson(
+    rate_per_s: float,
+    prompt: Lengths,
+    output: Lengths,
+    *,
+    duration_s: float | None,
+    count: int | None,
+    seed: int,
+) -> list[Arrival]:
+    if rate_per_s <= 0:
+        raise ValueError(f"rate={rate_per_s} must be > 0")
+    rng = random.Random(seed)
+    times: list[float] = []
+    t = rng.expovariate(rate_per_s)
+    while (duration_s is None or t < duration_s) and (count is None or len(times) < count):
+        times.append(t)
+        t += rng.expovariate(rate_per_s)
+    return _draw(times, prompt, output, rng)
+
+
+def bursty(
+    rate_per_s: float,
+    on_s: float,
+    off_s: float,
+    prompt: Lengths,
+    output: Lengths,
+    *,
+    duration_s: float | None,
+    count: int | None,
+    seed: int,
+) -> list[Arrival]:
+    if rate_per_s <= 0 or on_s <= 0 or off_s < 0:
+        raise ValueError(f"rate={rate_per_s}, on={on_s}, off={off_s}: need rate > 0, on > 0, off >= 0")
+    rng = random.Random(seed)
+    burst_rate = rate_per_s * (on_s + off_s) / on_s
+    times: list[float] = []
+    period = on_s + off_s
+    t = rng.expovariate(burst_rate)
+    while (duration_s is None or t < duration_s) and (count is None or len(times) < count):
+        if t % period < on_s:
+            times.append(t)
+            t += rng.expovariate(burst_rate)
+        else:
+            t = (t // period + 1) * period  # jump to the next burst
+    return _draw(times, prompt, output, rng)
+
+
+def read_trace(path: Path, *, count: int | None = None) -> list[Arrival]:
+    arrivals = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            arrivals.append(
+                Arrival(float(row["timestamp"]), int(row["prompt_tokens"]), int(row["output_tokens"]))
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}:{n}: each line must be a JSON object with timestamp, prompt_tokens and "
+                f"output_tokens ({exc})"
+            ) from None
+    arrivals.sort(key=lambda a: a.at_s)
+    if not arrivals:
+        raise ValueError(f"{path}: the trace is empty")
+    start = arrivals[0].at_s
+    shifted = [Arrival(a.at_s - start, a.prompt_tokens, a.output_tokens) for a in arrivals]
+    return shifted[:count] if count is not None else shifted
+
+
+def prompt_text(tokens: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(tokens))
