@@ -276,12 +276,7 @@ class VllmHttpBackend:
             text = await r.text()
             if r.status != 200:
                 raise _upstream_error(r.status, text)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BackendFailed(f"the upstream answered with malformed JSON: {text[:200]!r}") from exc
-        if not isinstance(data, dict):
-            raise BackendFailed(f"the upstream answered with a non-object: {text[:200]!r}")
+        data = _json_object(text, "answered with")
         return EngineOutput(_deltas(data), usage=_usage(data.get("usage")), upstream=data)
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[EngineOutput, None]:
@@ -294,6 +289,17 @@ class VllmHttpBackend:
             async with contextlib.aclosing(_relay(resp.content)) as outputs:
                 async for output in outputs:
                     yield output
+
+
+def _json_object(raw: str | bytes, what: str) -> dict[str, Any]:
+    """The upstream's JSON object; a ``BackendFailed`` saying what it ``what`` instead."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BackendFailed(f"the upstream {what} malformed JSON: {raw[:200]!r}") from exc
+    if not isinstance(data, dict):
+        raise BackendFailed(f"the upstream {what} a non-object: {raw[:200]!r}")
+    return data
 
 
 async def _relay(lines: AsyncIterable[bytes]) -> AsyncGenerator[EngineOutput, None]:
@@ -310,12 +316,7 @@ async def _relay(lines: AsyncIterable[bytes]) -> AsyncGenerator[EngineOutput, No
             if not usage_seen:
                 raise BackendFailed("the upstream stream ended without a usage chunk")
             return
-        try:
-            chunk = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise BackendFailed(f"the upstream stream sent malformed JSON: {payload[:200]!r}") from exc
-        if not isinstance(chunk, dict):
-            raise BackendFailed(f"the upstream stream sent a non-object: {payload[:200]!r}")
+        chunk = _json_object(payload, "stream sent")
         if "error" in chunk:
             raise _upstream_error(502, json.dumps(chunk))
         deltas = _deltas(chunk)
