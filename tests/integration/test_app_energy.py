@@ -38,7 +38,7 @@ def nvml_meter_on(
         reader.readings = []
         if counters is not None:
             counters.append(reader)
-        ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock)
+        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
         return Meter(ledger, reader, sample_interval_s=sample_interval_s, idle_power_w=50.0)
 
     return factory

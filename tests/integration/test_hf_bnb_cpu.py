@@ -229,7 +229,7 @@ async def test_the_app_serves_hf_bnb_with_nvml_joules_from_a_fake_gpu(
     gpu = BurningGpu(power_w=300.0)
 
     def fake_nvml(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
-        ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock)
+        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
         return Meter(ledger, NvmlCounters([gpu]), sample_interval_s=0.02, idle_power_w=50.0)
 
     registry = CollectorRegistry()

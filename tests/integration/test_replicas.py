@@ -84,7 +84,7 @@ async def test_pack_runs_a_burst_on_one_replica_and_reports_the_idle_ones_joules
     assert servers[0].served == 6 and servers[1].served == 0, "all six fit under r0's cap"
     assert await metric(client, "ecobatch_replica_requests_total", replica="r0") == 6
     runtime = client.app[RUNTIME]
-    ledgers = {m.ledger.gpu: m.ledger for m in runtime.meters}
+    ledgers = {m.gpu: m.ledger for m in runtime.meters}
 
     async def metered() -> bool:  # the meters' next intervals: r0's work settled, r1's idle counted
         return ledgers["r0:sim/0"].totals.attributed_joules > 0 and ledgers["r1:sim/1"].totals.idle_joules > 0

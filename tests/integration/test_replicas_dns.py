@@ -98,7 +98,7 @@ async def test_an_address_that_appears_joins_and_one_that_goes_leaves_without_a_
 
     await eventually(b_joined, "the replica at the new address joined")
     # each measures its own pod's GPU, found by the reverse name of its address: vllm-0 is GPU 0
-    assert {m.ledger.gpu for m in runtime.meters} == {f"{a}:sim/0", f"{b}:sim/1"}
+    assert {m.gpu for m in runtime.meters} == {f"{a}:sim/0", f"{b}:sim/1"}
     assert dns.reverse_asked == [A, B]  # once per address: a replica keeps its pod
     assert [status for status, _ in await sent(client, 4)] == [200] * 4
     assert servers[1].served > 0, "round-robin sends the joined replica its share"

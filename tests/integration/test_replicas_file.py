@@ -68,7 +68,7 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
         return [r.name for r in runtime.engine.replicas] == ["a", "b"]
 
     await eventually(b_joined, "replica b joined")
-    assert {m.ledger.gpu for m in runtime.meters} == {"a:sim/0", "b:sim/1"}
+    assert {m.gpu for m in runtime.meters} == {"a:sim/0", "b:sim/1"}
     assert await complete(client, 4) == [200] * 4
     assert servers[1].served > 0, "round-robin sends the joined replica its share"
 
@@ -81,7 +81,7 @@ async def test_a_replica_added_to_the_file_joins_and_one_removed_leaves_without_
     served_by_a = servers[0].served
     assert await complete(client, 4) == [200] * 4
     assert servers[0].served == served_by_a, "a replica that left takes no request"
-    assert {m.ledger.gpu for m in runtime.meters} == {"b:sim/1"}
+    assert {m.gpu for m in runtime.meters} == {"b:sim/1"}
     assert await metric_of(client, "ecobatch_replica_requests_total", replica="a") == 0  # its series went
     assert await metric_of(client, "ecobatch_gpu_power_watts", gpu="a:sim/0") == 0
     receipts = [runtime.receipts.get(request_id) for _, request_id in on_a]
@@ -203,7 +203,7 @@ async def test_a_joined_replica_whose_counter_is_first_read_later_and_names_anot
     app = create_app(settings_over(replicas_file, 0, **{"energy.dcgm_url": str(dcgm.make_url("/metrics"))}))
     client = await aiohttp_client(app)
     runtime = app[RUNTIME]
-    assert [m.ledger.gpu for m in runtime.meters] == ["a:sim/0"]
+    assert [m.gpu for m in runtime.meters] == ["a:sim/0"]
 
     exporter_down.set()
     b = {"url": f"http://127.0.0.1:{ports[1]}", "name": "b", "dcgm_labels": {"gpu": "0"}}  # a's GPU

@@ -39,7 +39,7 @@ def build(
         gate, ledgers, _ = build_gate([engine], profile, clock, timeout_s=timeout_s, **batching)
         return gate, ledgers[0]
     settings = BatchingSettings(**{"window_min_ms": 100.0, "window_max_ms": 100.0, **batching})
-    ledger = Ledger(source="model", gpu="test", prefill_weight=1.0, clock=clock)
+    ledger = Ledger(source="model", prefill_weight=1.0, clock=clock)
     batcher = StaticBatcher(
         engine, ledger, Receipts(), metrics_for(engine.model), profile, settings,
         request_timeout_s=timeout_s, clock=clock,
@@ -62,7 +62,7 @@ def build_gate(
     metrics = metrics_for(engines[0].model)
     replicas = []
     for i, engine in enumerate(engines):
-        ledger = Ledger(source="model", gpu=f"r{i}:test", prefill_weight=1.0, clock=clock)
+        ledger = Ledger(source="model", prefill_weight=1.0, clock=clock)
         replicas.append(Replica(f"r{i}", engine, Meter(ledger, None)))
     gate = ContinuousGate(
         ReplicaPool(replicas), Receipts(), metrics, profile, settings,

@@ -60,7 +60,7 @@ async def back_to_back(counter_lag_s: float) -> dict[str, SettledRequest]:
 
     bursts = [(0.0, 1.0, 300.0), (1.0, 2.0, 100.0)]
     gpu = FakeGpu(0, energy_mj=reported_mj(0.0), power_w=IDLE_W)
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, live_idle=False)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, live_idle=False)
     counter = NvmlCounters([gpu])
     meter = Meter(ledger, counter, sample_interval_s=3600.0, idle_power_w=IDLE_W, counter_lag_s=counter_lag_s)
     await meter.start()

@@ -15,9 +15,7 @@ from ecobatch.energy.ledger import COUNTER_STEP_S, Ledger, SettledRequest
 
 
 def ledger_on(clock: FakeClock, *, idle_power_w: float = 0.0, prefill_weight: float = 1.0) -> Ledger:
-    return Ledger(
-        source="nvml", gpu="0", prefill_weight=prefill_weight, idle_power_w=idle_power_w, clock=clock
-    )
+    return Ledger(source="nvml", prefill_weight=prefill_weight, idle_power_w=idle_power_w, clock=clock)
 
 
 def collect(ledger: Ledger) -> tuple[dict[str, SettledRequest], list[IntervalSplit]]:
@@ -201,7 +199,6 @@ async def test_a_modelled_ledger_charges_the_profile_per_token_and_idle_power() 
     clock = FakeClock()
     ledger = Ledger(
         source="model",
-        gpu="modelled",
         prefill_weight=1.0,
         idle_power_w=10.0,
         clock=clock,
@@ -241,9 +238,7 @@ async def test_while_ours_run_they_take_at_most_the_power_limit_the_rest_is_othe
     """A 30 s counter interval (dcgm-exporter's default), another client at 400 W throughout, one of our
     requests for 1 s: ours cannot have drawn more than the 700 W limit for that second."""
     clock = FakeClock()
-    ledger = Ledger(
-        source="dcgm", gpu="0", prefill_weight=1.0, idle_power_w=122.0, max_power_w=700.0, clock=clock
-    )
+    ledger = Ledger(source="dcgm", prefill_weight=1.0, idle_power_w=122.0, max_power_w=700.0, clock=clock)
     settled, splits = collect(ledger)
     await clock.advance(10.0)
     span = ledger.begin("ours")
@@ -261,9 +256,7 @@ async def test_a_stepping_counter_near_the_power_limit_does_not_push_ours_into_o
     """Prefill at the 700 W limit, ours in flight throughout; the counter stepped so that a 100 ms
     interval reports 120 ms of energy and the next 80 ms: all of it above idle is ours."""
     clock = FakeClock()
-    ledger = Ledger(
-        source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=120.0, max_power_w=700.0, clock=clock
-    )
+    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=120.0, max_power_w=700.0, clock=clock)
     settled, splits = collect(ledger)
     span = ledger.begin("prefill")
     await clock.advance(0.2)
@@ -333,7 +326,7 @@ async def test_a_request_that_ended_as_an_interval_began_takes_none_of_it() -> N
 
 async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_intervals_per_turn() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, settle_budget=10)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, settle_budget=10)
     settled, _ = collect(ledger)
     long_ = ledger.begin("long")
     t = 0.0
@@ -357,7 +350,7 @@ async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_inter
 
 async def test_a_busy_interval_reports_a_bounded_number_of_requests_per_turn_and_loses_none() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, report_budget=4)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=4)
     settled, _ = collect(ledger)
     for i in range(10):
         span = ledger.begin(f"r{i}")
@@ -375,7 +368,7 @@ async def test_a_busy_interval_reports_a_bounded_number_of_requests_per_turn_and
 
 async def test_flush_reports_everything_at_once_whatever_the_budget() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock, report_budget=2)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=2)
     settled, _ = collect(ledger)
     for i in range(6):
         ledger.begin(f"r{i}").end(Usage(1, 1))
@@ -414,7 +407,7 @@ async def test_the_energy_above_idle_just_after_a_request_ends_is_still_its_own(
     above-idle joules go to the request that just ended (by what each was charged), not to other work;
     later, they are other work."""
     clock = FakeClock()
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
     settled, splits = collect(ledger)
     a, b = ledger.begin("a"), ledger.begin("b")
     await clock.advance(1.0)
@@ -433,7 +426,7 @@ async def test_the_energy_above_idle_just_after_a_request_ends_is_still_its_own(
 
 async def test_a_tail_with_another_clients_work_in_flight_is_other_work() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
     settled, splits = collect(ledger)
     a = ledger.begin("a")
     await clock.advance(1.0)
@@ -464,7 +457,6 @@ async def test_idle_power_is_re_estimated_from_quiet_seconds_but_not_from_anothe
     clock = FakeClock()
     ledger = Ledger(
         source="nvml",
-        gpu="0",
         prefill_weight=1.0,
         idle_power_w=120.0,
         clock=clock,
@@ -498,7 +490,7 @@ async def test_a_prompt_token_weighs_the_measured_ratio_at_the_intervals_concurr
         seen.append(concurrency)
         return 0.1 * concurrency
 
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=weight, clock=clock)
+    ledger = Ledger(source="nvml", prefill_weight=weight, clock=clock)
     settled, _ = collect(ledger)
     a, b = ledger.begin("a", sequences=2), ledger.begin("b", sequences=2)
     await clock.advance(1.0)
@@ -514,9 +506,7 @@ async def test_a_counter_that_stood_still_is_not_an_idle_reading() -> None:
     """After max_stale_s the meter closes an empty interval: 0 J over a minute says the counter stood
     still, not that the GPU drew nothing."""
     clock = FakeClock()
-    ledger = Ledger(
-        source="nvml", gpu="0", prefill_weight=1.0, idle_power_w=130.0, clock=clock, live_idle=True
-    )
+    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=130.0, clock=clock, live_idle=True)
     t = 0.0
     for _ in range(5):
         ledger.add_interval(t, t + 1.0, 130.0)

@@ -21,7 +21,7 @@ from tests.fakes import FakeDcgmExporter
 
 
 def meter_for(reader: Any, clock: FakeClock, idle_power_w: float | None = None) -> Meter:
-    ledger = Ledger(source=reader.source, gpu="?", prefill_weight=1.0, clock=clock)
+    ledger = Ledger(source=reader.source, prefill_weight=1.0, clock=clock)
     # an interval far longer than any test: the tests call sample() themselves
     return Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=idle_power_w, idle_probe_s=0.0)
 
@@ -177,7 +177,7 @@ async def test_idle_power_is_the_counters_rate_over_the_probe_when_it_moves() ->
         async def close(self) -> None:
             return None
 
-    ledger = Ledger(source="nvml", gpu="0", prefill_weight=1.0, clock=clock)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
     meter = Meter(ledger, Scripted(), sample_interval_s=3600.0, idle_probe_s=1.0)
     await meter.start()
     assert ledger.idle_power_w == pytest.approx(61.0)
@@ -206,7 +206,7 @@ async def test_an_unreadable_counter_becomes_a_gap_then_starts_afresh() -> None:
             return None
 
     reader = Flaky()
-    ledger = Ledger(source="dcgm", gpu="?", prefill_weight=1.0, clock=clock)
+    ledger = Ledger(source="dcgm", prefill_weight=1.0, clock=clock)
     settled: list[SettledRequest] = []
     ledger.on_settled = settled.extend
     meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=0.0, max_stale_s=1.0)
@@ -264,16 +264,17 @@ async def test_a_counter_unreadable_at_start_takes_the_fallback_idle_power_and_i
             return None
 
     reader = Late()
-    ledger = Ledger(source="dcgm", gpu="dcgm", prefill_weight=1.0, clock=clock)
-    meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_probe_s=0.0)
-    meter.gpu_prefix, meter.idle_fallback_w = "r1:", 121.8
+    ledger = Ledger(source="dcgm", prefill_weight=1.0, clock=clock)
+    meter = Meter(
+        ledger, reader, sample_interval_s=3600.0, idle_probe_s=0.0, gpu_prefix="r1:", idle_fallback_w=121.8
+    )
     named: list[str] = []
-    meter.on_named = lambda: named.append(ledger.gpu)  # the runtime checks GPU sharing again here
+    meter.on_named = lambda: named.append(meter.gpu)  # the runtime checks GPU sharing again here
     await meter.start()
-    assert ledger.idle_power_w == 121.8 and ledger.gpu == "r1:dcgm" and ledger.max_power_w is None
+    assert ledger.idle_power_w == 121.8 and meter.gpu == "r1:dcgm" and ledger.max_power_w is None
     reader.up = True
     await clock.advance(0.1)
     await meter.sample()
-    assert ledger.gpu == "r1:node/1" and ledger.max_power_w == 700.0
+    assert meter.gpu == "r1:node/1" and ledger.max_power_w == 700.0
     assert named == ["r1:node/1"]
     await meter.close()

@@ -85,7 +85,7 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
 
 def _meter() -> Meter:
     """A modelled meter: no energy is read in these tests."""
-    return Meter(Ledger(source="model", gpu="modelled", prefill_weight=1.0), None)
+    return Meter(Ledger(source="model", prefill_weight=1.0), None)
 
 
 def test_the_energy_account_counts_another_clients_work_only_when_two_readings_agree() -> None:

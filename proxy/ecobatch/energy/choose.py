@@ -120,7 +120,6 @@ def build_meter(
         model = ProfileModel(profile)
         ledger = Ledger(
             source="model",
-            gpu=model.gpu,
             prefill_weight=weight,
             idle_power_w=model.idle_power_w,
             clock=clock,
@@ -132,10 +131,15 @@ def build_meter(
             profile.source,
             why,
         )
-        return Meter(ledger, None, sample_interval_s=energy.sample_interval_s, gpu_prefix=spec.gpu_prefix)
+        return Meter(
+            ledger,
+            None,
+            sample_interval_s=energy.sample_interval_s,
+            gpu_prefix=spec.gpu_prefix,
+            modelled_gpu=model.gpu,
+        )
     ledger = Ledger(
         source=reader.source,
-        gpu=reader.gpu,
         prefill_weight=weight,
         max_power_w=energy.max_power_w,
         clock=clock,

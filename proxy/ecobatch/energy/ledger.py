@@ -321,7 +321,6 @@ class Ledger:
         self,
         *,
         source: str,
-        gpu: str,
         prefill_weight: float | PrefillWeight,
         idle_power_w: float = 0.0,
         max_power_w: float | None = None,
@@ -334,14 +333,14 @@ class Ledger:
     ) -> None:
         if tail_s < 0:
             raise ValueError(f"{tail_s=} must be >= 0")
-        self.source, self.gpu = source, gpu
+        self.source = source
         self._prefill_weight = prefill_weight if callable(prefill_weight) else _constant(prefill_weight)
         #: idle power: the start-up figure, then (``live_idle``) re-estimated from quiet intervals
         self.idle = IdleEstimator(idle_power_w)
         self._live_idle = live_idle and active_model is None
-        #: the most the GPUs can draw (their power limits): while ours run, joules beyond busy time ×
-        #: this are another client's (None: no cap)
-        self.max_power_w = max_power_w
+        # the most the GPUs can draw (their power limits): while ours run, joules beyond busy time × this
+        # are another client's (None: no cap)
+        self._max_power_w = max_power_w
         #: a request's share of the above-idle joules that follow its end (counter lag, power decay)
         self.tail_s = tail_s
         self.clock: Clock = clock or MonotonicClock()
@@ -362,9 +361,21 @@ class Ledger:
     def idle_power_w(self) -> float:
         return self.idle.power_w
 
-    @idle_power_w.setter
-    def idle_power_w(self, watts: float) -> None:
-        self.idle.power_w = watts
+    def set_idle_power(self, power_w: float) -> None:
+        """The idle power measured at start-up (or configured, or the profile's where none could be
+        measured): the idle bucket's rate from now on, until the live estimate replaces it."""
+        self.idle.power_w = power_w
+
+    @property
+    def max_power_w(self) -> float | None:
+        """The GPUs' power limit (None: no cap)."""
+        return self._max_power_w
+
+    def adopt_power_limit(self, power_w: float | None) -> None:
+        """The GPUs' power limit as their counter reports it: the cap from now on, unless one was
+        configured (``max_power_w``)."""
+        if self._max_power_w is None:
+            self._max_power_w = power_w
 
     def prefill_weight(self, concurrency: float) -> float:
         return self._prefill_weight(concurrency)
@@ -509,7 +520,7 @@ class Ledger:
             members,
             idle_power_w=self.idle.power_w,
             prefill_weight=self._prefill_weight(concurrency),
-            max_power_w=self.max_power_w,
+            max_power_w=self._max_power_w,
             active_model=self._active_model,
             other_sequences=interval.other_sequences,
             tail=[max(r.joules, 0.0) for r in tail],

@@ -13,9 +13,12 @@ Idle power (the idle bucket's rate) is measured at start, before any request: th
 over ``idle_probe_s`` where the counter moved, else the mean of power readings over that time; the
 ledger then re-estimates it live from quiet intervals (``idle.py``). With each interval the meter passes
 the sequences another client runs on the engine (``others_in_flight``, the engine's own count). The
-GPUs' power limit caps what ecobatch's requests can be charged (``Ledger.max_power_w``). A counter
-that reports energy late (``counter_lag_s``, measured by ``calibrate/lag.py``) has its readings placed
-that much earlier, where the energy was drawn.
+GPUs' power limit, read with the first reading, caps what ecobatch's requests can be charged. The meter
+hands both to the ledger through its methods (``set_idle_power``, ``adopt_power_limit``): the facts
+flow one way, from the counter to the ledger. The ``gpu`` label of the series is the meter's own: the
+replica's prefix and the names the reader gives its GPUs (``gpu``). A counter that reports energy late
+(``counter_lag_s``, measured by ``calibrate/lag.py``) has its readings placed that much earlier, where
+the energy was drawn.
 
 A counter that cannot be read (an exporter down) is retried at every tick; a short outage costs
 nothing, since the next reading's delta covers it. One that stays unreadable for ``max_stale_s``
@@ -55,6 +58,7 @@ class Meter:
         gpu_prefix: str = "",
         idle_fallback_w: float | None = None,
         counter_lag_s: float = 0.0,
+        modelled_gpu: str = "modelled",
     ) -> None:
         if sample_interval_s <= 0:
             raise ValueError(f"{sample_interval_s=} must be > 0")
@@ -77,6 +81,7 @@ class Meter:
         self._named = False  # the GPUs have been named and their power limit read (first reading)
         #: put before the GPUs' name in the ``gpu`` label (a replica's name: "r1:")
         self.gpu_prefix = gpu_prefix
+        self._modelled_gpu = modelled_gpu  # the label's name without a reader: the GPU the profile models
         #: idle power to charge when it cannot be measured at start-up (a replica still loading, or a
         #: counter that cannot be read): the profile's, announced; None: 0 W until restarted
         self.idle_fallback_w = idle_fallback_w
@@ -102,12 +107,13 @@ class Meter:
 
     @property
     def gpu(self) -> str:
-        return self.ledger.gpu
+        """The ``gpu`` label of its series: the prefix, then the counter's names for its GPUs (a dcgm
+        reader's own once it has been read: "dcgm" until then), or the GPU the profile models."""
+        return self.gpu_prefix + (self.reader.gpu if self.reader is not None else self._modelled_gpu)
 
     async def start(self, *, measure_idle: bool = True) -> None:
         """Start sampling. ``measure_idle=False``: the engine is still loading (it draws more than idle),
         so the idle power is not probed: the configured one, else ``idle_fallback_w``."""
-        self.ledger.gpu = self.gpu_prefix + self.ledger.gpu  # until the reader names its GPUs
         if not measure_idle and self._idle_power_w is None and self.idle_fallback_w is not None:
             self._idle_power_w = self.idle_fallback_w
             log.info(
@@ -134,15 +140,14 @@ class Meter:
                         "energy: idle power %.1f W from the profile until restarted", self._idle_power_w
                     )
         if self._idle_power_w is not None:
-            self.ledger.idle_power_w = self._idle_power_w
+            self.ledger.set_idle_power(self._idle_power_w)
         self._last_s = self._drawn_at()
         self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
 
     def _name(self, reader: CounterReader) -> None:
-        """The GPUs' name (the ``gpu`` label) and power limit, from a reader that has been read."""
-        self.ledger.gpu = self.gpu_prefix + reader.gpu
-        if self.ledger.max_power_w is None:
-            self.ledger.max_power_w = reader.max_power_w()
+        """A reader that has been read has named its GPUs (the ``gpu`` label) and knows their power
+        limit, which the ledger takes as its cap (unless one was configured)."""
+        self.ledger.adopt_power_limit(reader.max_power_w())
         late = self._task is not None  # named by sampling, not at start-up
         self._named = True
         if late and self.on_named is not None:

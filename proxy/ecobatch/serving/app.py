@@ -285,7 +285,7 @@ async def _health(request: web.Request) -> web.Response:
             view = {"name": name, **state.to_dict()}
             if len(replicas) > 1:
                 view["inflight"] = replica.inflight
-                view["energy_gpu"] = replica.ledger.gpu
+                view["energy_gpu"] = replica.meter.gpu
             views.append(view)
         if len(replicas) > 1:
             engine["replicas_up"] = sum(1 for _, state in health.replicas if state.up)

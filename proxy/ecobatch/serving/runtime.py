@@ -225,10 +225,10 @@ class Runtime:
         def on_settled(settled: list[SettledRequest]) -> None:
             for request in settled:
                 receipts.settle(request)
-            metrics.observe_settled(settled, ledger.gpu)
+            metrics.observe_settled(settled, meter.gpu)
 
         ledger.on_settled = on_settled
-        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, ledger.gpu)
+        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, meter.gpu)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new requests (503 + Retry-After) and let the dispatcher finish for up to ``grace_s``."""
