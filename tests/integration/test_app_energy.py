@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from ecobatch.clock import Clock
-from ecobatch.config import Settings, load_settings
+from ecobatch.config import load_settings
+from ecobatch.energy.choose import MeterSpec
 from ecobatch.energy.counters import NvmlCounters
-from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.ledger import Ledger, LedgerReports
 from ecobatch.energy.meter import Meter
 from ecobatch.profile import EnergyProfile
 from ecobatch.serving.app import RUNTIME, create_app
@@ -33,12 +34,12 @@ class RecordingCounters(NvmlCounters):
 def nvml_meter_on(
     gpu: BurningGpu, counters: list[RecordingCounters] | None = None, sample_interval_s: float = 0.1
 ) -> Any:
-    def factory(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
+    def factory(spec: MeterSpec, profile: EnergyProfile, clock: Clock, reports: LedgerReports) -> Meter:
         reader = RecordingCounters([gpu])
         reader.readings = []
         if counters is not None:
             counters.append(reader)
-        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
+        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, reports=reports)
         return Meter(ledger, reader, sample_interval_s=sample_interval_s, idle_power_w=50.0)
 
     return factory

@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from ecobatch.clock import Clock
 from ecobatch.config import Settings, load_settings
 from ecobatch.domain import EngineOutput, GenerationRequest, GenerationResult
+from ecobatch.energy.choose import MeterSpec
 from ecobatch.energy.counters import NvmlCounters
-from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.ledger import Ledger, LedgerReports
 from ecobatch.energy.meter import Meter
 from ecobatch.engines.base import Job
 from ecobatch.engines.hf_bnb import HfBnbBackend, kv_bytes_per_token
@@ -228,8 +229,8 @@ async def test_the_app_serves_hf_bnb_with_nvml_joules_from_a_fake_gpu(
 ) -> None:
     gpu = BurningGpu(power_w=300.0)
 
-    def fake_nvml(settings: Settings, profile: EnergyProfile, clock: Clock) -> Meter:
-        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
+    def fake_nvml(spec: MeterSpec, profile: EnergyProfile, clock: Clock, reports: LedgerReports) -> Meter:
+        ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, reports=reports)
         return Meter(ledger, NvmlCounters([gpu]), sample_interval_s=0.02, idle_power_w=50.0)
 
     registry = CollectorRegistry()

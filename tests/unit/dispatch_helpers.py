@@ -1,15 +1,17 @@
-"""Builds a dispatcher of either shape on a fake clock, modelled ledgers and a fresh registry."""
+"""Builds a dispatcher of either shape on a fake clock, modelled energy accounts and a fresh registry."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ecobatch.clock import FakeClock
+from ecobatch.clock import Clock, FakeClock
 from ecobatch.config import BatchingSettings
-from ecobatch.energy.ledger import Ledger
+from ecobatch.energy.account import EnergyAccount
+from ecobatch.energy.ledger import Ledger, SettledRequest
 from ecobatch.energy.meter import Meter
 from ecobatch.energy.receipts import Receipts
 from ecobatch.profile import EnergyProfile
@@ -21,8 +23,41 @@ from ecobatch.serving.pool import Replica, ReplicaPool
 from ecobatch.serving.routing import RoutingPolicy
 
 
-def metrics_for(model: str) -> Metrics:
-    return Metrics(CollectorRegistry(), model=model, carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD")
+class RecordingMetrics(Metrics):
+    """The metrics, keeping every settled request an energy account gave them (for tests to read)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            CollectorRegistry(), model=model, carbon_g_per_kwh=500, price_per_kwh=0.1, currency="USD"
+        )
+        self.settled: list[SettledRequest] = []
+
+    def observe_settled(self, settled: Sequence[SettledRequest], gpu: str) -> None:
+        super().observe_settled(settled, gpu)
+        self.settled.extend(settled)
+
+
+def metrics_for(model: str) -> RecordingMetrics:
+    return RecordingMetrics(model)
+
+
+def modelled_account(
+    profile: EnergyProfile, metrics: Metrics, clock: Clock | None = None, receipts: Receipts | None = None
+) -> EnergyAccount:
+    """An energy account on a modelled meter that is never started (tests feed its ledger themselves)."""
+    return EnergyAccount(
+        receipts or Receipts(),
+        metrics,
+        profile,
+        lambda reports: Meter(Ledger(source="model", prefill_weight=1.0, clock=clock, reports=reports), None),
+    )
+
+
+def settled_by(dispatcher: Dispatcher) -> list[SettledRequest]:
+    """The requests the dispatcher's energy accounts have settled so far, in order."""
+    metrics = dispatcher._metrics
+    assert isinstance(metrics, RecordingMetrics)
+    return metrics.settled
 
 
 def build(
@@ -39,12 +74,12 @@ def build(
         gate, ledgers, _ = build_gate([engine], profile, clock, timeout_s=timeout_s, **batching)
         return gate, ledgers[0]
     settings = BatchingSettings(**{"window_min_ms": 100.0, "window_max_ms": 100.0, **batching})
-    ledger = Ledger(source="model", prefill_weight=1.0, clock=clock)
+    metrics = metrics_for(engine.model)
+    account = modelled_account(profile, metrics, clock)
     batcher = StaticBatcher(
-        engine, ledger, Receipts(), metrics_for(engine.model), profile, settings,
-        request_timeout_s=timeout_s, clock=clock,
-    )  # fmt: skip
-    return batcher, ledger
+        engine, account, metrics, profile, settings, request_timeout_s=timeout_s, clock=clock
+    )
+    return batcher, account.ledger
 
 
 def build_gate(
@@ -57,15 +92,16 @@ def build_gate(
     engine_priority: bool = False,
     **batching: Any,
 ) -> tuple[ContinuousGate, list[Ledger], Metrics]:
-    """A gate over one replica per engine (modelled ledgers named r0, r1, …)."""
+    """A gate over one replica per engine (r0, r1, …, each with a modelled energy account)."""
     settings = BatchingSettings(**batching)
     metrics = metrics_for(engines[0].model)
-    replicas = []
-    for i, engine in enumerate(engines):
-        ledger = Ledger(source="model", prefill_weight=1.0, clock=clock)
-        replicas.append(Replica(f"r{i}", engine, Meter(ledger, None)))
+    receipts = Receipts()
+    replicas = [
+        Replica(f"r{i}", engine, modelled_account(profile, metrics, clock, receipts))
+        for i, engine in enumerate(engines)
+    ]
     gate = ContinuousGate(
-        ReplicaPool(replicas), Receipts(), metrics, profile, settings,
+        ReplicaPool(replicas), metrics, profile, settings,
         request_timeout_s=timeout_s, clock=clock, routing=routing, engine_priority=engine_priority,
     )  # fmt: skip
     return gate, [r.ledger for r in replicas], metrics
@@ -77,4 +113,14 @@ async def settle(rounds: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-__all__ = ["ContinuousGate", "StaticBatcher", "build", "build_gate", "metrics_for", "settle"]
+__all__ = [
+    "ContinuousGate",
+    "RecordingMetrics",
+    "StaticBatcher",
+    "build",
+    "build_gate",
+    "metrics_for",
+    "modelled_account",
+    "settle",
+    "settled_by",
+]

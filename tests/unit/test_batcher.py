@@ -14,7 +14,7 @@ from ecobatch.errors import BackendFailed, BackendTimeout, BadRequest, Overloade
 from ecobatch.profile import EnergyProfile
 from tests.fakes import FakeStaticEngine, answer, req
 from tests.integration.helpers import metric
-from tests.unit.dispatch_helpers import StaticBatcher, build, settle
+from tests.unit.dispatch_helpers import StaticBatcher, build, settle, settled_by
 
 
 @pytest.fixture
@@ -118,8 +118,7 @@ async def test_a_request_whose_client_left_mid_batch_is_charged_but_not_counted_
     gate = asyncio.Event()
     engine = FakeStaticEngine(gate=gate)
     batcher, ledger = build(StaticBatcher, engine, reference_profile, clock)
-    settled = []
-    ledger.on_settled = settled.extend
+    settled = settled_by(batcher)
     await batcher.start()
     stays, leaves = batcher.submit(req("a b")), batcher.submit(req("c d"))
     await clock.advance(0.1)

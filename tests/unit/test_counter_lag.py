@@ -11,7 +11,7 @@ from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
 from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.gpu import FakeGpu
-from ecobatch.energy.ledger import Ledger, SettledRequest
+from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
 from ecobatch.energy.meter import Meter
 from ecobatch.tools.calibrate.lag import lag_from_trace
 
@@ -60,12 +60,12 @@ async def back_to_back(counter_lag_s: float) -> dict[str, SettledRequest]:
 
     bursts = [(0.0, 1.0, 300.0), (1.0, 2.0, 100.0)]
     gpu = FakeGpu(0, energy_mj=reported_mj(0.0), power_w=IDLE_W)
-    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, live_idle=False)
+    settled: dict[str, SettledRequest] = {}
+    reports = LedgerReports(settled=lambda done: settled.update({s.request_id: s for s in done}))
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, live_idle=False, reports=reports)
     counter = NvmlCounters([gpu])
     meter = Meter(ledger, counter, sample_interval_s=3600.0, idle_power_w=IDLE_W, counter_lag_s=counter_lag_s)
     await meter.start()
-    settled: dict[str, SettledRequest] = {}
-    ledger.on_settled = lambda done: settled.update({s.request_id: s for s in done})
     spans = {"a": ledger.begin("a"), "b": None}
     t0 = clock.now()
     for step in range(1, 81):  # 4 s in steps of 50 ms

@@ -18,7 +18,7 @@ from ecobatch.errors import BackendTimeout, BadRequest, ShuttingDown
 from ecobatch.profile import EnergyProfile
 from ecobatch.serving.admission import Pending
 from tests.fakes import CountingEngine, FakeContinuousEngine, req
-from tests.unit.dispatch_helpers import ContinuousGate, build, build_gate, settle
+from tests.unit.dispatch_helpers import ContinuousGate, build, build_gate, settle, settled_by
 
 LONG = 512  # max_tokens of a long request: ~2.4 s alone on the H200 reference curve
 
@@ -574,8 +574,6 @@ async def test_a_request_that_ends_without_the_engines_count_still_carries_its_s
     for its prompt and the tokens the profile says it decoded, not 0 J with its neighbour paying all."""
     engine = FakeContinuousEngine()
     gate, ledger = build(ContinuousGate, engine, continuous_profile, clock, interactive_budget_ms=0)
-    settled: dict[str, float] = {}
-    ledger.on_settled = lambda batch: settled.update((s.request_id, s.joules) for s in batch)
     await gate.start()
     leaving, staying = gate.submit(req("leaving")), gate.submit(req("staying"))
     await settle()
@@ -588,7 +586,7 @@ async def test_a_request_that_ends_without_the_engines_count_still_carries_its_s
     ledger.add_interval(0.0, 1.0, 400.0)  # both ran for this whole second
     ledger.flush()
     ids = {p.request.id: name for p, name in ((leaving, "leaving"), (staying, "staying"))}
-    joules = {ids[k]: v for k, v in settled.items()}
+    joules = {ids[s.request_id]: s.joules for s in settled_by(gate)}
     assert joules["leaving"] > 0.25 * 400.0, joules  # its decode over the second, estimated
     assert joules["leaving"] + joules["staying"] == pytest.approx(400.0)
     await gate.close(grace_s=0)

@@ -11,14 +11,24 @@ import pytest
 from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
 from ecobatch.energy.attribution import IntervalSplit
-from ecobatch.energy.ledger import COUNTER_STEP_S, Ledger, SettledRequest
+from ecobatch.energy.ledger import COUNTER_STEP_S, Ledger, LedgerReports, SettledRequest
 
 
-def ledger_on(clock: FakeClock, *, idle_power_w: float = 0.0, prefill_weight: float = 1.0) -> Ledger:
-    return Ledger(source="nvml", prefill_weight=prefill_weight, idle_power_w=idle_power_w, clock=clock)
+def ledger_on(
+    clock: FakeClock,
+    *,
+    idle_power_w: float = 0.0,
+    prefill_weight: float = 1.0,
+    reports: LedgerReports | None = None,
+) -> Ledger:
+    return Ledger(
+        source="nvml", prefill_weight=prefill_weight, idle_power_w=idle_power_w, clock=clock, reports=reports
+    )
 
 
-def collect(ledger: Ledger) -> tuple[dict[str, SettledRequest], list[IntervalSplit]]:
+def collect() -> tuple[dict[str, SettledRequest], list[IntervalSplit], LedgerReports]:
+    """Where a ledger built with the reports returned reports to: its settled requests (each once) and
+    its interval splits."""
     settled: dict[str, SettledRequest] = {}
     splits: list[IntervalSplit] = []
 
@@ -27,17 +37,15 @@ def collect(ledger: Ledger) -> tuple[dict[str, SettledRequest], list[IntervalSpl
             assert s.request_id not in settled, "settled twice"
             settled[s.request_id] = s
 
-    ledger.on_settled = on_settled
-    ledger.on_interval = splits.append
-    return settled, splits
+    return settled, splits, LedgerReports(settled=on_settled, interval=splits.append)
 
 
 async def test_equal_work_gets_equal_joules_whatever_else_is_in_flight() -> None:
     """With GPU energy exactly proportional to the tokens processed, each request gets exactly its own
     tokens' energy: alone, or beside five others that come and go."""
     clock = FakeClock()
-    ledger = ledger_on(clock, prefill_weight=0.5)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, prefill_weight=0.5, reports=reports)
     joules_per_token = 0.25
     rng = random.Random(7)
     plan = {"alone": (0, 20, 3), "crowded": (40, 60, 3)}  # (start tick, end tick, tokens per tick)
@@ -72,8 +80,8 @@ async def test_equal_work_gets_equal_joules_whatever_else_is_in_flight() -> None
 
 async def test_a_non_streaming_request_has_its_prompt_at_the_start_and_its_tokens_spread_evenly() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, reports=reports)
     r = ledger.begin("r")  # [0, 1.0]: 100 tokens, no progress reported
     await clock.advance(0.5)
     s = ledger.begin("s")  # [0.5, 1.0]: 50 tokens
@@ -93,8 +101,8 @@ async def test_overlapping_requests_conserve_the_counter_with_failures_and_idle(
     """Σ per request + idle + unattributed = Σ interval joules, whatever the overlap and however a
     request ends (streamed, plain, failed, its client gone)."""
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=120.0)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=120.0, reports=reports)
     rng = random.Random(3)
     open_spans = []
     counter = 0.0
@@ -136,8 +144,8 @@ async def test_overlapping_requests_conserve_the_counter_with_failures_and_idle(
 
 async def test_a_failed_request_leaves_no_open_span_and_idle_keeps_counting() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=100.0)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=100.0, reports=reports)
     span = ledger.begin("fails")
     span.generated(3)
     await clock.advance(0.5)
@@ -156,8 +164,8 @@ async def test_a_failed_request_leaves_no_open_span_and_idle_keeps_counting() ->
 
 async def test_energy_while_none_of_ours_runs_is_idle_up_to_idle_power_then_other_work() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=122.0)
-    _, splits = collect(ledger)
+    _, splits, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=122.0, reports=reports)
     ledger.add_interval(0.0, 1.0, 480.0)  # another client decoding on the same GPU
     ledger.add_interval(1.0, 2.0, 100.0)  # below idle power: all of it idle
     assert (splits[0].idle_joules, splits[0].unattributed_joules) == pytest.approx((122.0, 358.0))
@@ -166,8 +174,8 @@ async def test_energy_while_none_of_ours_runs_is_idle_up_to_idle_power_then_othe
 
 async def test_a_request_settles_only_once_the_counter_has_passed_its_end() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, reports=reports)
     await clock.advance(1.0)
     span = ledger.begin("r")
     ledger.add_interval(0.0, 1.0, 10.0)
@@ -180,8 +188,8 @@ async def test_a_request_settles_only_once_the_counter_has_passed_its_end() -> N
 
 async def test_an_interval_waits_for_every_request_in_it_to_end() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, reports=reports)
     short, long_ = ledger.begin("short"), ledger.begin("long")
     await clock.advance(0.1)
     short.end(Usage(0, 10))
@@ -197,14 +205,15 @@ async def test_an_interval_waits_for_every_request_in_it_to_end() -> None:
 
 async def test_a_modelled_ledger_charges_the_profile_per_token_and_idle_power() -> None:
     clock = FakeClock()
+    settled, _, reports = collect()
     ledger = Ledger(
         source="model",
         prefill_weight=1.0,
         idle_power_w=10.0,
         clock=clock,
         active_model=lambda tokens, concurrency: tokens * (2.0 if concurrency < 1.5 else 1.0),
+        reports=reports,
     )
-    settled, _ = collect(ledger)
     a = ledger.begin("a")
     await clock.advance(0.5)
     a.end(Usage(5, 10))
@@ -238,8 +247,10 @@ async def test_while_ours_run_they_take_at_most_the_power_limit_the_rest_is_othe
     """A 30 s counter interval (dcgm-exporter's default), another client at 400 W throughout, one of our
     requests for 1 s: ours cannot have drawn more than the 700 W limit for that second."""
     clock = FakeClock()
-    ledger = Ledger(source="dcgm", prefill_weight=1.0, idle_power_w=122.0, max_power_w=700.0, clock=clock)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = Ledger(
+        source="dcgm", prefill_weight=1.0, idle_power_w=122.0, max_power_w=700.0, clock=clock, reports=reports
+    )
     await clock.advance(10.0)
     span = ledger.begin("ours")
     await clock.advance(1.0)
@@ -256,8 +267,10 @@ async def test_a_stepping_counter_near_the_power_limit_does_not_push_ours_into_o
     """Prefill at the 700 W limit, ours in flight throughout; the counter stepped so that a 100 ms
     interval reports 120 ms of energy and the next 80 ms: all of it above idle is ours."""
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=120.0, max_power_w=700.0, clock=clock)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = Ledger(
+        source="nvml", prefill_weight=1.0, idle_power_w=120.0, max_power_w=700.0, clock=clock, reports=reports
+    )
     span = ledger.begin("prefill")
     await clock.advance(0.2)
     span.end(Usage(4000, 1))
@@ -270,8 +283,8 @@ async def test_a_stepping_counter_near_the_power_limit_does_not_push_ours_into_o
 
 async def test_a_gap_in_the_counter_settles_its_requests_as_incomplete() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = ledger_on(clock, reports=reports)
     lost = ledger.begin("lost")
     await clock.advance(0.5)
     lost.end(Usage(1, 5))
@@ -288,7 +301,6 @@ async def test_a_gap_in_the_counter_settles_its_requests_as_incomplete() -> None
 
 async def test_a_failing_observer_neither_stops_nor_repeats_the_accounting() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock)
     calls: list[str] = []
 
     def flaky(batch: list[SettledRequest]) -> None:
@@ -296,7 +308,7 @@ async def test_a_failing_observer_neither_stops_nor_repeats_the_accounting() -> 
         if len(calls) == 1:
             raise ValueError("a metric refused the value")
 
-    ledger.on_settled = flaky
+    ledger = ledger_on(clock, reports=LedgerReports(settled=flaky))
     a = ledger.begin("a")
     await clock.advance(0.5)
     a.end(Usage(0, 1))
@@ -312,8 +324,8 @@ async def test_a_failing_observer_neither_stops_nor_repeats_the_accounting() -> 
 
 async def test_a_request_that_ended_as_an_interval_began_takes_none_of_it() -> None:
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=300.0)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=300.0, reports=reports)
     r = ledger.begin("r")
     await clock.advance(1.0)
     r.end(Usage(0, 10))
@@ -326,8 +338,8 @@ async def test_a_request_that_ended_as_an_interval_began_takes_none_of_it() -> N
 
 async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_intervals_per_turn() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, settle_budget=10)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, settle_budget=10, reports=reports)
     long_ = ledger.begin("long")
     t = 0.0
     for i in range(100):  # short requests come and go while the long one runs
@@ -350,8 +362,8 @@ async def test_a_backlog_behind_a_long_request_settles_a_bounded_number_of_inter
 
 async def test_a_busy_interval_reports_a_bounded_number_of_requests_per_turn_and_loses_none() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=4)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=4, reports=reports)
     for i in range(10):
         span = ledger.begin(f"r{i}")
         span.end(Usage(1, 1))
@@ -368,8 +380,8 @@ async def test_a_busy_interval_reports_a_bounded_number_of_requests_per_turn_and
 
 async def test_flush_reports_everything_at_once_whatever_the_budget() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=2)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock, report_budget=2, reports=reports)
     for i in range(6):
         ledger.begin(f"r{i}").end(Usage(1, 1))
     await clock.advance(0.1)
@@ -382,8 +394,8 @@ async def test_an_abandoned_span_takes_no_share_and_is_never_reported() -> None:
     """A request whose connection was refused never ran on these GPUs: its span is dropped, and the
     interval's joules go to the request that did run (and to idle), not to it."""
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=100.0)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=100.0, reports=reports)
     t0 = clock.now()
     refused = ledger.begin("refused")
     ran = ledger.begin("ran")
@@ -407,8 +419,10 @@ async def test_the_energy_above_idle_just_after_a_request_ends_is_still_its_own(
     above-idle joules go to the request that just ended (by what each was charged), not to other work;
     later, they are other work."""
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = Ledger(
+        source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5, reports=reports
+    )
     a, b = ledger.begin("a"), ledger.begin("b")
     await clock.advance(1.0)
     a.end(Usage(0, 30))
@@ -426,8 +440,10 @@ async def test_the_energy_above_idle_just_after_a_request_ends_is_still_its_own(
 
 async def test_a_tail_with_another_clients_work_in_flight_is_other_work() -> None:
     clock = FakeClock()
-    ledger = Ledger(source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = Ledger(
+        source="nvml", prefill_weight=1.0, idle_power_w=100.0, clock=clock, tail_s=0.5, reports=reports
+    )
     a = ledger.begin("a")
     await clock.advance(1.0)
     a.end(Usage(0, 30))
@@ -442,8 +458,8 @@ async def test_beside_another_clients_sequences_ours_take_their_share_of_sequenc
     """vLLM runs one of ours and three of another client's for the whole interval: ours is charged a
     quarter of the energy above idle, the rest is other work (never idle, never ours)."""
     clock = FakeClock()
-    ledger = ledger_on(clock, idle_power_w=100.0)
-    settled, splits = collect(ledger)
+    settled, splits, reports = collect()
+    ledger = ledger_on(clock, idle_power_w=100.0, reports=reports)
     ours = ledger.begin("ours")
     await clock.advance(1.0)
     ours.end(Usage(10, 50))
@@ -455,6 +471,7 @@ async def test_beside_another_clients_sequences_ours_take_their_share_of_sequenc
 
 async def test_idle_power_is_re_estimated_from_quiet_seconds_but_not_from_another_clients_work() -> None:
     clock = FakeClock()
+    _, splits, reports = collect()
     ledger = Ledger(
         source="nvml",
         prefill_weight=1.0,
@@ -462,8 +479,8 @@ async def test_idle_power_is_re_estimated_from_quiet_seconds_but_not_from_anothe
         clock=clock,
         tail_s=0.5,
         live_idle=True,
+        reports=reports,
     )
-    _, splits = collect(ledger)
     t = 0.0
     for _ in range(5):  # the GPU has warmed up: it idles at 140 W, not the 120 W of start-up
         ledger.add_interval(t, t + 1.0, 140.0)
@@ -490,8 +507,8 @@ async def test_a_prompt_token_weighs_the_measured_ratio_at_the_intervals_concurr
         seen.append(concurrency)
         return 0.1 * concurrency
 
-    ledger = Ledger(source="nvml", prefill_weight=weight, clock=clock)
-    settled, _ = collect(ledger)
+    settled, _, reports = collect()
+    ledger = Ledger(source="nvml", prefill_weight=weight, clock=clock, reports=reports)
     a, b = ledger.begin("a", sequences=2), ledger.begin("b", sequences=2)
     await clock.advance(1.0)
     a.end(Usage(100, 0))  # prefill only: 100 prompt tokens at weight 0.4 (4 sequences in flight)

@@ -15,23 +15,26 @@ from ecobatch.domain import Usage
 from ecobatch.energy.counters import CounterDeltas, NvmlCounters
 from ecobatch.energy.dcgm import DcgmCounters, DcgmUnavailable, parse_dcgm
 from ecobatch.energy.gpu import FakeGpu
-from ecobatch.energy.ledger import Ledger, SettledRequest
+from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
 from ecobatch.energy.meter import Meter
 from tests.fakes import FakeDcgmExporter
 
 
-def meter_for(reader: Any, clock: FakeClock, idle_power_w: float | None = None) -> Meter:
-    ledger = Ledger(source=reader.source, prefill_weight=1.0, clock=clock)
+def meter_for(
+    reader: Any,
+    clock: FakeClock,
+    idle_power_w: float | None = None,
+    settled: list[SettledRequest] | None = None,
+) -> Meter:
+    """A meter on ``reader`` whose ledger reports the requests it settles into ``settled``."""
+    reports = LedgerReports(settled=settled.extend) if settled is not None else None
+    ledger = Ledger(source=reader.source, prefill_weight=1.0, clock=clock, reports=reports)
     # an interval far longer than any test: the tests call sample() themselves
     return Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=idle_power_w, idle_probe_s=0.0)
 
 
-async def overlapping_traffic(
-    meter: Meter, clock: FakeClock, spend: Callable[[float], None]
-) -> list[SettledRequest]:
+async def overlapping_traffic(meter: Meter, clock: FakeClock, spend: Callable[[float], None]) -> None:
     """Random overlapping continuous requests (streams, plain, failed) while the GPU spends energy."""
-    settled: list[SettledRequest] = []
-    meter.ledger.on_settled = settled.extend
     rng = random.Random(11)
     spans = []
     for step in range(300):
@@ -50,13 +53,13 @@ async def overlapping_traffic(
     for span in spans:
         span.end(None)
     await meter.close()
-    return settled
 
 
 async def test_nvml_overlapping_requests_add_up_to_the_counter_delta() -> None:
     clock = FakeClock()
     gpus = [FakeGpu(0, energy_mj=7_000_000, power_w=118.0), FakeGpu(1, energy_mj=3_000, power_w=118.0)]
-    meter = meter_for(NvmlCounters(gpus), clock)
+    settled: list[SettledRequest] = []
+    meter = meter_for(NvmlCounters(gpus), clock, settled=settled)
     await meter.start()
     assert meter.ledger.idle_power_w == pytest.approx(236.0)  # probed from power: the counter stood still
     start_mj = sum(g.energy_mj or 0 for g in gpus)
@@ -65,7 +68,7 @@ async def test_nvml_overlapping_requests_add_up_to_the_counter_delta() -> None:
         for g in gpus:
             g.energy_mj = (g.energy_mj or 0) + int(joules * 500)
 
-    settled = await overlapping_traffic(meter, clock, spend)
+    await overlapping_traffic(meter, clock, spend)
     delta_j = (sum(g.energy_mj or 0 for g in gpus) - start_mj) / 1000.0
     totals = meter.ledger.totals
     accounted = sum(s.joules for s in settled) + totals.idle_joules + totals.unattributed_joules
@@ -79,7 +82,8 @@ async def test_dcgm_overlapping_requests_add_up_to_the_exporters_counter(aiohttp
     server = await aiohttp_server(exporter.app())
     clock = FakeClock()
     reader = DcgmCounters(str(server.make_url("/metrics")), labels={"Hostname": "gpu-node"})
-    meter = meter_for(reader, clock)
+    settled: list[SettledRequest] = []
+    meter = meter_for(reader, clock, settled=settled)
     await meter.start()
     assert meter.gpu == "gpu-node/0+gpu-node/1"
     assert meter.ledger.idle_power_w == pytest.approx(240.0)  # two selected GPUs at 120 W
@@ -89,7 +93,7 @@ async def test_dcgm_overlapping_requests_add_up_to_the_exporters_counter(aiohttp
         exporter.add_joules(joules, host="gpu-node")
         exporter.add_joules(1000.0, host="other-node")  # another host's GPU: never ours
 
-    settled = await overlapping_traffic(meter, clock, spend)
+    await overlapping_traffic(meter, clock, spend)
     delta_j = (sum(v for (host, _), v in exporter.energy_mj.items() if host == "gpu-node") - start) / 1000.0
     totals = meter.ledger.totals
     accounted = sum(s.joules for s in settled) + totals.idle_joules + totals.unattributed_joules
@@ -99,16 +103,16 @@ async def test_dcgm_overlapping_requests_add_up_to_the_exporters_counter(aiohttp
 
 async def test_an_interval_is_extended_while_the_counter_stands_still() -> None:
     clock, gpu = FakeClock(), FakeGpu(energy_mj=0)
-    meter = meter_for(NvmlCounters([gpu]), clock, idle_power_w=0.0)
+    settled: list[SettledRequest] = []
+    meter = meter_for(NvmlCounters([gpu]), clock, idle_power_w=0.0, settled=settled)
     await meter.start()
     span = meter.ledger.begin("r")
     await clock.advance(0.1)
     await meter.sample()  # the counter has not updated yet: no interval
+    assert settled == []
     span.end(Usage(0, 10))
     await clock.advance(0.1)
     gpu.energy_mj = 30_000  # the update covers the whole 0.2 s
-    settled: list[SettledRequest] = []
-    meter.ledger.on_settled = settled.extend
     await meter.sample()
     assert [s.joules for s in settled] == pytest.approx([30.0])
     await meter.close()
@@ -206,9 +210,10 @@ async def test_an_unreadable_counter_becomes_a_gap_then_starts_afresh() -> None:
             return None
 
     reader = Flaky()
-    ledger = Ledger(source="dcgm", prefill_weight=1.0, clock=clock)
     settled: list[SettledRequest] = []
-    ledger.on_settled = settled.extend
+    ledger = Ledger(
+        source="dcgm", prefill_weight=1.0, clock=clock, reports=LedgerReports(settled=settled.extend)
+    )
     meter = Meter(ledger, reader, sample_interval_s=3600.0, idle_power_w=0.0, max_stale_s=1.0)
     await meter.start()
     span = ledger.begin("during-outage")

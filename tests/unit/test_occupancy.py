@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ecobatch.energy.ledger import Ledger
-from ecobatch.energy.meter import Meter
+from ecobatch.config import DEFAULT_PROFILES
+from ecobatch.energy.account import EnergyAccount
+from ecobatch.profile import load_profile
 from ecobatch.serving.pool import Occupancy
+from tests.unit.dispatch_helpers import metrics_for, modelled_account
 
 
 def test_a_finished_requests_end_is_forgotten_even_when_its_key_comes_back() -> None:
@@ -51,7 +53,7 @@ def test_other_clients_work_is_the_engines_count_beyond_ours_when_it_was_read() 
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
-    replica = Replica("r0", engine, _meter())
+    replica = Replica("r0", engine, _account())
     replica.start(1, 1, 100.0, 5.0)  # one of ours runs ...
     engine.headroom_value = Headroom(running=1, waiting=0)  # ... when the engine's figures are read
     replica.finish(1)  # ours ends before the next reading: the one read was ours, nothing else
@@ -72,7 +74,7 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
     from tests.fakes import FakeContinuousEngine
 
     engine = FakeContinuousEngine()
-    replica = Replica("r0", engine, _meter())
+    replica = Replica("r0", engine, _account())
     replica.start(1, 1, 100.0, 5.0)
     asked_s = time.monotonic()  # the scrape goes out ...
     replica.finish(1)  # ... ours ends ...
@@ -83,9 +85,10 @@ def test_ours_that_ended_while_the_engine_was_being_read_is_not_taken_for_anothe
     assert replica.other_running() == 2
 
 
-def _meter() -> Meter:
-    """A modelled meter: no energy is read in these tests."""
-    return Meter(Ledger(source="model", prefill_weight=1.0), None)
+def _account() -> EnergyAccount:
+    """A modelled energy account: no energy is read in these tests."""
+    profile = load_profile(DEFAULT_PROFILES["continuous"])
+    return modelled_account(profile, metrics_for(profile.model))
 
 
 def test_the_energy_account_counts_another_clients_work_only_when_two_readings_agree() -> None:
@@ -109,7 +112,7 @@ def test_the_energy_account_counts_another_clients_work_only_when_two_readings_a
     assert others_running(no_counters, 0, no_counters, 0) == 0, "no token counters: no evidence"
 
     engine = FakeContinuousEngine()
-    replica = Replica("r0", engine, _meter())
+    replica = Replica("r0", engine, _account())
     engine.headroom_value = other
     assert replica.meter.others_in_flight() == 0, "one reading is not enough"
     engine.headroom_value = again

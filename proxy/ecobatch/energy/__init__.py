@@ -10,6 +10,8 @@
   processed, with idle and other clients' work in their own buckets (a pure function).
 * ``ledger``: the requests' token timelines and the intervals, and when each can be split and settled.
 * ``receipts``: each request's settled joules, for a client to look up by id.
+* ``account``: a replica's energy account, its meter and ledger wired at construction: the one writer
+  of its requests' provisional figures, estimates and receipts, and of the energy metrics.
 * ``choose``: which source measures the engine, and why.
 """
 

@@ -26,7 +26,7 @@ from ..profile import EnergyProfile
 from .counters import CounterReader, NvmlCounters
 from .dcgm import DcgmCounters
 from .gpu import Gpu, discover_gpus
-from .ledger import Ledger, PrefillWeight
+from .ledger import Ledger, LedgerReports, PrefillWeight
 from .meter import Meter
 from .model import ProfileModel
 
@@ -109,9 +109,11 @@ def build_meter(
     profile: EnergyProfile,
     *,
     clock: Clock,
+    reports: LedgerReports | None = None,
     find_gpus: Callable[[], Sequence[Gpu]] | None = None,
 ) -> Meter:
-    """The ledger and its meter for ``spec`` (not started), with the choice logged."""
+    """The ledger and its meter for ``spec`` (not started), the ledger reporting to ``reports`` (its
+    energy account's), with the choice logged."""
     settings = spec.settings
     energy = settings.energy
     reader, why = _choose(settings, find_gpus or (lambda: discover_gpus(energy.gpu_indices)))
@@ -124,6 +126,7 @@ def build_meter(
             idle_power_w=model.idle_power_w,
             clock=clock,
             active_model=model.active_joules,
+            reports=reports,
         )
         log.warning(
             'energy: MODELLED from profile %r (%s), exported with source="model": %s',
@@ -145,6 +148,7 @@ def build_meter(
         clock=clock,
         tail_s=energy.tail_s,
         live_idle=energy.live_idle and energy.idle_power_w is None,
+        reports=reports,
     )
     lag_s = energy.counter_lag_s if energy.counter_lag_s is not None else profile.counter_lag_s or 0.0
     log.info("energy: measured by %s (counter lag %.0f ms)", why, 1000 * lag_s)

@@ -1,8 +1,12 @@
 """The energy ledger: splits each metered interval's joules among the requests in flight in it.
 
-Off the request path: dispatchers report "request started / generated tokens / ended" (``begin``,
-``Span.generated``, ``Span.end``) and the meter reports intervals of the energy counter
-(``add_interval``). Nothing here awaits anything, and a response never waits for the ledger.
+Off the request path: the replica's energy account (``account.py``) reports "request started / ended"
+(``begin``, ``Span.end``: the engine's count, or its estimate of one) and the engine's outputs their
+generated tokens as they come (``Span.generated``); the meter reports intervals of the energy counter
+(``add_interval``) and the facts it measures (``set_idle_power``, ``adopt_power_limit``). The ledger
+reports back to where it was told at construction (``LedgerReports``: its account): each interval's
+split, and the requests it settled. Nothing here awaits anything, and a response never waits for the
+ledger.
 
 Attribution rule (``attribution.py`` states it in full): a request is charged the energy the GPU drew
 **above its idle power** while the request was in flight, shared with the requests beside it by the
@@ -34,11 +38,11 @@ counter (each class alone, mixed, and added to a steady load): docs/energy.md an
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
 a bookkeeping identity, true by construction, and no evidence that the split is right.
 An interval is settled once every request in flight in it has ended (its token timeline is known); a
-request is settled, and reported through ``on_settled`` (the requests one call settled, together), once
-the intervals up to its end are. Work
-per interval is proportional to the requests in it; a backlog (behind one long request) is settled at
-most ``settle_budget`` intervals per turn of the event loop, and settled requests are reported at most
-``report_budget`` per turn, so that a busy interval does not stall every response for milliseconds.
+request is settled, and reported (``LedgerReports.settled``: the requests one call settled, together),
+once the intervals up to its end are. Work per interval is proportional to the requests in it; a
+backlog (behind one long request) is settled at most ``settle_budget`` intervals per turn of the event
+loop, and settled requests are reported at most ``report_budget`` per turn, so that a busy interval does
+not stall every response for milliseconds.
 A span of time in which the counter could not be read (``add_gap``) moves no joules; the requests in
 it settle flagged incomplete.
 
@@ -62,7 +66,16 @@ from ..domain import Usage
 from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval, union_length
 from .idle import IdleEstimator
 
-__all__ = ["BASES", "COUNTER_STEP_S", "Ledger", "LedgerTotals", "PrefillWeight", "SettledRequest", "Span"]
+__all__ = [
+    "BASES",
+    "COUNTER_STEP_S",
+    "Ledger",
+    "LedgerReports",
+    "LedgerTotals",
+    "PrefillWeight",
+    "SettledRequest",
+    "Span",
+]
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +322,19 @@ _QUIET_INTERVAL_MAX_S = 5.0
 PrefillWeight = Callable[[float], float]
 
 
+def _ignore(_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReports:
+    """Where a ledger reports, given at its construction: the requests one call settled (together, in
+    order; at most ``report_budget``), and each interval's split (its idle, other work and power)."""
+
+    settled: Callable[[list[SettledRequest]], None] = _ignore
+    interval: Callable[[IntervalSplit], None] = _ignore
+
+
 def _constant(weight: float) -> PrefillWeight:
     def at(concurrency: float) -> float:
         return weight
@@ -330,6 +356,7 @@ class Ledger:
         report_budget: int = 128,
         tail_s: float = 0.0,
         live_idle: bool = False,
+        reports: LedgerReports | None = None,
     ) -> None:
         if tail_s < 0:
             raise ValueError(f"{tail_s=} must be >= 0")
@@ -353,9 +380,7 @@ class Ledger:
         self._continuation_scheduled = False
         self._last_end_s = float("-inf")  # the latest end of a request settled so far
         self.totals = LedgerTotals()
-        #: the requests one call of the ledger settled, in order, together (at most ``report_budget``)
-        self.on_settled: Callable[[list[SettledRequest]], None] = lambda settled: None
-        self.on_interval: Callable[[IntervalSplit], None] = lambda split: None
+        self._reports = reports or LedgerReports()
 
     @property
     def idle_power_w(self) -> float:
@@ -547,7 +572,7 @@ class Ledger:
 
     def _observe(self, split: IntervalSplit) -> None:
         try:
-            self.on_interval(split)
+            self._reports.interval(split)
         except Exception:  # a broken observer must not stop the accounting
             log.exception("energy: the interval observer failed")
 
@@ -559,7 +584,7 @@ class Ledger:
         if not settled:
             return
         try:
-            self.on_settled(settled)
+            self._reports.settled(settled)
         except Exception:  # a broken observer must not stop (or repeat) the accounting
             log.exception(
                 "energy: the observer of settled requests failed for %s (and %d more)",

@@ -4,7 +4,8 @@ A response is never held for the meter: it carries a **provisional** figure (the
 the request's mean concurrency × its generated tokens: a model, labelled as one). The receipt turns
 ``settled`` once the ledger has split the counter's intervals up to the request's end; it then holds
 the measured joules (or the modelled ones, with ``source="model"``). The newest ``capacity`` receipts
-are kept, each a small slotted record (a few hundred bytes), so the store's memory is bounded.
+are kept, each a small slotted record (a few hundred bytes), so the store's memory is bounded. One
+store serves every replica; only the replicas' energy accounts (``account.py``) write to it.
 """
 
 from __future__ import annotations

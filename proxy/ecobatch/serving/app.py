@@ -1,10 +1,10 @@
 """The aiohttp application: OpenAI-compatible routes in front of the dispatcher.
 
-``create_app(settings)`` builds the ``Runtime`` (engine, meter, dispatcher, metrics, receipts) and the
-routes. Its ``cleanup_ctx`` brings the runtime up, at once (``start_in_background=False``, for tests and
-embedding) or in the background (``ecobatch serve``: the server listens first and answers 503 with the
-reason until the engine is ready), and drains and closes it at the end. Tests inject a registry, an
-engine, a meter factory or a clock.
+``create_app(settings)`` builds the ``Runtime`` (engine, energy accounts, dispatcher, metrics, receipts)
+and the routes. Its ``cleanup_ctx`` brings the runtime up, at once (``start_in_background=False``, for
+tests and embedding) or in the background (``ecobatch serve``: the server listens first and answers 503
+with the reason until the engine is ready), and drains and closes it at the end. Tests inject a
+registry, an engine, a meter factory or a clock.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` false or true),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET/PUT /ecobatch/batching`` (read or change the
@@ -44,8 +44,11 @@ from ..config import (
     build_section,
 )
 from ..domain import GenerationRequest, Tier
+from ..energy.account import EnergyAccount
 from ..energy.choose import MeterSpec, build_meter
+from ..energy.ledger import LedgerReports
 from ..energy.meter import Meter
+from ..energy.receipts import Receipts
 from ..engines import create_static_engine
 from ..engines.base import ContinuousEngine, StaticEngine
 from ..errors import (
@@ -59,6 +62,7 @@ from ..profile import EnergyProfile, load_profile
 from .admission import Outcome
 from .auth import AccessKeys, Keys, check_admin_key, check_api_key, load_keys
 from .dispatcher import Dispatcher
+from .metrics import Metrics
 from .openai_api import (
     SERVICE_TIER_NAMES,
     ChunkRenderer,
@@ -389,8 +393,8 @@ def _check_profile_shape(profile: EnergyProfile, shape: str, backend: str) -> No
     )
 
 
-def _default_meter(spec: MeterSpec, profile: EnergyProfile, clock: Clock) -> Meter:
-    return build_meter(spec, profile, clock=clock)
+def _default_meter(spec: MeterSpec, profile: EnergyProfile, clock: Clock, reports: LedgerReports) -> Meter:
+    return build_meter(spec, profile, clock=clock, reports=reports)
 
 
 def create_app(
@@ -412,29 +416,43 @@ def create_app(
     keys = load_keys(settings.server)
     clock = clock or MonotonicClock()
     meter_factory = meter_factory or _default_meter
+    # where every energy account writes; the metrics' model is the engine's once it is built (Runtime)
+    receipts = Receipts()
+    energy = settings.energy
+    metrics = Metrics(
+        registry or CollectorRegistry(),
+        model="unknown",
+        carbon_g_per_kwh=energy.carbon_g_per_kwh,
+        price_per_kwh=energy.price_per_kwh,
+        currency=energy.currency,
+    )
+
+    def open_account(spec: MeterSpec) -> EnergyAccount:
+        return EnergyAccount(
+            receipts, metrics, profile, lambda reports: meter_factory(spec, profile, clock, reports)
+        )
+
     served: Backend
-    meters: list[Meter]
+    accounts: list[EnergyAccount]
     if isinstance(engine, StaticEngine):
-        served, meters = engine, [meter_factory(MeterSpec(settings), profile, clock)]
+        served, accounts = engine, [open_account(MeterSpec(settings))]
     elif isinstance(engine, ContinuousEngine):
-        served = build_pool(settings, profile, clock, meter_factory, engine=engine)
-        meters = [r.meter for r in served.replicas]
+        served = build_pool(settings, profile, open_account, engine=engine)
+        accounts = [r.account for r in served.replicas]
     elif shape == "static":
         served = create_static_engine(settings, profile)
-        meters = [meter_factory(MeterSpec(settings), profile, clock)]
+        accounts = [open_account(MeterSpec(settings))]
     else:
-        served = build_pool(settings, profile, clock, meter_factory)
-        meters = [r.meter for r in served.replicas]
+        served = build_pool(settings, profile, open_account)
+        accounts = [r.account for r in served.replicas]
     factory = None
     source = replica_source or source_of(settings.backend)
     if source is not None:  # replicas that come and go: each built as the listed ones were
 
         def factory(listed: ReplicaSettings) -> Replica:
-            return make_replica(settings, listed, profile, clock, meter_factory)
+            return make_replica(settings, listed, profile, open_account)
 
-    runtime = Runtime(
-        settings, registry or CollectorRegistry(), profile, served, meters, clock, factory, source
-    )
+    runtime = Runtime(settings, metrics, receipts, profile, served, accounts, clock, factory, source)
     app = web.Application(middlewares=[_openai_errors], client_max_size=settings.server.max_body_bytes)
     app[RUNTIME], app[KEYS] = runtime, keys
     _warn_if_open(keys.api, settings)

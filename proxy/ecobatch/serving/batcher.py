@@ -28,8 +28,8 @@ import msgspec
 from ..clock import Clock
 from ..config import BatchingSettings
 from ..domain import Demand, GenerationResult, Usage
-from ..energy.ledger import Ledger, Span
-from ..energy.receipts import Receipts
+from ..energy.account import EnergyAccount
+from ..energy.ledger import Span
 from ..engines.base import EngineShape, Job, StaticEngine
 from ..errors import BackendFailed, ShuttingDown
 from ..profile import EnergyProfile
@@ -64,8 +64,7 @@ class StaticBatcher(Dispatcher):
     def __init__(
         self,
         engine: StaticEngine,
-        ledger: Ledger,
-        receipts: Receipts,
+        account: EnergyAccount,
         metrics: Metrics,
         profile: EnergyProfile,
         settings: BatchingSettings,
@@ -75,7 +74,6 @@ class StaticBatcher(Dispatcher):
         max_prompts_per_request: int = 64,
     ) -> None:
         super().__init__(
-            receipts,
             metrics,
             profile,
             settings,
@@ -86,7 +84,7 @@ class StaticBatcher(Dispatcher):
             tiers=frozenset({"priority", "interactive"}),
         )
         self._engine = engine
-        self._ledger = ledger
+        self._account = account  # the energy account of the engine's GPUs
         self._demand = _Demand(settings.expected_prompt_tokens, settings.expected_completion_tokens)
         self.last_decision: Decision | None = None
 
@@ -162,7 +160,7 @@ class StaticBatcher(Dispatcher):
 
     def _job(self, pending: Pending) -> tuple[Span, Job]:
         """The request's energy span and its job in the batch."""
-        span = self._span(pending, self._ledger)
+        span = self._span(pending, self._account)
         return span, Job(
             pending.request, self._stream_sink(pending), span.generated, pending.future.cancelled
         )
@@ -197,4 +195,4 @@ class StaticBatcher(Dispatcher):
             for p, (span, _), result in zip(batch, started, results, strict=True):
                 if isinstance(result, GenerationResult):
                     self._demand.observe(result.usage, p.sequences)
-                self._resolve(p, span, result, now, sequences)
+                self._resolve(p, self._account, span, result, now, sequences)

@@ -3,7 +3,8 @@
 Two shapes, two classes: ``batcher.StaticBatcher`` (batch in, batch out, one batch at a time) and
 ``gate.ContinuousGate`` (one request at a time, released by the run-time controller). Each implements
 ``_run``, its own loop; everything around it lives here once: submission, run-time reconfiguration,
-the energy span of every request (begun at dispatch, ended on every path), the resolution of every
+the energy span of every request (begun at dispatch on the energy account of the replica that runs it,
+ended there on every path: the account writes its estimate and receipt), the resolution of every
 future, and a bounded shutdown.
 
 Every future is resolved on every path: a result, the request's own error, a batch-wide error, a
@@ -20,8 +21,8 @@ from typing import Any, ClassVar
 from ..clock import Clock, MonotonicClock
 from ..config import BatchingSettings
 from ..domain import TIERS, EngineOutput, GenerationRequest, GenerationResult, Tier, Usage
-from ..energy.ledger import Ledger, Span
-from ..energy.receipts import Receipts
+from ..energy.account import Charge, EnergyAccount
+from ..energy.ledger import Span
 from ..engines.base import Emit, EngineShape
 from ..errors import BackendFailed, BackendTimeout, EcobatchError, ShuttingDown
 from ..profile import EnergyProfile
@@ -45,7 +46,6 @@ class Dispatcher:
 
     def __init__(
         self,
-        receipts: Receipts,
         metrics: Metrics,
         profile: EnergyProfile,
         settings: BatchingSettings,
@@ -56,7 +56,6 @@ class Dispatcher:
         max_prompts_per_request: int = 64,
         tiers: frozenset[Tier] = frozenset(TIERS),
     ) -> None:
-        self._receipts = receipts
         self._metrics = metrics
         self._profile = profile
         self._timeout_s = request_timeout_s
@@ -223,9 +222,9 @@ class Dispatcher:
 
         return sink
 
-    def _span(self, pending: Pending, ledger: Ledger) -> Span:
-        """The request's energy span, on the ledger of the GPUs that run it."""
-        return ledger.begin(pending.request.id, pending.sequences, tier=pending.tier)
+    def _span(self, pending: Pending, account: EnergyAccount) -> Span:
+        """The request's energy span, on the energy account of the GPUs that run it."""
+        return account.begin(pending.request.id, pending.sequences, tier=pending.tier)
 
     def _timeout(self) -> BackendTimeout:
         return BackendTimeout(f"the engine did not finish within backend.request_timeout_s={self._timeout_s}")
@@ -233,26 +232,36 @@ class Dispatcher:
     def _resolve(
         self,
         pending: Pending,
+        account: EnergyAccount,
         span: Span,
         result: GenerationResult | BaseException,
         dispatched_s: float,
         group_size: int,
         in_flight: int | None = None,
     ) -> None:
-        """End the request's energy span and resolve its future: the one place both happen.
-        ``in_flight``: the sequences on the request's engine (its replica), for an estimate."""
+        """End the request's energy span on its ``account`` and resolve its future: the one place both
+        happen. ``in_flight``: the sequences on the request's engine (its replica; None: the dispatcher's
+        own count), for the estimate of a request that ended without the engine's count."""
         self._running.pop(id(pending), None)
         self._admission.observe_done()
         if pending.outputs is not None and not pending.first_token_seen:
             # a stream that ended without a first token: a miss if its budget ran out meanwhile
             self._count_if_late(pending, self._clock.now() - pending.arrival_s)
         delivered = not pending.future.done()
+        running = self._inflight if in_flight is None else in_flight
         answer: Outcome | EcobatchError
         if isinstance(result, GenerationResult):
-            answer = self._account(pending, span, result, delivered, dispatched_s, group_size)
+            charge = account.end(
+                span,
+                pending.request,
+                result.usage,
+                delivered=delivered,
+                dispatched_s=dispatched_s,
+                in_flight=running,
+            )
+            answer = self._served(pending, result, charge, dispatched_s, group_size)
         else:
-            estimate = self._estimated_usage(pending, span, dispatched_s, in_flight)
-            span.end(estimate, delivered=False)
+            account.end(span, pending.request, None, dispatched_s=dispatched_s, in_flight=running)
             answer = as_error(result)
         if delivered and not pending.future.done():
             if isinstance(answer, Outcome):
@@ -260,45 +269,23 @@ class Dispatcher:
             else:
                 pending.future.set_exception(answer)
 
-    def _estimated_usage(
-        self, pending: Pending, span: Span, dispatched_s: float, in_flight: int | None = None
-    ) -> Usage | None:
-        """The tokens of a request that ended without the engine's count (its client left, a 502, a
-        504), so that it carries its share of the joules it used instead of leaving them to its
-        neighbours: its prompt (when the engine measured it), and what one of the sequences in flight
-        decodes in the time it ran at the profile's per-sequence rate, at most its ``max_tokens``. Tokens
-        the engine reported as they came out are its count (``None``: the ledger uses them)."""
-        if span.tokens_seen:
-            return None
-        request = pending.request
-        running = max(self._inflight if in_flight is None else in_flight, request.sequences, 1)
-        per_sequence_tok_s = self._profile.at(running).tokens_per_s / running
-        decoded = (self._clock.now() - dispatched_s) * per_sequence_tok_s * request.sequences
-        if request.max_tokens is not None:
-            decoded = min(decoded, request.max_tokens * request.sequences)
-        return Usage(sum(request.prompt_tokens or ()), int(decoded))
-
-    def _account(
-        self,
-        pending: Pending,
-        span: Span,
-        result: GenerationResult,
-        delivered: bool,
-        dispatched_s: float,
-        group_size: int,
+    def _served(
+        self, pending: Pending, result: GenerationResult, charge: Charge, dispatched_s: float, group_size: int
     ) -> Outcome:
-        usage = result.usage
-        concurrency = span.end(usage, delivered=delivered)
-        provisional = self._profile.at(max(concurrency, 1.0)).joules_per_token * usage.completion_tokens
-        source = span.source
+        """A request served with the engine's count: its tokens counted, the live estimates taught, and
+        its answer (with the account's provisional figure)."""
         try:  # bookkeeping beside the answer: its failure must not cost the client its result
-            self._receipts.pending(pending.request.id, provisional_joules=provisional, source=source)
-            self._metrics.observe_tokens(usage)
-            self._learn(pending, usage, dispatched_s, concurrency)
+            self._metrics.observe_tokens(result.usage)
+            self._learn(pending, result.usage, dispatched_s, charge.concurrency)
         except Exception:
             log.exception("bookkeeping for request %s failed", pending.request.id)
         return Outcome(
-            result, dispatched_s - pending.arrival_s, group_size, provisional, source, pending.tier
+            result,
+            dispatched_s - pending.arrival_s,
+            group_size,
+            charge.provisional_joules,
+            charge.source,
+            pending.tier,
         )
 
     def _learn(self, pending: Pending, usage: Usage, dispatched_s: float, concurrency: float) -> None:

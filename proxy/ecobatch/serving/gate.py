@@ -30,7 +30,6 @@ from ..clock import Clock
 from ..config import BatchingSettings
 from ..domain import GenerationRequest, GenerationResult, Tier
 from ..energy.ledger import Span
-from ..energy.receipts import Receipts
 from ..engines.base import ContinuousEngine, EngineShape
 from ..engines.engine_output import Transcript
 from ..errors import BackendFailed, ShuttingDown
@@ -72,7 +71,6 @@ class ContinuousGate(Dispatcher):
     def __init__(
         self,
         pool: ReplicaPool,
-        receipts: Receipts,
         metrics: Metrics,
         profile: EnergyProfile,
         settings: BatchingSettings,
@@ -84,7 +82,6 @@ class ContinuousGate(Dispatcher):
         engine_priority: bool = False,
     ) -> None:
         super().__init__(
-            receipts,
             metrics,
             profile,
             settings,
@@ -353,7 +350,7 @@ class ContinuousGate(Dispatcher):
     async def _serve(
         self, pending: Pending, where: list[Replica], dispatched_s: float, group_size: int
     ) -> None:
-        span = self._span(pending, where[0].ledger)
+        span = self._span(pending, where[0].account)
         request = self._engine_request(pending)
         result: GenerationResult | BaseException = ShuttingDown("ecobatch shut down while this request ran")
         tried: set[str] = set()
@@ -377,7 +374,7 @@ class ContinuousGate(Dispatcher):
                         span.abandon()  # it never reached that engine: no share of its GPU's joules
                         self._move(pending, where[0], target)
                         where[0] = target
-                        span = self._span(pending, target.ledger)
+                        span = self._span(pending, target.account)
         except TimeoutError:
             result = self._timeout()
         except asyncio.CancelledError:
@@ -385,7 +382,9 @@ class ContinuousGate(Dispatcher):
         except Exception as exc:
             result = exc
         finally:
-            self._resolve(pending, span, result, dispatched_s, group_size, where[0].inflight)
+            self._resolve(
+                pending, where[0].account, span, result, dispatched_s, group_size, where[0].inflight
+            )
 
     async def _pull(
         self, pending: Pending, engine: ContinuousEngine, request: GenerationRequest, span: Span

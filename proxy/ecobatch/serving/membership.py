@@ -113,13 +113,12 @@ class ReplicaMembership:
         make: ReplicaFactory,
         meters: list[Meter],
         *,
-        on_meter: Callable[[Meter], None],
         on_meter_gone: Callable[[Meter], None],
         check_gpus: GpuCheck,
     ) -> None:
         self.source, self.refresh_s, self.startup_timeout_s = source, refresh_s, startup_timeout_s
         self.pool, self.gate, self._make, self._meters = pool, gate, make, meters
-        self._on_meter, self._on_meter_gone, self._check_gpus = on_meter, on_meter_gone, check_gpus
+        self._on_meter_gone, self._check_gpus = on_meter_gone, check_gpus
         self._joining: dict[str, asyncio.Task[None]] = {}  # by URL key
         self._joining_names: dict[str, str] = {}  # URL key -> name
         self._evicted: set[str] = set()  # URL keys of replicas a rule put out, until they have left
@@ -224,12 +223,12 @@ class ReplicaMembership:
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await _close(replica, meter_started=meter_started)
+            self._on_meter_gone(replica.meter)  # its energy account exported what it read: its gauges go
             if not isinstance(exc, Exception):
                 raise  # cancelled (shutdown): closed, and gone
             why = "it did not answer in time" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
             log.error("replica %s (%s) cannot join: %s", replica.name, listed.url, why)
             return
-        self._on_meter(replica.meter)
         self._meters.append(replica.meter)
         log.info("replica %s (%s) joined", replica.name, listed.url)
 

@@ -1,10 +1,10 @@
 """The replicas of a continuous engine, each one unit: its engine, its energy account and its load.
 
 A ``Replica`` holds everything about one engine behind the gate: the engine (a vLLM OpenAI server, or
-vLLM in-process), its typed health, its meter and ledger (the joules of its own GPUs), and what
-ecobatch runs on it (``Occupancy``: sequences in flight, KV tokens promised to them, when they are
-predicted to end). ``build_pool`` makes every replica, meter included, in one place; one engine is a
-pool of one.
+vLLM in-process), its typed health, its energy account (``energy.account``: its meter and ledger, the
+joules of its own GPUs, and its requests' estimates and receipts), and what ecobatch runs on it
+(``Occupancy``: sequences in flight, KV tokens promised to them, when they are predicted to end).
+``build_pool`` makes every replica, energy account included, in one place; one engine is a pool of one.
 
 ``ReplicaPool`` is what the app sees as the engine: one model name, one ``prepare``, one health view.
 Start-up: the pool is ready as soon as **one** replica answers; the others are waited for in the
@@ -33,18 +33,32 @@ from prometheus_client import CollectorRegistry
 from ..clock import Clock
 from ..config import ReplicaSettings, Settings
 from ..domain import GenerationRequest, Headroom
+from ..energy.account import EnergyAccount
 from ..energy.choose import MeterSpec
-from ..energy.ledger import Ledger
+from ..energy.ledger import Ledger, LedgerReports
 from ..energy.meter import Meter
 from ..engines.base import ContinuousEngine, EngineHealth, EngineShape, HealthState, Progress
 from ..engines.vllm_http import VllmHttpBackend
 from ..errors import ConfigError, UpstreamDown
 from ..profile import EnergyProfile
 
-__all__ = ["MeterFactory", "Occupancy", "PoolHealth", "Replica", "ReplicaPool", "build_pool", "make_replica"]
+__all__ = [
+    "AccountFactory",
+    "MeterFactory",
+    "Occupancy",
+    "PoolHealth",
+    "Replica",
+    "ReplicaPool",
+    "build_pool",
+    "make_replica",
+]
 
 log = logging.getLogger(__name__)
-MeterFactory = Callable[[MeterSpec, EnergyProfile, Clock], Meter]
+#: the meter for a spec, and its ledger reporting where it is told (``energy.choose.build_meter``)
+MeterFactory = Callable[[MeterSpec, EnergyProfile, Clock, LedgerReports], Meter]
+#: the energy account for a spec (its meter from a ``MeterFactory``, its figures to the app's receipts
+#: and metrics)
+AccountFactory = Callable[[MeterSpec], EnergyAccount]
 #: how many changes of our in-flight count a replica remembers (to read an engine's counts against)
 _OURS_KEPT = 4096
 #: how often a replica still starting after the pool is ready says what it waits for
@@ -117,8 +131,10 @@ class Occupancy:
 class Replica:
     """One engine behind the gate, its energy account and its load."""
 
-    def __init__(self, name: str, engine: ContinuousEngine, meter: Meter, url: str | None = None) -> None:
-        self.name, self.engine, self.meter = name, engine, meter
+    def __init__(
+        self, name: str, engine: ContinuousEngine, account: EnergyAccount, url: str | None = None
+    ) -> None:
+        self.name, self.engine, self.account = name, engine, account
         #: where it is (vllm-http), to tell it in a replicas file
         self.url = url
         #: removed from the replicas file: it takes no new request and goes once its requests end
@@ -130,11 +146,15 @@ class Replica:
         self._ours_since: deque[tuple[float, int]] = deque([(float("-inf"), 0)], maxlen=_OURS_KEPT)
         #: another client's sequences as the energy account counts them (``others_running``)
         self._others_for_energy = 0
-        meter.others_in_flight = self.others_for_energy  # its GPUs' other work, by the engine's count
+        account.meter.others_in_flight = self.others_for_energy  # its GPUs' other work, by the engine's count
+
+    @property
+    def meter(self) -> Meter:
+        return self.account.meter
 
     @property
     def ledger(self) -> Ledger:
-        return self.meter.ledger
+        return self.account.ledger
 
     @property
     def health(self) -> EngineHealth:
@@ -399,12 +419,11 @@ def _summed(rooms: Sequence[Headroom]) -> Headroom:
 def build_pool(
     settings: Settings,
     profile: EnergyProfile,
-    clock: Clock,
-    meter_factory: MeterFactory,
+    open_account: AccountFactory,
     engine: ContinuousEngine | None = None,
 ) -> ReplicaPool:
-    """Every replica with its engine and its meter: ``backend.replicas`` (a ``vllm-http`` engine each,
-    its own GPUs measured), else the one engine (``engine``, or the configured one). With
+    """Every replica with its engine and its energy account: ``backend.replicas`` (a ``vllm-http`` engine
+    each, its own GPUs measured), else the one engine (``engine``, or the configured one). With
     ``backend.replicas_dns`` none yet: the runtime asks DNS for them at start-up."""
     backend = settings.backend
     if engine is None and backend.replicas_dns is not None:
@@ -416,10 +435,9 @@ def build_pool(
             from ..engines import create_continuous_engine
 
             engine = create_continuous_engine(settings)
-        meter = meter_factory(MeterSpec(settings), profile, clock)
-        return ReplicaPool([Replica("r0", engine, meter)])
+        return ReplicaPool([Replica("r0", engine, open_account(MeterSpec(settings)))])
     replicas = [
-        make_replica(settings, msgspec.structs.replace(listed, name=name), profile, clock, meter_factory)
+        make_replica(settings, msgspec.structs.replace(listed, name=name), profile, open_account)
         for listed, name in zip(backend.replicas, backend.replica_names, strict=True)
     ]
     return ReplicaPool(replicas)
@@ -429,11 +447,10 @@ def make_replica(
     settings: Settings,
     listed: ReplicaSettings,
     profile: EnergyProfile,
-    clock: Clock,
-    meter_factory: MeterFactory,
+    open_account: AccountFactory,
 ) -> Replica:
-    """One vllm-http replica with its meter (its own GPUs, series named ``NAME:…``)."""
+    """One vllm-http replica with its energy account (its own GPUs, series named ``NAME:…``)."""
     name = listed.name or listed.url
     own = settings.as_replica(listed)
     spec = MeterSpec(own, gpu_prefix=f"{name}:", idle_fallback_w=profile.idle_power_w)
-    return Replica(name, VllmHttpBackend(own.backend), meter_factory(spec, profile, clock), url=listed.url)
+    return Replica(name, VllmHttpBackend(own.backend), open_account(spec), url=listed.url)

@@ -1,9 +1,11 @@
 """The proxy's moving parts and their life: starting, ready, draining, stopped (or failed).
 
-``Runtime`` owns the engine, the energy meter, the dispatcher, the metrics and the receipts. The HTTP
-server binds first and ``bring_up`` starts the rest (an engine may take minutes: a remote vLLM still
-loading, a model being read); until it is ready, requests and ``/health`` answer 503 with the reason
-("waiting for upstream http://…: connection refused"), and the reason is logged every few seconds.
+``Runtime`` owns the engine, the energy accounts (one per replica: its meter and ledger, the one writer
+of its requests' estimates and receipts, wired when it was built: ``energy.account``), the dispatcher,
+the metrics and the receipts store. The HTTP server binds first and ``bring_up`` starts the rest (an
+engine may take minutes: a remote vLLM still loading, a model being read); until it is ready, requests
+and ``/health`` answer 503 with the reason ("waiting for upstream http://…: connection refused"), and
+the reason is logged every few seconds.
 ``drain`` is the first half of a graceful shutdown: new requests get 503 with ``Retry-After`` while
 the dispatcher finishes what is in flight, for up to the grace; ``close`` releases the meter and the
 engine.
@@ -18,11 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from prometheus_client import CollectorRegistry
-
 from ..clock import Clock
 from ..config import Settings
-from ..energy.ledger import SettledRequest
+from ..energy.account import EnergyAccount
 from ..energy.meter import Meter
 from ..energy.receipts import Receipts
 from ..engines.base import StaticEngine
@@ -49,30 +49,26 @@ class Runtime:
     def __init__(
         self,
         settings: Settings,
-        registry: CollectorRegistry,
+        metrics: Metrics,
+        receipts: Receipts,
         profile: EnergyProfile,
         engine: Backend,
-        meters: list[Meter],
+        accounts: list[EnergyAccount],
         clock: Clock,
         replica_factory: ReplicaFactory | None = None,
         replica_source: ReplicaSource | None = None,
     ) -> None:
-        self.settings, self.registry, self.profile, self.engine = settings, registry, profile, engine
+        """``accounts``: the energy accounts of the engine's GPUs (a static engine's one, or the replicas'),
+        writing to ``receipts`` and ``metrics``."""
+        self.settings, self.profile, self.engine = settings, profile, engine
         self.clock = clock
-        self.receipts = Receipts()
-        self.metrics = Metrics(
-            registry,
-            model=engine.model,
-            carbon_g_per_kwh=settings.energy.carbon_g_per_kwh,
-            price_per_kwh=settings.energy.price_per_kwh,
-            currency=settings.energy.currency,
-        )
-        self.metrics.describe_profile(profile)
+        self.receipts, self.metrics, self.registry = receipts, metrics, metrics.registry
+        metrics.set_model(engine.model)
+        metrics.describe_profile(profile)
+        self._accounts = accounts
         #: one meter per replica (the static engine's: one); the first is the one /health names
-        self.meters = meters
-        self.meter: Meter | None = meters[0] if meters else None
-        for meter in meters:
-            self._wire(meter)
+        self.meters = [account.meter for account in accounts]
+        self.meter: Meter | None = self.meters[0] if self.meters else None
         self.dispatcher: Dispatcher | None = None
         #: replicas that come and go (backend.replicas_file, backend.replicas_dns): where they are listed,
         #: and what builds one (None: the replicas are fixed)
@@ -136,7 +132,6 @@ class Runtime:
                 dispatcher,
                 factory,
                 self.meters,
-                on_meter=self._wire,
                 on_meter_gone=self.metrics.forget_gpu,
                 check_gpus=_refuse_shared_gpus,
             )
@@ -172,7 +167,6 @@ class Runtime:
             replica = factory(listed)
             pool.add(replica)
             self.meters.append(replica.meter)
-            self._wire(replica.meter)
         self.meter = self.meters[0]
         log.info("replicas from %s: %s", source.where, ", ".join(r.name for r in pool.replicas))
 
@@ -191,7 +185,6 @@ class Runtime:
             _refuse_shared_gpus([(r.name, r.meter) for r in engine.replicas])
             return ContinuousGate(
                 engine,
-                self.receipts,
                 self.metrics,
                 self.profile,
                 settings.batching,
@@ -201,12 +194,11 @@ class Runtime:
                 max_prompts_per_request=settings.server.max_prompts_per_request,
                 engine_priority=settings.backend.engine_priority,
             )
-        (meter,) = self.meters
-        await meter.start()
+        (account,) = self._accounts
+        await account.meter.start()
         return StaticBatcher(
             engine,
-            meter.ledger,
-            self.receipts,
+            account,
             self.metrics,
             self.profile,
             settings.batching,
@@ -217,18 +209,6 @@ class Runtime:
 
     def _fail(self, reason: str) -> None:
         self.state, self.reason = "failed", reason
-
-    def _wire(self, meter: Meter) -> None:
-        """Settled requests and intervals go to the metrics and the receipts, off the request path."""
-        ledger, metrics, receipts = meter.ledger, self.metrics, self.receipts
-
-        def on_settled(settled: list[SettledRequest]) -> None:
-            for request in settled:
-                receipts.settle(request)
-            metrics.observe_settled(settled, meter.gpu)
-
-        ledger.on_settled = on_settled
-        ledger.on_interval = lambda split: metrics.observe_interval(split, ledger.source, meter.gpu)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new requests (503 + Retry-After) and let the dispatcher finish for up to ``grace_s``."""
