@@ -116,9 +116,9 @@ async def test_a_request_without_the_engines_count_is_charged_its_prompt_and_wha
     decoded = int(2.0 * continuous_profile.at(4).tokens_per_s / 4)
     assert decoded > 5, "the cap binds for the short one"
     settled = {r.id: receipts.get(r.id) for r in (long_, short)}
-    assert [(s["prompt_tokens"], s["completion_tokens"]) for s in settled.values() if s] == [
-        (3, decoded),
-        (2, 5),
+    assert [(s["prompt_tokens"], s["completion_tokens"], s["basis"]) for s in settled.values() if s] == [
+        (3, decoded, "no_engine_count"),
+        (2, 5, "no_engine_count"),
     ]
     assert sum(s["energy_joules"] for s in settled.values() if s) == pytest.approx(500.0 - 2 * IDLE_W)
 
@@ -138,6 +138,7 @@ async def test_a_request_that_failed_after_its_tokens_were_seen_is_charged_those
     account.ledger.add_interval(2.0, 2.1, 10.0)
     receipt = receipts.get(request.id)
     assert receipt is not None and receipt["completion_tokens"] == 7, "not the profile's estimate"
+    assert receipt["basis"] == "no_engine_count"
 
 
 def test_the_estimate_decodes_at_the_profiles_rate_per_sequence_capped_by_max_tokens(

@@ -139,7 +139,7 @@ class EnergyAccount:
             if not span.tokens_seen:  # none reported as they came out: the ledger has no count to use
                 ran_s = self.ledger.clock.now() - dispatched_s
                 estimate = estimated_usage(request, self.profile, ran_s, in_flight)
-            span.end(estimate, delivered=False)
+            span.end(estimate, delivered=False, estimated=estimate is not None)
             return None
         concurrency = span.end(usage, delivered=delivered)
         provisional = self.profile.at(max(concurrency, 1.0)).joules_per_token * usage.completion_tokens

@@ -150,10 +150,11 @@ class _Record:
     tier: str = "interactive"
     basis: str = "token_times"
 
-    def close(self, end_s: float, usage: Usage | None) -> None:
+    def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
         self.end_s = end_s
         seen = sum(n for _, n in self.events)
-        self.basis = "no_engine_count" if usage is None else "token_times" if seen > 0 else "spread"
+        no_count = usage is None or estimated
+        self.basis = "no_engine_count" if no_count else "token_times" if seen > 0 else "spread"
         completion = usage.completion_tokens if usage is not None else seen
         prompt = usage.prompt_tokens if usage is not None else 0
         self.usage = Usage(prompt, completion)
@@ -229,10 +230,11 @@ class Span:
         if self._record.end_s is None and tokens > 0:
             self._record.events.append((self._ledger.clock.now(), tokens))
 
-    def end(self, usage: Usage | None, *, delivered: bool = True) -> float:
-        """Close the span (``usage=None``: the engine's count is unknown, e.g. it failed); return the mean
-        number of sequences in flight over its lifetime (for a provisional estimate)."""
-        return self._ledger._end(self._record, usage, delivered)
+    def end(self, usage: Usage | None, *, delivered: bool = True, estimated: bool = False) -> float:
+        """Close the span (``usage=None``: the engine's count is unknown, e.g. it failed, and the tokens
+        seen are used; ``estimated``: ``usage`` is an estimate of it, not the engine's count); return the
+        mean number of sequences in flight over its lifetime (for a provisional estimate)."""
+        return self._ledger._end(self._record, usage, delivered, estimated)
 
     def abandon(self) -> None:
         """The request never reached this ledger's GPUs (its connection was refused): forget the span,
@@ -273,12 +275,12 @@ class _Requests:
         heapq.heappush(self._open, (now, self._count, record))
         return record
 
-    def end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
+    def end(self, record: _Record, usage: Usage | None, delivered: bool, estimated: bool) -> float:
         """Close ``record``; return its mean sequences in flight (itself included) over its life."""
         now = self._advance()
         self.inflight_sequences -= record.sequences
         record.delivered = delivered
-        record.close(now, usage)
+        record.close(now, usage, estimated)
         duration = now - record.start_s
         if duration <= 0:
             return float(self.inflight_sequences + record.sequences)
@@ -409,10 +411,10 @@ class Ledger:
     def begin(self, request_id: str, sequences: int = 1, tier: str = "interactive") -> Span:
         return Span(self, self._requests.begin(request_id, sequences, tier))
 
-    def _end(self, record: _Record, usage: Usage | None, delivered: bool) -> float:
+    def _end(self, record: _Record, usage: Usage | None, delivered: bool, estimated: bool = False) -> float:
         if record.end_s is not None:
             return 0.0
-        concurrency = self._requests.end(record, usage, delivered)
+        concurrency = self._requests.end(record, usage, delivered, estimated)
         self._settle()
         return concurrency
 
