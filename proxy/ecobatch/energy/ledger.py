@@ -97,6 +97,11 @@ class SettledRequest(msgspec.Struct, frozen=True):
     base_joules: float = 0.0
     #: what the split rests on (``BASES``)
     basis: str = "token_times"
+    #: how much of ``joules`` the counter's timing cannot place on either side of the request's start
+    #: and end: its above-idle power at each edge × the counter's resolution (``Ledger.set_counter_
+    #: resolution``). None where not known (a modelled meter, a counter unreadable for part of its life).
+    #: Not in it: the error of the split among requests in flight together (a model; ``basis``)
+    uncertainty_joules: float | None = None
 
 
 #: what a request's joules rest on, most certain first: its tokens' times as they came (a stream, an
@@ -149,6 +154,7 @@ class _Record:
     complete: bool = True
     tier: str = "interactive"
     basis: str = "token_times"
+    edge_joules: float = 0.0  # what the counter's timing cannot place across its start and end
 
     def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
         self.end_s = end_s
@@ -168,9 +174,10 @@ class _Record:
             self.segments = [(self.start_s, self.start_s, prompt, 0), (self.start_s, end_s, 0, completion)]
         self.events = []
 
-    def settled(self, source: str) -> SettledRequest:
+    def settled(self, source: str, resolution_s: float | None) -> SettledRequest:
         assert self.end_s is not None
         basis = "incomplete" if not self.complete else "modelled" if source == "model" else self.basis
+        known = resolution_s is not None and basis not in ("incomplete", "modelled")
         return SettledRequest(
             self.request_id,
             self.joules,
@@ -183,6 +190,7 @@ class _Record:
             self.tier,
             self.base_joules,
             basis,
+            self.edge_joules if known else None,
         )
 
     def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
@@ -372,6 +380,7 @@ class Ledger:
         self._max_power_w = max_power_w
         #: a request's share of the above-idle joules that follow its end (counter lag, power decay)
         self.tail_s = tail_s
+        self._resolution_s: float | None = None  # the meter's (set_counter_resolution); None: unknown
         self.clock: Clock = clock or MonotonicClock()
         self._active_model = active_model
         self._settle_budget = settle_budget
@@ -397,6 +406,18 @@ class Ledger:
     def max_power_w(self) -> float | None:
         """The GPUs' power limit (None: no cap)."""
         return self._max_power_w
+
+    @property
+    def counter_resolution_s(self) -> float | None:
+        """The counter's timing resolution (None: not known)."""
+        return self._resolution_s
+
+    def set_counter_resolution(self, seconds: float) -> None:
+        """The counter's timing resolution as the meter sees it (how often it moves, at least the meter's
+        sampling interval): each receipt's ``uncertainty_joules`` from now on."""
+        if seconds <= 0:
+            raise ValueError(f"counter resolution {seconds=} must be > 0")
+        self._resolution_s = seconds
 
     def adopt_power_limit(self, power_w: float | None) -> None:
         """The GPUs' power limit as their counter reports it: the cap from now on, unless one was
@@ -553,9 +574,12 @@ class Ledger:
             tail=[max(r.joules, 0.0) for r in tail],
             cap_slack_s=COUNTER_STEP_S,
         )
+        resolution_s = self._resolution_s
         for r, charge, base in zip(inside, shares.charges, shares.bases, strict=True):
             r.joules += charge
             r.base_joules += base
+            if resolution_s is not None and charge > 0:
+                r.edge_joules += _edge_joules(r, t0, t1, charge, resolution_s)
         for r, charge in zip(tail, shares.tail, strict=True):
             r.joules += charge
         if self._live_idle and interval.joules is not None:
@@ -580,7 +604,7 @@ class Ledger:
 
     def _settled(self, record: _Record) -> SettledRequest:
         self.totals.settled_request_joules += record.joules
-        return record.settled(self.source)
+        return record.settled(self.source, self._resolution_s)
 
     def _report(self, settled: list[SettledRequest]) -> None:
         if not settled:
@@ -593,6 +617,19 @@ class Ledger:
                 settled[0].request_id,
                 len(settled) - 1,
             )
+
+
+def _edge_joules(record: _Record, t0: float, t1: float, charge: float, resolution_s: float) -> float:
+    """The part of ``charge`` (the request's in [t0, t1)) that the counter's timing cannot place on one
+    side of the request's start or end falling in the interval: its above-idle power there × the
+    resolution, at most the charge, per edge."""
+    assert record.end_s is not None
+    edges = (t0 <= record.start_s < t1) + (t0 < record.end_s <= t1)
+    if not edges:
+        return 0.0
+    ran_s = min(record.end_s, t1) - max(record.start_s, t0)
+    power_w = charge / max(ran_s, resolution_s)
+    return edges * min(charge, power_w * resolution_s)
 
 
 def _overlaps(record: _Record, t0: float) -> bool:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 from .counters import CounterDeltas, CounterReader
@@ -39,6 +41,10 @@ from .ledger import Ledger
 __all__ = ["Meter"]
 
 log = logging.getLogger(__name__)
+
+
+#: how many of the counter's latest steps its resolution is the median of
+_STEPS = 31
 
 
 def _none_running() -> float:
@@ -78,6 +84,9 @@ class Meter:
         self._stale_warned = False
         self._gap_open = False  # the counter was lost: rebase at its next reading
         self._failing = False
+        self._moved_at: float | None = None  # when the counter last moved
+        self._steps: deque[float] = deque(maxlen=_STEPS)  # the times between its moves
+        self._resolution_s: float | None = None
         self._named = False  # the GPUs have been named and their power limit read (first reading)
         #: put before the GPUs' name in the ``gpu`` label (a replica's name: "r1:")
         self.gpu_prefix = gpu_prefix
@@ -141,6 +150,8 @@ class Meter:
                     )
         if self._idle_power_w is not None:
             self.ledger.set_idle_power(self._idle_power_w)
+        if self.reader is not None:  # until the counter is seen moving: no finer than the sampling
+            self.ledger.set_counter_resolution(self.sample_interval_s)
         self._last_s = self._drawn_at()
         self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
 
@@ -212,6 +223,17 @@ class Meter:
             self.ledger.add_gap(self._last_s, now)
             self._last_s, self._gap_open = now, True
 
+    def _moved(self, now_s: float) -> None:
+        """The counter moved: the time since it last moved is one of its steps; the ledger's resolution
+        is the median of the last ``_STEPS`` of them (at least the sampling interval)."""
+        if self._moved_at is not None:
+            self._steps.append(now_s - self._moved_at)
+            resolution_s = max(self.sample_interval_s, statistics.median(self._steps))
+            if resolution_s != self._resolution_s:
+                self._resolution_s = resolution_s
+                self.ledger.set_counter_resolution(resolution_s)
+        self._moved_at = now_s
+
     async def sample(self, *, force: bool = False) -> None:
         """Read the counter and close an interval (unless the counter stood still and ``force`` is off)."""
         joules: float | None = None
@@ -233,6 +255,8 @@ class Meter:
                 self._last_s, self._gap_open = now, False
                 return
             joules = self._deltas.delta(reading)
+            if joules > 0:
+                self._moved(self.ledger.clock.now())
         now = self._drawn_at()
         if joules == 0.0 and not force:
             if now - self._last_s < self._max_stale_s:

@@ -31,6 +31,7 @@ class _Receipt:
     duration_s: float = 0.0
     base_joules: float = 0.0
     basis: str = ""
+    uncertainty_joules: float | None = None
 
 
 class Receipts:
@@ -59,6 +60,7 @@ class Receipts:
         entry.completion_tokens = settled.usage.completion_tokens
         entry.duration_s = settled.end_s - settled.start_s
         entry.base_joules, entry.basis = settled.base_joules, settled.basis
+        entry.uncertainty_joules = settled.uncertainty_joules
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         entry = self._items.get(request_id)
@@ -78,6 +80,9 @@ class Receipts:
             # idle power while it was in flight, its share (a full-cost view adds it; never in the above)
             base_energy_joules=entry.base_joules,
             basis=entry.basis,
+            # ± what the counter's timing cannot place across its start and end (null: not known); the
+            # split among requests in flight together is a model, not in it (basis says what it rests on)
+            energy_uncertainty_joules=entry.uncertainty_joules,
             # False: the counter was unreadable for part of the request's life (an underestimate)
             complete=entry.complete,
             prompt_tokens=entry.prompt_tokens,
