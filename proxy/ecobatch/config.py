@@ -357,8 +357,9 @@ class EnergySettings(Struct, frozen=True, forbid_unknown_fields=True):
     idle_power_w: _Watts | None = None
     # Re-estimate idle power from the counter while nothing runs (median of the last 31 quiet seconds).
     live_idle: bool = True
-    # After a request's end, the energy above idle that the counter still reports (its update lag, the
-    # power's decay) for this long is charged to the requests that just ended, not to other work.
+    # After a request's end, the energy above idle that the counter still reports (the power's decay,
+    # any of the counter's lag counter_lag_s does not undo) for this long is charged to the requests that
+    # just ended, not to other work.
     tail_s: Annotated[float, Meta(ge=0, le=10)] = 1.0
     # How late the counter reports the energy the GPUs drew: each interval is placed this much earlier,
     # so that a request's energy lands on it and not on the requests after it. None: the profile's

@@ -37,10 +37,12 @@ def lagging_trace(
 
 @pytest.mark.parametrize(("lag_s", "step_s"), [(0.0, 0.02), (0.25, 0.02), (0.25, 0.1), (0.6, 0.05)])
 def test_the_lag_is_read_off_the_edges_of_bursts(lag_s: float, step_s: float) -> None:
+    """What a reading lags by on average: the counter's delay plus half its step (a meter reading at a
+    moment unrelated to the counter's steps finds its last move half a step back, on average)."""
     bursts = [(1.0, 2.5, 400.0), (4.0, 5.2, 250.0), (7.0, 8.5, 500.0)]
     trace = lagging_trace(bursts, lag_s, step_s, until_s=10.0)
     estimate = lag_from_trace(trace, [(a, b) for a, b, _ in bursts], IDLE_W)
-    assert estimate.lag_s == pytest.approx(lag_s, abs=0.01)
+    assert estimate.lag_s == pytest.approx(lag_s + step_s / 2, abs=0.01)
     assert len(estimate.rise_delays_s) == len(estimate.fall_delays_s) == 3
 
 
@@ -50,9 +52,12 @@ def test_no_burst_above_idle_is_an_error_not_a_lag() -> None:
         lag_from_trace(trace, [(1.0, 2.0)], IDLE_W)
 
 
-async def back_to_back(counter_lag_s: float) -> dict[str, SettledRequest]:
+async def back_to_back(
+    counter_lag_s: float, delay_s: float = 0.3, step_s: float = 0.0
+) -> dict[str, SettledRequest]:
     """Request a (300 W above idle for 1 s) then at once request b (100 W above idle for 1 s), on a GPU
-    whose counter reports the energy 0.3 s late; the meter told ``counter_lag_s``."""
+    whose counter reports the energy ``delay_s`` late (in steps of ``step_s``, if any); the meter, which
+    samples every 50 ms, told ``counter_lag_s``."""
     clock = FakeClock()
 
     def reported_mj(t_s: float) -> int:  # since boot, long before: idle until the first request
@@ -97,3 +102,31 @@ async def test_a_late_counter_left_uncorrected_moves_energy_to_the_next_request(
     settled = await back_to_back(counter_lag_s=0.0)
     assert settled["a"].joules < 300.0 * 0.8  # its last 0.3 s landed on b
     assert settled["b"].joules > 100.0 * 1.5
+
+
+async def test_another_clients_sequences_go_with_the_energy_drawn_beside_them() -> None:
+    """A counter 0.3 s late: an interval placed back at [t - 0.3, ...] carries the other client's count
+    read then, not the one read when the counter reported it."""
+    clock = FakeClock()
+    gpu = FakeGpu(0, energy_mj=0, power_w=IDLE_W)
+    seen: list[tuple[float, float, float]] = []
+
+    class Recording(Ledger):
+        def add_interval(self, t0_s: float, t1_s: float, joules: float | None, other: float = 0.0) -> None:
+            seen.append((round(t0_s, 3), round(t1_s, 3), other))
+
+    ledger = Recording(source="nvml", prefill_weight=1.0, clock=clock)
+    meter = Meter(
+        ledger, NvmlCounters([gpu]), sample_interval_s=3600.0, idle_power_w=IDLE_W, counter_lag_s=0.3
+    )
+    await meter.start()
+    meter.others_in_flight = lambda: 2.0 if 1.0 <= clock.now() < 1.5 else 0.0
+    for _ in range(40):  # 2 s in steps of 50 ms, the counter moving every time
+        await clock.advance(0.05)
+        gpu.energy_mj = (gpu.energy_mj or 0) + 5_000
+        await meter.sample()
+    others = {round(t0, 2): n for t0, _, n in seen}
+    assert others[1.0] == 2.0  # drawn at 1.0-1.05 s, reported at 1.3-1.35 s
+    assert others[1.5] == 0.0  # drawn after the other client stopped
+    assert others[0.9] == 0.0  # drawn before it started
+    await meter.close()

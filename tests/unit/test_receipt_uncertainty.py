@@ -73,7 +73,7 @@ async def test_the_meter_gives_the_ledger_the_counters_resolution_as_it_sees_it_
     ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
     meter = Meter(ledger, NvmlCounters([gpu]), sample_interval_s=0.05, idle_power_w=100.0)
     await meter.start()
-    assert ledger.counter_resolution_s == pytest.approx(0.05)  # not yet seen moving
+    assert ledger.counter_resolution_s is None  # not yet seen moving: receipts claim no uncertainty
     for reading in range(1, 31):
         await clock.advance(0.05)
         if reading % 3 == 0:
@@ -81,3 +81,19 @@ async def test_the_meter_gives_the_ledger_the_counters_resolution_as_it_sees_it_
         await meter.sample()
     assert ledger.counter_resolution_s == pytest.approx(0.15)
     await meter.close()
+
+
+async def test_a_request_inside_one_interval_is_unsure_of_at_most_its_charge() -> None:
+    clock, settled = FakeClock(), {}
+    ledger = ledger_with("nvml", clock, settled)
+    ledger.set_counter_resolution(0.1)
+    await clock.advance(0.02)
+    span = ledger.begin("r")
+    await clock.advance(0.03)
+    span.end(Usage(0, 3))
+    await clock.advance(0.05)
+    ledger.add_interval(0.0, 0.1, 5.0 + 3.0)  # 3 J above idle, all in its 30 ms
+    await clock.advance(0.1)
+    ledger.add_interval(0.1, 0.2, 5.0)
+    assert settled["r"].joules == pytest.approx(3.0)
+    assert settled["r"].uncertainty_joules == pytest.approx(3.0)

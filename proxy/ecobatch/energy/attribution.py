@@ -13,7 +13,7 @@ what each of ecobatch's requests did in it (``InFlight``), ``split_interval`` re
 
 1. **idle** = idle power × (t1 − t0), at most the interval's joules; the rest is **above idle**;
 2. with none of ecobatch's requests in flight, the above-idle joules belong to requests that **ended
-   just before** (``tail``: the counter's update lag and the power's decay after a request's last
+   just before** (``tail``: the power's decay and the counter's lag not undone after a request's last
    token; weighted by what each was charged so far), unless another client's work was in flight
    (``other_sequences`` > 0), else to **other work** (another client of the same GPU);
 3. with some in flight, ecobatch's part is the above-idle joules × their share of the sequences in

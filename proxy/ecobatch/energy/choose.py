@@ -150,7 +150,15 @@ def build_meter(
         live_idle=energy.live_idle and energy.idle_power_w is None,
         reports=reports,
     )
-    lag_s = energy.counter_lag_s if energy.counter_lag_s is not None else profile.counter_lag_s or 0.0
+    lag_s = energy.counter_lag_s
+    if lag_s is None:  # the profile's was measured through NVML (calibrate): another counter lags otherwise
+        lag_s = (profile.counter_lag_s or 0.0) if reader.source == "nvml" else 0.0
+        if profile.counter_lag_s and reader.source != "nvml":
+            log.warning(
+                "energy: the profile's counter_lag_s was measured through NVML, not %s: not applied "
+                "(set energy.counter_lag_s for this counter)",
+                reader.source,
+            )
     log.info("energy: measured by %s (counter lag %.0f ms)", why, 1000 * lag_s)
     return Meter(
         ledger,

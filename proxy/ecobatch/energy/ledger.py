@@ -12,7 +12,8 @@ Attribution rule (``attribution.py`` states it in full): a request is charged th
 **above its idle power** while the request was in flight, shared with the requests beside it by the
 work each did there; idle power × all time is the **idle** bucket (the cost of having the GPU on);
 above-idle energy while none of ours ran is **other work** (another client's), except in the ``tail_s``
-after a request's end, which is still that request's (the counter's update lag and the power's decay).
+after a request's end, which is still that request's (the power's decay, and any of the counter's lag
+the meter does not undo).
 Each request is also told its **base** share: idle power while it was in flight, split by in-flight
 time × sequences (charge + base is a full-cost view).
 
@@ -622,14 +623,14 @@ class Ledger:
 def _edge_joules(record: _Record, t0: float, t1: float, charge: float, resolution_s: float) -> float:
     """The part of ``charge`` (the request's in [t0, t1)) that the counter's timing cannot place on one
     side of the request's start or end falling in the interval: its above-idle power there × the
-    resolution, at most the charge, per edge."""
+    resolution, for each edge in the interval, at most the charge."""
     assert record.end_s is not None
     edges = (t0 <= record.start_s < t1) + (t0 < record.end_s <= t1)
     if not edges:
         return 0.0
     ran_s = min(record.end_s, t1) - max(record.start_s, t0)
     power_w = charge / max(ran_s, resolution_s)
-    return edges * min(charge, power_w * resolution_s)
+    return min(charge, edges * power_w * resolution_s)
 
 
 def _overlaps(record: _Record, t0: float) -> bool:

@@ -43,6 +43,8 @@ __all__ = ["Meter"]
 log = logging.getLogger(__name__)
 
 
+#: the most a closing meter waits for a late counter's last energy (inside the server's cleanup bound)
+_CLOSE_WAIT_S = 1.0
 #: how many of the counter's latest steps its resolution is the median of
 _STEPS = 31
 
@@ -84,6 +86,7 @@ class Meter:
         self._stale_warned = False
         self._gap_open = False  # the counter was lost: rebase at its next reading
         self._failing = False
+        self._others_seen: deque[tuple[float, float]] = deque()  # (when, the other client's sequences)
         self._moved_at: float | None = None  # when the counter last moved
         self._steps: deque[float] = deque(maxlen=_STEPS)  # the times between its moves
         self._resolution_s: float | None = None
@@ -150,8 +153,6 @@ class Meter:
                     )
         if self._idle_power_w is not None:
             self.ledger.set_idle_power(self._idle_power_w)
-        if self.reader is not None:  # until the counter is seen moving: no finer than the sampling
-            self.ledger.set_counter_resolution(self.sample_interval_s)
         self._last_s = self._drawn_at()
         self._task = asyncio.create_task(self._run(), name="ecobatch-meter")
 
@@ -165,12 +166,16 @@ class Meter:
             self.on_named()
 
     async def close(self) -> None:
-        """Stop sampling, close the last interval and settle everything (call after the dispatcher)."""
+        """Stop sampling, close the last interval and settle everything (call after the dispatcher). A
+        late counter (``counter_lag_s``) is given that long to report the last energy first (at most
+        ``_CLOSE_WAIT_S``)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            if self.reader is not None and self.counter_lag_s > 0:
+                await asyncio.sleep(min(self.counter_lag_s + self.sample_interval_s, _CLOSE_WAIT_S))
             with contextlib.suppress(Exception):
                 await self.sample(force=True)
         self.ledger.flush()
@@ -223,9 +228,20 @@ class Meter:
             self.ledger.add_gap(self._last_s, now)
             self._last_s, self._gap_open = now, True
 
+    def _others_while(self, t0_s: float, t1_s: float) -> float:
+        """The most sequences another client ran while the energy of [t0_s, t1_s] was drawn (the readings
+        taken then; without one, the latest before), and forget the readings before ``t1_s``."""
+        seen = self._others_seen
+        during = [n for t, n in seen if t0_s <= t <= t1_s]
+        before = [n for t, n in seen if t < t0_s]
+        while len(seen) > 1 and seen[1][0] <= t1_s:
+            seen.popleft()
+        return max(during) if during else before[-1] if before else seen[-1][1]
+
     def _moved(self, now_s: float) -> None:
         """The counter moved: the time since it last moved is one of its steps; the ledger's resolution
-        is the median of the last ``_STEPS`` of them (at least the sampling interval)."""
+        is the median of the last ``_STEPS`` of them (at least the sampling interval). Unknown (no
+        uncertainty on receipts) until the counter has been seen moving twice."""
         if self._moved_at is not None:
             self._steps.append(now_s - self._moved_at)
             resolution_s = max(self.sample_interval_s, statistics.median(self._steps))
@@ -236,6 +252,9 @@ class Meter:
 
     async def sample(self, *, force: bool = False) -> None:
         """Read the counter and close an interval (unless the counter stood still and ``force`` is off)."""
+        # the other client's sequences now: paired with the energy drawn now, which a late counter
+        # reports only later (the interval it lands in is placed back where it was drawn)
+        self._others_seen.append((self.ledger.clock.now(), self.others_in_flight()))
         joules: float | None = None
         if self.reader is not None:
             try:
@@ -268,5 +287,5 @@ class Meter:
                     now - self._last_s,
                 )
                 self._stale_warned = True
-        self.ledger.add_interval(self._last_s, now, joules, self.others_in_flight())
+        self.ledger.add_interval(self._last_s, now, joules, self._others_while(self._last_s, now))
         self._last_s = now

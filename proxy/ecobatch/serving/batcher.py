@@ -195,4 +195,5 @@ class StaticBatcher(Dispatcher):
             for p, (span, _), result in zip(batch, started, results, strict=True):
                 if isinstance(result, GenerationResult):
                     self._demand.observe(result.usage, p.sequences)
-                self._resolve(p, self._account, span, result, now, sequences)
+                # a failed member's estimate: decoded at the batch's speed, not alone
+                self._resolve(p, self._account, span, result, now, sequences, in_flight=sequences)

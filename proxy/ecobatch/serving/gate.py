@@ -371,8 +371,8 @@ class ContinuousGate(Dispatcher):
                             target.name,
                             pending.request.id,
                         )
-                        span.abandon()  # it never reached that engine: no share of its GPU's joules
                         self._move(pending, where[0], target)
+                        span.abandon()  # it never reached that engine: no share of its GPU's joules
                         where[0] = target
                         span = self._span(pending, target.account)
         except TimeoutError:

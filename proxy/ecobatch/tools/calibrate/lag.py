@@ -6,9 +6,12 @@ drew them: a short request's energy lands after it, on the requests running then
 ``energy.counter_lag_s`` (or the profile's ``counter_lag_s``) moves the intervals back by ``L``.
 
 Measured with bursts of work on an idle GPU: each burst's power rises and falls; the counter's power
-(its joules' slope, sampled every few milliseconds) crosses half-way between idle and the burst's level
-``L`` after the burst started and ``L`` after it ended (plus the counter's own step, half of it on
-average, the same at both edges). A burst's start is when its requests were sent and its end when the
+(its joules' slope, sampled every few milliseconds, placed when the counter moved) crosses half-way
+between idle and the burst's level ``L`` after the burst started and ``L`` after it ended, where ``L``
+is the counter's reporting delay plus half its step (how late a reading is on average: what the meter
+undoes), the same at both edges. The power's own decay after work ends lengthens the falling edge's
+delay: that energy is the work's too, so undoing it is right, but a rise much shorter than the fall is
+the sign of it (both are reported). A burst's start is when its requests were sent and its end when the
 last answer came: the engine's start-up delay lengthens the rising edge's delay by a few milliseconds and
 the last answer's trip shortens the falling one's, so the median of both is the lag within that.
 ``lag_from_trace`` reads the delays off a trace; ``probe_counter_lag`` makes the bursts and records it.
@@ -41,13 +44,15 @@ class LagEstimate:
 
 
 def _power(trace: Sequence[Sample]) -> list[tuple[float, float]]:
-    """(the middle of each step between counter changes, the mean power over that step): where the
-    counter stood still between samples, its step is one longer step, not a zero then a spike."""
+    """(when the counter moved, the mean power over the step it ended): where the counter stood still
+    between samples, its step is one longer step, not a zero then a spike. Placed at the move, not at the
+    step's middle: a reading taken at any moment holds the energy up to the counter's last move, half a
+    step earlier on average, and the meter must undo that too."""
     steps: list[tuple[float, float]] = []
     t0, e0 = trace[0]
     for t, e in trace[1:]:
         if e != e0 and t > t0:
-            steps.append(((t0 + t) / 2, (e - e0) / (t - t0)))
+            steps.append((t, (e - e0) / (t - t0)))
             t0, e0 = t, e
     return steps
 

@@ -278,8 +278,11 @@ async def _counter_lag(
         f"{', '.join(f'{1000 * d:.0f}' for d in estimate.rise_delays_s)} ms; falling "
         f"{', '.join(f'{1000 * d:.0f}' for d in estimate.fall_delays_s)} ms)"
     )
+    lag_s = min(max(estimate.lag_s, 0.0), 5.0)  # a profile holds 0-5 s
+    if lag_s != estimate.lag_s:
+        progress(f"counter lag {1000 * estimate.lag_s:.0f} ms read as {1000 * lag_s:.0f} ms (0-5 s)")
     return {
-        "lag_s": estimate.lag_s,
+        "lag_s": lag_s,
         "rise_delays_s": list(estimate.rise_delays_s),
         "fall_delays_s": list(estimate.fall_delays_s),
     }
