@@ -130,3 +130,16 @@ async def test_another_clients_sequences_go_with_the_energy_drawn_beside_them() 
     assert others[1.5] == 0.0  # drawn after the other client stopped
     assert others[0.9] == 0.0  # drawn before it started
     await meter.close()
+
+
+async def test_a_meter_closed_without_its_last_reading_reports_nothing_more() -> None:
+    """A replica refused while joining: its GPU never served, so its meter exports no energy."""
+    clock = FakeClock()
+    gpu = FakeGpu(0, energy_mj=1_000_000, power_w=IDLE_W)
+    ledger = Ledger(source="nvml", prefill_weight=1.0, clock=clock)
+    meter = Meter(ledger, NvmlCounters([gpu]), sample_interval_s=3600.0, idle_power_w=IDLE_W)
+    await meter.start()
+    await clock.advance(0.5)
+    gpu.energy_mj = (gpu.energy_mj or 0) + 50_000
+    await meter.close(last_reading=False)
+    assert ledger.totals.counter_joules == 0.0

@@ -165,19 +165,21 @@ class Meter:
         if late and self.on_named is not None:
             self.on_named()
 
-    async def close(self) -> None:
+    async def close(self, *, last_reading: bool = True) -> None:
         """Stop sampling, close the last interval and settle everything (call after the dispatcher). A
         late counter (``counter_lag_s``) is given that long to report the last energy first (at most
-        ``_CLOSE_WAIT_S``)."""
+        ``_CLOSE_WAIT_S``). ``last_reading=False``: a meter whose GPU never served (a replica refused
+        while joining) reports nothing more."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            if self.reader is not None and self.counter_lag_s > 0:
-                await asyncio.sleep(min(self.counter_lag_s + self.sample_interval_s, _CLOSE_WAIT_S))
-            with contextlib.suppress(Exception):
-                await self.sample(force=True)
+            if last_reading:
+                if self.reader is not None and self.counter_lag_s > 0:
+                    await asyncio.sleep(min(self.counter_lag_s + self.sample_interval_s, _CLOSE_WAIT_S))
+                with contextlib.suppress(Exception):
+                    await self.sample(force=True)
         self.ledger.flush()
         if self.reader is not None:
             await self.reader.close()

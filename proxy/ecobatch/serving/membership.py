@@ -222,7 +222,7 @@ class ReplicaMembership:
             self.gate.join(replica)  # refuses a name in the pool already
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                await _close(replica, meter_started=meter_started)
+                await _close(replica, meter_started=meter_started, served=False)
             self._on_meter_gone(replica.meter)  # its energy account exported what it read: its gauges go
             if not isinstance(exc, Exception):
                 raise  # cancelled (shutdown): closed, and gone
@@ -281,10 +281,12 @@ class ReplicaMembership:
         log.info("replica %s left", replica.name)
 
 
-async def _close(replica: Replica, *, meter_started: bool) -> None:
+async def _close(replica: Replica, *, meter_started: bool, served: bool = True) -> None:
+    """Close a replica's meter (its last reading only where it served: a replica refused while joining
+    exports no energy) and its engine."""
     try:
         if meter_started:
-            await replica.meter.close()
+            await replica.meter.close(last_reading=served)
     finally:
         await replica.engine.close()
 
