@@ -187,6 +187,10 @@ async def test_a_request_whose_replica_refuses_the_connection_runs_on_another(
     assert [r.inflight for r in gate.replicas] == [0, 0] and gate.inflight == 0
     assert value(metrics, "ecobatch_replica_requests_total", replica="r1") == 1
     await gate.close(grace_s=0)
+    for replica in gate.replicas:  # their meters' last intervals settle it
+        await replica.meter.close()
+    receipt = gate.replicas[1].account.receipts.get(pending.request.id)
+    assert receipt is not None and receipt["status"] == "settled", "one receipt, settled by r1's account"
 
 
 async def test_a_failure_after_the_request_reached_the_engine_is_not_sent_again(
