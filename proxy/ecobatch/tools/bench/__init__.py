@@ -28,6 +28,7 @@ import aiohttp
 from ...domain import Tier
 from ...energy.counters import CounterDeltas, CounterReader
 from .client import Outcome, run_arrivals
+from .conditions import code, gpu_states
 from .energy import counter_for, ecobatch_energy, is_ecobatch
 from .report import plot, summarise, table
 from .workload import Arrival, bursty, parse_lengths, poisson, read_trace, with_tiers
@@ -191,6 +192,7 @@ async def bench(
             model = args.model or await _first_model(url, args.api_key)
             ecobatch = await is_ecobatch(url)
             snapshot = await ecobatch_energy(url, None, 0) if ecobatch else None
+            gpus_before = await asyncio.to_thread(gpu_states)
             deltas = CounterDeltas()
             await _read(reader, deltas)
             started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -234,7 +236,10 @@ async def bench(
                     energy["ecobatch"] = reported
                 else:
                     energy["ecobatch_unreadable"] = f"GET {url}/metrics failed (on server.metrics_port?)"
-            summaries.append(summarise(label, url, outcomes, start, end, energy))
+            summary = summarise(label, url, outcomes, start, end, energy)
+            # the GPUs' clocks, temperature and power limit around the phase (NVML; [] without a GPU)
+            summary["gpus"] = {"start": gpus_before, "end": await asyncio.to_thread(gpu_states)}
+            summaries.append(summary)
             all_outcomes.append(outcomes)
     finally:
         if reader is not None:
@@ -306,6 +311,7 @@ def run_cli(args: argparse.Namespace) -> int:
             time.sleep(args.cooldown_s)
     report: dict[str, Any] = {
         "command": getattr(args, "command_line", None),
+        "code": code(),
         "workload": {
             "arrivals": args.arrivals,
             "rate_per_s": args.rate if args.arrivals != "trace" else None,
