@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ecobatch.engines import upstream_http
-from ecobatch.tools.calibrate.lag import probe_counter_lag
+from ecobatch.tools.calibrate.lag import completion_bursts, probe_counter_lag
 from energy_truth import _WORDS, Counter
 
 
@@ -33,20 +33,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             async with http.get(f"{args.url}/v1/models") as r:
                 model = (await r.json())["data"][0]["id"]
 
-            async def one() -> None:
-                body = {
-                    "model": model,
-                    "prompt": " ".join(rng.choice(_WORDS) for _ in range(args.prompt_tokens)),
-                    "max_tokens": args.output_tokens,
-                    "ignore_eos": True,
-                }
-                async with await upstream_http.post(http, f"{args.url}/v1/completions", body) as r:
-                    r.raise_for_status()
-                    await r.read()
+            def body() -> dict[str, Any]:
+                words = " ".join(rng.choice(_WORDS) for _ in range(args.prompt_tokens))
+                return {"model": model, "prompt": words, "max_tokens": args.output_tokens, "ignore_eos": True}
 
-            async def burst() -> None:
-                await asyncio.gather(*(one() for _ in range(args.in_flight)))
-
+            burst = completion_bursts(http, args.url, body, args.in_flight)
             estimate = await probe_counter_lag(burst, counter.read_j, idle_w, bursts=args.bursts)
     finally:
         counter.close()
@@ -54,6 +45,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/counter_lag.py " + " ".join(sys.argv[1:]),
         "idle_power_w": idle_w,
         "lag_s": estimate.lag_s,
+        "meter_lag_s": estimate.meter_lag_s,  # what to tell ecobatch (energy.counter_lag_s: 0-5 s)
         "rise_delays_s": estimate.rise_delays_s,
         "fall_delays_s": estimate.fall_delays_s,
         "burst": {

@@ -242,7 +242,7 @@ truth() {  # $1 quant, $2 "lag": first measure the counter's lag (benchmarks/cou
     && extra=(--scale 0.1 --seconds 6)
   if [ "${2:-}" = lag ]; then
     python3 benchmarks/counter_lag.py --url $VLLM --out "$KEEP/counter-lag-$1.json" "${counter[@]}" || return 1
-    lag=$(python3 -c "import json,sys; print(min(max(round(json.load(open(sys.argv[1]))['lag_s'], 4), 0.0), 5.0))" \
+    lag=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['meter_lag_s'], 4))" \
       "$KEEP/counter-lag-$1.json") || return 1
     name="energy-truth-$1-lag"
   fi

@@ -13,7 +13,7 @@ from ecobatch.energy.counters import NvmlCounters
 from ecobatch.energy.gpu import FakeGpu
 from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
 from ecobatch.energy.meter import Meter
-from ecobatch.tools.calibrate.lag import lag_from_trace
+from ecobatch.tools.calibrate.lag import LagEstimate, lag_from_trace
 
 IDLE_W = 100.0
 
@@ -44,6 +44,13 @@ def test_the_lag_is_read_off_the_edges_of_bursts(lag_s: float, step_s: float) ->
     estimate = lag_from_trace(trace, [(a, b) for a, b, _ in bursts], IDLE_W)
     assert estimate.lag_s == pytest.approx(lag_s + step_s / 2, abs=0.01)
     assert len(estimate.rise_delays_s) == len(estimate.fall_delays_s) == 3
+
+
+def test_a_meter_takes_the_lag_within_its_settings_range() -> None:
+    """A start-up delay longer than the lag reads slightly negative; a profile and the meter hold 0-5 s."""
+    assert LagEstimate(-0.0047, (0.01,), (-0.02,)).meter_lag_s == 0.0
+    assert LagEstimate(0.31, (0.3,), (0.32,)).meter_lag_s == 0.31
+    assert LagEstimate(7.0, (7.0,), (7.0,)).meter_lag_s == 5.0
 
 
 def test_no_burst_above_idle_is_an_error_not_a_lag() -> None:

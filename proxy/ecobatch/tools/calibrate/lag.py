@@ -25,11 +25,18 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LagEstimate", "lag_from_trace", "probe_counter_lag"]
+import aiohttp
+
+from ...engines import upstream_http
+
+__all__ = ["LagEstimate", "completion_bursts", "lag_from_trace", "probe_counter_lag"]
 
 #: a burst whose power does not rise this much above idle (a fraction of it) shows no edges to time
 _MIN_RISE = 0.05
+#: the most lag a meter takes (``energy.counter_lag_s``'s bound)
+_MAX_LAG_S = 5.0
 #: (seconds on the monotonic clock, the counter's joules then)
 Sample = tuple[float, float]
 
@@ -41,6 +48,12 @@ class LagEstimate:
     lag_s: float
     rise_delays_s: tuple[float, ...]
     fall_delays_s: tuple[float, ...]
+
+    @property
+    def meter_lag_s(self) -> float:
+        """The lag as a meter takes it (``energy.counter_lag_s``, a profile's ``counter_lag_s``): within
+        0-5 s (a start-up delay longer than the lag can read slightly negative)."""
+        return min(max(self.lag_s, 0.0), _MAX_LAG_S)
 
 
 def _power(trace: Sequence[Sample]) -> list[tuple[float, float]]:
@@ -145,3 +158,21 @@ async def probe_counter_lag(
             windows.append((start_s, time.monotonic()))
             await asyncio.sleep(gap_s)
     return lag_from_trace(sampler.trace, windows, idle_w)
+
+
+def completion_bursts(
+    http: aiohttp.ClientSession, url: str, body: Callable[[], dict[str, Any]], in_flight: int
+) -> Callable[[], Awaitable[None]]:
+    """A burst for ``probe_counter_lag``: ``in_flight`` completions (``body()`` each) sent at once to the
+    server at ``url``, ended when all are answered; an answer other than 200 is an error naming it."""
+
+    async def one() -> None:
+        async with await upstream_http.post(http, f"{url}/v1/completions", body()) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{url} answered {r.status}: {(await r.text())[:300]}")
+            await r.read()
+
+    async def burst() -> None:
+        await asyncio.gather(*(one() for _ in range(in_flight)))
+
+    return burst

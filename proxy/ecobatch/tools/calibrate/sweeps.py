@@ -21,7 +21,7 @@ from typing import Any
 from ...energy.counters import NvmlCounters
 from ...engines import upstream_http
 from ...exposition import samples
-from .lag import probe_counter_lag
+from .lag import completion_bursts, probe_counter_lag
 from .measure import EnergyWindow
 from .report import CalibrationPoint, make_point, report_line
 
@@ -254,16 +254,7 @@ async def _counter_lag(
 ) -> dict[str, Any] | None:
     """The energy counter's lag (``lag.py``): bursts of 16 requests of 64 tokens on the idle server; None
     (said) where no burst showed above idle."""
-    make = body(16, 64)
-
-    async def one() -> None:
-        async with await upstream_http.post(session, f"{base}/v1/completions", make()) as r:
-            if r.status != 200:
-                raise RuntimeError(f"vLLM answered {r.status}: {(await r.text())[:300]}")
-            await r.read()
-
-    async def burst() -> None:
-        await asyncio.gather(*(one() for _ in range(16)))
+    burst = completion_bursts(session, base, body(16, 64), in_flight=16)
 
     def joules() -> float:
         return sum(counters.read_now().values())
@@ -278,7 +269,7 @@ async def _counter_lag(
         f"{', '.join(f'{1000 * d:.0f}' for d in estimate.rise_delays_s)} ms; falling "
         f"{', '.join(f'{1000 * d:.0f}' for d in estimate.fall_delays_s)} ms)"
     )
-    lag_s = min(max(estimate.lag_s, 0.0), 5.0)  # a profile holds 0-5 s
+    lag_s = estimate.meter_lag_s
     if lag_s != estimate.lag_s:
         progress(f"counter lag {1000 * estimate.lag_s:.0f} ms read as {1000 * lag_s:.0f} ms (0-5 s)")
     return {
