@@ -231,14 +231,10 @@ class Meter:
             self._last_s, self._gap_open = now, True
 
     def _others_while(self, t0_s: float, t1_s: float) -> float:
-        """The most sequences another client ran while the energy of [t0_s, t1_s] was drawn (the readings
-        taken then; without one, the latest before), and forget the readings before ``t1_s``."""
-        seen = self._others_seen
-        during = [n for t, n in seen if t0_s <= t <= t1_s]
-        before = [n for t, n in seen if t < t0_s]
-        while len(seen) > 1 and seen[1][0] <= t1_s:
-            seen.popleft()
-        return max(during) if during else before[-1] if before else seen[-1][1]
+        """The most sequences another client ran while the energy of [t0_s, t1_s] was drawn: the readings
+        taken then, or without one the latest before."""
+        during = [n for t, n in self._others_seen if t0_s <= t <= t1_s]
+        return max(during) if during else self._others_seen[0][1]
 
     def _moved(self, now_s: float) -> None:
         """The counter moved: the time since it last moved is one of its steps; the ledger's resolution
@@ -256,7 +252,10 @@ class Meter:
         """Read the counter and close an interval (unless the counter stood still and ``force`` is off)."""
         # the other client's sequences now: paired with the energy drawn now, which a late counter
         # reports only later (the interval it lands in is placed back where it was drawn)
-        self._others_seen.append((self.ledger.clock.now(), self.others_in_flight()))
+        seen = self._others_seen
+        seen.append((self.ledger.clock.now(), self.others_in_flight()))
+        while len(seen) > 1 and seen[1][0] <= self._last_s:  # keep one from before the open interval
+            seen.popleft()
         joules: float | None = None
         if self.reader is not None:
             try:
