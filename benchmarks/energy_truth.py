@@ -13,8 +13,9 @@ power × the window, is the phase's energy above idle.
    class to the decode-heavy one against the same ratio measured alone (goal: within ±10 %); and at one
    operating point (``--closed-in-flight`` requests kept in flight, alone and mixed), where a class's
    cost alone is not confounded by the concurrency it happens to run at;
-3. **added**: a steady load L, then L plus Δ requests of another class on the same arrivals, in the
-   order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference
+3. **added**: a steady load L (D and M), then L plus Δ requests (``--delta-class``, D by default: the
+   largest energy per request, so the difference stands out of the phase-to-phase noise) on the same
+   arrivals, in the order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference
    (goal: ±10 %).
 
 Also written: the counter's readings every 20 ms (``counter-trace.csv.gz``, on the records' clock),
@@ -44,6 +45,7 @@ from typing import Any
 import aiohttp
 
 CLASSES: dict[str, tuple[int, int]] = {"P": (1770, 16), "M": (512, 128), "D": (64, 512)}
+DELTA = "Δ"  # the arrival stream of the requests added to a steady load (of class ``--delta-class``)
 _letters, _rng = "abcdefghijklmnopqrstuvwxyz", random.Random(0)
 #: the words ``ecobatch.testing.models.build_tokenizer`` trains its BPE on (the same recipe and seed)
 _WORDS = ["".join(_rng.choice(_letters) for _ in range(_rng.randint(2, 9))) for _ in range(5000)]
@@ -63,6 +65,7 @@ class Record:
     receipt_joules: float | None = None
     receipt_base_joules: float | None = None
     basis: str | None = None
+    added: bool = False  # one of the Δ requests added to a steady load (test 3)
 
 
 class Counter:
@@ -237,7 +240,8 @@ async def run_phase(
             delay = t0 + at_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            rec = Record(name, cls, stream, time.monotonic())
+            rec = Record(name, args.delta_class if cls == DELTA else cls, stream, time.monotonic())
+            rec.added = cls == DELTA
             phase.records.append(rec)
             tasks.append(asyncio.create_task(_send(session, args, rec, rng)))
     await asyncio.gather(*tasks)
@@ -354,8 +358,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # 3. a steady load, then Δ added on the same arrivals: L, L+Δ, L+Δ, L
         base = {"D": rate / 2, "M": rate / 2}
         for k, with_delta in enumerate((False, True, True, False)):
-            name = f"added-{k}-{'L+P' if with_delta else 'L'}"
-            mix = base | ({"P": args.delta_rate} if with_delta else {})
+            name = f"added-{k}-{'L+Δ' if with_delta else 'L'}"
+            # Δ is a stream of its own ("Δ" sorts after the classes' letters, so L's arrivals are the same
+            # in both phases)
+            mix = base | ({DELTA: args.delta_rate} if with_delta else {})
             phases[name] = await run_phase(session, args, counter, name, mix, stream=False, seed=30)
         end = await _ecobatch_totals(session, args.proxy)
         run_j, run_s = counter.read_j() - e_start, time.monotonic() - t_start
@@ -416,11 +422,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     for v in out["matched"]["ratios"].values():
         v["ratio"] = v["ledger_mixed"] / v["alone_nvml"]
     # 3. added: NVML difference (each phase's own idle subtracted) against Δ's receipts, per pair
-    pairs = [("added-0-L", "added-1-L+P"), ("added-3-L", "added-2-L+P")]
+    pairs = [("added-0-L", "added-1-L+Δ"), ("added-3-L", "added-2-L+Δ")]
     added = []
     for lo, hi in pairs:
         diff = phases[hi].above_idle_j - phases[lo].above_idle_j
-        ledger = sum(r.receipt_joules or 0.0 for r in phases[hi].records if r.cls == "P")
+        ledger = sum(r.receipt_joules or 0.0 for r in phases[hi].records if r.added)
         added.append(
             {"pair": [lo, hi], "nvml_difference_j": diff, "ledger_delta_j": ledger, "ratio": ledger / diff}
         )
@@ -515,7 +521,10 @@ if __name__ == "__main__":
         "--mixed-rates", type=float, nargs=2, default=(1.0, 4.0), help="per class: moderate, high"
     )
     parser.add_argument(
-        "--delta-rate", type=float, default=1.0, help="requests/s of P added to the steady load"
+        "--delta-rate", type=float, default=2.0, help="requests/s added to the steady load (test 3)"
+    )
+    parser.add_argument(
+        "--delta-class", choices=sorted(CLASSES), default="D", help="the added requests' class (test 3)"
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="arrivals per phase")
     parser.add_argument("--closed-in-flight", type=int, default=12, help="requests kept in flight (2b)")

@@ -35,8 +35,9 @@ def _benchmark() -> Any:
 def test_receipts_match_the_gpus_own_counter() -> None:
     truth = _benchmark()
     args = argparse.Namespace(
-        proxy=PROXY, counter="nvml", scale=1.0, rate=2.0, mixed_rates=(1.0, 4.0), delta_rate=4.0,
-        seconds=12.0, idle_s=3.0, settle_s=2.0, tail_s=1.5, closed_in_flight=12, out=str(RESULTS),
+        proxy=PROXY, counter="nvml", scale=1.0, rate=2.0, mixed_rates=(1.0, 4.0), delta_rate=2.0,
+        delta_class="D", seconds=12.0, idle_s=3.0, settle_s=2.0, tail_s=1.5, closed_in_flight=12,
+        out=str(RESULTS),
         argv=["--proxy", PROXY, "--out", str(RESULTS)],
     )  # fmt: skip
     out = asyncio.run(truth.main(args))
