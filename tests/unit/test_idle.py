@@ -1,10 +1,13 @@
-"""Idle power measured live: the median of quiet windows, robust to a burst the engine does not see."""
+"""Idle power measured live: the mean of the quiet windows near their median: robust to a burst the
+engine does not see, and unbiased by a counter that moves in steps."""
 
 from __future__ import annotations
 
 import pytest
 
-from ecobatch.energy.idle import IdleEstimator
+from ecobatch.clock import FakeClock
+from ecobatch.energy.idle import IdleEstimator, band_mean_w
+from ecobatch.energy.ledger import Ledger
 
 
 def test_the_start_up_figure_stands_until_enough_quiet_windows_are_in() -> None:
@@ -32,7 +35,48 @@ def test_a_burst_of_unseen_work_moves_one_window_not_the_estimate() -> None:
     assert idle.power_w == pytest.approx(130.0)
 
 
+def test_a_counter_that_moves_in_steps_is_not_read_low() -> None:
+    # NVML's counter on an H200 moves every 100 ms; a meter sampling every 103.5 ms gathers 1 s windows
+    # of 10 intervals that hold 10 steps mostly and 11 now and then: their median is the 10-step value
+    # (117.9 W here: what the median alone read)
+    true_w, step_s, sample_s = 122.0, 0.1, 0.1035
+    idle = IdleEstimator(100.0, window_s=1.0, windows=31, min_windows=3)
+    t, last = 0.0, 0.0
+    for _ in range(31 * 10):
+        t += sample_s
+        counted = true_w * step_s * int(t / step_s + 1e-9)  # the counter's value: whole steps only
+        idle.quiet(counted - last, sample_s)
+        last = counted
+    assert idle.power_w == pytest.approx(true_w, rel=0.01)
+
+
+def test_windows_hold_ten_of_the_counters_steps_once_the_meter_knows_them() -> None:
+    idle = IdleEstimator(100.0, window_s=1.0, min_windows=1)
+    idle.set_counter_step(1.0)  # dcgm-exporter collecting every second
+    for _ in range(9):
+        idle.quiet(130.0, 1.0)
+    assert not idle.live, "9 s of quiet is not yet one window of 10 steps"
+    idle.quiet(130.0, 1.0)
+    assert idle.power_w == pytest.approx(130.0)
+    idle.set_counter_step(0.05)  # never below the window asked for
+    assert idle.window_s == 1.0
+
+
+def test_the_band_keeps_windows_near_the_median_and_weighs_them_by_time() -> None:
+    # 2 s at 120 W and 1 s at 130 W are within ±25 % of the median: 370 J / 3 s; 400 W is left out
+    assert band_mean_w([(240.0, 2.0), (130.0, 1.0), (400.0, 1.0)]) == pytest.approx(370.0 / 3.0)
+    with pytest.raises(ValueError, match="seconds > 0"):
+        band_mean_w([(10.0, 0.0)])
+
+
 @pytest.mark.parametrize("kwargs", [{"window_s": 0.0}, {"min_windows": 0}, {"windows": 2, "min_windows": 3}])
 def test_impossible_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         IdleEstimator(100.0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_ledger_sizes_its_idle_windows_by_the_counters_steps_the_meter_measured() -> None:
+    ledger = Ledger(source="dcgm", prefill_weight=1.0, idle_power_w=100.0, clock=FakeClock())
+    assert ledger.idle.window_s == 1.0
+    ledger.set_counter_resolution(1.0)
+    assert ledger.idle.window_s == 10.0

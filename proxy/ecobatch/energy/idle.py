@@ -8,18 +8,36 @@ high).
 
 The ledger feeds every settled interval in which **nothing ran**: none of ecobatch's requests in
 flight, none ended within the power's tail, and the engine reporting no other client's work. Quiet
-time is gathered into windows of at least ``window_s``; the estimate is the **median** power of the
-last ``windows`` windows (a burst of work ecobatch cannot see moves one window, not the median), and
-it replaces the start-up figure once ``min_windows`` windows are in. Anything that is not quiet breaks
-the window being gathered (its quiet part is dropped, not stretched over the gap).
+time is gathered into windows of at least ``window_s`` (and of at least ``_STEPS_PER_WINDOW`` of the
+counter's steps, once the meter has measured how often it moves); the estimate is the **mean power over
+the last ``windows`` windows that lie within ±``_BAND`` of their median** (joules over seconds), and it
+replaces the start-up figure once ``min_windows`` windows are in. Anything that is not quiet breaks the
+window being gathered (its quiet part is dropped, not stretched over the gap).
+
+Why the mean of the windows near the median, not the median itself: a burst of work ecobatch cannot see
+lifts one window far above the rest, and the band drops it; but a counter moves in steps (NVML's on an
+H200: one step every 100 ms), and a meter that samples every ~103 ms gathers windows holding 10 steps
+most of the time and 11 now and then: the median is then the 10-step value, ~3 % low, and every
+request is charged that much idle power as its own (measured on an H200: the live estimate 118.5 W
+where the counter's own 20 ms trace read 122.8 W over the same quiet spans; replayed from that trace,
+windows sampled every 103.5 ms have a median of 118.9 W and a mean of 122.8 W:
+``benchmarks/results/h200-energy-truth/README.md``, run 3). Within the band the steps average out.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Iterable
 
-__all__ = ["IdleEstimator"]
+__all__ = ["IdleEstimator", "band_mean_w"]
+
+#: windows further than this fraction from their median are taken for unseen work (or a counter that
+#: stalled) and left out of the mean
+_BAND = 0.25
+#: a window holds at least this many of the counter's steps: one step more or less is then ≤ ±10 % of
+#: a window, inside the band
+_STEPS_PER_WINDOW = 10
 
 
 class IdleEstimator:
@@ -31,9 +49,11 @@ class IdleEstimator:
         if not 1 <= min_windows <= windows:
             raise ValueError(f"{min_windows=} must be between 1 and {windows=}")
         self.power_w = initial_w
+        #: the window's length asked for; the one used is at least ``_STEPS_PER_WINDOW`` counter steps
+        self.min_window_s = window_s
         self.window_s = window_s
         self._min_windows = min_windows
-        self._powers: deque[float] = deque(maxlen=windows)
+        self._windows: deque[tuple[float, float]] = deque(maxlen=windows)  # (joules, seconds)
         self._joules = 0.0
         self._seconds = 0.0
         #: windows gathered since start (the estimate is live once this reaches ``min_windows``)
@@ -44,6 +64,13 @@ class IdleEstimator:
         """Whether the estimate comes from quiet time measured while serving (else: the start-up one)."""
         return self.windows_seen >= self._min_windows
 
+    def set_counter_step(self, seconds: float) -> None:
+        """How often the counter moves (the meter's measure): windows hold at least
+        ``_STEPS_PER_WINDOW`` of its steps from now on."""
+        if seconds <= 0:
+            raise ValueError(f"counter step {seconds=} must be > 0")
+        self.window_s = max(self.min_window_s, _STEPS_PER_WINDOW * seconds)
+
     def quiet(self, joules: float, seconds: float) -> None:
         """An interval of ``seconds`` in which nothing ran and the counter moved ``joules``."""
         if seconds <= 0:
@@ -51,12 +78,24 @@ class IdleEstimator:
         self._joules += joules
         self._seconds += seconds
         if self._seconds >= self.window_s:
-            self._powers.append(self._joules / self._seconds)
+            self._windows.append((self._joules, self._seconds))
             self.windows_seen += 1
             self._joules = self._seconds = 0.0
             if self.live:
-                self.power_w = statistics.median(self._powers)
+                self.power_w = band_mean_w(self._windows)
 
     def busy(self) -> None:
         """Something ran: the window being gathered is dropped."""
         self._joules = self._seconds = 0.0
+
+
+def band_mean_w(windows: Iterable[tuple[float, float]]) -> float:
+    """The mean power (Σ joules / Σ seconds) of the (joules, seconds) windows whose power lies within
+    ±``_BAND`` of the windows' median power; the median itself where none has time (all zero-length)."""
+    powers = [(j / s, j, s) for j, s in windows if s > 0]
+    if not powers:
+        raise ValueError("band_mean_w needs at least one window with seconds > 0")
+    median_w = statistics.median(p for p, _, _ in powers)
+    kept = [(j, s) for p, j, s in powers if abs(p - median_w) <= _BAND * abs(median_w)]
+    seconds = sum(s for _, s in kept)
+    return sum(j for j, _ in kept) / seconds if seconds > 0 else median_w

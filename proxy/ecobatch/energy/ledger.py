@@ -415,10 +415,12 @@ class Ledger:
 
     def set_counter_resolution(self, seconds: float) -> None:
         """The counter's timing resolution as the meter sees it (how often it moves, at least the meter's
-        sampling interval): each receipt's ``uncertainty_joules`` from now on."""
+        sampling interval): each receipt's ``uncertainty_joules`` and the live idle estimate's window
+        length from now on."""
         if seconds <= 0:
             raise ValueError(f"counter resolution {seconds=} must be > 0")
         self._resolution_s = seconds
+        self.idle.set_counter_step(seconds)
 
     def adopt_power_limit(self, power_w: float | None) -> None:
         """The GPUs' power limit as their counter reports it: the cap from now on, unless one was
