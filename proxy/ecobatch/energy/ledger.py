@@ -32,9 +32,12 @@ re-estimated from quiet intervals while serving (``idle.py``).
 
 **Measured / modelled / validated.** Measured: the counter's joules per interval, the idle power, the
 tokens and their times. Modelled: the split among requests in one interval (by weighted tokens) and,
-for a non-streamed request, when its tokens happened. How the split was validated against the GPU's own
-counter (each class alone, mixed, and added to a steady load): docs/energy.md and
-``benchmarks/results/h200-energy-truth/``.
+for a non-streamed request, when its tokens happened. Validated against the GPU's own counter on an
+H200 (docs/energy.md, ``benchmarks/results/h200-energy-truth/``, run 3): each class alone within 5 %
+(prompt-heavy at the edge, 1.046-1.051), other work 0.50-0.53 % of the counter; **not** met: in a mix,
+prompt-heavy requests get about half the share they cost alone at the same concurrency, and a receipt
+(a share) is not the marginal energy a request adds to steps that run anyway (decode-heavy requests
+joining a running load were charged 6.3-6.9x what the counter says they added).
 
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
 a bookkeeping identity, true by construction, and no evidence that the split is right.
