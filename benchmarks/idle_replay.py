@@ -3,9 +3,10 @@ P seconds have read as idle power over the run's quiet spans, with the median of
 ecobatch's estimate (``ecobatch.energy.idle.band_mean_w``), against the counter's own mean there?
 
 Quiet spans: from ``--tail-s`` after a request's end (the ledger's tail) to the next request's send,
-from the run's ``records.jsonl``; the counter from its ``counter-trace.csv.gz`` (20 ms readings, on the
-records' clock). Windows of ``--window-s`` are gathered as the ledger does (whole sampling intervals, a
-partial window at a span's end dropped).
+from the run's ``records.jsonl``; the counter from its ``counter-trace.csv.gz`` (read every 20 ms
+asked, ~25 ms seen, on the records' clock). Windows of ``--window-s`` are gathered as the ledger does
+(whole sampling intervals, a partial window at a span's end dropped); the estimate is taken over all of
+a run's windows (the live one holds the last 31).
 
     python benchmarks/idle_replay.py benchmarks/results/h200-energy-truth/run3/lag
 """
@@ -17,6 +18,7 @@ import bisect
 import gzip
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +88,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
     result = replay(args.run, [float(p) for p in args.periods.split(",")], args.window_s, args.tail_s)
-    result["command"] = "python benchmarks/idle_replay.py " + " ".join(
-        str(a) for a in (args.run, *(["--out", args.out] if args.out else []))
-    )
+    result["command"] = "python benchmarks/idle_replay.py " + " ".join(sys.argv[1:])
     print(
         f"{result['quiet_spans']} quiet spans, {result['quiet_s']:.1f} s: "
         f"counter {result['counter_mean_w']:.1f} W"

@@ -8,20 +8,22 @@ high).
 
 The ledger feeds every settled interval in which **nothing ran**: none of ecobatch's requests in
 flight, none ended within the power's tail, and the engine reporting no other client's work. Quiet
-time is gathered into windows of at least ``window_s`` (and of at least ``_STEPS_PER_WINDOW`` of the
-counter's steps, once the meter has measured how often it moves); the estimate is the **mean power over
-the last ``windows`` windows that lie within ±``_BAND`` of their median** (joules over seconds), and it
-replaces the start-up figure once ``min_windows`` windows are in. Anything that is not quiet breaks the
+time is gathered into windows of at least ``window_s``; the estimate is the **mean power over the
+last ``windows`` windows that lie within ±``_BAND`` of their (low) median** (joules over seconds), and
+it replaces the start-up figure once ``min_windows`` windows are in. Anything that is not quiet breaks the
 window being gathered (its quiet part is dropped, not stretched over the gap).
 
 Why the mean of the windows near the median, not the median itself: a burst of work ecobatch cannot see
 lifts one window far above the rest, and the band drops it; but a counter moves in steps (NVML's on an
-H200: one step every 100 ms), and a meter that samples every ~103 ms gathers windows holding 10 steps
-most of the time and 11 now and then: the median is then the 10-step value, ~3 % low, and every
-request is charged that much idle power as its own (measured on an H200: the live estimate 118.5 W
-where the counter's own 20 ms trace read 122.8 W over the same quiet spans; replayed from that trace,
-windows sampled every 103.5 ms have a median of 118.9 W and a mean of 122.8 W:
-``benchmarks/results/h200-energy-truth/README.md``, run 3). Within the band the steps average out.
+H200: one step every 100 ms), and a window's length is known only to within the meter's sampling
+interval, so windows of ten ~0.1 s samples hold 10 steps most of the time and 11 now and then (or the
+other way round): the median is then the common value, 3-4 % off in either direction, and every
+request is charged the difference as its own or it lands in other work. On an H200 the live estimate
+read 118.5 W and 118.7 W at the end of two runs (``run3/*/ecobatch-metrics.txt``) where the counter's
+own trace read 122.8 W over the runs' quiet spans; replayed from that trace, windows sampled every
+100-105 ms have a median of 117.6-127.7 W and a band mean of 122.6-122.9 W
+(``benchmarks/results/h200-energy-truth/run3/*/idle-replay.json``). Within the band the steps average
+out.
 """
 
 from __future__ import annotations
@@ -32,12 +34,9 @@ from collections.abc import Iterable
 
 __all__ = ["IdleEstimator", "band_mean_w"]
 
-#: windows further than this fraction from their median are taken for unseen work (or a counter that
-#: stalled) and left out of the mean
-_BAND = 0.25
-#: a window holds at least this many of the counter's steps: one step more or less is then ≤ ±10 % of
-#: a window, inside the band
-_STEPS_PER_WINDOW = 10
+#: windows further than this fraction from their (low) median are taken for unseen work (or a counter
+#: that stalled) and left out of the mean; a window of ten samples is off by one step at most (±10 %)
+_BAND = 0.15
 
 
 class IdleEstimator:
@@ -49,8 +48,6 @@ class IdleEstimator:
         if not 1 <= min_windows <= windows:
             raise ValueError(f"{min_windows=} must be between 1 and {windows=}")
         self.power_w = initial_w
-        #: the window's length asked for; the one used is at least ``_STEPS_PER_WINDOW`` counter steps
-        self.min_window_s = window_s
         self.window_s = window_s
         self._min_windows = min_windows
         self._windows: deque[tuple[float, float]] = deque(maxlen=windows)  # (joules, seconds)
@@ -63,13 +60,6 @@ class IdleEstimator:
     def live(self) -> bool:
         """Whether the estimate comes from quiet time measured while serving (else: the start-up one)."""
         return self.windows_seen >= self._min_windows
-
-    def set_counter_step(self, seconds: float) -> None:
-        """How often the counter moves (the meter's measure): windows hold at least
-        ``_STEPS_PER_WINDOW`` of its steps from now on."""
-        if seconds <= 0:
-            raise ValueError(f"counter step {seconds=} must be > 0")
-        self.window_s = max(self.min_window_s, _STEPS_PER_WINDOW * seconds)
 
     def quiet(self, joules: float, seconds: float) -> None:
         """An interval of ``seconds`` in which nothing ran and the counter moved ``joules``."""
@@ -91,11 +81,11 @@ class IdleEstimator:
 
 def band_mean_w(windows: Iterable[tuple[float, float]]) -> float:
     """The mean power (Σ joules / Σ seconds) of the (joules, seconds) windows whose power lies within
-    ±``_BAND`` of the windows' median power; the median itself where none has time (all zero-length)."""
+    ±``_BAND`` of the windows' low median (a window's own power: never between two far-apart groups,
+    and of the lower one, since work the engine does not report only ever adds power)."""
     powers = [(j / s, j, s) for j, s in windows if s > 0]
     if not powers:
         raise ValueError("band_mean_w needs at least one window with seconds > 0")
-    median_w = statistics.median(p for p, _, _ in powers)
+    median_w = statistics.median_low(p for p, _, _ in powers)
     kept = [(j, s) for p, j, s in powers if abs(p - median_w) <= _BAND * abs(median_w)]
-    seconds = sum(s for _, s in kept)
-    return sum(j for j, _ in kept) / seconds if seconds > 0 else median_w
+    return sum(j for j, _ in kept) / sum(s for _, s in kept)  # the median's own window is always kept

@@ -24,8 +24,16 @@ constant). Where a request's tokens happened in time:
 * token times reported (streams: chunk times; in-process engines: each step's tokens): the prompt and
   the first chunk's tokens fall between the start and the first chunk, every later chunk's tokens
   between the previous chunk and it; the engine's final usage rescales the chunk counts;
-* no token times (a non-streaming request to a remote engine): the prompt at the start, the generated
-  tokens spread evenly over the request's lifetime.
+* no token times (a non-streaming request to a remote engine): the prompt over its **prefill**, the
+  generated tokens spread evenly from the prefill's end to the request's end. The prefill is placed by
+  a first-come queue at the profile's measured prefill rate (``prefill_tokens_per_s``): a request's
+  prefill starts at its start or when the prompts that started before it are through, whichever is
+  later, and takes its prompt tokens / the rate (cut at its end); before it, the request waits and
+  does no work. Without a measured rate, the
+  prompt falls at the start. Why: prompts that arrive together are prefilled one after another at a
+  high power for as long as their tokens take (four 1,770-token prompts: ~170 ms on an H200); put at
+  one instant, their energy drawn after it went to the requests decoding beside them (replayed from an
+  H200 run: ``benchmarks/ledger_replay.py``, docs/energy.md).
 
 **Idle power** starts as the meter's start-up probe (or the configured one) and, with ``live_idle``, is
 re-estimated from quiet intervals while serving (``idle.py``).
@@ -59,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +168,7 @@ class _Record:
     tier: str = "interactive"
     basis: str = "token_times"
     edge_joules: float = 0.0  # what the counter's timing cannot place across its start and end
+    placed: bool = False  # its segments are built (``place``): at close with token times, else at settling
 
     def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
         self.end_s = end_s
@@ -174,9 +184,27 @@ class _Record:
             for k, (t, n) in enumerate(self.events):
                 self.segments.append((previous, t, prompt if k == 0 else 0, n * scale))
                 previous = t
-        else:
-            self.segments = [(self.start_s, self.start_s, prompt, 0), (self.start_s, end_s, 0, completion)]
+            self.placed = True
         self.events = []
+
+    def place(self, prefill_free_s: float, prefill_tokens_per_s: float | None) -> float:
+        """Build the segments of a request that ended without token times, its prefill in a first-come
+        queue that is free from ``prefill_free_s`` on; return when the queue is free again. A request
+        with token times keeps its own and only takes its turn in the queue."""
+        assert self.end_s is not None, "a request is placed once it has ended"
+        prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
+        if prefill_tokens_per_s is None:
+            prefill_start = prefill_end = self.start_s
+            free_s = prefill_free_s
+        else:
+            prefill_start = max(self.start_s, prefill_free_s)
+            free_s = prefill_start + prompt / prefill_tokens_per_s
+            prefill_start, prefill_end = min(prefill_start, self.end_s), min(free_s, self.end_s)
+        if not self.placed:
+            prefill = (prefill_start, prefill_end, prompt, 0)
+            self.segments = [prefill, (prefill_end, self.end_s, 0, completion)]
+            self.placed = True
+        return free_s
 
     def settled(self, source: str, resolution_s: float | None) -> SettledRequest:
         assert self.end_s is not None
@@ -371,9 +399,15 @@ class Ledger:
         tail_s: float = 0.0,
         live_idle: bool = False,
         reports: LedgerReports | None = None,
+        prefill_tokens_per_s: float | None = None,
     ) -> None:
         if tail_s < 0:
             raise ValueError(f"{tail_s=} must be >= 0")
+        if prefill_tokens_per_s is not None and not prefill_tokens_per_s > 0:
+            raise ValueError(f"{prefill_tokens_per_s=} must be > 0 (or None: not measured)")
+        #: the engine's prefill rate (the profile's): where requests without token times are prefilled
+        self._prefill_tokens_per_s = prefill_tokens_per_s
+        self._prefill_free_s = -math.inf  # when the first-come prefill queue is free again
         self.source = source
         self._prefill_weight = prefill_weight if callable(prefill_weight) else _constant(prefill_weight)
         #: idle power: the start-up figure, then (``live_idle``) re-estimated from quiet intervals
@@ -418,12 +452,10 @@ class Ledger:
 
     def set_counter_resolution(self, seconds: float) -> None:
         """The counter's timing resolution as the meter sees it (how often it moves, at least the meter's
-        sampling interval): each receipt's ``uncertainty_joules`` and the live idle estimate's window
-        length from now on."""
+        sampling interval): each receipt's ``uncertainty_joules`` from now on."""
         if seconds <= 0:
             raise ValueError(f"counter resolution {seconds=} must be > 0")
         self._resolution_s = seconds
-        self.idle.set_counter_step(seconds)
 
     def adopt_power_limit(self, power_w: float | None) -> None:
         """The GPUs' power limit as their counter reports it: the cap from now on, unless one was
@@ -537,6 +569,9 @@ class Ledger:
     def _settle_one(self, interval: _Interval) -> None:
         t0, t1, tail_s = interval.t0_s, interval.t1_s, self.tail_s
         prefix = self._requests.started_before(t1)  # all ended: no open request blocks this interval
+        for r in prefix:  # in start order, each once: the prefill queue's turns
+            if not r.placed:
+                self._prefill_free_s = r.place(self._prefill_free_s, self._prefill_tokens_per_s)
         inside = [r for r in prefix if _overlaps(r, t0)]
         if interval.gap:
             for r in inside:
