@@ -181,6 +181,21 @@ class EnergyProfile:
             joules -= measured * prompt / new
         return joules if joules > 0 else None
 
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """The prefill point's prompt tokens per second (``meta.prefill.prompt_tokens_per_s``, written by
+        ``ecobatch calibrate``): how fast the engine works through prompts. None: not measured."""
+        prefill = self.meta.get("prefill")
+        rate = prefill.get("prompt_tokens_per_s") if isinstance(prefill, Mapping) else None
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, int | float)
+            or not math.isfinite(rate)
+            or rate <= 0
+        ):
+            return None
+        return float(rate)
+
     def prefill_weight(self, size: float) -> float | None:
         """A prompt token's energy above idle against a generated token's at ``size`` (None: unknown)."""
         decode = self.decode_joules_per_token(size)

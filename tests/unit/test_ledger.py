@@ -97,6 +97,49 @@ async def test_a_non_streaming_request_has_its_prompt_at_the_start_and_its_token
     assert settled["s"].joules == pytest.approx(100.0)
 
 
+async def two_prompts_sent_together(prefill_tokens_per_s: float | None) -> dict[str, SettledRequest]:
+    """a and b, non-streamed, both from 0 to 0.3 s with 1,000 prompt tokens and 10 generated; three
+    intervals of 10 J."""
+    clock = FakeClock()
+    settled, _, reports = collect()
+    ledger = Ledger(
+        source="nvml",
+        prefill_weight=1.0,
+        clock=clock,
+        reports=reports,
+        prefill_tokens_per_s=prefill_tokens_per_s,
+    )
+    a, b = ledger.begin("a"), ledger.begin("b")
+    await clock.advance(0.3)
+    a.end(Usage(1000, 10))
+    b.end(Usage(1000, 10))
+    for k in range(3):
+        ledger.add_interval(0.1 * k, 0.1 * (k + 1), 10.0)
+    ledger.flush()
+    return settled
+
+
+async def test_prompts_sent_together_are_prefilled_one_after_another_at_the_measured_rate() -> None:
+    # 10,000 prompt tokens/s: a's prefill [0, 0.1), then its 10 tokens over [0.1, 0.3); b's prefill
+    # waits for a's: [0.1, 0.2), then its 10 tokens over [0.2, 0.3)
+    settled = await two_prompts_sent_together(10_000.0)
+    # [0, 0.1): a's prompt alone; [0.1, 0.2): a's 5 tokens beside b's 1,000 prompt tokens;
+    # [0.2, 0.3): a's 5 tokens beside b's 10
+    assert settled["a"].joules == pytest.approx(10.0 + 10.0 * 5 / 1005 + 10.0 * 5 / 15)
+    assert settled["b"].joules == pytest.approx(10.0 * 1000 / 1005 + 10.0 * 10 / 15)
+
+
+async def test_without_a_measured_prefill_rate_the_prompts_fall_at_the_start() -> None:
+    settled = await two_prompts_sent_together(None)
+    assert settled["a"].joules == pytest.approx(15.0)
+    assert settled["b"].joules == pytest.approx(15.0)
+
+
+def test_a_prefill_rate_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+        Ledger(source="nvml", prefill_weight=1.0, prefill_tokens_per_s=0.0)
+
+
 async def test_overlapping_requests_conserve_the_counter_with_failures_and_idle() -> None:
     """Σ per request + idle + unattributed = Σ interval joules, whatever the overlap and however a
     request ends (streamed, plain, failed, its client gone)."""

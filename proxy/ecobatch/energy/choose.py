@@ -148,6 +148,7 @@ def build_meter(
         clock=clock,
         tail_s=energy.tail_s,
         live_idle=energy.live_idle and energy.idle_power_w is None,
+        prefill_tokens_per_s=profile.prefill_tokens_per_s,
         reports=reports,
     )
     lag_s = energy.counter_lag_s

@@ -1,0 +1,166 @@
+"""Replay a truth run through ecobatch's ledger, offline: the run's requests (sent, end, tokens, from
+``records.jsonl``) and the GPU's counter (its 20 ms trace, ``counter-trace.csv.gz``, on the records'
+clock) go into ``ecobatch.energy.ledger.Ledger`` as the meter would hand them over (intervals of
+``--interval-s``, readings placed ``--lag-s`` earlier), and the receipts that come out are set beside
+the ones ecobatch wrote live and beside the counter's energy per phase.
+
+What it is for: trying a change to the split on measured data before a GPU run, and finding where a
+receipt goes wrong. It is not a measurement: the live meter's sampling times, the engine's count of
+another client's work and streamed requests' token times are not in the records (streamed phases are
+left out), and idle power is the benchmark's, measured before each phase.
+
+    python benchmarks/ledger_replay.py benchmarks/results/h200-energy-truth/run3/nolag \\
+        --profile configs/profiles/h200-vllm-mistral7b-bf16.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ecobatch.domain import Usage
+from ecobatch.energy.choose import prefill_weight
+from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
+from ecobatch.profile import load_profile
+
+
+class _Clock:
+    """Time as the replay sets it (the ledger reads ``now`` at a request's begin and end)."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def now(self) -> float:
+        return self.now_s
+
+    async def wait(self, event: Any, deadline_s: float) -> bool:  # never awaited by the ledger
+        raise NotImplementedError("the replay clock does not wait")
+
+
+def replay(
+    run: Path,
+    profile_path: Path,
+    *,
+    interval_s: float,
+    lag_s: float,
+    tail_s: float,
+    prefill_queue: bool = True,
+) -> dict[str, Any]:
+    with gzip.open(run / "counter-trace.csv.gz", "rt") as f:
+        rows = [line.split(",") for line in f.read().splitlines()[1:]]
+    times, joules = [float(t) for t, _ in rows], [float(j) for _, j in rows]
+
+    def counter_at(t_s: float) -> float:
+        return joules[max(0, bisect.bisect_right(times, t_s) - 1)]
+
+    run_json = json.loads((run / "energy-truth.json").read_text())
+    records = [json.loads(line) for line in (run / "records.jsonl").open()]
+    streamed = {r["phase"] for r in records if r["stream"]}
+    records = [r for r in records if r["phase"] not in streamed]
+    idle_by_phase = {p["name"]: p["idle_w"] for p in run_json["phases"]}
+    profile = load_profile(profile_path)
+    clock, settled = _Clock(), {}
+
+    def keep(batch: list[SettledRequest]) -> None:
+        settled.update({s.request_id: s for s in batch})
+
+    ledger = Ledger(
+        source="nvml",
+        prefill_weight=prefill_weight(profile, 1.0),
+        idle_power_w=idle_by_phase[records[0]["phase"]],
+        max_power_w=700.0,
+        clock=clock,
+        tail_s=tail_s,
+        reports=LedgerReports(settled=keep),
+        prefill_tokens_per_s=profile.prefill_tokens_per_s if prefill_queue else None,
+    )
+    # the events in time order: a request's begin and end, and each interval once its end has passed
+    events: list[tuple[float, int, Any]] = []
+    for k, r in enumerate(records):
+        events.append((r["sent_s"], 1, ("begin", k)))
+        events.append((r["end_s"], 2, ("end", k)))
+    t = times[0]
+    while t + interval_s + lag_s <= times[-1]:
+        events.append((t + interval_s, 0, ("interval", t)))
+        t += interval_s
+    events.sort(key=lambda e: (e[0], e[1]))
+    spans = {}
+    for at_s, _, (kind, what) in events:
+        clock.now_s = at_s
+        if kind == "begin":
+            r = records[what]
+            ledger.set_idle_power(idle_by_phase[r["phase"]])
+            spans[what] = ledger.begin(f"r{what}")
+        elif kind == "end":
+            r = records[what]
+            spans.pop(what).end(Usage(r["prompt_tokens"], r["completion_tokens"]))
+        else:
+            t0 = what
+            ledger.add_interval(
+                t0, t0 + interval_s, counter_at(t0 + interval_s + lag_s) - counter_at(t0 + lag_s)
+            )
+    ledger.flush()
+    by_phase: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for k, r in enumerate(records):
+        cell = by_phase[r["phase"]][r["cls"]]
+        cell["replay"].append(settled[f"r{k}"].joules)
+        cell["live"].append(r["receipt_joules"] or 0.0)
+    phases = {p["name"]: p for p in run_json["phases"]}
+    out: dict[str, Any] = {
+        "run": str(run),
+        "profile": str(profile_path),
+        "lag_s": lag_s,
+        "prefill_tokens_per_s": profile.prefill_tokens_per_s if prefill_queue else None,
+        "phases": {},
+    }
+    for name, classes in by_phase.items():
+        out["phases"][name] = {
+            "counter_above_idle_j": phases[name]["above_idle_j"],
+            "classes": {
+                cls: {
+                    "requests": len(v["live"]),
+                    "live_j": statistics.fmean(v["live"]),
+                    "replay_j": statistics.fmean(v["replay"]),
+                }
+                for cls, v in sorted(classes.items())
+            },
+        }
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a truth run's directory")
+    parser.add_argument("--profile", type=Path, required=True, help="the profile ecobatch ran on")
+    parser.add_argument("--interval-s", type=float, default=0.1, help="the meter's sampling interval")
+    parser.add_argument("--lag-s", type=float, default=0.0, help="the counter's lag ecobatch undid")
+    parser.add_argument("--tail-s", type=float, default=1.0, help="energy.tail_s")
+    parser.add_argument(
+        "--instant-prompts", action="store_true", help="no prefill queue: prompts at the start (as before)"
+    )
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    result = replay(
+        args.run,
+        args.profile,
+        interval_s=args.interval_s,
+        lag_s=args.lag_s,
+        tail_s=args.tail_s,
+        prefill_queue=not args.instant_prompts,
+    )
+    for name, phase in result["phases"].items():
+        cells = "  ".join(
+            f"{cls} live {c['live_j']:.1f} replay {c['replay_j']:.1f} (n={c['requests']})"
+            for cls, c in phase["classes"].items()
+        )
+        print(f"{name:22s} counter {phase['counter_above_idle_j']:7.0f} J  {cells}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
