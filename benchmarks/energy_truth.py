@@ -16,13 +16,19 @@ power × the window, is the phase's energy above idle.
 3. **added**: a steady load L (D and M), then L plus Δ requests (``--delta-class``, D by default: the
    largest energy per request, so the difference stands out of the phase-to-phase noise) on the same
    arrivals, in the order L, L+Δ, L+Δ, L: the receipts of the Δ requests against the counter's difference
-   (goal: ±10 %).
+   (goal: ±10 %). A receipt is a share of the energy of the steps a request rode in, and the difference
+   is what Δ added (its marginal cost): on a GPU whose power is concave in concurrency a share rule
+   cannot meet this goal, and the table says by how much it misses. Beside it: the ledger's own
+   difference (all receipts of L+Δ less all of L), which is bookkeeping (receipts sum to the energy
+   above idle) and no check of the split.
 
 Also written: the counter's readings every 20 ms (``counter-trace.csv.gz``, on the records' clock),
 ecobatch's idle, other-work and attributed counters over the whole run (the other-work share) and, per
 alone phase, the counter's above-idle energy in the seconds after the last answer (the
 power's tail). Classes: P prompt-heavy (1,770 prompt tokens, 16 out), M medium (512, 128), D
-decode-heavy (64, 512); prompts are random words, new for every request (no prefix-cache reuse).
+decode-heavy (64, 512); prompts are random words drawn per run, phase and stream (``--prompt-salt``), so
+that no prompt is sent twice (runs before 2026-12-03's run 3 drew them per seed, and phases sharing a
+seed sent the same prompts: vLLM's prefix cache served some of them).
 
     python benchmarks/energy_truth.py --proxy http://127.0.0.1:8080 --out benchmarks/results/h200-energy-truth
 """
@@ -219,7 +225,7 @@ async def run_phase(
     await asyncio.sleep(args.idle_s)
     phase.idle_w = (counter.read_j() - e_idle) / (time.monotonic() - t_idle)
     before = await _ecobatch_totals(session, args.proxy)
-    rng = random.Random(seed)
+    rng = random.Random(f"{args.prompt_salt}:{name}")  # the closed loop's prompts (as rngs below)
     t0 = time.monotonic()
     e0 = counter.read_j()
     tasks = []
@@ -236,6 +242,9 @@ async def run_phase(
 
         tasks = [asyncio.create_task(worker(first)) for first in closed]
     else:
+        # prompts: a generator per arrival stream, seeded by the run, the phase and the stream, so that
+        # no two phases (nor two runs on one vLLM) send the same prompt: vLLM's prefix cache would serve it
+        rngs: dict[str, random.Random] = {}
         for at_s, cls in arrivals(mix or {}, args.seconds, seed):
             delay = t0 + at_s - time.monotonic()
             if delay > 0:
@@ -243,7 +252,8 @@ async def run_phase(
             rec = Record(name, args.delta_class if cls == DELTA else cls, stream, time.monotonic())
             rec.added = cls == DELTA
             phase.records.append(rec)
-            tasks.append(asyncio.create_task(_send(session, args, rec, rng)))
+            stream_rng = rngs.setdefault(cls, random.Random(f"{args.prompt_salt}:{name}:{cls}"))
+            tasks.append(asyncio.create_task(_send(session, args, rec, stream_rng)))
     await asyncio.gather(*tasks)
     last_end = max(r.end_s for r in phase.records)
     await asyncio.sleep(args.tail_s)
@@ -323,6 +333,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     counter = Counter(args.counter)
     out: dict[str, Any] = {
         "command": "python benchmarks/energy_truth.py " + " ".join(args.argv),
+        "prompt_salt": args.prompt_salt,
         "phases": [],
     }
     timeout = aiohttp.ClientTimeout(total=600)
@@ -426,9 +437,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     added = []
     for lo, hi in pairs:
         diff = phases[hi].above_idle_j - phases[lo].above_idle_j
+        n_added = sum(r.added for r in phases[hi].records)
         ledger = sum(r.receipt_joules or 0.0 for r in phases[hi].records if r.added)
+        ledger_difference = sum(r.receipt_joules or 0.0 for r in phases[hi].records) - sum(
+            r.receipt_joules or 0.0 for r in phases[lo].records
+        )
         added.append(
-            {"pair": [lo, hi], "nvml_difference_j": diff, "ledger_delta_j": ledger, "ratio": ledger / diff}
+            {
+                "pair": [lo, hi],
+                "added_requests": n_added,
+                "nvml_difference_j": diff,
+                "nvml_difference_j_per_added_request": diff / n_added if n_added else None,
+                "ledger_delta_j": ledger,
+                "ratio": ledger / diff,
+                "ledger_difference_j": ledger_difference,
+            }
         )
     out["added"] = added
     out["added_ratio_ci95"] = _ci95([a["ratio"] for a in added])
@@ -494,11 +517,18 @@ def write(out: dict[str, Any], where: Path) -> None:
             f"| {key} ratio | alone NVML {v['alone_nvml']:.3f} | mixed ledger {v['ledger_mixed']:.3f} "
             f"| {v['ratio']:.3f} |"
         )
-    lines += ["", "| added pair | NVML difference, J | Δ's receipts, J | ratio |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| added pair | Δ requests | NVML difference, J | per Δ request | Δ's receipts, J | ratio "
+        "| all receipts' difference, J (bookkeeping) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for a in out["added"]:
+        per = a["nvml_difference_j_per_added_request"]
         lines.append(
-            f"| {' → '.join(a['pair'])} | {a['nvml_difference_j']:.0f} | {a['ledger_delta_j']:.0f} "
-            f"| {a['ratio']:.3f} |"
+            f"| {' → '.join(a['pair'])} | {a['added_requests']} | {a['nvml_difference_j']:.0f} "
+            f"| {'—' if per is None else f'{per:.1f}'} | {a['ledger_delta_j']:.0f} | {a['ratio']:.3f} "
+            f"| {a['ledger_difference_j']:.0f} |"
         )
     w = out["whole_run"]
     lines += [
@@ -533,6 +563,11 @@ if __name__ == "__main__":
     parser.add_argument("--tail-s", type=float, default=2.0, help="kept in the window after the last answer")
     parser.add_argument("--counter", default="nvml", help="nvml, or dcgm=URL (a rehearsal on modelled GPUs)")
     parser.add_argument("--scale", type=float, default=1.0, help="class lengths × this (a rehearsal: 0.1)")
+    parser.add_argument(
+        "--prompt-salt",
+        default=str(time.time_ns()),
+        help="seeds the prompts' words with the phase's name (default: the start time, new every run)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     args.argv = sys.argv[1:]

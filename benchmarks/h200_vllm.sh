@@ -199,8 +199,8 @@ calibrate() {  # $1 quant, $2 concurrencies
 }
 
 # ecobatch out of the box in front of vLLM QUANT (the run-time controller, default budgets; NVML energy)
-ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter_lag_s), if told
-  local tag=$1${2:+-lag} profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$1.yaml lag=${2:+, counter_lag_s: $2}
+ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter_lag_s; else the profile's)
+  local tag=$1${2:+-lag$2} profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$1.yaml lag=${2:+, counter_lag_s: $2}
   # calibrated on this machine by an earlier step (cal:QUANT): that profile, with its prefill energy
   [ -f "$KEEP/h200-vllm-mistral7b-$1.yaml" ] && profile=$KEEP/h200-vllm-mistral7b-$1.yaml
   [ "${REHEARSAL:-0}" = 1 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
@@ -237,7 +237,7 @@ compare() {
 # ecobatch's receipts against the GPU's own counter: each class alone, mixed, and added to a steady load
 truth() {  # $1 quant, $2 "lag": first measure the counter's lag (benchmarks/counter_lag.py), tell ecobatch
   ensure_vllm "$1" || return 1
-  local extra=() counter=() lag="" name="energy-truth-$1"
+  local extra=() counter=() lag=0 name="energy-truth-$1"  # lag 0: told none (not the profile's)
   [ "${REHEARSAL:-0}" = 1 ] && counter=(--counter "dcgm=http://127.0.0.1:9400/metrics") \
     && extra=(--scale 0.1 --seconds 6)
   if [ "${2:-}" = lag ]; then
@@ -251,7 +251,7 @@ truth() {  # $1 quant, $2 "lag": first measure the counter's lag (benchmarks/cou
     --idle-s 3 --tail-s 1.5 "${counter[@]}" "${extra[@]}" \
     && say "$name done"
   curl -s $PROXY/metrics > "$KEEP/$name/ecobatch-metrics.txt"
-  cp "$KEEP/ecobatch-$1${lag:+-lag}.log" "$KEEP/$name/" 2>/dev/null; true
+  cp "$KEEP/ecobatch-$1-lag$lag.log" "$KEEP/$name/" 2>/dev/null; true
 }
 
 # 8 long requests (1,024 tokens) and 32 short ones (16 tokens) at once, straight to vLLM and through ecobatch

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def test_receipts_match_the_gpus_own_counter() -> None:
     args = argparse.Namespace(
         proxy=PROXY, counter="nvml", scale=1.0, rate=2.0, mixed_rates=(1.0, 4.0), delta_rate=2.0,
         delta_class="D", seconds=12.0, idle_s=3.0, settle_s=2.0, tail_s=1.5, closed_in_flight=12,
-        out=str(RESULTS),
+        out=str(RESULTS), prompt_salt=str(time.time_ns()),
         argv=["--proxy", PROXY, "--out", str(RESULTS)],
     )  # fmt: skip
     out = asyncio.run(truth.main(args))
