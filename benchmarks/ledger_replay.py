@@ -10,7 +10,7 @@ another client's work and streamed requests' token times are not in the records 
 left out), and idle power is the benchmark's, measured before each phase.
 
     python benchmarks/ledger_replay.py benchmarks/results/h200-energy-truth/run3/nolag \\
-        --profile configs/profiles/h200-vllm-mistral7b-bf16.yaml
+        --profile benchmarks/results/h200-energy-truth/run3/profile.yaml   # the profile the run used
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import bisect
 import gzip
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ if __name__ == "__main__":
         tail_s=args.tail_s,
         prefill_queue=not args.instant_prompts,
     )
+    result["command"] = "python benchmarks/ledger_replay.py " + " ".join(sys.argv[1:])
     for name, phase in result["phases"].items():
         cells = "  ".join(
             f"{cls} live {c['live_j']:.1f} replay {c['replay_j']:.1f} (n={c['requests']})"

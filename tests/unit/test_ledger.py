@@ -135,6 +135,61 @@ async def test_without_a_measured_prefill_rate_the_prompts_fall_at_the_start() -
     assert settled["b"].joules == pytest.approx(15.0)
 
 
+async def test_a_streamed_request_keeps_its_token_times_and_takes_its_turn_in_the_prefill_queue() -> None:
+    # 10,000 prompt tokens/s; s (streamed, first chunk at 0.05 s) and p (plain) both send 1,000 prompt
+    # tokens at 0: s's prefill ended by its first chunk, so p's runs [0.05, 0.15), then its 10 tokens
+    clock = FakeClock()
+    settled, _, reports = collect()
+    ledger = Ledger(
+        source="nvml", prefill_weight=1.0, clock=clock, reports=reports, prefill_tokens_per_s=10_000.0
+    )
+    s, p = ledger.begin("s"), ledger.begin("p")
+    await clock.advance(0.05)
+    s.generated(1)
+    await clock.advance(0.25)
+    s.generated(9)
+    s.end(Usage(1000, 10))
+    p.end(Usage(1000, 10))
+    for t0, t1 in ((0.0, 0.05), (0.05, 0.15), (0.15, 0.3)):
+        ledger.add_interval(t0, t1, 10.0)
+    ledger.flush()
+    # [0, 0.05): s's prompt and first token, p waits; [0.05, 0.15): s's 9 later tokens over [0.05, 0.3)
+    # put 3.6 here beside p's 1,000 prompt tokens; [0.15, 0.3): s's 5.4 beside p's 10
+    assert settled["s"].joules == pytest.approx(10.0 + 10.0 * 3.6 / 1003.6 + 10.0 * 5.4 / 15.4)
+    assert settled["p"].joules == pytest.approx(10.0 * 1000 / 1003.6 + 10.0 * 10 / 15.4)
+
+
+async def test_a_prefill_the_queue_could_not_finish_by_the_requests_end_ran_before_it() -> None:
+    # 1,000 prompt tokens/s: a's and b's 1,000-token prompts would take 1 s each, but both ended at
+    # 0.2 s: each was prefilled by then, so each has its prompt and its output over [0, 0.2)
+    clock = FakeClock()
+    settled, _, reports = collect()
+    ledger = Ledger(
+        source="nvml", prefill_weight=1.0, clock=clock, reports=reports, prefill_tokens_per_s=1000.0
+    )
+    a, b = ledger.begin("a"), ledger.begin("b")
+    await clock.advance(0.2)
+    a.end(Usage(1000, 10))
+    b.end(Usage(1000, 10))
+    # then c (100 prompt tokens: 0.1 s) and d (streamed, no prompt, 20 tokens at 0.35 s) from 0.3 s to
+    # 0.5 s: the queue is free since a's and b's end, so c's prefill is [0.3, 0.4), not pushed past its end
+    await clock.advance(0.1)
+    c, d = ledger.begin("c"), ledger.begin("d")
+    await clock.advance(0.05)
+    d.generated(20)
+    await clock.advance(0.15)
+    c.end(Usage(100, 0))
+    d.end(Usage(0, 20))
+    for k in range(5):
+        ledger.add_interval(0.1 * k, 0.1 * (k + 1), 10.0)
+    ledger.flush()
+    assert settled["a"].joules == pytest.approx(10.0)
+    assert settled["b"].joules == pytest.approx(10.0), "a prefill cut at an interval's edge still counts"
+    # [0.3, 0.4): c's 100 prompt tokens beside d's 20 tokens; [0.4, 0.5): no tokens: by in-flight time
+    assert settled["c"].joules == pytest.approx(10.0 * 100 / 120 + 5.0)
+    assert settled["d"].joules == pytest.approx(10.0 * 20 / 120 + 5.0)
+
+
 def test_a_prefill_rate_that_is_not_positive_is_refused() -> None:
     with pytest.raises(ValueError, match="prefill_tokens_per_s"):
         Ledger(source="nvml", prefill_weight=1.0, prefill_tokens_per_s=0.0)

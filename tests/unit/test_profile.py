@@ -117,3 +117,26 @@ def test_an_error_in_a_profile_file_names_the_file_then_the_field(tmp_path: Path
     with pytest.raises(ConfigError) as caught:
         load_profile(path)
     assert str(caught.value) == f"{path}: profile.points must be a non-empty list"
+
+
+@pytest.mark.parametrize(
+    ("prefill", "rate"),
+    [
+        ({"prompt_tokens_per_s": 41_760.85}, 41_760.85),
+        ({"prompt_tokens_per_s": 0}, None),
+        ({"prompt_tokens_per_s": -5.0}, None),
+        ({"prompt_tokens_per_s": math.nan}, None),
+        ({"prompt_tokens_per_s": True}, None),
+        ({"prompt_tokens_per_s": "fast"}, None),
+        ({}, None),
+        ("not a mapping", None),
+    ],
+)
+def test_the_prefill_rate_is_the_calibrated_prefill_points_where_it_is_a_positive_number(
+    prefill: object, rate: float | None
+) -> None:
+    point = {"concurrency": 1, "tokens_per_s": 100.0, "joules_per_token": 2.0, "power_w": 300.0}
+    profile = profile_from_mapping(
+        {"name": "x", "kind": "continuous", "points": [point], "meta": {"prefill": prefill}}
+    )
+    assert profile.prefill_tokens_per_s == rate

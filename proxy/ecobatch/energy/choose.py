@@ -160,7 +160,18 @@ def build_meter(
                 "(set energy.counter_lag_s for this counter)",
                 reader.source,
             )
-    log.info("energy: measured by %s (counter lag %.0f ms)", why, 1000 * lag_s)
+    rate = profile.prefill_tokens_per_s
+    prompts = (
+        "at each request's start (the profile has no prefill rate)"
+        if rate is None
+        else (f"by a prefill queue at {rate:,.0f} prompt tokens/s (the profile's)")
+    )
+    log.info(
+        "energy: measured by %s (counter lag %.0f ms); non-streamed prompts placed %s",
+        why,
+        1000 * lag_s,
+        prompts,
+    )
     return Meter(
         ledger,
         reader,

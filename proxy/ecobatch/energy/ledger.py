@@ -28,8 +28,10 @@ constant). Where a request's tokens happened in time:
   generated tokens spread evenly from the prefill's end to the request's end. The prefill is placed by
   a first-come queue at the profile's measured prefill rate (``prefill_tokens_per_s``): a request's
   prefill starts at its start or when the prompts that started before it are through, whichever is
-  later, and takes its prompt tokens / the rate (cut at its end); before it, the request waits and
-  does no work. Without a measured rate, the
+  later, and takes its prompt tokens / the rate; a request the queue could not have served by its end
+  has its prefill just before its end (it was served by then), and a streamed request's prefill ends by
+  its first chunk. Before its turn a request has no tokens in an interval (it still shares one where
+  nobody has tokens, by in-flight time, and its base share). Without a measured rate, the
   prompt falls at the start. Why: prompts that arrive together are prefilled one after another at a
   high power for as long as their tokens take (four 1,770-token prompts: ~170 ms on an H200); put at
   one instant, their energy drawn after it went to the requests decoding beside them (replayed from an
@@ -168,7 +170,8 @@ class _Record:
     tier: str = "interactive"
     basis: str = "token_times"
     edge_joules: float = 0.0  # what the counter's timing cannot place across its start and end
-    placed: bool = False  # its segments are built (``place``): at close with token times, else at settling
+    placed: bool = False  # its segments are built: at close with token times, else by ``queue``
+    queued: bool = False  # it has taken its turn in the ledger's prefill queue (``queue``)
 
     def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
         self.end_s = end_s
@@ -187,24 +190,36 @@ class _Record:
             self.placed = True
         self.events = []
 
-    def place(self, prefill_free_s: float, prefill_tokens_per_s: float | None) -> float:
-        """Build the segments of a request that ended without token times, its prefill in a first-come
-        queue that is free from ``prefill_free_s`` on; return when the queue is free again. A request
-        with token times keeps its own and only takes its turn in the queue."""
-        assert self.end_s is not None, "a request is placed once it has ended"
+    def queue(self, prefill_free_s: float, prefill_tokens_per_s: float | None) -> float:
+        """Take this (ended) request's turn in a first-come prefill queue that is free from
+        ``prefill_free_s`` on, and return when the queue is free again: never later than the request's
+        first token (known with token times) or its end (it was prefilled by then). A request without
+        token times gets its segments here: its prompt over its turn, its output after it; a prefill
+        its end cut short shares one span with its output, ending at the request's end."""
+        assert self.end_s is not None, "a request takes its turn once it has ended"
+        self.queued = True
         prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
-        if prefill_tokens_per_s is None:
-            prefill_start = prefill_end = self.start_s
-            free_s = prefill_free_s
-        else:
-            prefill_start = max(self.start_s, prefill_free_s)
-            free_s = prefill_start + prompt / prefill_tokens_per_s
-            prefill_start, prefill_end = min(prefill_start, self.end_s), min(free_s, self.end_s)
-        if not self.placed:
-            prefill = (prefill_start, prefill_end, prompt, 0)
-            self.segments = [prefill, (prefill_end, self.end_s, 0, completion)]
-            self.placed = True
-        return free_s
+        if prefill_tokens_per_s is None:  # no queue: the prompt at the start
+            if not self.placed:
+                self.segments = [
+                    (self.start_s, self.start_s, prompt, 0),
+                    (self.start_s, self.end_s, 0, completion),
+                ]
+                self.placed = True
+            return prefill_free_s
+        prefill_s = prompt / prefill_tokens_per_s
+        turn_s = max(self.start_s, prefill_free_s)
+        if self.placed:  # token times: its prefill ended by its first chunk
+            return min(turn_s + prefill_s, self.segments[0][1] if self.segments else self.end_s)
+        self.placed = True
+        if turn_s + prefill_s <= self.end_s:
+            prefill_end = turn_s + prefill_s
+            self.segments = [(turn_s, prefill_end, prompt, 0), (prefill_end, self.end_s, 0, completion)]
+            return prefill_end
+        # the queue says it could not be through by its end: it was, so its prefill ran before it
+        start = max(self.start_s, self.end_s - prefill_s)
+        self.segments = [(start, self.end_s, prompt, completion)]
+        return self.end_s
 
     def settled(self, source: str, resolution_s: float | None) -> SettledRequest:
         assert self.end_s is not None
@@ -463,6 +478,11 @@ class Ledger:
         if self._max_power_w is None:
             self._max_power_w = power_w
 
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """The prefill queue's rate (None: no queue, prompts at their request's start)."""
+        return self._prefill_tokens_per_s
+
     def prefill_weight(self, concurrency: float) -> float:
         return self._prefill_weight(concurrency)
 
@@ -570,8 +590,8 @@ class Ledger:
         t0, t1, tail_s = interval.t0_s, interval.t1_s, self.tail_s
         prefix = self._requests.started_before(t1)  # all ended: no open request blocks this interval
         for r in prefix:  # in start order, each once: the prefill queue's turns
-            if not r.placed:
-                self._prefill_free_s = r.place(self._prefill_free_s, self._prefill_tokens_per_s)
+            if not r.queued:
+                self._prefill_free_s = r.queue(self._prefill_free_s, self._prefill_tokens_per_s)
         inside = [r for r in prefix if _overlaps(r, t0)]
         if interval.gap:
             for r in inside:
