@@ -97,9 +97,9 @@ async def test_a_non_streaming_request_has_its_prompt_at_the_start_and_its_token
     assert settled["s"].joules == pytest.approx(100.0)
 
 
-async def two_prompts_sent_together(prefill_tokens_per_s: float | None) -> dict[str, SettledRequest]:
-    """a and b, non-streamed, both from 0 to 0.3 s with 1,000 prompt tokens and 10 generated; three
-    intervals of 10 J."""
+def queued(prefill_tokens_per_s: float | None) -> tuple[FakeClock, dict[str, SettledRequest], Ledger]:
+    """A ledger (prompt weight 1, no idle) whose prefill queue runs at ``prefill_tokens_per_s``, its
+    fake clock, and where its settled requests land."""
     clock = FakeClock()
     settled, _, reports = collect()
     ledger = Ledger(
@@ -109,6 +109,13 @@ async def two_prompts_sent_together(prefill_tokens_per_s: float | None) -> dict[
         reports=reports,
         prefill_tokens_per_s=prefill_tokens_per_s,
     )
+    return clock, settled, ledger
+
+
+async def two_prompts_sent_together(prefill_tokens_per_s: float | None) -> dict[str, SettledRequest]:
+    """a and b, non-streamed, both from 0 to 0.3 s with 1,000 prompt tokens and 10 generated; three
+    intervals of 10 J."""
+    clock, settled, ledger = queued(prefill_tokens_per_s)
     a, b = ledger.begin("a"), ledger.begin("b")
     await clock.advance(0.3)
     a.end(Usage(1000, 10))
@@ -138,11 +145,7 @@ async def test_without_a_measured_prefill_rate_the_prompts_fall_at_the_start() -
 async def test_a_streamed_request_keeps_its_token_times_and_takes_its_turn_in_the_prefill_queue() -> None:
     # 10,000 prompt tokens/s; s (streamed, first chunk at 0.05 s) and p (plain) both send 1,000 prompt
     # tokens at 0: s's prefill ended by its first chunk, so p's runs [0.05, 0.15), then its 10 tokens
-    clock = FakeClock()
-    settled, _, reports = collect()
-    ledger = Ledger(
-        source="nvml", prefill_weight=1.0, clock=clock, reports=reports, prefill_tokens_per_s=10_000.0
-    )
+    clock, settled, ledger = queued(10_000.0)
     s, p = ledger.begin("s"), ledger.begin("p")
     await clock.advance(0.05)
     s.generated(1)
@@ -162,11 +165,7 @@ async def test_a_streamed_request_keeps_its_token_times_and_takes_its_turn_in_th
 async def test_a_prefill_the_queue_could_not_finish_by_the_requests_end_ran_before_it() -> None:
     # 1,000 prompt tokens/s: a's and b's 1,000-token prompts would take 1 s each, but both ended at
     # 0.2 s: each was prefilled by then, so each has its prompt and its output over [0, 0.2)
-    clock = FakeClock()
-    settled, _, reports = collect()
-    ledger = Ledger(
-        source="nvml", prefill_weight=1.0, clock=clock, reports=reports, prefill_tokens_per_s=1000.0
-    )
+    clock, settled, ledger = queued(1000.0)
     a, b = ledger.begin("a"), ledger.begin("b")
     await clock.advance(0.2)
     a.end(Usage(1000, 10))
