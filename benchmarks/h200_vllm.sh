@@ -16,7 +16,7 @@
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
 # Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 |
-# replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, or bursty-RATE: 5 s on, 5 s off; TIER:
+# replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
 # per-request records; with FROM, also over the steady-state window FROM..SECONDS (no start, no tail). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
@@ -122,7 +122,9 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLL
 ECO="python3 -m ecobatch.cli"
 VLLM=http://127.0.0.1:8000
 PROXY=http://127.0.0.1:8080
-LENGTHS="choice:16,32,64,128,256,512"   # output tokens (ignore_eos), as in the H200 reference runs
+# output tokens (ignore_eos): the H200 reference runs' mix, or OUT_LENGTHS (e.g. the heavy-tailed
+# lognormal:128,1.0,2048)
+LENGTHS=${OUT_LENGTHS:-"choice:16,32,64,128,256,512"}
 LABEL="Mistral-7B architecture, random weights"
 MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=60
 VLLM_ARGS="--max-model-len 4096 --gpu-memory-utilization 0.85 --max-num-seqs 256 --dtype bfloat16"
@@ -220,8 +222,12 @@ compare() {
   local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1} steady=()
   [ -n "${6:-}" ] && steady=(--steady-s "$6:$4")
   ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
-  local name="ctl-$tag-$load-$tier" rate=${load#bursty-} arrivals=poisson share=0 drain=12
-  [ "$load" != "$rate" ] && arrivals=bursty
+  local name="ctl-$tag-$load-$tier${OUT_LENGTHS:+-$(echo "$OUT_LENGTHS" | tr ':,' '--')}" rate=$load
+  local arrivals=poisson share=0 drain=12
+  case $load in
+    bursty-*) arrivals=bursty rate=${load#bursty-} ;;
+    diurnal-*) arrivals=diurnal rate=${load#diurnal-} ;;
+  esac
   case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
   $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-from ecobatch.tools.bench.workload import bursty, parse_lengths, poisson, read_trace
+from ecobatch.tools.bench import add_arguments, build_arrivals
+from ecobatch.tools.bench.workload import bursty, diurnal, parse_lengths, poisson, read_trace
 
 
 def test_poisson_arrivals_have_the_asked_rate_and_are_reproducible() -> None:
@@ -32,9 +34,42 @@ def test_length_distributions() -> None:
     assert {parse_lengths("choice:16,512", "x")(rng) for _ in range(200)} == {16, 512}
     draws = [parse_lengths("uniform:5-7", "x")(rng) for _ in range(300)]
     assert min(draws) == 5 and max(draws) == 7
-    for bad in ("0", "uniform:9-3", "choice:", "lots"):
-        with pytest.raises(ValueError, match="give N, uniform:A-B or choice:A,B,C"):
+    for bad in (
+        "0",
+        "uniform:9-3",
+        "choice:",
+        "lots",
+        "lognormal:0,1,512",
+        "lognormal:64,-1,512",
+        "lognormal:64,1",
+    ):
+        with pytest.raises(
+            ValueError, match=r"give N, uniform:A-B or choice:A,B,C .* lognormal:MEDIAN,SIGMA,MAX"
+        ):
             parse_lengths(bad, "--output-tokens")
+
+
+def test_lognormal_lengths_are_heavy_tailed_around_their_median_and_capped() -> None:
+    rng = random.Random(0)
+    draws = sorted(parse_lengths("lognormal:128,1.0,4096", "x")(rng) for _ in range(4000))
+    assert draws[len(draws) // 2] == pytest.approx(128, rel=0.1)
+    assert draws[int(0.99 * len(draws))] > 8 * 128, "the 99th percentile is ~10x the median (e^2.33)"
+    capped = [parse_lengths("lognormal:128,2.0,300", "x")(rng) for _ in range(2000)]
+    assert max(capped) == 300 and min(capped) >= 1
+
+
+def test_a_diurnal_day_is_quiet_at_its_ends_busy_in_its_middle_and_keeps_the_mean_rate() -> None:
+    fixed = parse_lengths("1", "x")
+    day = diurnal(10.0, fixed, fixed, duration_s=600.0, count=None, seed=2)
+    assert day == diurnal(10.0, fixed, fixed, duration_s=600.0, count=None, seed=2)
+    assert len(day) / 600.0 == pytest.approx(10.0, rel=0.05)
+    # the first and last tenth of the day (~3.7 req/s expected) against the tenth around noon (~16)
+    night_rate = sum(1 for a in day if a.at_s < 60.0 or a.at_s >= 540.0) / 120.0
+    noon_rate = sum(1 for a in day if 270.0 <= a.at_s < 330.0) / 60.0
+    assert night_rate == pytest.approx(3.7, rel=0.15)
+    assert noon_rate == pytest.approx(16.2, rel=0.15)
+    with pytest.raises(ValueError, match="needs --duration"):
+        diurnal(10.0, fixed, fixed, duration_s=None, count=50, seed=2)
 
 
 def test_a_trace_is_replayed_from_time_zero(tmp_path: Path) -> None:
@@ -49,3 +84,16 @@ def test_a_trace_is_replayed_from_time_zero(tmp_path: Path) -> None:
     trace.write_text('{"timestamp": 1}\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:1: each line must be a JSON object"):
         read_trace(trace)
+
+
+def test_the_bench_command_line_builds_a_diurnal_day_with_heavy_tailed_outputs() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    day_args = ["--arrivals", "diurnal", "--rate", "4", "--duration", "300", "--seed", "5"]
+    args = parser.parse_args(["--url", "http://x", *day_args, "--output-tokens", "lognormal:64,1.2,2048"])
+    fixed = parse_lengths("64", "x")
+    heavy = parse_lengths("lognormal:64,1.2,2048", "x")
+    day = diurnal(4.0, fixed, heavy, duration_s=300.0, count=None, seed=5)
+    assert [(a.at_s, a.output_tokens) for a in build_arrivals(args)] == [
+        (a.at_s, a.output_tokens) for a in day
+    ]

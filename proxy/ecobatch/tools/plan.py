@@ -110,7 +110,7 @@ def kv_bytes(shape: ModelShape, tokens_per_sequence: float, sequences: int, dtyp
 class PlanInput:
     rate_per_s: float
     prompt_tokens: float
-    output_tokens: str  # a length spec: N, uniform:A-B or choice:A,B,…
+    output_tokens: str  # a length spec: N, uniform:A-B, choice:A,B,… or lognormal:MEDIAN,SIGMA,MAX
     slo_p99_s: float
     price_per_kwh: float
     carbon_g_per_kwh: float
@@ -235,7 +235,7 @@ def add_arguments(p: Any) -> None:
     volume.add_argument("--per-month", type=float, help="requests per month (30 days)")
     p.add_argument("--prompt-tokens", type=float, default=128.0, help="mean prompt tokens")
     p.add_argument(
-        "--output-tokens", default="256", help="N, uniform:A-B or choice:A,B,… (mean and p99 used)"
+        "--output-tokens", default="256", help="N, uniform:A-B, choice:A,B,… or lognormal:MEDIAN,SIGMA,MAX"
     )
     p.add_argument("--slo-p99-s", type=float, default=30.0, help="p99 end-to-end latency to meet")
     p.add_argument(

@@ -31,7 +31,7 @@ from .client import Outcome, run_arrivals
 from .conditions import code, gpu_states
 from .energy import counter_for, ecobatch_energy, is_ecobatch
 from .report import plot, summarise, table
-from .workload import Arrival, bursty, parse_lengths, poisson, read_trace, with_tiers
+from .workload import Arrival, bursty, diurnal, parse_lengths, poisson, read_trace, with_tiers
 
 __all__ = ["add_arguments", "bench", "build_arrivals", "run_cli"]
 
@@ -43,7 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name (default: the target's first in /v1/models)")
     p.add_argument("--api", choices=["chat", "completions"], default="chat")
     p.add_argument("--stream", action="store_true", help="stream (measures TTFT and inter-token latency)")
-    p.add_argument("--arrivals", choices=["poisson", "bursty", "trace"], default="poisson")
+    p.add_argument(
+        "--arrivals",
+        choices=["poisson", "bursty", "diurnal", "trace"],
+        default="poisson",
+        help="diurnal: a day's shape compressed into --duration (a third of --rate at the ends, 5/3 mid-way)",
+    )
     p.add_argument("--rate", type=float, default=4.0, help="mean requests per second")
     p.add_argument("--on-s", type=float, default=5.0, help="bursty: seconds of each burst")
     p.add_argument("--off-s", type=float, default=5.0, help="bursty: seconds of silence between bursts")
@@ -54,7 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt length in words (a word is 1-2 tokens in a 32k vocabulary; the report gives the "
         "server's count): N, uniform:A-B or choice:A,B,…",
     )
-    p.add_argument("--output-tokens", default="choice:16,32,64,128,256,512")
+    p.add_argument(
+        "--output-tokens",
+        default="choice:16,32,64,128,256,512",
+        help="N, uniform:A-B, choice:A,B,… or lognormal:MEDIAN,SIGMA,MAX (heavy-tailed)",
+    )
     p.add_argument("--duration", type=float, help="seconds of arrivals")
     p.add_argument("--requests", type=int, help="number of requests")
     p.add_argument("--seed", type=int, default=0)
@@ -130,6 +139,10 @@ def _timed_arrivals(args: argparse.Namespace) -> list[Arrival]:
             duration_s=args.duration,
             count=args.requests,
             seed=args.seed,
+        )
+    if args.arrivals == "diurnal":
+        return diurnal(
+            args.rate, prompt, output, duration_s=args.duration, count=args.requests, seed=args.seed
         )
     return poisson(args.rate, prompt, output, duration_s=args.duration, count=args.requests, seed=args.seed)
 

@@ -5,12 +5,16 @@ Arrivals (``--arrivals``):
 * ``poisson``: exponential gaps at ``rate`` requests per second;
 * ``bursty``: on/off: Poisson during ``on_s``-second bursts, silence for ``off_s`` seconds between
   them; the rate inside a burst is ``rate × (on_s + off_s) / on_s``, so the mean rate is ``rate``;
+* ``diurnal``: a day's shape compressed into ``duration`` seconds: Poisson at the rate
+  ``rate × (1 − ⅔ cos(2π t / duration))``: a third of ``rate`` at the start and end (night), five
+  thirds of it half-way (the afternoon peak), ``rate`` on average;
 * a JSONL trace: one object a line with ``timestamp`` (seconds; shifted to start at 0),
   ``prompt_tokens`` and ``output_tokens``.
 
 Lengths (``--prompt-tokens``, ``--output-tokens``): ``N`` (fixed), ``uniform:A-B`` (integers),
-``choice:A,B,C`` (equally likely). A prompt of N tokens is N random words (about one token each with
-a BPE tokenizer; the engine's own count is what the report uses).
+``choice:A,B,C`` (equally likely), ``lognormal:MEDIAN,SIGMA,MAX`` (heavy-tailed: ``MEDIAN × e^(SIGMA·z)``
+for a standard normal z, rounded, within 1…MAX). A prompt of N tokens is N random words (about one
+token each with a BPE tokenizer; the engine's own count is what the report uses).
 
 Tiers (``--flex-share``, ``--service-tier``): each arrival's ``service_tier``, drawn with its own seed so
 that the same arrivals keep the same times and lengths whatever share of them is flex.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ __all__ = [
     "Arrival",
     "Lengths",
     "bursty",
+    "diurnal",
     "parse_lengths",
     "poisson",
     "prompt_text",
@@ -64,8 +70,17 @@ Lengths = Callable[[random.Random], int]
 
 
 def parse_lengths(spec: str, what: str) -> Lengths:
-    """``N``, ``uniform:A-B`` or ``choice:A,B,…``; a bad spec names the option and the forms."""
+    """``N``, ``uniform:A-B``, ``choice:A,B,…`` or ``lognormal:MEDIAN,SIGMA,MAX``; a bad spec names the
+    option and the forms."""
     try:
+        if spec.startswith("lognormal:"):
+            median_s, sigma_s, most_s = spec[len("lognormal:") :].split(",")
+            median, sigma, most = float(median_s), float(sigma_s), int(most_s)
+            if not (
+                median >= 1 and sigma >= 0 and most >= 1 and math.isfinite(median) and math.isfinite(sigma)
+            ):
+                raise ValueError
+            return lambda rng: min(most, max(1, round(median * math.exp(sigma * rng.gauss(0.0, 1.0)))))
         if spec.startswith("uniform:"):
             lo, hi = (int(x) for x in spec[len("uniform:") :].split("-"))
             if not 1 <= lo <= hi:
@@ -82,7 +97,8 @@ def parse_lengths(spec: str, what: str) -> Lengths:
         return lambda rng: fixed
     except ValueError:
         raise ValueError(
-            f"{what}={spec!r}: give N, uniform:A-B or choice:A,B,C (positive integers)"
+            f"{what}={spec!r}: give N, uniform:A-B or choice:A,B,C (positive integers), or "
+            "lognormal:MEDIAN,SIGMA,MAX (MEDIAN >= 1, SIGMA >= 0, MAX a positive integer)"
         ) from None
 
 
@@ -134,6 +150,32 @@ def bursty(
             t += rng.expovariate(burst_rate)
         else:
             t = (t // period + 1) * period  # jump to the next burst
+    return _draw(times, prompt, output, rng)
+
+
+def diurnal(
+    rate_per_s: float,
+    prompt: Lengths,
+    output: Lengths,
+    *,
+    duration_s: float | None,
+    count: int | None,
+    seed: int,
+) -> list[Arrival]:
+    """A day compressed into ``duration_s``: Poisson at ``rate × (1 − ⅔ cos(2π t / duration))`` (thinned
+    from its peak rate, so the same seed gives the same day)."""
+    if duration_s is None or duration_s <= 0:
+        raise ValueError("--arrivals diurnal needs --duration (the compressed day's length, > 0)")
+    if rate_per_s <= 0:
+        raise ValueError(f"rate={rate_per_s} must be > 0")
+    rng = random.Random(seed)
+    peak = rate_per_s * 5.0 / 3.0
+    times: list[float] = []
+    t = rng.expovariate(peak)
+    while t < duration_s and (count is None or len(times) < count):
+        if rng.random() * peak < rate_per_s * (1.0 - 2.0 / 3.0 * math.cos(2.0 * math.pi * t / duration_s)):
+            times.append(t)
+        t += rng.expovariate(peak)
     return _draw(times, prompt, output, rng)
 
 
