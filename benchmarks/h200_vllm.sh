@@ -15,7 +15,7 @@
 #   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
-# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 |
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | static:RATE[:SECONDS[:ROUNDS]] |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
@@ -301,6 +301,49 @@ replicas() {
     --out "$KEEP/replicas-h200" && say "replicas $1 done"
 }
 
+# The static path (hf-bnb: transformers + bitsandbytes INT8 in ecobatch's process, one batch at a time):
+# per-request (batch 1, no window), greedy (whatever is queued, no window: Triton's default) and
+# ecobatch's window, three proxies on the one GPU, the same arrivals to each in turn (bench --repeats
+# alternates the order), energy from NVML over the same window for each. $1 rate, $2 seconds, $3 rounds.
+static_path() {
+  local rate=$1 seconds=$2 rounds=$3 port=8090 urls=() labels=() kind=hf-bnb profile=$ROOT/configs/profiles/h200-mistral7b-int8.yaml
+  local engine="engine_args: {dtype: int8, device: cuda, cudnn_sdpa: false}, model: $MODEL"
+  if [ "${REHEARSAL:-0}" = 1 ]; then
+    kind=simulated profile=$ROOT/configs/profiles/a800-mistral7b-int8-reference.yaml engine="sim_time_scale: 0.05"
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl || return 1
+  fi
+  local mode batching
+  for mode in per-request greedy ecobatch; do
+    case $mode in
+      per-request) batching="{window_min_ms: 0, window_max_ms: 0, max_batch_sequences: 1}" ;;
+      greedy) batching="{window_min_ms: 0, window_max_ms: 0}" ;;
+      ecobatch) batching="{}" ;;
+    esac
+    printf '%s\n' "backend: {kind: $kind, served_model_name: mistral-7b-int8, $engine}" \
+      "server: {port: $port}" "batching: $batching" "energy: {meter: $METER, profile: $profile}" \
+      > "$KEEP/static-$mode.yaml"
+    setsid $ECO serve --config "$KEEP/static-$mode.yaml" > "$KEEP/static-$mode.log" 2>&1 < /dev/null &
+    echo $! > "/tmp/static-$mode.pid"
+    urls+=("http://127.0.0.1:$port") labels+=(--label "$mode")
+    port=$((port + 1))
+  done
+  local i=0
+  for mode in per-request greedy ecobatch; do
+    wait_up "${urls[$i]}" "$(cat /tmp/static-$mode.pid)" "$KEEP/static-$mode.log" 600 || return 1
+    i=$((i + 1))
+  done
+  say "three static proxies up"
+  local rc=0 name="static-$rate"
+  $ECO bench --url "${urls[0]}" --compare "${urls[1]}" --compare "${urls[2]}" "${labels[@]}" \
+    --api completions --rate "$rate" --duration "$seconds" --prompt-tokens 64 --output-tokens 64 --seed 0 \
+    --energy $ENERGY --cooldown-s 5 --window-s $((seconds * 3)) --repeats "$rounds" --quiet \
+    --out "$KEEP/$name.json" --records "$KEEP/$name.jsonl" | tail -30 || rc=$?
+  for mode in per-request greedy ecobatch; do stop "/tmp/static-$mode.pid"; done
+  [ $rc = 0 ] && say "static path $name done" || say "static path $name FAILED (exit $rc)"
+  return $rc
+}
+
 quant8() {  # the user's recipe: a pre-quantized bitsandbytes 8-bit checkpoint
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
   [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
@@ -340,6 +383,8 @@ for step in "$@"; do
     shortlong) shortlong "$quant" || exit 1 ;;
     truth) truth "$quant" "$rate" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
+    static) IFS=: read -r _ rate seconds rounds <<< "$step"
+            static_path "$rate" "${seconds:-40}" "${rounds:-3}" || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
