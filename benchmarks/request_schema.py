@@ -11,15 +11,19 @@ Rows (microseconds per body, best of 7 repeats of 20,000):
   other fields), if pydantic is installed;
 * ``pydantic: validate_json + model_dump``: and the body back as a dict, to pass on.
 
-    python benchmarks/request_schema.py
+    python benchmarks/request_schema.py --out benchmarks/results/request-schema.json
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
+import platform
+import sys
 import timeit
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -104,19 +108,32 @@ if pydantic is not None:
     CANDIDATES["pydantic: validate_json + model_dump"] = _dumped
 
 
-def main() -> None:
+def main(out: Path | None) -> None:
     versions = f"msgspec {msgspec.__version__}" + (f", pydantic {pydantic.VERSION}" if pydantic else "")
-    print(f"microseconds per body, best of 7 × 20,000 ({versions})\n")
-    print("| | " + " | ".join(BODIES) + " |")
-    print("|---|" + "---|" * len(BODIES))
+    lines = [
+        f"microseconds per body, best of 7 × 20,000 ({versions}; Python {platform.python_version()})",
+        "",
+        "| | " + " | ".join(BODIES) + " |",
+        "|---|" + "---|" * len(BODIES),
+    ]
+    print("\n".join(lines))
+    rows: dict[str, dict[str, float]] = {}
     for label, check in CANDIDATES.items():
         cells = []
-        for raw in BODIES.values():
+        for body, raw in BODIES.items():
             check(raw)
             best_s = min(timeit.repeat(functools.partial(check, raw), number=20_000, repeat=7)) / 20_000
+            rows.setdefault(label, {})[body] = best_s * 1e6
             cells.append(f"{best_s * 1e6:.2f}")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(lines[-1])
+    if out is not None:
+        command = "python benchmarks/request_schema.py " + " ".join(sys.argv[1:])
+        out.write_text(json.dumps({"command": command, "versions": versions, "microseconds": rows}, indent=1))
+        out.with_suffix(".md").write_text("\n".join([f"`{command}`", "", *lines]) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the table as JSON here (and as Markdown beside it)")
+    main(parser.parse_args().out)
