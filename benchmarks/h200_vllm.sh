@@ -15,8 +15,8 @@
 #   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
-# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | static:RATE[:SECONDS[:ROUNDS]] |
-# replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8; LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
+# Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | w8a8 | static:RATE[:SECONDS[:ROUNDS]] |
+# replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8, w8a8 (after the w8a8 step); LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
 # per-request records; with FROM, also over the steady-state window FROM..SECONDS (no start, no tail). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
@@ -111,7 +111,13 @@ EOF
   cd "$ROOT" && rm -f .vx/* .vy/* && cp $WORK/parts.00 .vx/part.00 && cp $WORK/parts.01 .vy/part.01
   $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
      --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
-  ls -l $WORK/stash.tar.xz .vx .vy .whl
+  # llm-compressor, to build the W8A8 checkpoint (step w8a8) in a directory of its own: its
+  # compressed-tensors (0.19.0) is not vLLM 0.26.0's (0.17.0); the GPU host has its pandas, pyarrow,
+  # xxhash, accelerate, huggingface-hub and transformers 5.17
+  mkdir -p .wx && $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+     --platform any -d .wx llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 \
+     datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 loguru==0.7.3
+  ls -l $WORK/stash.tar.xz .vx .vy .whl .wx
   exit 0
 fi
 
@@ -176,6 +182,7 @@ ensure_vllm() {  # $1 quant
   case $tag in
     fp8) extra="--quantization fp8" ;;
     bnb8) model=/tmp/m8 extra="--quantization bitsandbytes" ;;
+    w8a8) model=$MODEL-w8a8 ;;  # compressed-tensors: the checkpoint's config names the scheme
   esac
   if [ "$(cat /tmp/vllm.tag 2>/dev/null)" = "$tag" ] && curl -sf $VLLM/health >/dev/null; then return 0; fi
   stop /tmp/eco.pid; stop /tmp/vllm.pid
@@ -305,6 +312,17 @@ replicas() {
 # per-request (batch 1, no window), greedy (whatever is queued, no window: Triton's default) and
 # ecobatch's window, three proxies on the one GPU, the same arrivals to each in turn (bench --repeats
 # alternates the order), energy from NVML over the same window for each. $1 rate, $2 seconds, $3 rounds.
+# W8A8 INT8 (int8 weights per channel, int8 activations per token, dynamic; data-free) of the model, by
+# llm-compressor (benchmarks/build_w8a8.py), installed from .wx into LLMC_SITE, ahead of vLLM's tree
+w8a8() {
+  local site=${LLMC_SITE:-/tmp/llmc}
+  [ -f "$MODEL-w8a8/config.json" ] && return 0
+  [ -d "$site/llmcompressor" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target "$site" .wx/*.whl || return 1
+  PYTHONPATH=$site:$PYTHONPATH python3 benchmarks/build_w8a8.py "$MODEL" "$MODEL-w8a8" 2>&1 | tail -3
+  [ -f "$MODEL-w8a8/config.json" ] && say "W8A8 checkpoint: $(du -sh "$MODEL-w8a8" | cut -f1)"
+}
+
 static_path() {
   local rate=$1 seconds=$2 rounds=$3 port=8090 urls=() labels=() kind=hf-bnb profile=$ROOT/configs/profiles/h200-mistral7b-int8.yaml
   local engine="engine_args: {dtype: int8, device: cuda, cudnn_sdpa: false}, model: $MODEL"
@@ -383,6 +401,7 @@ for step in "$@"; do
     shortlong) shortlong "$quant" || exit 1 ;;
     truth) truth "$quant" "$rate" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
+    w8a8) w8a8 || exit 1 ;;
     static) IFS=: read -r _ rate seconds rounds <<< "$step"
             static_path "$rate" "${seconds:-40}" "${rounds:-3}" || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
