@@ -229,7 +229,8 @@ compare() {
   local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1} steady=()
   [ -n "${6:-}" ] && steady=(--steady-s "$6:$4")
   ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
-  local name="ctl-$tag-$load-$tier${OUT_LENGTHS:+-$(echo "$OUT_LENGTHS" | tr ':,' '--')}" rate=$load
+  local name="ctl-$tag-$load-$tier" rate=$load
+  [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"  # what was sent
   local arrivals=poisson share=0 drain=12
   case $load in
     bursty-*) arrivals=bursty rate=${load#bursty-} ;;
@@ -308,20 +309,29 @@ replicas() {
     --out "$KEEP/replicas-h200" && say "replicas $1 done"
 }
 
-# The static path (hf-bnb: transformers + bitsandbytes INT8 in ecobatch's process, one batch at a time):
-# per-request (batch 1, no window), greedy (whatever is queued, no window: Triton's default) and
-# ecobatch's window, three proxies on the one GPU, the same arrivals to each in turn (bench --repeats
-# alternates the order), energy from NVML over the same window for each. $1 rate, $2 seconds, $3 rounds.
 # W8A8 INT8 (int8 weights per channel, int8 activations per token, dynamic; data-free) of the model, by
-# llm-compressor (benchmarks/build_w8a8.py), installed from .wx into LLMC_SITE, ahead of vLLM's tree
+# llm-compressor (benchmarks/build_w8a8.py), installed from .wx into LLMC_SITE, ahead of vLLM's tree for
+# the build only; built into a scratch directory and moved into place once whole
 w8a8() {
   local site=${LLMC_SITE:-/tmp/llmc}
   [ -f "$MODEL-w8a8/config.json" ] && return 0
   [ -d "$site/llmcompressor" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --target "$site" .wx/*.whl || return 1
-  PYTHONPATH=$site:$PYTHONPATH python3 benchmarks/build_w8a8.py "$MODEL" "$MODEL-w8a8" 2>&1 | tail -3
-  [ -f "$MODEL-w8a8/config.json" ] && say "W8A8 checkpoint: $(du -sh "$MODEL-w8a8" | cut -f1)"
+  rm -rf "$MODEL-w8a8.tmp"
+  PYTHONPATH=$site:$PYTHONPATH python3 benchmarks/build_w8a8.py "$MODEL" "$MODEL-w8a8.tmp" 2>&1 | tail -3
+  [ -f "$MODEL-w8a8.tmp/config.json" ] && mv "$MODEL-w8a8.tmp" "$MODEL-w8a8" || return 1
+  say "W8A8 checkpoint: $(du -sh "$MODEL-w8a8" | cut -f1)"
 }
+
+# The static path (hf-bnb: transformers + bitsandbytes INT8 in ecobatch's process, one batch at a time):
+# per-request (batch 1, no window), greedy (whatever is queued, up to 64, no window: Triton's default)
+# and ecobatch's default window, three proxies on the one GPU (vLLM stopped first: it holds 85 % of its
+# memory), the same arrivals to each in turn (bench --repeats reverses the order every other round),
+# energy from NVML over the same window for each. Below ~20 req/s of 64-token outputs ecobatch's window
+# closes at once (fewer than one arrival expected in it), so it sends as greedy does: the comparison
+# shows that. Per-request serves ~0.28 req/s (3.5 s per request at 18.5 tok/s): the window is sized for
+# its backlog to drain. $1 rate, $2 seconds, $3 rounds.
+static_stop() { local mode; for mode in per-request greedy ecobatch; do stop "/tmp/static-$mode.pid"; done; }
 
 static_path() {
   local rate=$1 seconds=$2 rounds=$3 port=8090 urls=() labels=() kind=hf-bnb profile=$ROOT/configs/profiles/h200-mistral7b-int8.yaml
@@ -332,10 +342,12 @@ static_path() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl || return 1
   fi
   local mode batching
+  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag
+  static_stop  # any left by a run that failed
   for mode in per-request greedy ecobatch; do
     case $mode in
       per-request) batching="{window_min_ms: 0, window_max_ms: 0, max_batch_sequences: 1}" ;;
-      greedy) batching="{window_min_ms: 0, window_max_ms: 0}" ;;
+      greedy) batching="{window_min_ms: 0, window_max_ms: 0, energy_tolerance: 0, slo_ms: 3600000}" ;;
       ecobatch) batching="{}" ;;
     esac
     printf '%s\n' "backend: {kind: $kind, served_model_name: mistral-7b-int8, $engine}" \
@@ -348,16 +360,18 @@ static_path() {
   done
   local i=0
   for mode in per-request greedy ecobatch; do
-    wait_up "${urls[$i]}" "$(cat /tmp/static-$mode.pid)" "$KEEP/static-$mode.log" 600 || return 1
+    wait_up "${urls[$i]}" "$(cat /tmp/static-$mode.pid)" "$KEEP/static-$mode.log" 600 || { static_stop; return 1; }
     i=$((i + 1))
   done
   say "three static proxies up"
-  local rc=0 name="static-$rate"
+  local rc=0 name="static-$rate" window
+  # the arrivals, then per-request's backlog: 3.6 s per request beyond what it serves meanwhile, + 20 s
+  window=$(awk -v r="$rate" -v s="$seconds" 'BEGIN { b = r * s * 3.6 - s; if (b < 0) b = 0; printf "%d", s + b + 20 }')
   $ECO bench --url "${urls[0]}" --compare "${urls[1]}" --compare "${urls[2]}" "${labels[@]}" \
     --api completions --rate "$rate" --duration "$seconds" --prompt-tokens 64 --output-tokens 64 --seed 0 \
-    --energy $ENERGY --cooldown-s 5 --window-s $((seconds * 3)) --repeats "$rounds" --quiet \
+    --energy $ENERGY --cooldown-s 5 --window-s "$window" --repeats "$rounds" --quiet \
     --out "$KEEP/$name.json" --records "$KEEP/$name.jsonl" | tail -30 || rc=$?
-  for mode in per-request greedy ecobatch; do stop "/tmp/static-$mode.pid"; done
+  static_stop
   [ $rc = 0 ] && say "static path $name done" || say "static path $name FAILED (exit $rc)"
   return $rc
 }
@@ -382,7 +396,8 @@ pack() {  # everything so far, in one file (the host returns at most 8 files per
 }
 
 if [ -z "$mode" ]; then
-  echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q ctl:Q:LOAD:TIER[:S[:R]] shortlong:Q quant8)"; exit 2
+  echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q ctl:Q:LOAD:TIER[:S[:R[:FROM]]] shortlong:Q" \
+    "truth:Q[:lag] quant8 w8a8 static:RATE[:S[:R]] replicas:RATES:S; ctl:w8a8 after cal:w8a8)"; exit 2
 fi
 trap pack EXIT
 for step in "$@"; do

@@ -129,7 +129,9 @@ def main(out: Path | None) -> None:
         print(lines[-1])
     if out is not None:
         command = "python benchmarks/request_schema.py " + " ".join(sys.argv[1:])
-        out.write_text(json.dumps({"command": command, "versions": versions, "microseconds": rows}, indent=1))
+        python = platform.python_version()
+        result = {"command": command, "versions": versions, "python": python, "microseconds": rows}
+        out.write_text(json.dumps(result, indent=1) + "\n")
         out.with_suffix(".md").write_text("\n".join([f"`{command}`", "", *lines]) + "\n")
 
 

@@ -42,6 +42,8 @@ def test_length_distributions() -> None:
         "lognormal:0,1,512",
         "lognormal:64,-1,512",
         "lognormal:64,1",
+        "lognormal:128,1,64",
+        "lognormal:128,800,4096",
     ):
         with pytest.raises(
             ValueError, match=r"give N, uniform:A-B or choice:A,B,C .* lognormal:MEDIAN,SIGMA,MAX"
@@ -56,6 +58,8 @@ def test_lognormal_lengths_are_heavy_tailed_around_their_median_and_capped() -> 
     assert draws[int(0.99 * len(draws))] > 8 * 128, "the 99th percentile is ~10x the median (e^2.33)"
     capped = [parse_lengths("lognormal:128,2.0,300", "x")(rng) for _ in range(2000)]
     assert max(capped) == 300 and min(capped) >= 1
+    wild = [parse_lengths("lognormal:128,10,4096", "x")(rng) for _ in range(2000)]  # no overflow
+    assert max(wild) == 4096 and min(wild) == 1
 
 
 def test_a_diurnal_day_is_quiet_at_its_ends_busy_in_its_middle_and_keeps_the_mean_rate() -> None:
@@ -63,11 +67,12 @@ def test_a_diurnal_day_is_quiet_at_its_ends_busy_in_its_middle_and_keeps_the_mea
     day = diurnal(10.0, fixed, fixed, duration_s=600.0, count=None, seed=2)
     assert day == diurnal(10.0, fixed, fixed, duration_s=600.0, count=None, seed=2)
     assert len(day) / 600.0 == pytest.approx(10.0, rel=0.05)
-    # the first and last tenth of the day (~3.7 req/s expected) against the tenth around noon (~16)
+    # the first and last tenth of the day against the tenth around noon: the rate's mean there is
+    # 10 × (1 ∓ ⅔ × the mean of cos(2πx) over them: 0.9355 and −0.9836), 3.76 and 16.56 req/s
     night_rate = sum(1 for a in day if a.at_s < 60.0 or a.at_s >= 540.0) / 120.0
     noon_rate = sum(1 for a in day if 270.0 <= a.at_s < 330.0) / 60.0
-    assert night_rate == pytest.approx(3.7, rel=0.15)
-    assert noon_rate == pytest.approx(16.2, rel=0.15)
+    assert night_rate == pytest.approx(3.76, rel=0.1)
+    assert noon_rate == pytest.approx(16.56, rel=0.1)
     with pytest.raises(ValueError, match="needs --duration"):
         diurnal(10.0, fixed, fixed, duration_s=None, count=50, seed=2)
 

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--arrivals",
         choices=["poisson", "bursty", "diurnal", "trace"],
         default="poisson",
-        help="diurnal: a day's shape compressed into --duration (a third of --rate at the ends, 5/3 mid-way)",
+        help="diurnal: a day compressed into --duration (a third of --rate at the ends, 5/3 at midday)",
     )
     p.add_argument("--rate", type=float, default=4.0, help="mean requests per second")
     p.add_argument("--on-s", type=float, default=5.0, help="bursty: seconds of each burst")
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt-tokens",
         default="64",
         help="prompt length in words (a word is 1-2 tokens in a 32k vocabulary; the report gives the "
-        "server's count): N, uniform:A-B or choice:A,B,…",
+        "server's count): N, uniform:A-B, choice:A,B,… or lognormal:MEDIAN,SIGMA,MAX",
     )
     p.add_argument(
         "--output-tokens",

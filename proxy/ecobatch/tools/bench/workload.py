@@ -7,7 +7,8 @@ Arrivals (``--arrivals``):
   them; the rate inside a burst is ``rate × (on_s + off_s) / on_s``, so the mean rate is ``rate``;
 * ``diurnal``: a day's shape compressed into ``duration`` seconds: Poisson at the rate
   ``rate × (1 − ⅔ cos(2π t / duration))``: a third of ``rate`` at the start and end (night), five
-  thirds of it half-way (the afternoon peak), ``rate`` on average;
+  thirds of it half-way (the midday peak), ``rate`` on average over the whole day (``--requests`` cuts
+  the day short);
 * a JSONL trace: one object a line with ``timestamp`` (seconds; shifted to start at 0),
   ``prompt_tokens`` and ``output_tokens``.
 
@@ -76,11 +77,13 @@ def parse_lengths(spec: str, what: str) -> Lengths:
         if spec.startswith("lognormal:"):
             median_s, sigma_s, most_s = spec[len("lognormal:") :].split(",")
             median, sigma, most = float(median_s), float(sigma_s), int(most_s)
-            if not (
-                median >= 1 and sigma >= 0 and most >= 1 and math.isfinite(median) and math.isfinite(sigma)
-            ):
+            if not (1 <= median <= most and 0 <= sigma <= 10):
                 raise ValueError
-            return lambda rng: min(most, max(1, round(median * math.exp(sigma * rng.gauss(0.0, 1.0)))))
+            log_median, log_most = math.log(median), math.log(most)
+            # the exponent capped at MAX's before exp: a long tail, never an overflow
+            return lambda rng: max(
+                1, round(math.exp(min(log_most, log_median + sigma * rng.gauss(0.0, 1.0))))
+            )
         if spec.startswith("uniform:"):
             lo, hi = (int(x) for x in spec[len("uniform:") :].split("-"))
             if not 1 <= lo <= hi:
@@ -98,7 +101,7 @@ def parse_lengths(spec: str, what: str) -> Lengths:
     except ValueError:
         raise ValueError(
             f"{what}={spec!r}: give N, uniform:A-B or choice:A,B,C (positive integers), or "
-            "lognormal:MEDIAN,SIGMA,MAX (MEDIAN >= 1, SIGMA >= 0, MAX a positive integer)"
+            "lognormal:MEDIAN,SIGMA,MAX (1 <= MEDIAN <= MAX, 0 <= SIGMA <= 10, MAX an integer)"
         ) from None
 
 
