@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import gzip
 import json
 import math
@@ -469,6 +470,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         else None,
     }
     return out
+
+
+class CounterTrace:
+    """A run's ``counter-trace.csv.gz`` as ``write`` leaves it: the counter's readings on the records'
+    clock, read back (``idle_replay.py``, ``ledger_replay.py``)."""
+
+    def __init__(self, where: Path) -> None:
+        with gzip.open(where / "counter-trace.csv.gz", "rt") as f:
+            rows = [line.split(",") for line in f.read().splitlines()[1:]]
+        self.times_s = [float(t) for t, _ in rows]
+        self._joules = [float(j) for _, j in rows]
+
+    def at(self, t_s: float) -> float:
+        """The last reading at or before ``t_s`` (the first before the trace): what a reader saw then."""
+        return self._joules[max(0, bisect.bisect_right(self.times_s, t_s) - 1)]
+
+
+def read_records(where: Path) -> list[dict[str, Any]]:
+    """A run's ``records.jsonl``: one request a line, as ``write`` leaves them."""
+    with (where / "records.jsonl").open() as f:
+        return [json.loads(line) for line in f]
 
 
 def write(out: dict[str, Any], where: Path) -> None:

@@ -14,8 +14,6 @@ a run's windows (the live one holds the last 31).
 from __future__ import annotations
 
 import argparse
-import bisect
-import gzip
 import json
 import statistics
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ecobatch.energy.idle import band_mean_w
+from energy_truth import CounterTrace, read_records
 
 
 def quiet_spans(records: list[dict[str, Any]], tail_s: float) -> list[tuple[float, float]]:
@@ -37,14 +36,8 @@ def quiet_spans(records: list[dict[str, Any]], tail_s: float) -> list[tuple[floa
 
 
 def replay(run: Path, periods_s: list[float], window_s: float, tail_s: float) -> dict[str, Any]:
-    with gzip.open(run / "counter-trace.csv.gz", "rt") as f:
-        lines = f.read().splitlines()[1:]
-    times, joules = zip(*((float(a), float(b)) for a, b in (line.split(",") for line in lines)), strict=True)
-
-    def at(t: float) -> float:
-        return joules[max(0, bisect.bisect_right(times, t) - 1)]
-
-    records = [json.loads(line) for line in (run / "records.jsonl").open()]
+    at = CounterTrace(run).at
+    records = read_records(run)
     spans = quiet_spans(records, tail_s)
     quiet_s = sum(b - a for a, b in spans)
     out: dict[str, Any] = {

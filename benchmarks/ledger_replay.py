@@ -16,8 +16,6 @@ left out), and idle power is the benchmark's, measured before each phase.
 from __future__ import annotations
 
 import argparse
-import bisect
-import gzip
 import json
 import statistics
 import sys
@@ -29,6 +27,7 @@ from ecobatch.domain import Usage
 from ecobatch.energy.choose import prefill_weight
 from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
 from ecobatch.profile import load_profile
+from energy_truth import CounterTrace, read_records
 
 
 class _Clock:
@@ -53,15 +52,10 @@ def replay(
     tail_s: float,
     prefill_queue: bool = True,
 ) -> dict[str, Any]:
-    with gzip.open(run / "counter-trace.csv.gz", "rt") as f:
-        rows = [line.split(",") for line in f.read().splitlines()[1:]]
-    times, joules = [float(t) for t, _ in rows], [float(j) for _, j in rows]
-
-    def counter_at(t_s: float) -> float:
-        return joules[max(0, bisect.bisect_right(times, t_s) - 1)]
-
+    trace = CounterTrace(run)
+    counter_at, times = trace.at, trace.times_s
     run_json = json.loads((run / "energy-truth.json").read_text())
-    records = [json.loads(line) for line in (run / "records.jsonl").open()]
+    records = read_records(run)
     streamed = {r["phase"] for r in records if r["stream"]}
     records = [r for r in records if r["phase"] not in streamed]
     idle_by_phase = {p["name"]: p["idle_w"] for p in run_json["phases"]}
