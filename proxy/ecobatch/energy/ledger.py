@@ -170,7 +170,6 @@ class _Record:
     tier: str = "interactive"
     basis: str = "token_times"
     edge_joules: float = 0.0  # what the counter's timing cannot place across its start and end
-    placed: bool = False  # its segments are built: at close with token times, else by ``queue``
     queued: bool = False  # it has taken its turn in the ledger's prefill queue (``queue``)
 
     def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
@@ -187,7 +186,6 @@ class _Record:
             for k, (t, n) in enumerate(self.events):
                 self.segments.append((previous, t, prompt if k == 0 else 0, n * scale))
                 previous = t
-            self.placed = True
         self.events = []
 
     def queue(self, prefill_free_s: float, prefill_tokens_per_s: float | None) -> float:
@@ -199,19 +197,18 @@ class _Record:
         assert self.end_s is not None, "a request takes its turn once it has ended"
         self.queued = True
         prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
+        # segments: built at close from token times, else here
         if prefill_tokens_per_s is None:  # no queue: the prompt at the start
-            if not self.placed:
+            if not self.segments:
                 self.segments = [
                     (self.start_s, self.start_s, prompt, 0),
                     (self.start_s, self.end_s, 0, completion),
                 ]
-                self.placed = True
             return prefill_free_s
         prefill_s = prompt / prefill_tokens_per_s
         turn_s = max(self.start_s, prefill_free_s)
-        if self.placed:  # token times: its prefill ended by its first chunk
-            return min(turn_s + prefill_s, self.segments[0][1] if self.segments else self.end_s)
-        self.placed = True
+        if self.segments:  # token times: its prefill ended by its first chunk
+            return min(turn_s + prefill_s, self.segments[0][1])
         if turn_s + prefill_s <= self.end_s:
             prefill_end = turn_s + prefill_s
             self.segments = [(turn_s, prefill_end, prompt, 0), (prefill_end, self.end_s, 0, completion)]
