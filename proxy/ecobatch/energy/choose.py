@@ -160,7 +160,7 @@ def build_meter(
                 "(set energy.counter_lag_s for this counter)",
                 reader.source,
             )
-    rate = profile.prefill_tokens_per_s
+    rate = ledger.prefill_tokens_per_s
     prompts = (
         "at each request's start (the profile has no prefill rate)"
         if rate is None
