@@ -107,7 +107,7 @@ EOF
   rm -f vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
   find . -name __pycache__ -prune -exec rm -rf {} +
   cd $WORK && tar cf - site | xz -T0 -6 > stash.tar.xz
-  rm -f parts.* && split -b 60000000 -d stash.tar.xz parts.
+  rm -f parts.* && split -b 50000000 -d stash.tar.xz parts.
   cd "$ROOT" && rm -f .vx/* .vy/* && cp $WORK/parts.00 .vx/part.00 && cp $WORK/parts.01 .vy/part.01
   $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
      --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
