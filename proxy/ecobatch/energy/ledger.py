@@ -43,11 +43,13 @@ re-estimated from quiet intervals while serving (``idle.py``).
 **Measured / modelled / validated.** Measured: the counter's joules per interval, the idle power, the
 tokens and their times. Modelled: the split among requests in one interval (by weighted tokens) and,
 for a non-streamed request, when its tokens happened. Validated against the GPU's own counter on an
-H200 (docs/energy.md, ``benchmarks/results/h200-energy-truth/``, run 3): each class alone within 5 %
-(prompt-heavy at the edge, 1.046-1.051), other work 0.50-0.53 % of the counter; **not** met: in a mix,
-prompt-heavy requests get about half the share they cost alone at the same concurrency, and a receipt
-(a share) is not the marginal energy a request adds to steps that run anyway (decode-heavy requests
-joining a running load were charged 6.3-6.9x what the counter says they added).
+H200 (docs/energy.md, ``benchmarks/results/h200-energy-truth/``, run 4): each class alone within 2.4 %,
+other work 0.44 % of the counter; at 12 in flight mixed, prompt-heavy and medium requests are charged
+0.99x and 0.97x what they cost alone, decode-heavy ones 1.27x (the mix drew 15.6 % more than its requests
+cost alone, and the split gives that to the decoders); **not** met: the classes' cost ratios in a mix
+within 10 % of their ratios alone, and a receipt (a share) is not the marginal energy a request adds to
+steps that run anyway (decode-heavy requests joining a running load were charged 7.7-7.8x what the
+counter says they added).
 
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
 a bookkeeping identity, true by construction, and no evidence that the split is right.
