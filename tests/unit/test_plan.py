@@ -117,18 +117,18 @@ def test_the_cli_compares_profiles_and_names_the_cheaper(
     assert render(report["plans"], inputs(2e6 / (30 * 24 * 3600)), "USD").startswith("MODELLED")
 
 
-def test_the_measured_h200_profiles_rank_fp8_first_and_bitsandbytes_fails_the_slo(
+def test_the_measured_h200_profiles_rank_fp8_then_w8a8_then_bf16_and_bitsandbytes_fails_the_slo(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The profiles calibrated on the H200 (vLLM 0.26): FP8 costs the fewest joules; the pre-quantized
-    bitsandbytes 8-bit checkpoint (eager mode, 16 tok/s at 1 in flight) meets no 5 s p99 at 4 req/s,
-    and the table says so under its own name."""
+    """The four profiles calibrated on the H200 (vLLM 0.26): FP8 costs the fewest joules, W8A8 INT8
+    next, then bf16; the pre-quantized bitsandbytes 8-bit checkpoint (eager mode, 15 tok/s at 1 in
+    flight) meets no 5 s p99 at 4 req/s, and the table says so under its own name."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(
         [
             "--rate", "4", "--output-tokens", "choice:16,32,64,128,256,512", "--slo-p99-s", "5",
-            *(a for q in ("bf16", "fp8", "bnb-int8")
+            *(a for q in ("bf16", "fp8", "bnb-int8", "w8a8")
               for a in ("--profile", str(PROFILES / f"h200-vllm-mistral7b-{q}.yaml"))),
         ]
     )  # fmt: skip
@@ -136,3 +136,13 @@ def test_the_measured_h200_profiles_rank_fp8_first_and_bitsandbytes_fails_the_sl
     text = capsys.readouterr().out
     assert "fewest joules per request: h200-vllm-mistral7b-fp8 " in text
     assert re.search(r"^h200-vllm-mistral7b-bnb-int8 \(measured\) +no setting meets the SLO", text, re.M)
+    direct = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(
+            r"^h200-vllm-mistral7b-(\S+) \(measured\) +vLLM direct \(send at once\) +\d+ +([\d.]+)",
+            text,
+            re.M,
+        )
+    }
+    assert set(direct) == {"bf16", "fp8", "w8a8"}
+    assert direct["fp8"] < direct["w8a8"] < direct["bf16"]
