@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ecobatch.config import load_settings
+from aiohttp import web
+
+from ecobatch.config import DEFAULT_PROFILES, load_settings
+from ecobatch.profile import load_profile
 from ecobatch.serving.app import create_app
+from ecobatch.testing.sim_vllm import SimVllm
 from ecobatch.tools.bench import add_arguments, bench, build_arrivals, run_cli
+from ecobatch.tools.bench.energy import receipts
 from ecobatch.tools.bench.report import table
 from tests.integration.helpers import serve_in_thread
 
@@ -45,6 +50,12 @@ async def test_the_same_arrivals_go_to_each_target_and_ecobatch_reports_its_joul
         assert reported["sources"] == ["model"] and reported["settled_requests"] == 60
         assert reported["attributed_joules"] > 0
         assert [o.sent_s for o in outs] == [a.at_s for a in arrivals]
+        # every request's receipt, read back by its id: settled, modelled here, and together the joules
+        # ecobatch's counters attributed over the phase
+        assert all(o.receipt is not None and o.receipt["status"] == "settled" for o in outs)
+        assert {o.receipt["source"] for o in outs if o.receipt} == {"model"}
+        total = sum(o.receipt["energy_joules"] for o in outs if o.receipt)
+        assert abs(total - reported["attributed_joules"]) <= 1e-6 * reported["attributed_joules"]
     assert summaries[1]["latency_s"]["p50"] > summaries[0]["latency_s"]["p50"]
     assert summaries[0]["energy"]["source"] == "none"
     (row,) = [line for line in table(summaries).splitlines() if "ecobatch: attributed" in line]
@@ -55,26 +66,26 @@ def test_the_cli_writes_a_json_report_and_errors_by_status(tmp_path: Path) -> No
     url = serve_in_thread(
         create_app(load_settings(None, {"backend.sim_time_scale": 0.0, "batching.max_queue": 1}))
     )
-    out = tmp_path / "r.json"
+    out, records = tmp_path / "r.json", tmp_path / "r.jsonl"
     args = parse(
-        "--url",
-        url,
-        "--rate",
-        "200",
-        "--requests",
-        "40",
-        "--output-tokens",
-        "2",
-        "--out",
-        str(out),
-        "--quiet",
-    )
+        "--url", url, "--rate", "200", "--requests", "40", "--output-tokens", "2",
+        "--out", str(out), "--records", str(records), "--quiet",
+    )  # fmt: skip
     assert run_cli(args) == 0
     report = json.loads(out.read_text())
     target = report["targets"][0]
     assert report["workload"]["requests"] == 40
     assert target["ok"] + sum(target["errors_by_status"].values()) == 40
     assert set(target["errors_by_status"]) == {"429"}, target  # 40 at once into a queue of 1: some shed
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(rows) == 40
+    served = [r for r in rows if r["status"] == 200]
+    assert len(served) == target["ok"]
+    # a served request's record carries its receipt; a shed one has none to carry
+    assert all(r["receipt_status"] == "settled" and r["receipt_joules"] >= 0 for r in served)
+    assert all(r["receipt_basis"] and r["receipt_source"] == "model" for r in served)
+    shed = [r for r in rows if r["status"] == 429]
+    assert shed and all(r["receipt_status"] is None and r["receipt_joules"] is None for r in shed)
 
 
 async def test_an_ecobatch_whose_metrics_are_on_another_port_is_not_read_as_zero_joules(
@@ -90,3 +101,37 @@ async def test_an_ecobatch_whose_metrics_are_on_another_port_is_not_read_as_zero
     assert "/metrics failed" in energy["ecobatch_unreadable"]
     (row,) = [line for line in table(summaries).splitlines() if "ecobatch: attributed" in line]
     assert "—" in row
+
+
+async def test_receipts_are_read_once_each_and_a_missing_or_unreadable_one_says_so(
+    aiohttp_server: Any,
+) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    async def energy(request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        seen.append((request_id, request.headers.get("Authorization")))
+        if request_id == "gone":
+            return web.json_response({"error": {"message": "no energy receipt"}}, status=404)
+        if request_id == "broken":
+            return web.Response(status=500, text="boom")
+        return web.json_response({"id": request_id, "status": "pending", "provisional_joules": 3.0})
+
+    app = web.Application()
+    app.router.add_get("/ecobatch/energy/{request_id}", energy)
+    server = await aiohttp_server(app)
+    got = await receipts(str(server.make_url("")).rstrip("/"), ["a", "gone", "broken", "a"], "k1")
+    assert got["a"] == {"id": "a", "status": "pending", "provisional_joules": 3.0}
+    assert got["gone"] == {"status": "missing"}
+    assert got["broken"] == {"status": "unreadable", "error": "HTTP 500"}
+    assert sorted(seen) == [("a", "Bearer k1"), ("broken", "Bearer k1"), ("gone", "Bearer k1")]
+
+
+async def test_a_target_that_is_not_ecobatch_gets_no_receipts(aiohttp_server: Any) -> None:
+    """vLLM direct: ecobatch's receipt endpoint is not asked for, and every receipt column is empty."""
+    server = await aiohttp_server(SimVllm(load_profile(DEFAULT_PROFILES["continuous"])).app())
+    url = str(server.make_url("")).rstrip("/")
+    args = parse("--url", url, "--rate", "40", "--requests", "4", "--output-tokens", "2", "--quiet")
+    _, outcomes = await bench([("direct", url)], build_arrivals(args), args)
+    assert [o.status for o in outcomes[0]] == [200] * 4
+    assert all(o.receipt is None for o in outcomes[0])

@@ -9,7 +9,7 @@ For comparisons that hold up: ``--window-s`` reads every target's energy over th
 window from its first arrival (idle included: a target that answers sooner idles the rest of it);
 ``--repeats N`` runs the targets N times, the order reversed every other round; each target's prompts
 start with a word of its own (no target reuses another's cached prefixes in vLLM); ``--records``
-writes one JSON line per request.
+writes one JSON line per request, with its energy receipt where the target is ecobatch.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ...domain import Tier
 from ...energy.counters import CounterDeltas, CounterReader
 from .client import Outcome, run_arrivals
 from .conditions import code, gpu_states
-from .energy import counter_for, ecobatch_energy, is_ecobatch
+from .energy import counter_for, ecobatch_energy, is_ecobatch, receipts
 from .report import plot, summarise, table
 from .workload import Arrival, bursty, diurnal, parse_lengths, poisson, read_trace, with_tiers
 
@@ -249,6 +249,12 @@ async def bench(
                     energy["ecobatch"] = reported
                 else:
                     energy["ecobatch_unreadable"] = f"GET {url}/metrics failed (on server.metrics_port?)"
+                # each request's receipt, read once the phase's requests have settled (or the wait ran out)
+                ids = [o.request_id for o in outcomes if o.status == 200 and o.request_id]
+                got = await receipts(url, ids, args.api_key)
+                for o in outcomes:
+                    if o.status == 200 and o.request_id:
+                        o.receipt = got[o.request_id]
             summary = summarise(label, url, outcomes, start, end, energy)
             # the GPUs' clocks, temperature and power limit around the phase (NVML; [] without a GPU)
             summary["gpus"] = {"start": gpus_before, "end": await asyncio.to_thread(gpu_states)}
@@ -299,8 +305,22 @@ def _write_records(
                         "ttft_s": None if o.ttft_s is None else round(o.ttft_s, 4),
                         "request_id": o.request_id,
                         "error": o.error,
+                        **_receipt_fields(o.receipt),
                     }
                     f.write(json.dumps(record) + "\n")
+
+
+def _receipt_fields(receipt: dict[str, Any] | None) -> dict[str, Any]:
+    """A record's receipt columns: ecobatch's charge (energy above idle while in flight, its share),
+    the base share, what the split rests on, and the receipt's status (None: not an ecobatch target)."""
+    receipt = receipt or {}
+    return {
+        "receipt_status": receipt.get("status"),
+        "receipt_joules": receipt.get("energy_joules"),
+        "receipt_base_joules": receipt.get("base_energy_joules"),
+        "receipt_basis": receipt.get("basis"),
+        "receipt_source": receipt.get("source"),
+    }
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -35,6 +35,9 @@ class Outcome:
     #: the proxy's request id (X-Ecobatch-Request-Id; else the response's id) and the tier it served
     request_id: str | None = None
     served_tier: str | None = None
+    #: its energy receipt from ecobatch (``GET /ecobatch/energy/{id}``) read after the phase; None: the
+    #: target is not ecobatch, or the request got no id
+    receipt: dict[str, Any] | None = None
 
 
 #: the ``service_tier`` sent for each tier (interactive: none, the API's default)

@@ -3,7 +3,8 @@
 * ``nvml``: this host's GPUs, NVML's total-energy counter (the GPU must be the target's);
 * ``dcgm=URL``: a dcgm-exporter beside the target's GPU;
 * the target's own ecobatch ``/metrics``, when the target is ecobatch: what it attributed to requests,
-  its idle bucket and other clients' work (``source`` says measured or modelled);
+  its idle bucket and other clients' work (``source`` says measured or modelled), and each request's
+  receipt (``GET /ecobatch/energy/{id}``) once its requests have settled;
 * none.
 
 A counter is read at the first send and after the last answer: joules over the phase, idle included.
@@ -12,6 +13,7 @@ A counter is read at the first send and after the last answer: joules over the p
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -21,7 +23,7 @@ from ...energy.dcgm import DcgmCounters
 from ...energy.gpu import discover_gpus
 from ...exposition import samples
 
-__all__ = ["counter_for", "ecobatch_energy", "is_ecobatch"]
+__all__ = ["counter_for", "ecobatch_energy", "is_ecobatch", "receipts"]
 
 _ECOBATCH = (
     "ecobatch_energy_joules_total",
@@ -102,3 +104,39 @@ async def ecobatch_energy(
         "unattributed_joules": delta["ecobatch_unattributed_energy_joules_total"],
         "settled_requests": int(settled),
     }
+
+
+async def receipts(
+    url: str, request_ids: Sequence[str], api_key: str | None = None, *, concurrency: int = 16
+) -> dict[str, dict[str, Any]]:
+    """Each request's energy receipt as ecobatch serves it (``GET {url}/ecobatch/energy/{id}``), read
+    once, ``concurrency`` at a time: call it after the requests have settled (``ecobatch_energy`` waits
+    for that). A receipt ecobatch does not hold (unknown, or pushed out of its store) reads
+    ``{"status": "missing"}``, one that cannot be read ``{"status": "unreadable", "error": ...}``: a
+    record never shows a receipt it did not get."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    gate = asyncio.Semaphore(concurrency)
+    out: dict[str, dict[str, Any]] = {}
+
+    async def one(session: aiohttp.ClientSession, request_id: str) -> None:
+        async with gate:
+            try:
+                async with session.get(f"{url}/ecobatch/energy/{request_id}") as r:
+                    if r.status == 404:
+                        out[request_id] = {"status": "missing"}
+                        return
+                    if r.status != 200:
+                        out[request_id] = {"status": "unreadable", "error": f"HTTP {r.status}"}
+                        return
+                    body = await r.json(content_type=None)
+                    if not isinstance(body, dict):
+                        out[request_id] = {"status": "unreadable", "error": "not a JSON object"}
+                        return
+                    out[request_id] = body
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                out[request_id] = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:200]}
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        await asyncio.gather(*(one(session, i) for i in dict.fromkeys(request_ids)))
+    return out
