@@ -18,6 +18,7 @@
 # Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | w8a8 | static:RATE[:SECONDS[:ROUNDS]] |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8, w8a8 (after the w8a8 step); LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
+# each after a 5 s warm-up left out of the figures,
 # energy over the same window (arrivals + 12 s, flex + 40 s), ROUNDS rounds in alternating order, with
 # per-request records; with FROM, also over the steady-state window FROM..SECONDS (no start, no tail). replicas (two GPUs): one vLLM bf16 per GPU, ecobatch routing pack vs round-robin over
 # them (benchmarks/replicas.py), e.g. `unpack replicas:1_2:45` then `replicas:4:45` (rates joined by _).
@@ -240,7 +241,7 @@ compare() {
   local rc=0
   $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \
     --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
-    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 \
+    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
     --window-s $((seconds + drain)) "${steady[@]}" --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
     --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
   curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
@@ -369,7 +370,7 @@ static_path() {
   window=$(awk -v r="$rate" -v s="$seconds" 'BEGIN { b = r * s * 3.6 - s; if (b < 0) b = 0; printf "%d", s + b + 20 }')
   $ECO bench --url "${urls[0]}" --compare "${urls[1]}" --compare "${urls[2]}" "${labels[@]}" \
     --api completions --rate "$rate" --duration "$seconds" --prompt-tokens 64 --output-tokens 64 --seed 0 \
-    --energy $ENERGY --cooldown-s 5 --window-s "$window" --repeats "$rounds" --quiet \
+    --energy $ENERGY --cooldown-s 5 --warmup-s 5 --window-s "$window" --repeats "$rounds" --quiet \
     --out "$KEEP/$name.json" --records "$KEEP/$name.jsonl" | tail -30 || rc=$?
   static_stop
   [ $rc = 0 ] && say "static path $name done" || say "static path $name FAILED (exit $rc)"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from ecobatch.config import DEFAULT_PROFILES, load_settings
@@ -135,3 +136,9 @@ async def test_a_target_that_is_not_ecobatch_gets_no_receipts(aiohttp_server: An
     _, outcomes = await bench([("direct", url)], build_arrivals(args), args)
     assert [o.status for o in outcomes[0]] == [200] * 4
     assert all(o.receipt is None for o in outcomes[0])
+
+
+def test_a_negative_warm_up_is_refused_naming_the_flag() -> None:
+    args = parse("--url", "http://127.0.0.1:9", "--requests", "1", "--warmup-s", "-1", "--quiet")
+    with pytest.raises(ValueError, match=r"--warmup-s=-1\.0 must be >= 0"):
+        run_cli(args)

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from ecobatch.config import DEFAULT_PROFILES, load_settings
+from ecobatch.exposition import samples
 from ecobatch.profile import load_profile
 from ecobatch.serving.app import create_app
 from ecobatch.testing.servers import free_port
@@ -205,3 +206,26 @@ async def test_the_controller_follows_a_load_step_within_seconds(stack: Stack) -
     assert statistics.fmean(before) < 3.0, before
     assert min(high) > 9.0, high  # within 5 s of the step up it reads 12 req/s (±25 %)
     assert max(after) < 3.5, after  # and within 6 s of the step down, 2 req/s again
+
+
+async def test_a_warm_up_goes_to_the_target_first_and_is_in_no_figure(stack: Stack) -> None:
+    """bench --warmup-s: the first seconds of the arrivals go to the target before its phase, as
+    interactive requests; the phase's outcomes and its ecobatch figures are the phase's alone."""
+    args = args_for(
+        stack, "--url", stack.proxy, "--rate", "40", "--requests", "30", "--output-tokens", "2",
+        "--flex-share", "1", "--warmup-s", "0.25", "--cooldown-s", "0",
+    )  # fmt: skip
+    arrivals = build_arrivals(args)
+    warm = sum(1 for a in arrivals if a.at_s < 0.25)
+    assert 0 < warm < 30
+    (summary,), (outcomes,) = await bench([("eco", stack.proxy)], arrivals, args)
+    assert summary["warmup"]["requests"] == summary["warmup"]["ok"] == warm
+    assert summary["requests"] == len(outcomes) == summary["ok"] == 30
+    assert summary["energy"]["ecobatch"]["settled_requests"] == 30
+    async with aiohttp.ClientSession() as session, session.get(f"{stack.proxy}/metrics") as r:
+        text = await r.text()
+    dispatched = {"interactive": 0.0, "flex": 0.0, "priority": 0.0}
+    for _, sample in samples(text, ("ecobatch_queue_wait_seconds_count",)):
+        dispatched[sample.labels["tier"]] += sample.value
+    # the proxy dispatched both: the warm-up as interactive requests, the phase's as flex
+    assert dispatched == {"interactive": warm, "flex": 30, "priority": 0}

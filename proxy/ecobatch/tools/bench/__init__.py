@@ -8,7 +8,9 @@ and J/1k tokens (``report``), as a table, a JSON file and a PNG.
 For comparisons that hold up: ``--window-s`` reads every target's energy over the same wall-clock
 window from its first arrival (idle included: a target that answers sooner idles the rest of it);
 ``--repeats N`` runs the targets N times, the order reversed every other round; each target's prompts
-start with a word of its own (no target reuses another's cached prefixes in vLLM); ``--records``
+start with a word of its own (no target reuses another's cached prefixes in vLLM); ``--warmup-s``
+sends the first seconds of the arrivals to each target before its measured phase and leaves them out
+of every figure; ``--records``
 writes one JSON line per request, with its energy receipt where the target is ecobatch.
 """
 
@@ -20,6 +22,7 @@ import hashlib
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +111,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--timeout-s", type=float, default=600.0, help="a request unanswered by then counts as failed"
     )
     p.add_argument("--cooldown-s", type=float, default=5.0, help="pause between targets")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=0.0,
+        help="before each target's measured phase, send it the first SECONDS of the arrivals (as "
+        "interactive requests, prompts of their own), wait for them and --cooldown-s; in no figure",
+    )
     p.add_argument(
         "--out", type=Path, default=Path("bench.json"), help="JSON report (the PNG goes beside it)"
     )
@@ -204,6 +214,7 @@ async def bench(
                 await asyncio.sleep(args.cooldown_s)
             model = args.model or await _first_model(url, args.api_key)
             ecobatch = await is_ecobatch(url)
+            warmup = await _warm_up(url, label, model, ecobatch, arrivals, args)
             snapshot = await ecobatch_energy(url, None, 0) if ecobatch else None
             gpus_before = await asyncio.to_thread(gpu_states)
             deltas = CounterDeltas()
@@ -256,6 +267,8 @@ async def bench(
                     if o.status == 200 and o.request_id:
                         o.receipt = got[o.request_id]
             summary = summarise(label, url, outcomes, start, end, energy)
+            if warmup is not None:
+                summary["warmup"] = warmup
             # the GPUs' clocks, temperature and power limit around the phase (NVML; [] without a GPU)
             summary["gpus"] = {"start": gpus_before, "end": await asyncio.to_thread(gpu_states)}
             summaries.append(summary)
@@ -264,6 +277,39 @@ async def bench(
         if reader is not None:
             await reader.close()
     return summaries, all_outcomes
+
+
+async def _warm_up(
+    url: str, label: str, model: str, ecobatch: bool, arrivals: list[Arrival], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """The first ``--warmup-s`` seconds of the arrivals, sent to the target before its measured phase:
+    interactive (no flex request waits out its budget here), prompts of their own (nothing of them is
+    cached for the phase), answers awaited, then settled in ecobatch's counters (so the phase's snapshot
+    is taken after them) and ``--cooldown-s`` of rest. None without a warm-up."""
+    warmup_s = getattr(args, "warmup_s", 0.0)
+    if warmup_s <= 0:
+        return None
+    warm = [replace(a, tier="interactive") for a in arrivals if a.at_s < warmup_s]
+    snapshot = await ecobatch_energy(url, None, 0) if ecobatch else None
+    outcomes, start, end = await run_arrivals(
+        url,
+        warm,
+        model=model,
+        api=args.api,
+        stream=args.stream,
+        ignore_eos=not args.no_ignore_eos,
+        api_key=args.api_key,
+        timeout_s=args.timeout_s,
+        seed=args.seed + 1,
+        label=f"{label} (warm-up)",
+        progress=False,
+        salt=f"w{_salt(label)}",
+    )
+    ok = sum(1 for o in outcomes if o.status == 200)
+    if snapshot is not None:
+        await ecobatch_energy(url, snapshot, ok)
+    await asyncio.sleep(args.cooldown_s)
+    return {"seconds": warmup_s, "requests": len(warm), "ok": ok, "took_s": end - start}
 
 
 def _salt(label: str) -> str:
@@ -326,6 +372,8 @@ def _receipt_fields(receipt: dict[str, Any] | None) -> dict[str, Any]:
 def run_cli(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
+    if args.warmup_s < 0:
+        raise ValueError(f"--warmup-s={args.warmup_s} must be >= 0")
     steady_s = getattr(args, "steady_s", None)
     if steady_s is not None and (args.window_s is None or steady_s[1] > args.window_s):
         raise ValueError(f"--steady-s ends at {steady_s[1]} s: give --window-s of at least that much")
@@ -358,6 +406,7 @@ def run_cli(args: argparse.Namespace) -> int:
             "stream": args.stream,
             "seed": args.seed,
             "window_s": args.window_s,
+            "warmup_s": args.warmup_s,
             "repeats": args.repeats,
             "orders": [[label for label, _ in order] for order in _rounds(targets, args.repeats)],
         },
