@@ -331,7 +331,8 @@ w8a8() {
 # energy from NVML over the same window for each. Below ~20 req/s of 64-token outputs ecobatch's window
 # closes at once (fewer than one arrival expected in it), so it sends as greedy does: the comparison
 # shows that. Per-request serves ~0.28 req/s (3.5 s per request at 18.5 tok/s): the window is sized for
-# its backlog to drain. $1 rate, $2 seconds, $3 rounds.
+# its backlog to drain, and the warm-up is 1 s of arrivals (5 s would queue minutes at batch 1).
+# $1 rate, $2 seconds, $3 rounds.
 static_stop() { local mode; for mode in per-request greedy ecobatch; do stop "/tmp/static-$mode.pid"; done; }
 
 static_path() {
@@ -370,7 +371,7 @@ static_path() {
   window=$(awk -v r="$rate" -v s="$seconds" 'BEGIN { b = r * s * 3.6 - s; if (b < 0) b = 0; printf "%d", s + b + 20 }')
   $ECO bench --url "${urls[0]}" --compare "${urls[1]}" --compare "${urls[2]}" "${labels[@]}" \
     --api completions --rate "$rate" --duration "$seconds" --prompt-tokens 64 --output-tokens 64 --seed 0 \
-    --energy $ENERGY --cooldown-s 5 --warmup-s 5 --window-s "$window" --repeats "$rounds" --quiet \
+    --energy $ENERGY --cooldown-s 5 --warmup-s 1 --window-s "$window" --repeats "$rounds" --quiet \
     --out "$KEEP/$name.json" --records "$KEEP/$name.jsonl" | tail -30 || rc=$?
   static_stop
   [ $rc = 0 ] && say "static path $name done" || say "static path $name FAILED (exit $rc)"
