@@ -71,6 +71,7 @@ class Record:
     completion_tokens: int = 0
     receipt_joules: float | None = None
     receipt_base_joules: float | None = None
+    receipt_marginal_joules: float | None = None  # what it added, by the profile's power curve (modelled)
     basis: str | None = None
     added: bool = False  # one of the Δ requests added to a steady load (test 3)
 
@@ -292,6 +293,7 @@ async def _receipts(session: aiohttp.ClientSession, url: str, records: list[Reco
             if body.get("status") == "settled":
                 rec.receipt_joules = body["energy_joules"]
                 rec.receipt_base_joules = body.get("base_energy_joules")
+                rec.receipt_marginal_joules = body.get("marginal_energy_joules")
                 rec.basis = body.get("basis")
                 break
             if time.monotonic() > deadline:
@@ -320,6 +322,10 @@ def summary(phase: Phase) -> str:
 
 def _mean(phase: Phase, cls: str) -> float:
     return statistics.fmean(r.receipt_joules or 0.0 for r in phase.records if r.cls == cls)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _ci95(values: list[float]) -> tuple[float, float]:
@@ -440,6 +446,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         diff = phases[hi].above_idle_j - phases[lo].above_idle_j
         n_added = sum(r.added for r in phases[hi].records)
         ledger = sum(r.receipt_joules or 0.0 for r in phases[hi].records if r.added)
+        marginals = [r.receipt_marginal_joules for r in phases[hi].records if r.added]
+        marginal = None if any(m is None for m in marginals) else sum(m or 0.0 for m in marginals)
         ledger_difference = sum(r.receipt_joules or 0.0 for r in phases[hi].records) - sum(
             r.receipt_joules or 0.0 for r in phases[lo].records
         )
@@ -452,10 +460,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "ledger_delta_j": ledger,
                 "ratio": ledger / diff,
                 "ledger_difference_j": ledger_difference,
+                # what the receipts say Δ added (the profile's power curve; None: not reported)
+                "marginal_j": marginal,
+                "marginal_ratio": None if marginal is None else marginal / diff,
             }
         )
     out["added"] = added
     out["added_ratio_ci95"] = _ci95([a["ratio"] for a in added])
+    ratios = [a["marginal_ratio"] for a in added]
+    known = [r for r in ratios if r is not None]
+    out["added_marginal_ratio_ci95"] = _ci95(known) if len(known) == len(ratios) else None
     delta = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in end}
     metered = sum(delta.values())
     out["whole_run"] = {
@@ -542,14 +556,15 @@ def write(out: dict[str, Any], where: Path) -> None:
     lines += [
         "",
         "| added pair | Δ requests | NVML difference, J | per Δ request | Δ's receipts, J | ratio "
-        "| all receipts' difference, J (bookkeeping) |",
-        "|---|---|---|---|---|---|---|",
+        "| Δ's marginal (modelled), J | ratio | all receipts' difference, J (bookkeeping) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in out["added"]:
         per = a["nvml_difference_j_per_added_request"]
         lines.append(
             f"| {' → '.join(a['pair'])} | {a['added_requests']} | {a['nvml_difference_j']:.0f} "
             f"| {'—' if per is None else f'{per:.1f}'} | {a['ledger_delta_j']:.0f} | {a['ratio']:.3f} "
+            f"| {_or_dash(a['marginal_j'], '.0f')} | {_or_dash(a['marginal_ratio'], '.3f')} "
             f"| {a['ledger_difference_j']:.0f} |"
         )
     w = out["whole_run"]

@@ -51,6 +51,7 @@ def replay(
     lag_s: float,
     tail_s: float,
     prefill_queue: bool = True,
+    curve_path: Path | None = None,
 ) -> dict[str, Any]:
     trace = CounterTrace(run)
     counter_at, times = trace.at, trace.times_s
@@ -60,6 +61,7 @@ def replay(
     records = [r for r in records if r["phase"] not in streamed]
     idle_by_phase = {p["name"]: p["idle_w"] for p in run_json["phases"]}
     profile = load_profile(profile_path)
+    curve = load_profile(curve_path) if curve_path is not None else profile
     clock, settled = _Clock(), {}
 
     def keep(batch: list[SettledRequest]) -> None:
@@ -74,6 +76,7 @@ def replay(
         tail_s=tail_s,
         reports=LedgerReports(settled=keep),
         prefill_tokens_per_s=profile.prefill_tokens_per_s if prefill_queue else None,
+        power_curve=curve.power_above_idle_w,
     )
     # the events in time order: a request's begin and end, and each interval once its end has passed
     events: list[tuple[float, int, Any]] = []
@@ -112,10 +115,27 @@ def replay(
     out: dict[str, Any] = {
         "run": str(run),
         "profile": str(profile_path),
+        "curve_profile": str(curve_path or profile_path),
         "lag_s": lag_s,
         "prefill_tokens_per_s": profile.prefill_tokens_per_s if prefill_queue else None,
         "phases": {},
     }
+    # test 3: what the added requests added, by the ledger's marginal (the profile's power curve over
+    # the sequences in flight), against the counter's difference between the phases with and without them
+    out["added"] = []
+    for pair in run_json.get("added", []):
+        with_delta = pair["pair"][1]
+        added = [k for k, r in enumerate(records) if r["phase"] == with_delta and r.get("added")]
+        marginal = sum(settled[f"r{k}"].marginal_joules or 0.0 for k in added)
+        out["added"].append(
+            {
+                "pair": pair["pair"],
+                "added_requests": len(added),
+                "nvml_difference_j": pair["nvml_difference_j"],
+                "marginal_j": marginal,
+                "ratio": marginal / pair["nvml_difference_j"],
+            }
+        )
     for name, classes in by_phase.items():
         out["phases"][name] = {
             "counter_above_idle_j": phases[name]["above_idle_j"],
@@ -141,6 +161,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--instant-prompts", action="store_true", help="no prefill queue: prompts at the start (as before)"
     )
+    parser.add_argument(
+        "--curve-profile",
+        type=Path,
+        help="the profile whose power curve models the marginal (default: --profile)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = replay(
@@ -150,6 +175,7 @@ if __name__ == "__main__":
         lag_s=args.lag_s,
         tail_s=args.tail_s,
         prefill_queue=not args.instant_prompts,
+        curve_path=args.curve_profile,
     )
     result["command"] = "python benchmarks/ledger_replay.py " + " ".join(sys.argv[1:])
     for name, phase in result["phases"].items():
@@ -158,5 +184,11 @@ if __name__ == "__main__":
             for cls, c in phase["classes"].items()
         )
         print(f"{name:22s} counter {phase['counter_above_idle_j']:7.0f} J  {cells}")
+    for pair in result["added"]:
+        print(
+            f"{' -> '.join(pair['pair'])}: {pair['added_requests']} added, counter"
+            f" +{pair['nvml_difference_j']:.0f} J, their marginal (modelled) {pair['marginal_j']:.0f} J"
+            f" ({pair['ratio']:.3f})"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

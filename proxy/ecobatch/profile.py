@@ -203,6 +203,19 @@ class EnergyProfile:
             return None
         return self.prefill_joules_per_token / decode
 
+    def power_above_idle_w(self, sequences: float) -> float:
+        """The GPU's power above idle with ``sequences`` in flight, by the measured points (interpolated
+        in log2, flat beyond the last); below the first point, that point's in proportion (0 at 0): the
+        curve ``energy.marginal`` models a request's added energy with. Needs the profile's idle power."""
+        if self.idle_power_w is None:
+            raise ValueError(f"profile {self.name!r} has no idle_power_w: no power above idle to read")
+        if sequences <= 0:
+            return 0.0
+        first = self.points[0]
+        if sequences < first.size:
+            return max(0.0, first.power_w - self.idle_power_w) * sequences / first.size
+        return max(0.0, self.at(sequences).power_w - self.idle_power_w)
+
     def at(self, size: float) -> ProfilePoint:
         """The profile at ``size``: interpolated in log2(size), clamped at the ends."""
         if 0 < size <= _WHOLE_SIZES_CACHED and size == int(size):

@@ -126,6 +126,7 @@ def build_meter(
             idle_power_w=model.idle_power_w,
             clock=clock,
             active_model=model.active_joules,
+            power_curve=profile.power_above_idle_w if profile.idle_power_w is not None else None,
             reports=reports,
         )
         log.warning(
@@ -149,6 +150,7 @@ def build_meter(
         tail_s=energy.tail_s,
         live_idle=energy.live_idle and energy.idle_power_w is None,
         prefill_tokens_per_s=profile.prefill_tokens_per_s,
+        power_curve=profile.power_above_idle_w if profile.idle_power_w is not None else None,
         reports=reports,
     )
     lag_s = energy.counter_lag_s

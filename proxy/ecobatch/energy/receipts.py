@@ -32,6 +32,7 @@ class _Receipt:
     base_joules: float = 0.0
     basis: str = ""
     uncertainty_joules: float | None = None
+    marginal_joules: float | None = None
 
 
 class Receipts:
@@ -61,6 +62,7 @@ class Receipts:
         entry.duration_s = settled.end_s - settled.start_s
         entry.base_joules, entry.basis = settled.base_joules, settled.basis
         entry.uncertainty_joules = settled.uncertainty_joules
+        entry.marginal_joules = settled.marginal_joules
 
     def get(self, request_id: str) -> dict[str, Any] | None:
         entry = self._items.get(request_id)
@@ -89,4 +91,9 @@ class Receipts:
             completion_tokens=entry.completion_tokens,
             duration_s=entry.duration_s,
         )
+        if entry.marginal_joules is not None:
+            # what it added to the GPU's energy beyond what ran anyway: the profile's power curve over the
+            # sequences in flight beside it (energy/marginal.py), a model; not a share, not in the above
+            out["marginal_energy_joules"] = entry.marginal_joules
+            out["marginal_basis"] = "profile power curve (modelled)"
         return out

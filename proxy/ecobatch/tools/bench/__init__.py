@@ -365,6 +365,7 @@ def _receipt_fields(receipt: dict[str, Any] | None) -> dict[str, Any]:
         "receipt_joules": receipt.get("energy_joules"),
         "receipt_base_joules": receipt.get("base_energy_joules"),
         "receipt_basis": receipt.get("basis"),
+        "receipt_marginal_joules": receipt.get("marginal_energy_joules"),
         "receipt_source": receipt.get("source"),
     }
 

@@ -1,0 +1,126 @@
+"""What a request added to the GPU's energy, by the power curve (``energy.marginal``), and where it shows."""
+
+from __future__ import annotations
+
+import pytest
+
+from ecobatch.clock import FakeClock
+from ecobatch.domain import Usage
+from ecobatch.energy.attribution import InFlight
+from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
+from ecobatch.energy.marginal import PowerCurve, marginal_joules
+from ecobatch.energy.receipts import Receipts
+from ecobatch.profile import profile_from_mapping
+
+
+def linear(watts_per_sequence: float, at_one_w: float) -> PowerCurve:
+    """P(0) = 0, P(1) = at_one_w, then watts_per_sequence more per sequence."""
+    return lambda n: 0.0 if n <= 0 else at_one_w + watts_per_sequence * (n - 1)
+
+
+def flight(start_s: float, end_s: float, sequences: int = 1) -> InFlight:
+    return InFlight(start_s, end_s, sequences, 0.0, 0.0)
+
+
+def test_a_request_alone_on_the_gpu_adds_all_the_power_it_alone_draws() -> None:
+    assert marginal_joules(0.0, 1.0, [flight(0.25, 0.75)], linear(5, 300)) == [pytest.approx(150.0)]
+
+
+def test_requests_together_each_add_what_one_more_sequence_draws() -> None:
+    """Two in flight all the interval on a curve of 300 W at 1 and +5 W per sequence: each adds 5 W."""
+    added = marginal_joules(0.0, 1.0, [flight(0.0, 1.0), flight(0.0, 1.0)], linear(5, 300))
+    assert added == [pytest.approx(5.0), pytest.approx(5.0)]
+
+
+def test_the_stretch_a_request_runs_alone_is_its_own_busy_time() -> None:
+    """A from 0 to 1 s, B from 0.5 s: while A is alone (0.5 s) it adds P(1); together each adds 5 W."""
+    added = marginal_joules(0.0, 1.0, [flight(0.0, 1.0), flight(0.5, 1.0)], linear(5, 300))
+    assert added == [pytest.approx(0.5 * 300 + 0.5 * 5), pytest.approx(0.5 * 5)]
+
+
+def test_another_clients_sequences_make_ours_cheaper_to_add() -> None:
+    alone = marginal_joules(0.0, 1.0, [flight(0.0, 1.0)], linear(5, 300))
+    beside = marginal_joules(0.0, 1.0, [flight(0.0, 1.0)], linear(5, 300), other_sequences=3)
+    assert alone == [pytest.approx(300.0)] and beside == [pytest.approx(5.0)]
+
+
+def test_a_request_of_several_sequences_adds_what_all_of_them_draw() -> None:
+    added = marginal_joules(0.0, 1.0, [flight(0.0, 1.0, sequences=4), flight(0.0, 1.0)], linear(5, 300))
+    assert added == [pytest.approx(4 * 5.0), pytest.approx(5.0)]
+
+
+def test_an_instant_adds_nothing_and_time_outside_the_interval_is_not_counted() -> None:
+    added = marginal_joules(1.0, 2.0, [flight(1.5, 1.5), flight(1.0, 1.5)], linear(5, 300))
+    assert added == [0.0, pytest.approx(150.0)]
+
+
+PROFILE = {
+    "kind": "continuous",
+    "name": "curve",
+    "source": "measured",
+    "idle_power_w": 100.0,
+    "points": [
+        {"concurrency": 1, "tokens_per_s": 100.0, "joules_per_token": 3.0, "power_w": 400.0},
+        {"concurrency": 4, "tokens_per_s": 380.0, "joules_per_token": 1.1, "power_w": 420.0},
+    ],
+}
+
+
+def test_the_profiles_curve_is_its_power_above_idle_in_proportion_below_one_and_flat_beyond() -> None:
+    profile = profile_from_mapping(PROFILE)
+    assert profile.power_above_idle_w(0) == 0.0
+    assert profile.power_above_idle_w(0.5) == pytest.approx(150.0)
+    assert profile.power_above_idle_w(1) == pytest.approx(300.0)
+    assert profile.power_above_idle_w(2) == pytest.approx(310.0)  # half way in log2 from 1 to 4
+    assert profile.power_above_idle_w(4) == pytest.approx(320.0)
+    assert profile.power_above_idle_w(64) == pytest.approx(320.0)
+    with pytest.raises(ValueError, match="has no idle_power_w"):
+        profile_from_mapping({**PROFILE, "idle_power_w": None}).power_above_idle_w(1)
+
+
+async def settle_two(ledger_kwargs: dict[str, object]) -> list[SettledRequest]:
+    """Two requests on a fake clock: A alone for 0.5 s, then A and B together for 0.5 s; one interval of
+    the counter over the second."""
+    settled: list[SettledRequest] = []
+    clock = FakeClock()
+    ledger = Ledger(
+        source="nvml",
+        prefill_weight=1.0,
+        idle_power_w=100.0,
+        clock=clock,
+        reports=LedgerReports(settled=settled.extend),
+        **ledger_kwargs,  # type: ignore[arg-type]
+    )
+    a = ledger.begin("a")
+    await clock.advance(0.5)
+    b = ledger.begin("b")
+    await clock.advance(0.5)
+    a.end(Usage(0, 10))
+    b.end(Usage(0, 10))
+    ledger.add_interval(0.0, 1.0, 450.0)
+    ledger.add_interval(1.0, 2.0, 100.0)
+    return settled
+
+
+async def test_the_ledger_reports_each_requests_marginal_beside_its_share_and_a_receipt_shows_it() -> None:
+    curve = profile_from_mapping(PROFILE).power_above_idle_w
+    settled = {s.request_id: s for s in await settle_two({"power_curve": curve})}
+    # A alone for 0.5 s at P(1) = 300 W, then beside B at P(2) - P(1) = 10 W; B 10 W for 0.5 s
+    assert settled["a"].marginal_joules == pytest.approx(0.5 * 300 + 0.5 * 10)
+    assert settled["b"].marginal_joules == pytest.approx(0.5 * 10)
+    assert settled["a"].joules + settled["b"].joules == pytest.approx(350.0)  # the share: all above idle
+    receipts = Receipts()
+    receipts.settle(settled["b"])
+    receipt = receipts.get("b")
+    assert receipt is not None
+    assert receipt["marginal_energy_joules"] == pytest.approx(5.0)
+    assert receipt["marginal_basis"] == "profile power curve (modelled)"
+
+
+async def test_without_a_power_curve_no_marginal_is_reported() -> None:
+    settled = await settle_two({})
+    assert [s.marginal_joules for s in settled] == [None, None]
+    receipts = Receipts()
+    receipts.settle(settled[0])
+    receipt = receipts.get(settled[0].request_id)
+    assert receipt is not None and "marginal_energy_joules" not in receipt
