@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
@@ -124,3 +128,30 @@ async def test_without_a_power_curve_no_marginal_is_reported() -> None:
     receipts.settle(settled[0])
     receipt = receipts.get(settled[0].request_id)
     assert receipt is not None and "marginal_energy_joules" not in receipt
+
+
+def by_definition(
+    t0: float, t1: float, members: list[InFlight], curve: PowerCurve, others: float
+) -> list[float]:
+    """The definition, stretch by stretch and member by member (slow, plain)."""
+    cuts = sorted({t0, t1, *(m.start_s for m in members), *(m.end_s for m in members)})
+    out = [0.0] * len(members)
+    for a, b in pairwise(cuts):
+        running = [i for i, m in enumerate(members) if m.start_s <= a and b <= m.end_s]
+        n = sum(members[i].sequences for i in running) + others
+        for i in running:
+            out[i] += (curve(n) - curve(n - members[i].sequences)) * (b - a)
+    return out
+
+
+@given(
+    spans=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.integers(1, 4)), min_size=0, max_size=12),
+    others=st.sampled_from([0.0, 0.5, 3.0]),
+)
+def test_the_sweep_gives_what_the_definition_gives(
+    spans: list[tuple[float, float, int]], others: float
+) -> None:
+    members = [flight(min(a, b), max(a, b), s) for a, b, s in spans]
+    curve = profile_from_mapping(PROFILE).power_above_idle_w
+    expected = by_definition(0.0, 1.0, members, curve, others)
+    assert marginal_joules(0.0, 1.0, members, curve, others) == pytest.approx(expected, abs=1e-9)

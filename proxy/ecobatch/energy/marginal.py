@@ -39,23 +39,33 @@ def marginal_joules(
     """Each member's marginal joules in [t0_s, t1_s) (in ``members``' order): over each stretch between
     the members' starts and ends, P(n) − P(n − s) × its length for every member running s sequences
     there, n = the sequences of the members running there + ``other_sequences`` (another client's). A
-    member that is an instant (start = end) adds nothing."""
+    member that is an instant (start = end) adds nothing.
+
+    One sweep: the sequences running in each stretch from a difference array, then for each distinct s a
+    running sum of what a member of s sequences adds per stretch, so that a member's figure is the sum
+    between its start and its end (O(members + stretches × distinct s), not members × stretches)."""
     cuts = sorted({t0_s, t1_s, *(m.start_s for m in members), *(m.end_s for m in members)})
     cuts = [t for t in cuts if t0_s <= t <= t1_s]
-    out = [0.0] * len(members)
+    index = {t: i for i, t in enumerate(cuts)}
+    running = [0.0] * len(cuts)  # sequences starting (+) and ending (-) at each cut
+    for m in members:
+        if m.end_s > m.start_s:
+            running[index[m.start_s]] += m.sequences
+            running[index[m.end_s]] -= m.sequences
     others = max(0.0, other_sequences)
-    for a, b in pairwise(cuts):
-        if b <= a:
-            continue
-        running = [i for i, m in enumerate(members) if m.start_s <= a and b <= m.end_s]
-        if not running:
-            continue
-        n = sum(members[i].sequences for i in running) + others
-        full = power_above_idle_w(n)
-        added: dict[int, float] = {}  # by the member's sequences: most members run one
-        for i in running:
-            s = members[i].sequences
-            if s not in added:
-                added[s] = max(0.0, full - power_above_idle_w(n - s))
-            out[i] += added[s] * (b - a)
-    return out
+    sizes = {m.sequences for m in members}
+    cumulative = {s: [0.0] * len(cuts) for s in sizes}  # joules a member of s sequences adds to each cut
+    ours = 0.0
+    for i, (a, b) in enumerate(pairwise(cuts)):
+        ours += running[i]
+        n = ours + others
+        full = power_above_idle_w(n) if ours > 0 else 0.0
+        for s, sums in cumulative.items():
+            added = max(0.0, full - power_above_idle_w(max(0.0, n - s))) if ours >= s else 0.0
+            sums[i + 1] = sums[i] + added * (b - a)
+    return [
+        cumulative[m.sequences][index[m.end_s]] - cumulative[m.sequences][index[m.start_s]]
+        if m.end_s > m.start_s
+        else 0.0
+        for m in members
+    ]
