@@ -26,6 +26,7 @@ from typing import Any
 from ecobatch.domain import Usage
 from ecobatch.energy.choose import prefill_weight
 from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
+from ecobatch.energy.marginal import MarginalModel
 from ecobatch.profile import load_profile
 from energy_truth import CounterTrace, read_records
 
@@ -76,7 +77,7 @@ def replay(
         tail_s=tail_s,
         reports=LedgerReports(settled=keep),
         prefill_tokens_per_s=profile.prefill_tokens_per_s if prefill_queue else None,
-        power_curve=curve.power_above_idle_w,
+        marginal=MarginalModel.of(curve),
     )
     # the events in time order: a request's begin and end, and each interval once its end has passed
     events: list[tuple[float, int, Any]] = []
@@ -136,9 +137,15 @@ def replay(
                 "ratio": marginal / pair["nvml_difference_j"],
             }
         )
+    marginal_by_phase: dict[str, float] = defaultdict(float)
+    for k, r in enumerate(records):
+        marginal_by_phase[r["phase"]] += settled[f"r{k}"].marginal_joules or 0.0
     for name, classes in by_phase.items():
         out["phases"][name] = {
             "counter_above_idle_j": phases[name]["above_idle_j"],
+            # the phase's requests' marginal figures together (modelled): alone and rarely overlapping,
+            # close to the counter's energy above idle; overlapping, less (what each adds beside the rest)
+            "marginal_j": marginal_by_phase[name],
             "classes": {
                 cls: {
                     "requests": len(v["live"]),
@@ -183,7 +190,11 @@ if __name__ == "__main__":
             f"{cls} live {c['live_j']:.1f} replay {c['replay_j']:.1f} (n={c['requests']})"
             for cls, c in phase["classes"].items()
         )
-        print(f"{name:22s} counter {phase['counter_above_idle_j']:7.0f} J  {cells}")
+        print(
+            f"{name:22s} counter {phase['counter_above_idle_j']:7.0f} J"
+            f"  marginal {phase['marginal_j']:7.0f} J"
+            f"  {cells}"
+        )
     for pair in result["added"]:
         print(
             f"{' -> '.join(pair['pair'])}: {pair['added_requests']} added, counter"

@@ -51,7 +51,7 @@ def test_receipts_match_the_gpus_own_counter() -> None:
         assert 0.9 <= ratio["ratio"] <= 1.1, f"{key} at one operating point: {ratio['ratio']:.3f}"
     for pair in out["added"]:
         ratio = pair["marginal_ratio"]
-        assert ratio is not None, f"{pair['pair']}: no marginal figure in the receipts (no power curve?)"
+        assert ratio is not None, f"{pair['pair']}: a Δ receipt without a marginal (unsettled, or no curve)"
         assert 0.9 <= ratio <= 1.1, f"{pair['pair']}: Δ's marginal / the counter's difference {ratio:.3f}"
     share = out["whole_run"]["other_work_share"]
     assert share is not None and share <= 0.005, f"other work {100 * share:.2f} % of the counter"

@@ -104,7 +104,7 @@ async def test_an_ecobatch_whose_metrics_are_on_another_port_is_not_read_as_zero
     assert "—" in row
 
 
-async def test_receipts_are_read_once_each_and_a_missing_or_unreadable_one_says_so(
+async def test_receipts_are_asked_again_while_pending_and_a_missing_or_unreadable_one_says_so(
     aiohttp_server: Any,
 ) -> None:
     seen: list[tuple[str, str | None]] = []
@@ -116,16 +116,23 @@ async def test_receipts_are_read_once_each_and_a_missing_or_unreadable_one_says_
             return web.json_response({"error": {"message": "no energy receipt"}}, status=404)
         if request_id == "broken":
             return web.Response(status=500, text="boom")
+        if request_id == "late" and sum(1 for i, _ in seen if i == "late") >= 3:
+            return web.json_response({"id": "late", "status": "settled", "energy_joules": 7.0})
         return web.json_response({"id": request_id, "status": "pending", "provisional_joules": 3.0})
 
     app = web.Application()
     app.router.add_get("/ecobatch/energy/{request_id}", energy)
     server = await aiohttp_server(app)
-    got = await receipts(str(server.make_url("")).rstrip("/"), ["a", "gone", "broken", "a"], "k1")
-    assert got["a"] == {"id": "a", "status": "pending", "provisional_joules": 3.0}
+    url = str(server.make_url("")).rstrip("/")
+    got = await receipts(url, ["late", "gone", "broken", "late", "stuck"], "k1", wait_s=0.5, poll_s=0.02)
+    assert got["late"] == {"id": "late", "status": "settled", "energy_joules": 7.0}  # the third asking
+    assert got["stuck"]["status"] == "pending"  # the wait ran out: it says so
     assert got["gone"] == {"status": "missing"}
     assert got["broken"] == {"status": "unreadable", "error": "HTTP 500"}
-    assert sorted(seen) == [("a", "Bearer k1"), ("broken", "Bearer k1"), ("gone", "Bearer k1")]
+    asked = [i for i, _ in seen]
+    assert asked.count("late") == 3 and asked.count("gone") == 1 and asked.count("broken") == 1
+    assert asked.count("stuck") > 3
+    assert {key for _, key in seen} == {"Bearer k1"}
 
 
 async def test_a_target_that_is_not_ecobatch_gets_no_receipts(aiohttp_server: Any) -> None:
@@ -138,7 +145,35 @@ async def test_a_target_that_is_not_ecobatch_gets_no_receipts(aiohttp_server: An
     assert all(o.receipt is None for o in outcomes[0])
 
 
-def test_a_negative_warm_up_is_refused_naming_the_flag() -> None:
-    args = parse("--url", "http://127.0.0.1:9", "--requests", "1", "--warmup-s", "-1", "--quiet")
-    with pytest.raises(ValueError, match=r"--warmup-s=-1\.0 must be >= 0"):
+@pytest.mark.parametrize("seconds", ["-1", "nan"])
+def test_a_negative_or_nan_warm_up_is_refused_naming_the_flag(seconds: str) -> None:
+    args = parse("--url", "http://127.0.0.1:9", "--requests", "1", "--warmup-s", seconds, "--quiet")
+    with pytest.raises(ValueError, match=r"--warmup-s=(-1\.0|nan) must be >= 0"):
         run_cli(args)
+
+
+async def test_the_warm_up_sends_interactive_requests_with_prompts_of_their_own(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--warmup-s: the warm-up's requests start with a word of their own and come from another seed, so
+    the engine's prefix cache holds nothing of the phase's prompts; they go as interactive requests."""
+    import ecobatch.tools.bench as bench_module
+
+    sent: list[tuple[str, int, list[str]]] = []
+    original = bench_module.run_arrivals
+
+    async def recording(url: str, arrivals: Any, **kwargs: Any) -> Any:
+        sent.append((kwargs["salt"], kwargs["seed"], [a.tier for a in arrivals]))
+        return await original(url, arrivals, **kwargs)
+
+    monkeypatch.setattr(bench_module, "run_arrivals", recording)
+    server = await aiohttp_server(SimVllm(load_profile(DEFAULT_PROFILES["continuous"])).app())
+    url = str(server.make_url("")).rstrip("/")
+    args = parse(
+        "--url", url, "--rate", "40", "--requests", "12", "--output-tokens", "2", "--flex-share", "1",
+        "--warmup-s", "0.1", "--cooldown-s", "0", "--quiet",
+    )  # fmt: skip
+    await bench([("direct", url)], build_arrivals(args), args)
+    (warm_salt, warm_seed, warm_tiers), (phase_salt, phase_seed, phase_tiers) = sent
+    assert warm_salt != phase_salt and warm_seed != phase_seed
+    assert warm_tiers and set(warm_tiers) == {"interactive"} and set(phase_tiers) == {"flex"}

@@ -25,7 +25,7 @@ from ecobatch.profile import load_profile
 from ecobatch.serving.app import create_app
 from ecobatch.testing.servers import free_port
 from ecobatch.testing.sim_vllm import SimVllm, serve_replicas
-from ecobatch.tools.bench import add_arguments, bench, build_arrivals
+from ecobatch.tools.bench import _receipt_fields, add_arguments, bench, build_arrivals
 from ecobatch.tools.bench.client import Outcome
 from tests.integration.helpers import metric
 
@@ -222,6 +222,10 @@ async def test_a_warm_up_goes_to_the_target_first_and_is_in_no_figure(stack: Sta
     assert summary["warmup"]["requests"] == summary["warmup"]["ok"] == warm
     assert summary["requests"] == len(outcomes) == summary["ok"] == 30
     assert summary["energy"]["ecobatch"]["settled_requests"] == 30
+    # each record carries its receipt: the share and, the profile having an idle power, the marginal
+    fields = [_receipt_fields(o.receipt) for o in outcomes]
+    assert all(f["receipt_status"] == "settled" and f["receipt_joules"] > 0 for f in fields)
+    assert all(f["receipt_marginal_joules"] > 0 for f in fields)
     async with aiohttp.ClientSession() as session, session.get(f"{stack.proxy}/metrics") as r:
         text = await r.text()
     dispatched = {"interactive": 0.0, "flex": 0.0, "priority": 0.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -12,7 +13,7 @@ from ecobatch.clock import FakeClock
 from ecobatch.domain import Usage
 from ecobatch.energy.attribution import InFlight
 from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
-from ecobatch.energy.marginal import PowerCurve, marginal_joules
+from ecobatch.energy.marginal import MarginalModel, PowerCurve, marginal_joules
 from ecobatch.energy.receipts import Receipts
 from ecobatch.profile import profile_from_mapping
 
@@ -54,8 +55,11 @@ def test_a_request_of_several_sequences_adds_what_all_of_them_draw() -> None:
 
 
 def test_an_instant_adds_nothing_and_time_outside_the_interval_is_not_counted() -> None:
-    added = marginal_joules(1.0, 2.0, [flight(1.5, 1.5), flight(1.0, 1.5)], linear(5, 300))
-    assert added == [0.0, pytest.approx(150.0)]
+    added = marginal_joules(
+        1.0, 2.0, [flight(1.5, 1.5), flight(1.0, 1.5), flight(0.5, 1.25), flight(2.5, 3.0)], linear(5, 300)
+    )
+    # [1, 1.25): two running, 5 W each; [1.25, 1.5): the second alone, 300 W; the last is outside
+    assert added == [0.0, pytest.approx(0.25 * 5 + 0.25 * 300), pytest.approx(0.25 * 5), 0.0]
 
 
 PROFILE = {
@@ -82,33 +86,40 @@ def test_the_profiles_curve_is_its_power_above_idle_in_proportion_below_one_and_
         profile_from_mapping({**PROFILE, "idle_power_w": None}).power_above_idle_w(1)
 
 
-async def settle_two(ledger_kwargs: dict[str, object]) -> list[SettledRequest]:
-    """Two requests on a fake clock: A alone for 0.5 s, then A and B together for 0.5 s; one interval of
-    the counter over the second."""
-    settled: list[SettledRequest] = []
-    clock = FakeClock()
-    ledger = Ledger(
+CURVE = profile_from_mapping(PROFILE).power_above_idle_w  # P(1) = 300 W, P(2) = 310 W, P(4) = 320 W
+
+
+def on_clock(clock: FakeClock, settled: list[SettledRequest], **kwargs: object) -> Ledger:
+    return Ledger(
         source="nvml",
         prefill_weight=1.0,
         idle_power_w=100.0,
         clock=clock,
         reports=LedgerReports(settled=settled.extend),
-        **ledger_kwargs,  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
     )
+
+
+async def settle_two(**kwargs: object) -> dict[str, SettledRequest]:
+    """Two requests on a fake clock: A alone for 0.5 s, then A and B together for 0.5 s, in two intervals
+    of the counter (so A's figure is the sum over both); then a quiet interval."""
+    settled: list[SettledRequest] = []
+    clock = FakeClock()
+    ledger = on_clock(clock, settled, **kwargs)
     a = ledger.begin("a")
     await clock.advance(0.5)
     b = ledger.begin("b")
     await clock.advance(0.5)
-    a.end(Usage(0, 10))
+    a.end(Usage(100, 10))
     b.end(Usage(0, 10))
-    ledger.add_interval(0.0, 1.0, 450.0)
+    ledger.add_interval(0.0, 0.5, 200.0)
+    ledger.add_interval(0.5, 1.0, 250.0)
     ledger.add_interval(1.0, 2.0, 100.0)
-    return settled
+    return {s.request_id: s for s in settled}
 
 
 async def test_the_ledger_reports_each_requests_marginal_beside_its_share_and_a_receipt_shows_it() -> None:
-    curve = profile_from_mapping(PROFILE).power_above_idle_w
-    settled = {s.request_id: s for s in await settle_two({"power_curve": curve})}
+    settled = await settle_two(marginal=MarginalModel(CURVE))
     # A alone for 0.5 s at P(1) = 300 W, then beside B at P(2) - P(1) = 10 W; B 10 W for 0.5 s
     assert settled["a"].marginal_joules == pytest.approx(0.5 * 300 + 0.5 * 10)
     assert settled["b"].marginal_joules == pytest.approx(0.5 * 10)
@@ -121,20 +132,68 @@ async def test_the_ledger_reports_each_requests_marginal_beside_its_share_and_a_
     assert receipt["marginal_basis"] == "profile power curve (modelled)"
 
 
-async def test_without_a_power_curve_no_marginal_is_reported() -> None:
-    settled = await settle_two({})
-    assert [s.marginal_joules for s in settled] == [None, None]
+async def test_a_prompt_adds_its_excess_over_the_curve_per_token() -> None:
+    settled = await settle_two(marginal=MarginalModel(CURVE, prompt_excess_joules_per_token=0.25))
+    assert settled["a"].marginal_joules == pytest.approx(155.0 + 100 * 0.25)  # A's 100 prompt tokens
+    assert settled["b"].marginal_joules == pytest.approx(5.0)  # B had none
+
+
+async def test_without_a_model_no_marginal_is_reported() -> None:
+    settled = await settle_two()
+    assert [s.marginal_joules for s in settled.values()] == [None, None]
     receipts = Receipts()
-    receipts.settle(settled[0])
-    receipt = receipts.get(settled[0].request_id)
+    receipts.settle(settled["a"])
+    receipt = receipts.get("a")
     assert receipt is not None and "marginal_energy_joules" not in receipt
+
+
+async def test_another_clients_sequences_in_an_interval_lower_what_ours_adds() -> None:
+    settled: list[SettledRequest] = []
+    clock = FakeClock()
+    ledger = on_clock(clock, settled, marginal=MarginalModel(CURVE))
+    span = ledger.begin("a")
+    await clock.advance(1.0)
+    span.end(Usage(0, 10))
+    ledger.add_interval(0.0, 1.0, 500.0, other_sequences=3)
+    ledger.add_interval(1.0, 2.0, 100.0)
+    # P(4) - P(3) for 1 s: 320 - (310 + 10 * log2(1.5)) W
+    (only,) = settled
+    assert only.marginal_joules == pytest.approx(320 - (310 + 10 * math.log2(1.5)))
+
+
+async def test_a_gap_in_the_counter_does_not_cut_the_marginal_which_needs_no_counter() -> None:
+    settled: list[SettledRequest] = []
+    clock = FakeClock()
+    ledger = on_clock(clock, settled, marginal=MarginalModel(CURVE))
+    span = ledger.begin("a")
+    await clock.advance(2.0)
+    span.end(Usage(0, 10))
+    ledger.add_interval(0.0, 1.0, 400.0)
+    ledger.add_gap(1.0, 2.0)
+    ledger.add_interval(2.0, 3.0, 100.0)
+    (only,) = settled
+    assert not only.complete  # its charge is an underestimate, and says so
+    assert only.marginal_joules == pytest.approx(2.0 * 300)
+
+
+def test_a_profile_gives_its_prompts_excess_from_its_prefill_point() -> None:
+    """The prefill point (8 in flight, 1,000 prompt tokens/s, 0.5 J per prompt token above idle) against
+    the curve at 8 (320 W: flat beyond the last point): 0.5 - 320 / 1000 J per prompt token."""
+    meta = {"prefill": {"concurrency": 8, "prompt_tokens_per_s": 1000.0}}
+    profile = profile_from_mapping({**PROFILE, "prefill_joules_per_token": 0.5, "meta": meta})
+    model = MarginalModel.of(profile)
+    assert model is not None and model.prompt_excess_joules_per_token == pytest.approx(0.5 - 0.32)
+    without_point = MarginalModel.of(profile_from_mapping(PROFILE))
+    assert without_point is not None and without_point.prompt_excess_joules_per_token == 0.0
+    assert MarginalModel.of(profile_from_mapping({**PROFILE, "idle_power_w": None})) is None
 
 
 def by_definition(
     t0: float, t1: float, members: list[InFlight], curve: PowerCurve, others: float
 ) -> list[float]:
-    """The definition, stretch by stretch and member by member (slow, plain)."""
+    """The definition, stretch by stretch and member by member (slow, plain), inside [t0, t1)."""
     cuts = sorted({t0, t1, *(m.start_s for m in members), *(m.end_s for m in members)})
+    cuts = [t for t in cuts if t0 <= t <= t1]
     out = [0.0] * len(members)
     for a, b in pairwise(cuts):
         running = [i for i, m in enumerate(members) if m.start_s <= a and b <= m.end_s]
@@ -145,7 +204,9 @@ def by_definition(
 
 
 @given(
-    spans=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.integers(1, 4)), min_size=0, max_size=12),
+    spans=st.lists(
+        st.tuples(st.floats(-0.5, 1.5), st.floats(-0.5, 1.5), st.integers(1, 4)), min_size=0, max_size=12
+    ),
     others=st.sampled_from([0.0, 0.5, 3.0]),
 )
 def test_the_sweep_gives_what_the_definition_gives(

@@ -27,6 +27,7 @@ from .counters import CounterReader, NvmlCounters
 from .dcgm import DcgmCounters
 from .gpu import Gpu, discover_gpus
 from .ledger import Ledger, LedgerReports, PrefillWeight
+from .marginal import MarginalModel
 from .meter import Meter
 from .model import ProfileModel
 
@@ -126,7 +127,7 @@ def build_meter(
             idle_power_w=model.idle_power_w,
             clock=clock,
             active_model=model.active_joules,
-            power_curve=profile.power_above_idle_w if profile.idle_power_w is not None else None,
+            marginal=MarginalModel.of(profile),
             reports=reports,
         )
         log.warning(
@@ -150,7 +151,7 @@ def build_meter(
         tail_s=energy.tail_s,
         live_idle=energy.live_idle and energy.idle_power_w is None,
         prefill_tokens_per_s=profile.prefill_tokens_per_s,
-        power_curve=profile.power_above_idle_w if profile.idle_power_w is not None else None,
+        marginal=MarginalModel.of(profile),
         reports=reports,
     )
     lag_s = energy.counter_lag_s

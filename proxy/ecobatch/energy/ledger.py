@@ -45,13 +45,14 @@ tokens and their times. Modelled: the split among requests in one interval (by w
 for a non-streamed request, when its tokens happened. Validated against the GPU's own counter on an
 H200 (docs/energy.md, ``benchmarks/results/h200-energy-truth/``, run 4): each class alone within 2.4 %,
 other work 0.44 % of the counter; at 12 in flight mixed, prompt-heavy and medium requests are charged
-0.99x and 0.97x what they cost alone, decode-heavy ones 1.27x (the mix drew 15.6 % more than its requests
+0.99x and 0.98x what they cost alone, decode-heavy ones 1.27x (the mix drew 15.6 % more than its requests
 cost alone, and the split gives that to the decoders); **not** met: the classes' cost ratios in a mix
 within 10 % of their ratios alone. A receipt (a share) is not the marginal energy a request adds to
 steps that run anyway (decode-heavy requests joining a running load were charged 7.7-7.8x what the
 counter says they added); each settled request also carries ``marginal_joules``, modelled from the
-profile's power curve (``marginal.py``): replayed offline on runs 3 and 4's data it sums to 0.92-1.03x
-the counter's difference for the added requests, not yet measured live.
+profile (``marginal.py``): replayed offline on runs 3 and 4's data with the committed profile it sums to
+0.94-1.06x the counter's difference for the added requests (0.24-0.27x with an older, flatter curve),
+not yet measured live.
 
 So Σ per-request joules + idle + unattributed = Σ interval joules = the counter's delta, exactly (tested):
 a bookkeeping identity, true by construction, and no evidence that the split is right.
@@ -84,7 +85,7 @@ from ..clock import Clock, MonotonicClock
 from ..domain import Usage
 from .attribution import ActiveModel, InFlight, IntervalSplit, split_interval, union_length
 from .idle import IdleEstimator
-from .marginal import PowerCurve, marginal_joules
+from .marginal import MarginalModel, marginal_joules
 
 __all__ = [
     "BASES",
@@ -122,8 +123,9 @@ class SettledRequest(msgspec.Struct, frozen=True):
     #: resolution``). None where not known (a modelled meter, a counter unreadable for part of its life).
     #: Not in it: the error of the split among requests in flight together (a model; ``basis``)
     uncertainty_joules: float | None = None
-    #: what it added to the GPU's energy, modelled from the profile's power curve over the sequences in
-    #: flight beside it (``energy.marginal``); not a share, not part of ``joules``. None: no curve
+    #: what it added to the GPU's energy, modelled from the profile (the power curve over the sequences in
+    #: flight beside it, and its prompt's excess over the curve; ``energy.marginal``); not a share, not
+    #: part of ``joules``. None: no model
     marginal_joules: float | None = None
 
 
@@ -178,7 +180,7 @@ class _Record:
     tier: str = "interactive"
     basis: str = "token_times"
     edge_joules: float = 0.0  # what the counter's timing cannot place across its start and end
-    marginal_joules: float = 0.0  # what it added, by the power curve (``energy.marginal``)
+    marginal_joules: float = 0.0  # what its time in flight added, by the power curve (``energy.marginal``)
     queued: bool = False  # it has taken its turn in the ledger's prefill queue (``queue``)
 
     def close(self, end_s: float, usage: Usage | None, estimated: bool) -> None:
@@ -227,8 +229,13 @@ class _Record:
         self.segments = [(start, self.end_s, prompt, completion)]
         return self.end_s
 
-    def settled(self, source: str, resolution_s: float | None, marginal: bool) -> SettledRequest:
+    def settled(
+        self, source: str, resolution_s: float | None, marginal: MarginalModel | None
+    ) -> SettledRequest:
         assert self.end_s is not None
+        added: float | None = None
+        if marginal is not None:
+            added = self.marginal_joules + marginal.prompt_excess_joules_per_token * self.usage.prompt_tokens
         basis = "incomplete" if not self.complete else "modelled" if source == "model" else self.basis
         known = resolution_s is not None and basis not in ("incomplete", "modelled")
         return SettledRequest(
@@ -244,7 +251,7 @@ class _Record:
             self.base_joules,
             basis,
             self.edge_joules if known else None,
-            self.marginal_joules if marginal else None,
+            added,
         )
 
     def tokens_in(self, t0: float, t1: float) -> tuple[float, float]:
@@ -422,7 +429,7 @@ class Ledger:
         live_idle: bool = False,
         reports: LedgerReports | None = None,
         prefill_tokens_per_s: float | None = None,
-        power_curve: PowerCurve | None = None,
+        marginal: MarginalModel | None = None,
     ) -> None:
         if tail_s < 0:
             raise ValueError(f"{tail_s=} must be >= 0")
@@ -431,9 +438,8 @@ class Ledger:
         #: the engine's prefill rate (the profile's): where requests without token times are prefilled
         self._prefill_tokens_per_s = prefill_tokens_per_s
         self._prefill_free_s = -math.inf  # when the first-come prefill queue is free again
-        #: the GPU's power above idle by sequences in flight (the profile's): each request's marginal
-        #: joules (None: not reported)
-        self._power_curve = power_curve
+        #: what each request's marginal joules are modelled from (the profile's; None: not reported)
+        self._marginal = marginal
         self.source = source
         self._prefill_weight = prefill_weight if callable(prefill_weight) else _constant(prefill_weight)
         #: idle power: the start-up figure, then (``live_idle``) re-estimated from quiet intervals
@@ -605,6 +611,7 @@ class Ledger:
                 self._prefill_free_s = r.queue(self._prefill_free_s, self._prefill_tokens_per_s)
         inside = [r for r in prefix if _overlaps(r, t0)]
         if interval.gap:
+            self._add_marginal(t0, t1, inside, interval.other_sequences)  # a model: no counter needed
             for r in inside:
                 r.complete = False
             self.totals.unmeasured_s += t1 - t0
@@ -646,10 +653,7 @@ class Ledger:
             tail=[max(r.joules, 0.0) for r in tail],
             cap_slack_s=COUNTER_STEP_S,
         )
-        if self._power_curve is not None:
-            added = marginal_joules(t0, t1, members, self._power_curve, interval.other_sequences)
-            for r, joules in zip(inside, added, strict=True):
-                r.marginal_joules += joules
+        self._add_marginal(t0, t1, inside, interval.other_sequences)
         resolution_s = self._resolution_s
         for r, charge, base in zip(inside, shares.charges, shares.bases, strict=True):
             r.joules += charge
@@ -672,6 +676,19 @@ class Ledger:
         self.totals.attributed_joules += split.attributed_joules
         self._observe(split)
 
+    def _add_marginal(self, t0: float, t1: float, inside: list[_Record], other_sequences: float) -> None:
+        """Each request's time in flight in [t0, t1), by the power curve (``marginal_joules``)."""
+        model = self._marginal
+        if model is None or not inside:
+            return
+        members = []
+        for r in inside:
+            assert r.end_s is not None
+            members.append(InFlight(r.start_s, r.end_s, r.sequences, 0.0, 0.0))
+        added = marginal_joules(t0, t1, members, model.power_above_idle_w, other_sequences)
+        for r, joules in zip(inside, added, strict=True):
+            r.marginal_joules += joules
+
     def _observe(self, split: IntervalSplit) -> None:
         try:
             self._reports.interval(split)
@@ -680,7 +697,7 @@ class Ledger:
 
     def _settled(self, record: _Record) -> SettledRequest:
         self.totals.settled_request_joules += record.joules
-        return record.settled(self.source, self._resolution_s, self._power_curve is not None)
+        return record.settled(self.source, self._resolution_s, self._marginal)
 
     def _report(self, settled: list[SettledRequest]) -> None:
         if not settled:

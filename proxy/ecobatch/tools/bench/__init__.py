@@ -119,7 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "interactive requests, prompts of their own), wait for them and --cooldown-s; in no figure",
     )
     p.add_argument(
-        "--out", type=Path, default=Path("bench.json"), help="JSON report (the PNG goes beside it)"
+        "--out",
+        type=Path,
+        default=Path("bench.json"),
+        help="JSON report, bench.json in the current directory unless given (the PNG goes beside it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -373,7 +376,7 @@ def _receipt_fields(receipt: dict[str, Any] | None) -> dict[str, Any]:
 def run_cli(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
-    if args.warmup_s < 0:
+    if not args.warmup_s >= 0:  # NaN too
         raise ValueError(f"--warmup-s={args.warmup_s} must be >= 0")
     steady_s = getattr(args, "steady_s", None)
     if steady_s is not None and (args.window_s is None or steady_s[1] > args.window_s):

@@ -107,13 +107,19 @@ async def ecobatch_energy(
 
 
 async def receipts(
-    url: str, request_ids: Sequence[str], api_key: str | None = None, *, concurrency: int = 16
+    url: str,
+    request_ids: Sequence[str],
+    api_key: str | None = None,
+    *,
+    wait_s: float = 30.0,
+    poll_s: float = 0.25,
+    concurrency: int = 16,
 ) -> dict[str, dict[str, Any]]:
-    """Each request's energy receipt as ecobatch serves it (``GET {url}/ecobatch/energy/{id}``), read
-    once, ``concurrency`` at a time: call it after the requests have settled (``ecobatch_energy`` waits
-    for that). A receipt ecobatch does not hold (unknown, or pushed out of its store) reads
-    ``{"status": "missing"}``, one that cannot be read ``{"status": "unreadable", "error": ...}``: a
-    record never shows a receipt it did not get."""
+    """Each request's energy receipt as ecobatch serves it (``GET {url}/ecobatch/energy/{id}``),
+    ``concurrency`` at a time; a ``pending`` one is asked again every ``poll_s`` until it settles or
+    ``wait_s`` has passed (then it stays ``pending``). A receipt ecobatch does not hold (unknown, or
+    pushed out of its store) reads ``{"status": "missing"}``, one that cannot be read ``{"status":
+    "unreadable", "error": ...}``: a record never shows a receipt it did not get."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency)
     out: dict[str, dict[str, Any]] = {}
@@ -136,7 +142,14 @@ async def receipts(
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 out[request_id] = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:200]}
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    todo = list(dict.fromkeys(request_ids))
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        await asyncio.gather(*(one(session, i) for i in dict.fromkeys(request_ids)))
-    return out
+        while True:
+            await asyncio.gather(*(one(session, i) for i in todo))
+            todo = [i for i in todo if out[i].get("status") == "pending"]
+            if not todo or loop.time() >= deadline:
+                return out
+            await asyncio.sleep(poll_s)
