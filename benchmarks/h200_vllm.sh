@@ -16,6 +16,7 @@
 #   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
 # Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | w8a8 | static:RATE[:SECONDS[:ROUNDS]] |
+# head:QUANT:LOAD:TIER[:SECONDS[:ROUNDS]] (vLLM bf16 direct against ecobatch + vLLM QUANT, two servers on the one GPU) |
 # replicas:RATES:SECONDS (QUANT: bf16, fp8, bnb8, w8a8 (after the w8a8 step); LOAD: a rate, bursty-RATE: 5 s on, 5 s off, or diurnal-RATE: a day in SECONDS; TIER:
 # interactive, flex or mixed: half flex). ctl sends the same arrivals to vLLM direct and through ecobatch,
 # each after a 5 s warm-up left out of the figures,
@@ -130,7 +131,7 @@ ECO="python3 -m ecobatch.cli"
 VLLM=http://127.0.0.1:8000
 PROXY=http://127.0.0.1:8080
 # output tokens (ignore_eos): the H200 reference runs' mix, or OUT_LENGTHS (e.g. the heavy-tailed
-# lognormal:128,1.0,2048)
+# lognormal:128,1.0,2048); STREAM=1: ctl and head steps stream (TTFT, inter-token latency)
 LENGTHS=${OUT_LENGTHS:-"choice:16,32,64,128,256,512"}
 LABEL="Mistral-7B architecture, random weights"
 MODEL=/tmp/m7 SHAPE=7b DTYPE=bfloat16 METER=nvml ENERGY=nvml DURATION=60
@@ -176,25 +177,40 @@ stop() {  # $1: a pid file naming a process group leader (started with setsid)
   kill -9 -- -"$pid" 2>/dev/null; true
 }
 
-# vLLM serving QUANT; the one already up is reused if it serves the same. Detached (setsid), so that it
-# outlives this command: the next command on the same machine finds it.
-ensure_vllm() {  # $1 quant
-  local tag=$1 model=$MODEL extra=""
+# before starting a server on URL's port: nothing may answer there (another process's server would
+# answer the health checks and take the load meant for ours)
+port_free() {  # $1 URL
+  curl -s -o /dev/null --max-time 2 "$1/health" || return 0
+  echo "$1 already answers: another process holds its port; stop it first"; return 1
+}
+
+# vLLM serving QUANT on PORT, detached (setsid), its pid in PIDFILE; extra arguments after the four
+start_vllm() {  # $1 quant, $2 port, $3 pid file, $4 log, then more vLLM arguments
+  local tag=$1 port=$2 pidfile=$3 log=$4 model=$MODEL extra=""; shift 4
   case $tag in
     fp8) extra="--quantization fp8" ;;
     bnb8) model=/tmp/m8 extra="--quantization bitsandbytes" ;;
     w8a8) model=$MODEL-w8a8 ;;  # compressed-tensors: the checkpoint's config names the scheme
   esac
-  if [ "$(cat /tmp/vllm.tag 2>/dev/null)" = "$tag" ] && curl -sf $VLLM/health >/dev/null; then return 0; fi
-  stop /tmp/eco.pid; stop /tmp/vllm.pid
   [ "${REHEARSAL:-0}" = 1 ] || unpack || return 1
+  port_free "http://127.0.0.1:$port" || return 1
   # shellcheck disable=SC2086
   setsid python3 -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name mistral-7b \
-    $VLLM_ARGS $extra --port 8000 > "$KEEP/vllm-$tag.log" 2>&1 < /dev/null &
-  echo $! > /tmp/vllm.pid; echo "$tag" > /tmp/vllm.tag
-  wait_up $VLLM "$(cat /tmp/vllm.pid)" "$KEEP/vllm-$tag.log" 420 || return 1
-  say "vLLM $tag up; what its log says about CUDA graphs and eager mode:"
-  grep -iE "cuda ?graph|eager" "$KEEP/vllm-$tag.log" | cut -c1-220 | tail -4
+    $VLLM_ARGS $extra "$@" --port "$port" > "$log" 2>&1 < /dev/null &
+  echo $! > "$pidfile"
+  wait_up "http://127.0.0.1:$port" "$(cat "$pidfile")" "$log" 420 || return 1
+  say "vLLM $tag up on :$port; what its log says about CUDA graphs and eager mode:"
+  grep -iE "cuda ?graph|eager" "$log" | cut -c1-220 | tail -4
+}
+
+# vLLM serving QUANT on :8000; the one already up is reused if it serves the same. Detached, so that it
+# outlives this command: the next command on the same machine finds it.
+ensure_vllm() {  # $1 quant
+  local tag=$1
+  if [ "$(cat /tmp/vllm.tag 2>/dev/null)" = "$tag" ] && curl -sf $VLLM/health >/dev/null; then return 0; fi
+  stop /tmp/eco.pid; stop /tmp/vllm.pid; head_stop
+  echo "$tag" > /tmp/vllm.tag
+  start_vllm "$tag" 8000 /tmp/vllm.pid "$KEEP/vllm-$tag.log"
 }
 
 calibrate() {  # $1 quant, $2 concurrencies
@@ -215,7 +231,7 @@ ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter
   [ -f "$KEEP/h200-vllm-mistral7b-$1.yaml" ] && profile=$KEEP/h200-vllm-mistral7b-$1.yaml
   [ "${REHEARSAL:-0}" = 1 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
   [ "$(cat /tmp/eco.tag 2>/dev/null)" = "$tag" ] && curl -sf $PROXY/health >/dev/null && return 0
-  stop /tmp/eco.pid
+  stop /tmp/eco.pid; port_free $PROXY || return 1
   printf '%s\n' "backend: {kind: vllm-http, upstream: \"http://127.0.0.1:8000\", model: mistral-7b}" \
     "server: {port: 8080}" "energy: {meter: $METER, profile: $profile$lag}" > "$KEEP/ecobatch-$tag.yaml"
   setsid $ECO serve --config "$KEEP/ecobatch-$tag.yaml" > "$KEEP/ecobatch-$tag.log" 2>&1 < /dev/null &
@@ -230,8 +246,9 @@ compare() {
   local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1} steady=()
   [ -n "${6:-}" ] && steady=(--steady-s "$6:$4")
   ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
-  local name="ctl-$tag-$load-$tier" rate=$load
+  local name="ctl-$tag-$load-$tier" rate=$load stream=()
   [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"  # what was sent
+  [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"  # TTFT and inter-token latency
   local arrivals=poisson share=0 drain=12
   case $load in
     bursty-*) arrivals=bursty rate=${load#bursty-} ;;
@@ -240,7 +257,7 @@ compare() {
   case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
   $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \
-    --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
+    "${stream[@]}" --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
     --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
     --window-s $((seconds + drain)) "${steady[@]}" --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
     --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
@@ -344,7 +361,7 @@ static_path() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl || return 1
   fi
   local mode batching
-  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag
+  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag; head_stop
   static_stop  # any left by a run that failed
   for mode in per-request greedy ecobatch; do
     case $mode in
@@ -355,6 +372,7 @@ static_path() {
     printf '%s\n' "backend: {kind: $kind, served_model_name: mistral-7b-int8, $engine}" \
       "server: {port: $port}" "batching: $batching" "energy: {meter: $METER, profile: $profile}" \
       > "$KEEP/static-$mode.yaml"
+    port_free "http://127.0.0.1:$port" || { static_stop; return 1; }
     setsid $ECO serve --config "$KEEP/static-$mode.yaml" > "$KEEP/static-$mode.log" 2>&1 < /dev/null &
     echo $! > "/tmp/static-$mode.pid"
     urls+=("http://127.0.0.1:$port") labels+=(--label "$mode")
@@ -378,6 +396,61 @@ static_path() {
   return $rc
 }
 
+# The headline: what users run today (vLLM bf16 direct) against ecobatch + QUANT (the quantization
+# `plan` recommends), the same arrivals and the same energy window: two vLLM servers on the one GPU, bf16
+# on :8000 and QUANT on :8001, each with 0.42 of its memory (started one after the other: vLLM sizes its
+# KV cache from the memory free at start); the one not under load idles, so both targets' windows hold
+# the same idle draw. ecobatch (out of the box, QUANT's profile) in front of :8001 on :8080. (A rehearsal
+# on CPU binds the second server to cores of its own, so its two targets are not alike: plumbing only.)
+# $1 quant, $2 load (a rate, bursty-RATE or diurnal-RATE), $3 tier, $4 seconds of arrivals, $5 rounds.
+head_stop() { stop /tmp/head-eco.pid; stop /tmp/head-q.pid; stop /tmp/head-bf16.pid; rm -f /tmp/head.tag; }
+
+headline() {
+  local quant=$1 load=$2 tier=$3 seconds=$4 rounds=$5 half=()
+  [ "${REHEARSAL:-0}" = 1 ] || half=(--gpu-memory-utilization 0.42)
+  local args=${VLLM_ARGS/--gpu-memory-utilization 0.85/}
+  if [ "$(cat /tmp/head.tag 2>/dev/null)" != "$quant" ] || ! curl -sf http://127.0.0.1:8001/health >/dev/null \
+     || ! curl -sf $VLLM/health >/dev/null; then
+    stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag; static_stop; head_stop
+    VLLM_ARGS=$args start_vllm bf16 8000 /tmp/head-bf16.pid "$KEEP/vllm-head-bf16.log" "${half[@]}" \
+      || { head_stop; return 1; }
+    local bind=${VLLM_CPU_OMP_THREADS_BIND:-}
+    [ "${REHEARSAL:-0}" = 1 ] && bind=1  # a second vLLM on CPU takes cores of its own
+    VLLM_CPU_OMP_THREADS_BIND=$bind VLLM_ARGS=$args start_vllm "$quant" 8001 /tmp/head-q.pid \
+      "$KEEP/vllm-head-$quant.log" "${half[@]}" || { head_stop; return 1; }
+    echo "$quant" > /tmp/head.tag
+  fi
+  local profile=$ROOT/configs/profiles/h200-vllm-mistral7b-$quant.yaml
+  [ "$quant" = bnb8 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bnb-int8.yaml
+  [ -f "$KEEP/h200-vllm-mistral7b-$quant.yaml" ] && profile=$KEEP/h200-vllm-mistral7b-$quant.yaml
+  [ "${REHEARSAL:-0}" = 1 ] && profile=$ROOT/configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
+  if ! curl -sf $PROXY/health >/dev/null || [ ! -f /tmp/head-eco.pid ]; then
+    stop /tmp/head-eco.pid; port_free $PROXY || { head_stop; return 1; }
+    printf '%s\n' "backend: {kind: vllm-http, upstream: \"http://127.0.0.1:8001\", model: mistral-7b}" \
+      "server: {port: 8080}" "energy: {meter: $METER, profile: $profile}" > "$KEEP/ecobatch-head-$quant.yaml"
+    setsid $ECO serve --config "$KEEP/ecobatch-head-$quant.yaml" > "$KEEP/ecobatch-head-$quant.log" 2>&1 < /dev/null &
+    echo $! > /tmp/head-eco.pid
+    wait_up $PROXY "$(cat /tmp/head-eco.pid)" "$KEEP/ecobatch-head-$quant.log" 60 || { head_stop; return 1; }
+  fi
+  local name="head-$quant-$load-$tier" rate=$load arrivals=poisson share=0 drain=12 stream=()
+  [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"
+  [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"
+  case $load in
+    bursty-*) arrivals=bursty rate=${load#bursty-} ;;
+    diurnal-*) arrivals=diurnal rate=${load#diurnal-} ;;
+  esac
+  case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
+  local rc=0
+  $ECO bench --url $VLLM --compare $PROXY --label "vLLM bf16 direct" --label "ecobatch + vLLM $quant" \
+    "${stream[@]}" --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
+    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
+    --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
+    --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
+  curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
+  [ $rc = 0 ] && say "headline $name done" || say "headline $name FAILED (exit $rc)"
+  return $rc
+}
+
 quant8() {  # the user's recipe: a pre-quantized bitsandbytes 8-bit checkpoint
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
   [ -f /tmp/m8/config.json ] || python3 - <<'EOF'
@@ -394,12 +467,13 @@ pack() {  # everything so far, in one file (the host returns at most 8 files per
   local n=1
   while [ -f "$KEEP/.pack$n" ]; do n=$((n + 1)); done
   touch "$KEEP/.pack$n"
-  tar czf "$OUT/keep-$n.tgz" -C "$KEEP" . && say "packed $OUT/keep-$n.tgz"
+  tar czf "$OUT/keep-$n.tgz" -C "$KEEP" . && say "packed keep-$n.tgz"
 }
 
 if [ -z "$mode" ]; then
   echo "usage: $0 prepare | STEP...   (steps: stage unpack cal:Q ctl:Q:LOAD:TIER[:S[:R[:FROM]]] shortlong:Q" \
-    "truth:Q[:lag] quant8 w8a8 static:RATE[:S[:R]] replicas:RATES:S; ctl:w8a8 after cal:w8a8)"; exit 2
+    "truth:Q[:lag] quant8 w8a8 static:RATE[:S[:R]] head:Q:LOAD:TIER[:S[:R]] replicas:RATES:S;" \
+    "ctl:w8a8 after cal:w8a8)"; exit 2
 fi
 trap pack EXIT
 for step in "$@"; do
@@ -419,6 +493,8 @@ for step in "$@"; do
     truth) truth "$quant" "$rate" || exit 1 ;;
     quant8) quant8 || exit 1 ;;
     w8a8) w8a8 || exit 1 ;;
+    head) IFS=: read -r _ quant load tier seconds rounds <<< "$step"
+          headline "$quant" "$load" "$tier" "${seconds:-30}" "${rounds:-3}" || exit 1 ;;
     static) IFS=: read -r _ rate seconds rounds <<< "$step"
             static_path "$rate" "${seconds:-40}" "${rounds:-3}" || exit 1 ;;
     replicas) replicas "${quant:-1_2_4}" "${rate:-45}" || exit 1 ;;
