@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ecobatch.profile import load_profile
 from ecobatch.serving.app import create_app
 from ecobatch.testing.sim_vllm import SimVllm
 from ecobatch.tools.bench import add_arguments, bench, build_arrivals, run_cli
+from ecobatch.tools.bench.client import run_arrivals
 from ecobatch.tools.bench.energy import receipts
 from ecobatch.tools.bench.report import table
 from tests.integration.helpers import serve_in_thread
@@ -145,10 +147,11 @@ async def test_a_target_that_is_not_ecobatch_gets_no_receipts(aiohttp_server: An
     assert all(o.receipt is None for o in outcomes[0])
 
 
+@pytest.mark.parametrize("flag", ["--warmup-s", "--cooldown-s"])
 @pytest.mark.parametrize("seconds", ["-1", "nan"])
-def test_a_negative_or_nan_warm_up_is_refused_naming_the_flag(seconds: str) -> None:
-    args = parse("--url", "http://127.0.0.1:9", "--requests", "1", "--warmup-s", seconds, "--quiet")
-    with pytest.raises(ValueError, match=r"--warmup-s=(-1\.0|nan) must be >= 0"):
+def test_a_negative_or_nan_warm_up_or_cool_down_is_refused_naming_the_flag(flag: str, seconds: str) -> None:
+    args = parse("--url", "http://127.0.0.1:9", "--requests", "1", flag, seconds, "--quiet")
+    with pytest.raises(ValueError, match=rf"{flag}=(-1\.0|nan) must be >= 0"):
         run_cli(args)
 
 
@@ -157,16 +160,13 @@ async def test_the_warm_up_sends_interactive_requests_with_prompts_of_their_own(
 ) -> None:
     """--warmup-s: the warm-up's requests start with a word of their own and come from another seed, so
     the engine's prefix cache holds nothing of the phase's prompts; they go as interactive requests."""
-    import ecobatch.tools.bench as bench_module
-
     sent: list[tuple[str, int, list[str]]] = []
-    original = bench_module.run_arrivals
 
     async def recording(url: str, arrivals: Any, **kwargs: Any) -> Any:
         sent.append((kwargs["salt"], kwargs["seed"], [a.tier for a in arrivals]))
-        return await original(url, arrivals, **kwargs)
+        return await run_arrivals(url, arrivals, **kwargs)
 
-    monkeypatch.setattr(bench_module, "run_arrivals", recording)
+    monkeypatch.setattr("ecobatch.tools.bench.run_arrivals", recording)
     server = await aiohttp_server(SimVllm(load_profile(DEFAULT_PROFILES["continuous"])).app())
     url = str(server.make_url("")).rstrip("/")
     args = parse(
@@ -177,3 +177,32 @@ async def test_the_warm_up_sends_interactive_requests_with_prompts_of_their_own(
     (warm_salt, warm_seed, warm_tiers), (phase_salt, phase_seed, phase_tiers) = sent
     assert warm_salt != phase_salt and warm_seed != phase_seed
     assert warm_tiers and set(warm_tiers) == {"interactive"} and set(phase_tiers) == {"flex"}
+
+
+async def test_a_pending_receipt_keeps_its_answer_when_a_later_read_fails_or_stalls_past_the_wait(
+    aiohttp_server: Any,
+) -> None:
+    """After the first round every asking ends at the wait's deadline, and a receipt that could not be read
+    again is not turned from pending into unreadable."""
+    asked: list[str] = []
+
+    async def energy(request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        asked.append(request_id)
+        if asked.count(request_id) == 1:
+            return web.json_response({"id": request_id, "status": "pending", "provisional_joules": 3.0})
+        if request_id == "fails":
+            return web.Response(status=500, text="boom")
+        await asyncio.sleep(60)  # "stalls": never answers within the wait
+        return web.json_response({"id": request_id, "status": "settled", "energy_joules": 7.0})
+
+    app = web.Application()
+    app.router.add_get("/ecobatch/energy/{request_id}", energy)
+    server = await aiohttp_server(app)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got = await receipts(str(server.make_url("")).rstrip("/"), ["fails", "stalls"], wait_s=0.5, poll_s=0.05)
+    assert loop.time() - started < 5.0, "the wait's deadline bounds the later rounds"
+    pending = {"status": "pending", "provisional_joules": 3.0}
+    assert got == {"fails": {"id": "fails", **pending}, "stalls": {"id": "stalls", **pending}}
+    assert asked.count("fails") >= 2 and asked.count("stalls") >= 2

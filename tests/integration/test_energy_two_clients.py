@@ -89,7 +89,7 @@ async def _settled_joules(client: Any, ids: list[str]) -> float:
             if body["status"] != "settled":
                 return None
             # beside its share, what it added: modelled from the profile's power curve, and labelled so
-            assert body["marginal_basis"] == "profile power curve (modelled)"
+            assert body["marginal_basis"] == "profile power curve and prefill point (modelled)"
             assert body["marginal_energy_joules"] > 0
             joules.append(body["energy_joules"])
         return joules

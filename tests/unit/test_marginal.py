@@ -10,12 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ecobatch.clock import FakeClock
+from ecobatch.config import load_settings
 from ecobatch.domain import Usage
 from ecobatch.energy.attribution import InFlight
+from ecobatch.energy.choose import MeterSpec, build_meter
 from ecobatch.energy.ledger import Ledger, LedgerReports, SettledRequest
 from ecobatch.energy.marginal import MarginalModel, PowerCurve, marginal_joules
 from ecobatch.energy.receipts import Receipts
-from ecobatch.profile import profile_from_mapping
+from ecobatch.profile import EnergyProfile, profile_from_mapping
 
 
 def linear(watts_per_sequence: float, at_one_w: float) -> PowerCurve:
@@ -129,7 +131,7 @@ async def test_the_ledger_reports_each_requests_marginal_beside_its_share_and_a_
     receipt = receipts.get("b")
     assert receipt is not None
     assert receipt["marginal_energy_joules"] == pytest.approx(5.0)
-    assert receipt["marginal_basis"] == "profile power curve (modelled)"
+    assert receipt["marginal_basis"] == "profile power curve and prefill point (modelled)"
 
 
 async def test_a_prompt_adds_its_excess_over_the_curve_per_token() -> None:
@@ -176,16 +178,51 @@ async def test_a_gap_in_the_counter_does_not_cut_the_marginal_which_needs_no_cou
     assert only.marginal_joules == pytest.approx(2.0 * 300)
 
 
-def test_a_profile_gives_its_prompts_excess_from_its_prefill_point() -> None:
-    """The prefill point (8 in flight, 1,000 prompt tokens/s, 0.5 J per prompt token above idle) against
-    the curve at 8 (320 W: flat beyond the last point): 0.5 - 320 / 1000 J per prompt token."""
-    meta = {"prefill": {"concurrency": 8, "prompt_tokens_per_s": 1000.0}}
-    profile = profile_from_mapping({**PROFILE, "prefill_joules_per_token": 0.5, "meta": meta})
-    model = MarginalModel.of(profile)
-    assert model is not None and model.prompt_excess_joules_per_token == pytest.approx(0.5 - 0.32)
+def with_prefill_point(concurrency: object, per_token: float = 0.5) -> EnergyProfile:
+    meta = {"prefill": {"concurrency": concurrency, "prompt_tokens_per_s": 1000.0}}
+    return profile_from_mapping({**PROFILE, "prefill_joules_per_token": per_token, "meta": meta})
+
+
+def test_a_profile_gives_its_prompts_excess_over_the_curve_at_its_prefill_points_concurrency() -> None:
+    """The prefill point (2 in flight, 1,000 prompt tokens/s, 0.5 J per prompt token above idle) against
+    the curve at 2 (310 W, between the points at 1 and 4): 0.5 - 310 / 1000 J per prompt token."""
+    model = MarginalModel.of(with_prefill_point(2))
+    assert model is not None and model.prompt_excess_joules_per_token == pytest.approx(0.5 - 0.31)
+
+
+@pytest.mark.parametrize("concurrency", [True, "2", None, 0, -1])
+def test_a_prefill_point_without_a_usable_concurrency_gives_no_excess(concurrency: object) -> None:
+    model = MarginalModel.of(with_prefill_point(concurrency))
+    assert model is not None and model.prompt_excess_joules_per_token == 0.0
+
+
+def test_a_prefill_point_that_draws_less_than_the_curve_adds_nothing_not_a_negative() -> None:
+    model = MarginalModel.of(with_prefill_point(2, per_token=0.1))  # 0.1 < 310 W / 1000 tokens/s
+    assert model is not None and model.prompt_excess_joules_per_token == 0.0
+
+
+def test_a_profile_without_a_prefill_point_or_an_idle_power() -> None:
     without_point = MarginalModel.of(profile_from_mapping(PROFILE))
     assert without_point is not None and without_point.prompt_excess_joules_per_token == 0.0
     assert MarginalModel.of(profile_from_mapping({**PROFILE, "idle_power_w": None})) is None
+
+
+async def test_the_meter_the_proxy_builds_reports_the_profiles_marginal_with_the_prompts_excess() -> None:
+    """``build_meter`` (a modelled meter here) gives its ledger the profile's model: a request alone for
+    1 s with 100 prompt tokens adds P(1) x 1 s + 100 x (0.5 - 310 / 1000) J."""
+    settled: list[SettledRequest] = []
+    clock = FakeClock()
+    settings = load_settings(None, {"energy.meter": "model"})
+    meter = build_meter(
+        MeterSpec(settings), with_prefill_point(2), clock=clock, reports=LedgerReports(settled=settled.extend)
+    )
+    span = meter.ledger.begin("a")
+    await clock.advance(1.0)
+    span.end(Usage(100, 10))
+    meter.ledger.add_interval(0.0, 1.0, None)
+    meter.ledger.add_interval(1.0, 2.0, None)
+    (only,) = settled
+    assert only.marginal_joules == pytest.approx(300.0 + 100 * (0.5 - 0.31))
 
 
 def by_definition(

@@ -3,7 +3,7 @@
 A receipt's charge is a **share**: the energy above idle of the steps a request rode in, split among
 the requests in them. What one more request adds to steps that run anyway is much less (on an H200, 34
 decode-heavy requests added to a running load raised the counter by 14 J each, where each was charged
-~108 J in run 4 and 94–96 J in run 3: ``benchmarks/results/h200-energy-truth/README.md``). The
+108–110 J in run 4 and 93–97 J in run 3: ``benchmarks/results/h200-energy-truth/README.md``). The
 **marginal** figure answers "what did sending this request now cost the GPU beyond what ran anyway", in
 two parts:
 
@@ -18,8 +18,10 @@ two parts:
 
 It is a model: the curve was measured closed-loop at a few concurrencies (decode-heavy requests) and
 interpolated between them, the prefill point at one; a request's effect on its neighbours' speed and the
-power's decay after it ends are left out, and its time in flight counts whether or not the GPU works on
-it then (the HTTP exchange, tokenizing). The members' figures do not add up to the interval's energy (a
+power's decay after it ends are left out, its time in flight counts whether or not the GPU works on it
+then (the HTTP exchange, tokenizing), and every prompt token counts, also those the engine serves from
+its prefix cache (which it does not prefill). On a static engine's profile the curve is per batch size:
+the same rule, not validated there. The members' figures do not add up to the interval's energy (a
 concave curve makes the marginals sum to less). Deferring a request (``service_tier: flex``) saves its
 marginal only if it later joins running work: run alone later, it adds all of P(s) again.
 """

@@ -95,5 +95,5 @@ class Receipts:
             # what it added to the GPU's energy beyond what ran anyway: the profile's power curve over the
             # sequences in flight beside it (energy/marginal.py), a model; not a share, not in the above
             out["marginal_energy_joules"] = entry.marginal_joules
-            out["marginal_basis"] = "profile power curve (modelled)"
+            out["marginal_basis"] = "profile power curve and prefill point (modelled)"
         return out

@@ -22,6 +22,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -227,21 +228,10 @@ async def bench(
             if reader is not None and steady_s is not None:
                 steady = asyncio.create_task(_steady_energy(reader, started, steady_s))
             try:
-                outcomes, start, end = await run_arrivals(
-                    url,
-                    arrivals,
-                    model=model,
-                    api=args.api,
-                    stream=args.stream,
-                    ignore_eos=not args.no_ignore_eos,
-                    api_key=args.api_key,
-                    timeout_s=args.timeout_s,
-                    seed=args.seed,
-                    label=label,
-                    progress=not args.quiet,
-                    salt=f"t{_salt(label)}",
-                    on_start=started.set_result,
-                )
+                outcomes, start, end = await _send(
+                    url, arrivals, args, model=model, label=label, seed=args.seed, salt=f"t{_salt(label)}",
+                    progress=not args.quiet, on_start=started.set_result,
+                )  # fmt: skip
             except BaseException:
                 if steady is not None:
                     steady.cancel()
@@ -282,6 +272,36 @@ async def bench(
     return summaries, all_outcomes
 
 
+async def _send(
+    url: str,
+    arrivals: list[Arrival],
+    args: argparse.Namespace,
+    *,
+    model: str,
+    label: str,
+    seed: int,
+    salt: str,
+    progress: bool = False,
+    on_start: Callable[[float], None] | None = None,
+) -> tuple[list[Outcome], float, float]:
+    """``arrivals`` to ``url`` as the command line says (API, streaming, EOS, key, timeout)."""
+    return await run_arrivals(
+        url,
+        arrivals,
+        model=model,
+        api=args.api,
+        stream=args.stream,
+        ignore_eos=not args.no_ignore_eos,
+        api_key=args.api_key,
+        timeout_s=args.timeout_s,
+        seed=seed,
+        label=label,
+        progress=progress,
+        salt=salt,
+        on_start=on_start,
+    )
+
+
 async def _warm_up(
     url: str, label: str, model: str, ecobatch: bool, arrivals: list[Arrival], args: argparse.Namespace
 ) -> dict[str, Any] | None:
@@ -294,19 +314,8 @@ async def _warm_up(
         return None
     warm = [replace(a, tier="interactive") for a in arrivals if a.at_s < warmup_s]
     snapshot = await ecobatch_energy(url, None, 0) if ecobatch else None
-    outcomes, start, end = await run_arrivals(
-        url,
-        warm,
-        model=model,
-        api=args.api,
-        stream=args.stream,
-        ignore_eos=not args.no_ignore_eos,
-        api_key=args.api_key,
-        timeout_s=args.timeout_s,
-        seed=args.seed + 1,
-        label=f"{label} (warm-up)",
-        progress=False,
-        salt=f"w{_salt(label)}",
+    outcomes, start, end = await _send(
+        url, warm, args, model=model, label=f"{label} (warm-up)", seed=args.seed + 1, salt=f"w{_salt(label)}"
     )
     ok = sum(1 for o in outcomes if o.status == 200)
     if snapshot is not None:
@@ -378,6 +387,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
     if not args.warmup_s >= 0:  # NaN too
         raise ValueError(f"--warmup-s={args.warmup_s} must be >= 0")
+    if not args.cooldown_s >= 0:
+        raise ValueError(f"--cooldown-s={args.cooldown_s} must be >= 0")
     steady_s = getattr(args, "steady_s", None)
     if steady_s is not None and (args.window_s is None or steady_s[1] > args.window_s):
         raise ValueError(f"--steady-s ends at {steady_s[1]} s: give --window-s of at least that much")

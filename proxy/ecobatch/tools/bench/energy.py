@@ -113,43 +113,58 @@ async def receipts(
     *,
     wait_s: float = 30.0,
     poll_s: float = 0.25,
+    max_poll_s: float = 2.0,
     concurrency: int = 16,
 ) -> dict[str, dict[str, Any]]:
     """Each request's energy receipt as ecobatch serves it (``GET {url}/ecobatch/energy/{id}``),
-    ``concurrency`` at a time; a ``pending`` one is asked again every ``poll_s`` until it settles or
-    ``wait_s`` has passed (then it stays ``pending``). A receipt ecobatch does not hold (unknown, or
-    pushed out of its store) reads ``{"status": "missing"}``, one that cannot be read ``{"status":
-    "unreadable", "error": ...}``: a record never shows a receipt it did not get."""
+    ``concurrency`` at a time. A ``pending`` one is asked again, first after ``poll_s`` and then twice as
+    long each time (up to ``max_poll_s``), until it settles or ``wait_s`` has passed; the rounds after the
+    first stop at that deadline, and a receipt still pending then, or that could not be read again, keeps
+    the last answer it had. A receipt ecobatch does not hold (unknown, or pushed out of its store) reads
+    ``{"status": "missing"}``, one that cannot be read ``{"status": "unreadable", "error": ...}``: a
+    record never shows a receipt it did not get."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency)
     out: dict[str, dict[str, Any]] = {}
 
     async def one(session: aiohttp.ClientSession, request_id: str) -> None:
         async with gate:
-            try:
-                async with session.get(f"{url}/ecobatch/energy/{request_id}") as r:
-                    if r.status == 404:
-                        out[request_id] = {"status": "missing"}
-                        return
-                    if r.status != 200:
-                        out[request_id] = {"status": "unreadable", "error": f"HTTP {r.status}"}
-                        return
-                    body = await r.json(content_type=None)
-                    if not isinstance(body, dict):
-                        out[request_id] = {"status": "unreadable", "error": "not a JSON object"}
-                        return
-                    out[request_id] = body
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                out[request_id] = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:200]}
+            answer = await _receipt(session, f"{url}/ecobatch/energy/{request_id}")
+        if answer.get("status") != "unreadable" or out.get(request_id, {}).get("status") != "pending":
+            out[request_id] = answer  # a pending receipt is not replaced by a failed read of it
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     todo = list(dict.fromkeys(request_ids))
+    delay_s = poll_s
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        await asyncio.gather(*(one(session, i) for i in todo))  # every receipt once, however long
         while True:
-            await asyncio.gather(*(one(session, i) for i in todo))
             todo = [i for i in todo if out[i].get("status") == "pending"]
-            if not todo or loop.time() >= deadline:
+            left_s = deadline - loop.time()
+            if not todo or left_s <= 0:
                 return out
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(min(delay_s, left_s))
+            delay_s = min(2 * delay_s, max_poll_s)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.gather(*(one(session, i) for i in todo))
+            except TimeoutError:
+                return out
+
+
+async def _receipt(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """One receipt, or what stood in the way of reading it."""
+    try:
+        async with session.get(url) as r:
+            if r.status == 404:
+                return {"status": "missing"}
+            if r.status != 200:
+                return {"status": "unreadable", "error": f"HTTP {r.status}"}
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"[:200]}
+    if not isinstance(body, dict):
+        return {"status": "unreadable", "error": "not a JSON object"}
+    return body
