@@ -11,9 +11,10 @@
 # On a machine with PyPI (once):   bash benchmarks/h200_vllm.sh prepare        # -> .vx/, .vy/, .whl/
 # On the GPU host, from the repo root, steps run in the order given. vLLM is started detached (setsid) and
 # left running for the next command on the same machine; /tmp holds the stash, the site tree, the models
-# and every result (/tmp/keep); each command ends by packing /tmp/keep into $OUT/keep-N.tgz.
-#   with .vx carried:   bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
-#   with .vy carried:   bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
+# and every result (/tmp/keep); each command ends by packing /tmp/keep into $OUT/keep-N.tgz (OUT: where
+# the results are wanted). The stash's two parts (.vx/, .vy/) may come over one at a time:
+#   with .vx/ present:  bash benchmarks/h200_vllm.sh stage               # part 1 (the model is built after unpack)
+#   with .vy/ present:  bash benchmarks/h200_vllm.sh unpack ctl:bf16:1:interactive:30 ctl:bf16:4:interactive:30
 #   then:               bash benchmarks/h200_vllm.sh ctl:bf16:4:flex:60 ctl:bf16:4:mixed:60 shortlong:bf16
 # Steps: stage | unpack | cal:QUANT | ctl:QUANT:LOAD:TIER[:SECONDS[:ROUNDS[:FROM]]] | shortlong:QUANT | truth:QUANT[:lag] | quant8 | w8a8 | static:RATE[:SECONDS[:ROUNDS]] |
 # head:QUANT:LOAD:TIER[:SECONDS[:ROUNDS]] (vLLM bf16 direct against ecobatch + vLLM QUANT, two servers on the one GPU) |
@@ -30,7 +31,7 @@ set -uo pipefail
 ROOT=$(pwd)
 WORK=${WORK:-/tmp/vx}                  # scratch on the preparing machine
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-KEEP=/tmp/keep; mkdir -p $KEEP         # results later steps read (the host empties $OUT per command)
+KEEP=/tmp/keep; mkdir -p $KEEP         # every result, kept for later steps and commands
 mode=${1:-}
 
 if [ "$mode" = prepare ]; then
@@ -208,9 +209,14 @@ start_vllm() {  # $1 quant, $2 port, $3 pid file, $4 log, then more vLLM argumen
 ensure_vllm() {  # $1 quant
   local tag=$1
   if [ "$(cat /tmp/vllm.tag 2>/dev/null)" = "$tag" ] && curl -sf $VLLM/health >/dev/null; then return 0; fi
-  stop /tmp/eco.pid; stop /tmp/vllm.pid; head_stop
-  echo "$tag" > /tmp/vllm.tag
-  start_vllm "$tag" 8000 /tmp/vllm.pid "$KEEP/vllm-$tag.log"
+  stop_all
+  start_vllm "$tag" 8000 /tmp/vllm.pid "$KEEP/vllm-$tag.log" && echo "$tag" > /tmp/vllm.tag
+}
+
+# every server the steps start, whatever step started it (each step starts its own set)
+stop_all() {
+  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag
+  head_stop; static_stop; stop /tmp/vllm-replica0.pid; stop /tmp/vllm-replica1.pid
 }
 
 calibrate() {  # $1 quant, $2 concurrencies
@@ -239,6 +245,31 @@ ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter
   wait_up $PROXY "$(cat /tmp/eco.pid)" "$KEEP/ecobatch-$tag.log" 60
 }
 
+# `ecobatch bench`: the same arrivals to vLLM on :8000 and to ecobatch on :8080, energy over the same window
+# for both (arrivals + 12 s, flex and mixed + 40 s), each target warmed up for 5 s, ROUNDS rounds in
+# alternating order, per-request records; the proxy's metrics after. $1 $2 the two labels, $3 the result's
+# name (+ the lengths sent, + -stream), $4 load (RATE, bursty-RATE or diurnal-RATE), $5 tier, $6 seconds,
+# $7 rounds, then more bench arguments (a steady-state window)
+bench_pair() {
+  local name=$3 load=$4 tier=$5 seconds=$6 rounds=$7 rate=$4 stream=() arrivals=poisson share=0 drain=12
+  shift 7
+  [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"  # what was sent
+  [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"  # TTFT and inter-token latency
+  case $load in
+    bursty-*) arrivals=bursty rate=${load#bursty-} ;;
+    diurnal-*) arrivals=diurnal rate=${load#diurnal-} ;;
+  esac
+  case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
+  local rc=0
+  $ECO bench --url $VLLM --compare $PROXY --label "$1" --label "$2" "${stream[@]}" "$@" \
+    --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
+    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
+    --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
+    --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
+  curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
+  return $rc
+}
+
 # the same arrivals to vLLM direct and through ecobatch, energy over the same window for both;
 # $1 quant, $2 load (RATE, or bursty-RATE), $3 tier (interactive | flex | mixed), $4 seconds of arrivals,
 # $5 rounds (the order reversed every other round), $6 start of a steady-state window (to $4) or empty
@@ -246,23 +277,10 @@ compare() {
   local tag=$1 load=$2 tier=$3 seconds=$4 rounds=${5:-1} steady=()
   [ -n "${6:-}" ] && steady=(--steady-s "$6:$4")
   ensure_vllm "$tag" && ensure_ecobatch "$tag" || return 1
-  local name="ctl-$tag-$load-$tier" rate=$load stream=()
-  [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"  # what was sent
-  [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"  # TTFT and inter-token latency
-  local arrivals=poisson share=0 drain=12
-  case $load in
-    bursty-*) arrivals=bursty rate=${load#bursty-} ;;
-    diurnal-*) arrivals=diurnal rate=${load#diurnal-} ;;
-  esac
-  case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
-  $ECO bench --url $VLLM --compare $PROXY --label "vLLM $tag direct" --label "ecobatch + vLLM $tag" \
-    "${stream[@]}" --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
-    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
-    --window-s $((seconds + drain)) "${steady[@]}" --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
-    --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
-  curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
-  [ $rc = 0 ] && say "compare $name done" || say "compare $name FAILED (exit $rc)"
+  bench_pair "vLLM $tag direct" "ecobatch + vLLM $tag" "ctl-$tag-$load-$tier" "$load" "$tier" "$seconds" \
+    "$rounds" "${steady[@]}" || rc=$?
+  [ $rc = 0 ] && say "compare ctl-$tag-$load-$tier done" || say "compare ctl-$tag-$load-$tier FAILED (exit $rc)"
   return $rc
 }
 
@@ -319,6 +337,8 @@ ensure_pair() {
 # pack vs round-robin over the two replicas (benchmarks/replicas.py); $1 rates (comma-separated; '_' for
 # ','), $2 seconds of arrivals per target and rate
 replicas() {
+  # the pair only: a single vLLM or the headline's servers would answer on :8000/:8001 as replicas
+  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag; head_stop; static_stop
   ensure_pair || return 1
   local meter=nvml energy=nvml profile=configs/profiles/h200-vllm-mistral7b-bf16.yaml
   [ "${REHEARSAL:-0}" = 1 ] && meter=model energy=none profile=configs/profiles/h200-vllm-mistral7b-bf16-reference.yaml
@@ -361,8 +381,7 @@ static_path() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl || return 1
   fi
   local mode batching
-  stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag; head_stop
-  static_stop  # any left by a run that failed
+  stop_all  # vLLM holds 85 % of the GPU's memory; and any left by a run that failed
   for mode in per-request greedy ecobatch; do
     case $mode in
       per-request) batching="{window_min_ms: 0, window_max_ms: 0, max_batch_sequences: 1}" ;;
@@ -411,7 +430,7 @@ headline() {
   local args=${VLLM_ARGS/--gpu-memory-utilization 0.85/}
   if [ "$(cat /tmp/head.tag 2>/dev/null)" != "$quant" ] || ! curl -sf http://127.0.0.1:8001/health >/dev/null \
      || ! curl -sf $VLLM/health >/dev/null; then
-    stop /tmp/eco.pid; stop /tmp/vllm.pid; rm -f /tmp/vllm.tag /tmp/eco.tag; static_stop; head_stop
+    stop_all
     VLLM_ARGS=$args start_vllm bf16 8000 /tmp/head-bf16.pid "$KEEP/vllm-head-bf16.log" "${half[@]}" \
       || { head_stop; return 1; }
     local bind=${VLLM_CPU_OMP_THREADS_BIND:-}
@@ -432,22 +451,10 @@ headline() {
     echo $! > /tmp/head-eco.pid
     wait_up $PROXY "$(cat /tmp/head-eco.pid)" "$KEEP/ecobatch-head-$quant.log" 60 || { head_stop; return 1; }
   fi
-  local name="head-$quant-$load-$tier" rate=$load arrivals=poisson share=0 drain=12 stream=()
-  [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"
-  [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"
-  case $load in
-    bursty-*) arrivals=bursty rate=${load#bursty-} ;;
-    diurnal-*) arrivals=diurnal rate=${load#diurnal-} ;;
-  esac
-  case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
-  $ECO bench --url $VLLM --compare $PROXY --label "vLLM bf16 direct" --label "ecobatch + vLLM $quant" \
-    "${stream[@]}" --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
-    --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
-    --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
-    --records "$KEEP/$name.jsonl" | tail -32 || rc=$?
-  curl -s $PROXY/metrics > "$KEEP/$name-ecobatch-metrics.txt"
-  [ $rc = 0 ] && say "headline $name done" || say "headline $name FAILED (exit $rc)"
+  bench_pair "vLLM bf16 direct" "ecobatch + vLLM $quant" "head-$quant-$load-$tier" "$load" "$tier" "$seconds" \
+    "$rounds" || rc=$?
+  [ $rc = 0 ] && say "headline head-$quant-$load-$tier done" || say "headline head-$quant-$load-$tier FAILED (exit $rc)"
   return $rc
 }
 
@@ -463,7 +470,7 @@ EOF
   say "bnb 8-bit checkpoint: $(du -sh /tmp/m8 | cut -f1)"
 }
 
-pack() {  # everything so far, in one file (the host returns at most 8 files per command)
+pack() {  # everything so far, in one file
   local n=1
   while [ -f "$KEEP/.pack$n" ]; do n=$((n + 1)); done
   touch "$KEEP/.pack$n"
@@ -494,6 +501,7 @@ for step in "$@"; do
     quant8) quant8 || exit 1 ;;
     w8a8) w8a8 || exit 1 ;;
     head) IFS=: read -r _ quant load tier seconds rounds <<< "$step"
+          [ -n "$load" ] && [ -n "$tier" ] || { echo "head:QUANT:LOAD:TIER: give the load and the tier"; exit 2; }
           headline "$quant" "$load" "$tier" "${seconds:-30}" "${rounds:-3}" || exit 1 ;;
     static) IFS=: read -r _ rate seconds rounds <<< "$step"
             static_path "$rate" "${seconds:-40}" "${rounds:-3}" || exit 1 ;;
