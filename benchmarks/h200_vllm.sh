@@ -251,7 +251,8 @@ ensure_ecobatch() {  # $1 quant, $2 the counter's lag in seconds (energy.counter
 # name (+ the lengths sent, + -stream), $4 load (RATE, bursty-RATE or diurnal-RATE), $5 tier, $6 seconds,
 # $7 rounds, then more bench arguments (a steady-state window)
 bench_pair() {
-  local name=$3 load=$4 tier=$5 seconds=$6 rounds=$7 rate=$4 stream=() arrivals=poisson share=0 drain=12
+  local first=$1 second=$2 name=$3 load=$4 tier=$5 seconds=$6 rounds=$7 rate=$4 stream=() arrivals=poisson
+  local share=0 drain=12
   shift 7
   [ -n "${OUT_LENGTHS:-}" ] && name="$name-$(echo "$LENGTHS" | tr ':,' '--')"  # what was sent
   [ "${STREAM:-0}" = 1 ] && stream=(--stream) && name="$name-stream"  # TTFT and inter-token latency
@@ -261,7 +262,7 @@ bench_pair() {
   esac
   case $tier in flex) share=1 drain=40 ;; mixed) share=0.5 drain=40 ;; esac
   local rc=0
-  $ECO bench --url $VLLM --compare $PROXY --label "$1" --label "$2" "${stream[@]}" "$@" \
+  $ECO bench --url $VLLM --compare $PROXY --label "$first" --label "$second" "${stream[@]}" "$@" \
     --rate "$rate" --arrivals $arrivals --on-s 5 --off-s 5 --duration "$seconds" --prompt-tokens 64 \
     --output-tokens $LENGTHS --flex-share $share --seed 0 --energy $ENERGY --cooldown-s 5 --warmup-s 5 \
     --window-s $((seconds + drain)) --repeats "$rounds" --quiet --out "$KEEP/$name.json" \
