@@ -51,6 +51,8 @@ from typing import Any
 
 import aiohttp
 
+from ecobatch.tools.bench.energy import receipts
+
 CLASSES: dict[str, tuple[int, int]] = {"P": (1770, 16), "M": (512, 128), "D": (64, 512)}
 DELTA = "Δ"  # the arrival stream of the requests added to a steady load (of class ``--delta-class``)
 _letters, _rng = "abcdefghijklmnopqrstuvwxyz", random.Random(0)
@@ -267,7 +269,7 @@ async def run_phase(
         if last_end + hi <= t1:
             e = counter.at(last_end + hi) - counter.at(last_end + lo)
             phase.tail_j[f"{lo}-{hi}s"] = round(e - phase.idle_w * (hi - lo), 2)
-    await _receipts(session, args.proxy, phase.records)
+    await _receipts(args.proxy, phase.records)
     after = await _ecobatch_totals(session, args.proxy)
     phase.ecobatch = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     bad = [r for r in phase.records if r.status != 200]
@@ -284,21 +286,18 @@ def _append(out: Path, phase: Phase) -> None:
         f.write(json.dumps(asdict(phase)) + "\n")
 
 
-async def _receipts(session: aiohttp.ClientSession, url: str, records: list[Record]) -> None:
-    deadline = time.monotonic() + 60
+async def _receipts(url: str, records: list[Record]) -> None:
+    """Every record's settled receipt (``ecobatch bench``'s reader: pending ones asked again for up to
+    60 s); a receipt not settled by then stops the run."""
+    got = await receipts(url, [rec.request_id for rec in records], wait_s=60)
     for rec in records:
-        while True:
-            async with session.get(f"{url}/ecobatch/energy/{rec.request_id}") as r:
-                body = await r.json()
-            if body.get("status") == "settled":
-                rec.receipt_joules = body["energy_joules"]
-                rec.receipt_base_joules = body.get("base_energy_joules")
-                rec.receipt_marginal_joules = body.get("marginal_energy_joules")
-                rec.basis = body.get("basis")
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"receipt {rec.request_id} not settled within 60 s")
-            await asyncio.sleep(0.2)
+        body = got[rec.request_id]
+        if body.get("status") != "settled":
+            raise SystemExit(f"receipt {rec.request_id} not settled (waited up to 60 s): {body}")
+        rec.receipt_joules = body["energy_joules"]
+        rec.receipt_base_joules = body.get("base_energy_joules")
+        rec.receipt_marginal_joules = body.get("marginal_energy_joules")
+        rec.basis = body.get("basis")
 
 
 def concurrency(phase: Phase) -> dict[str, float]:
