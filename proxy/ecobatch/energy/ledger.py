@@ -610,8 +610,9 @@ class Ledger:
             if not r.queued:
                 self._prefill_free_s = r.queue(self._prefill_free_s, self._prefill_tokens_per_s)
         inside = [r for r in prefix if _overlaps(r, t0)]
-        if interval.gap:
-            self._add_marginal(t0, t1, inside, interval.other_sequences)  # a model: no counter needed
+        if interval.gap:  # the marginal is a model: it needs no counter
+            spans = [InFlight(r.start_s, _ended(r), r.sequences, 0.0, 0.0) for r in inside]  # clipped there
+            self._add_marginal(t0, t1, inside, spans, interval.other_sequences)
             for r in inside:
                 r.complete = False
             self.totals.unmeasured_s += t1 - t0
@@ -653,7 +654,7 @@ class Ledger:
             tail=[max(r.joules, 0.0) for r in tail],
             cap_slack_s=COUNTER_STEP_S,
         )
-        self._add_marginal(t0, t1, inside, interval.other_sequences)
+        self._add_marginal(t0, t1, inside, members, interval.other_sequences)
         resolution_s = self._resolution_s
         for r, charge, base in zip(inside, shares.charges, shares.bases, strict=True):
             r.joules += charge
@@ -676,15 +677,14 @@ class Ledger:
         self.totals.attributed_joules += split.attributed_joules
         self._observe(split)
 
-    def _add_marginal(self, t0: float, t1: float, inside: list[_Record], other_sequences: float) -> None:
-        """Each request's time in flight in [t0, t1), by the power curve (``marginal_joules``)."""
+    def _add_marginal(
+        self, t0: float, t1: float, inside: list[_Record], members: list[InFlight], other_sequences: float
+    ) -> None:
+        """Each request's time in flight in [t0, t1) (``members``: theirs in the interval, in order), by the
+        power curve (``marginal_joules``)."""
         model = self._marginal
         if model is None or not inside:
             return
-        members = []
-        for r in inside:
-            assert r.end_s is not None
-            members.append(InFlight(r.start_s, r.end_s, r.sequences, 0.0, 0.0))
         added = marginal_joules(t0, t1, members, model.power_above_idle_w, other_sequences)
         for r, joules in zip(inside, added, strict=True):
             r.marginal_joules += joules
@@ -723,6 +723,11 @@ def _edge_joules(record: _Record, t0: float, t1: float, charge: float, resolutio
     ran_s = min(record.end_s, t1) - max(record.start_s, t0)
     power_w = charge / max(ran_s, resolution_s)
     return min(charge, edges * power_w * resolution_s)
+
+
+def _ended(record: _Record) -> float:
+    assert record.end_s is not None, "an interval is settled once the requests in it have ended"
+    return record.end_s
 
 
 def _overlaps(record: _Record, t0: float) -> bool:
