@@ -185,16 +185,25 @@ class EnergyProfile:
     def prefill_tokens_per_s(self) -> float | None:
         """The prefill point's prompt tokens per second (``meta.prefill.prompt_tokens_per_s``, written by
         ``ecobatch calibrate``): how fast the engine works through prompts. None: not measured."""
+        return self._prefill_number("prompt_tokens_per_s")
+
+    @property
+    def prefill_concurrency(self) -> float | None:
+        """The requests in flight at the prefill point (``meta.prefill.concurrency``). None: not measured."""
+        return self._prefill_number("concurrency")
+
+    def _prefill_number(self, key: str) -> float | None:
+        """``meta.prefill[key]`` where it is a finite number > 0 (not a bool), else None."""
         prefill = self.meta.get("prefill")
-        rate = prefill.get("prompt_tokens_per_s") if isinstance(prefill, Mapping) else None
+        value = prefill.get(key) if isinstance(prefill, Mapping) else None
         if (
-            isinstance(rate, bool)
-            or not isinstance(rate, int | float)
-            or not math.isfinite(rate)
-            or rate <= 0
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
         ):
             return None
-        return float(rate)
+        return float(value)
 
     def prefill_weight(self, size: float) -> float | None:
         """A prompt token's energy above idle against a generated token's at ``size`` (None: unknown)."""

@@ -28,7 +28,7 @@ marginal only if it later joins running work: run alone later, it adds all of P(
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -57,17 +57,10 @@ class MarginalModel:
         if profile.idle_power_w is None:
             return None
         excess = 0.0
-        prefill = profile.meta.get("prefill")
         rate, per_token = profile.prefill_tokens_per_s, profile.prefill_joules_per_token
-        concurrency = prefill.get("concurrency") if isinstance(prefill, Mapping) else None
-        if (
-            rate is not None
-            and per_token is not None
-            and isinstance(concurrency, int | float)
-            and not isinstance(concurrency, bool)
-            and concurrency > 0
-        ):
-            excess = max(0.0, per_token - profile.power_above_idle_w(float(concurrency)) / rate)
+        concurrency = profile.prefill_concurrency
+        if rate is not None and per_token is not None and concurrency is not None:
+            excess = max(0.0, per_token - profile.power_above_idle_w(concurrency) / rate)
         return cls(profile.power_above_idle_w, excess)
 
 
