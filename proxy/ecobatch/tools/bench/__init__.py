@@ -254,11 +254,10 @@ async def bench(
                 else:
                     energy["ecobatch_unreadable"] = f"GET {url}/metrics failed (on server.metrics_port?)"
                 # each request's receipt, read once the phase's requests have settled (or the wait ran out)
-                ids = [o.request_id for o in outcomes if o.status == 200 and o.request_id]
-                got = await receipts(url, ids, args.api_key)
-                for o in outcomes:
-                    if o.status == 200 and o.request_id:
-                        o.receipt = got[o.request_id]
+                answered = [(o, o.request_id) for o in outcomes if o.status == 200 and o.request_id]
+                got = await receipts(url, [request_id for _, request_id in answered], args.api_key)
+                for o, request_id in answered:
+                    o.receipt = got[request_id]
             summary = summarise(label, url, outcomes, start, end, energy)
             if warmup is not None:
                 summary["warmup"] = warmup
