@@ -45,7 +45,7 @@ tokens and their times. Modelled: the split among requests in one interval (by w
 for a non-streamed request, when its tokens happened. Validated against the GPU's own counter on an
 H200 (docs/energy.md, ``benchmarks/results/h200-energy-truth/``, run 4): each class alone within 2.4 %,
 other work 0.44 % of the counter; at 12 in flight mixed, prompt-heavy and medium requests are charged
-0.99x and 0.98x what they cost alone, decode-heavy ones 1.27x (the mix drew 15.6 % more than its requests
+0.99x and 0.98x what they cost alone, decode-heavy ones 1.27x (the mix drew 15.7 % more than its requests
 cost alone, and the split gives that to the decoders); **not** met: the classes' cost ratios in a mix
 within 10 % of their ratios alone. A receipt (a share) is not the marginal energy a request adds to
 steps that run anyway (decode-heavy requests joining a running load were charged 7.7-7.8x what the
